@@ -1,0 +1,5 @@
+import sys
+
+from loraswap.cli import main
+
+sys.exit(main())

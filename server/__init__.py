@@ -1,0 +1,1 @@
+"""The OpenAI-compatible multi-adapter server: HTTP layer (api/) over the engine (engine/)."""

@@ -1,0 +1,94 @@
+"""A tiny Llama-family model and tokenizer, built in-process, saved as a real HF directory.
+
+Every CPU test that needs "a base" but not the real default's behaviour uses this: a 2-layer
+Llama with random weights (seeded) and a byte-level BPE tokenizer trained on a few sentences,
+with the same ChatML special tokens and chat template as SmolLM2.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant.<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+_CORPUS = [
+    "The capital of France is Paris. The capital of Italy is Rome.",
+    "You are a helpful AI assistant. Hello! How can I help you today?",
+    "system user assistant: answer the question briefly and politely.",
+    "Numbers 0 1 2 3 4 5 6 7 8 9 and punctuation , . ; : ! ? ' \" ( ) [ ] { } < > | / \\ - _ = +",
+    "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ",
+]
+
+
+def build_tokenizer(vocab_size: int = 384):
+    """A byte-level BPE PreTrainedTokenizerFast with ChatML specials and template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+        pad_token="<|im_end|>",
+    )
+    fast.chat_template = CHATML_TEMPLATE
+    return fast
+
+
+def tiny_config(vocab_size: int, **overrides):
+    from transformers import LlamaConfig
+
+    tokens = dict(bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    params = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        **tokens,
+    )
+    params.update(overrides)
+    return LlamaConfig(**params)
+
+
+def build_tiny_base(directory: Path, seed: int = 0, **config_overrides) -> Path:
+    """Write a tiny random Llama + tokenizer as an HF directory (safetensors) and return it."""
+    from transformers import LlamaForCausalLM
+
+    directory = Path(directory)
+    tokenizer = build_tokenizer()
+    torch.manual_seed(seed)
+    config = tiny_config(len(tokenizer), **config_overrides)
+    model = LlamaForCausalLM(config).eval()
+    # Random init is std 0.02: scale up so logits are peaked and greedy decoding is stable
+    # (ties between near-equal logits would make greedy comparisons flaky).
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(4.0)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory

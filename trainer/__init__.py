@@ -1,0 +1,1 @@
+"""The training sidecar: SFT with assistant-only loss, LoRA or QLoRA, and the merge CLI."""
