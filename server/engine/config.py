@@ -1,0 +1,76 @@
+"""EngineConfig: every knob of the serving engine, validated once, frozen afterwards.
+
+The HTTP layer's pydantic settings map onto this dataclass; tests build one in a line
+(`EngineConfig(base=path, quant="none")`). It knows nothing about models or tensors beyond
+dtype names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+QUANT_CHOICES = ("nf4", "none")
+DTYPE_CHOICES = ("float32", "bfloat16", "float16", "auto")
+FOLD_CHOICES = ("off", "auto", "pinned")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Args:
+    base: a local Hugging Face directory of a Llama-family decoder (see `adapters.base.resolve_base`).
+    quant: "nf4" (bitsandbytes Linear4bit) or "none" (plain nn.Linear).
+    dtype: compute dtype; "auto" = bfloat16 on CUDA, float32 on CPU.
+    device: "cpu", "cuda" or "auto".
+    max_loras: device slots for adapters (slot 0, the base, is extra).
+    max_cpu_loras: adapters kept in the host cache (LRU).
+    max_lora_rank: the largest adapter rank a slot can hold.
+    max_model_len: prompt + completion tokens per sequence.
+    max_num_seqs: sequences in the running batch.
+    max_num_batched_tokens: tokens per step (prefill chunks + decodes).
+    block_size: tokens per KV block.
+    num_kv_blocks: KV blocks per layer; None derives it from kv_cache_bytes.
+    kv_cache_bytes: memory budget for the whole KV cache when num_kv_blocks is None.
+    fold: "off"; "pinned" folds pinned adapters; "auto" also folds an adapter that owned all
+        running traffic for fold_window steps.
+    fold_window: steps of sole ownership before an auto fold.
+    fold_budget: bytes allowed for dense folded weight copies.
+    """
+
+    base: Path | str
+    quant: str = "nf4"
+    dtype: str = "auto"
+    device: str = "auto"
+    max_loras: int = 8
+    max_cpu_loras: int = 64
+    max_lora_rank: int = 64
+    max_model_len: int = 2048
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 2048
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    kv_cache_bytes: int = 512 * 2**20
+    fold: str = "auto"
+    fold_window: int = 8
+    fold_budget: int = 1 * 2**30
+
+    def __post_init__(self):
+        if self.quant not in QUANT_CHOICES:
+            raise ValueError(f"quant must be one of {QUANT_CHOICES}, got {self.quant!r}")
+        if self.dtype not in DTYPE_CHOICES:
+            raise ValueError(f"dtype must be one of {DTYPE_CHOICES}, got {self.dtype!r}")
+        if self.device not in ("cpu", "cuda", "auto"):
+            raise ValueError(f"device must be cpu, cuda or auto, got {self.device!r}")
+        if self.fold not in FOLD_CHOICES:
+            raise ValueError(f"fold must be one of {FOLD_CHOICES}, got {self.fold!r}")
+        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
+                     "max_lora_rank", "fold_window"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_loras", "max_cpu_loras", "fold_budget", "kv_cache_bytes"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")

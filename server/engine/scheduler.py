@@ -1,0 +1,192 @@
+"""Continuous batching: which sequences run this step, with how many tokens each.
+
+Every step the scheduler first continues the running sequences (one decode token each, or the
+next chunk of an unfinished prefill), preempting the most recent arrivals by recompute when KV
+blocks run out, then admits waiting sequences while the limits on running sequences and tokens
+per step allow and their adapter holds a device slot. `postprocess` records the sampled tokens
+and releases everything a finished sequence held. No tensors live here.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from server.engine.block_manager import BlockManager
+from server.engine.sequence import Sequence, SeqStatus
+
+
+class AdapterGate(Protocol):
+    """The scheduler's view of adapter residency (implemented by `AdapterSlots`)."""
+
+    def acquire(self, seq: Sequence) -> bool:
+        """Pin a device slot for seq's adapter and set `seq.slot`; False while it is not ready."""
+
+    def release(self, seq: Sequence) -> None:
+        """Unpin the slot `seq` holds (no-op when it holds none)."""
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    start: int  # first position computed this step (= seq.num_computed before the step)
+    num_new: int  # tokens computed this step
+
+    @property
+    def samples(self) -> bool:
+        """Whether this step reaches the end of the sequence, so a token is sampled."""
+        return self.start + self.num_new == self.seq.num_tokens
+
+
+@dataclass
+class Batch:
+    entries: list[ScheduledSeq] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.entries)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(e.num_new for e in self.entries)
+
+
+@dataclass
+class StepOutput:
+    seq: Sequence
+    token_id: int
+    text: str
+    finish_reason: str | None
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] = field(default_factory=list)
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, gate: AdapterGate, max_num_seqs: int,
+                 max_num_batched_tokens: int):
+        self.blocks = blocks
+        self.gate = gate
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SeqStatus.WAITING
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> Batch:
+        batch = Batch()
+        budget = self.max_num_batched_tokens
+        preempted = self._continue_running(batch, budget)
+        budget -= batch.num_tokens
+        if not preempted:
+            self._admit_waiting(batch, budget)
+        return batch
+
+    def _continue_running(self, batch: Batch, budget: int) -> bool:
+        queue = deque(sorted(self.running, key=lambda s: s.seq_id))
+        kept: list[Sequence] = []
+        preempted = False
+        while queue:
+            seq = queue.popleft()
+            num_new = min(seq.num_tokens - seq.num_computed, budget)
+            if num_new <= 0:
+                kept.append(seq)
+                continue
+            end = seq.num_computed + num_new
+            while not self.blocks.can_cover(seq, end) and queue:
+                self._preempt(queue.pop())  # the latest arrival gives its blocks back
+                preempted = True
+            if not self.blocks.can_cover(seq, end):
+                if not kept and not batch.entries and self.blocks.num_used == len(seq.block_table):
+                    self._finish(seq, "length")  # alone and still too big for the whole cache
+                else:
+                    self._preempt(seq)
+                    preempted = True
+                continue
+            self.blocks.allocate(seq, end)
+            batch.entries.append(ScheduledSeq(seq, seq.num_computed, num_new))
+            budget -= num_new
+            kept.append(seq)
+        self.running = kept
+        return preempted
+
+    def _admit_waiting(self, batch: Batch, budget: int) -> None:
+        skipped: list[Sequence] = []
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting.popleft()
+            if not self.gate.acquire(seq):
+                skipped.append(seq)  # adapter still loading or no free slot: others go ahead
+                continue
+            num_new = min(seq.num_tokens - seq.num_computed, budget)
+            end = seq.num_computed + num_new
+            if not self.blocks.can_cover(seq, end):
+                self.gate.release(seq)
+                skipped.append(seq)
+                break  # out of KV memory: admit nobody else this step (first come, first served)
+            self.blocks.allocate(seq, end)
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            batch.entries.append(ScheduledSeq(seq, seq.num_computed, num_new))
+            budget -= num_new
+        self.waiting.extendleft(reversed(skipped))
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Recompute later: drop the cache and the slot pin, go back to the head of the queue."""
+        self.blocks.free(seq)
+        self.gate.release(seq)
+        seq.num_computed = 0
+        seq.num_preemptions += 1
+        seq.status = SeqStatus.WAITING
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        self.blocks.free(seq)
+        self.gate.release(seq)
+        seq.status = SeqStatus.FINISHED
+        seq.finish_reason = reason
+        if seq in self.running:
+            self.running.remove(seq)
+
+    def postprocess(self, batch: Batch, sampled: list) -> list[StepOutput]:
+        """Advance each scheduled sequence; `sampled[i]` is entry i's token (or a
+        `SampledToken`-like object with token_id/logprob/top_logprobs), None when not sampling."""
+        outputs = []
+        for entry, sample in zip(batch.entries, sampled):
+            seq = entry.seq
+            if seq.status is not SeqStatus.RUNNING:
+                continue
+            seq.num_computed = entry.start + entry.num_new
+            if sample is None:
+                continue
+            token = sample if isinstance(sample, int) else sample.token_id
+            text, reason = seq.append_token(token)
+            out = StepOutput(seq, token, text, reason)
+            if not isinstance(sample, int):
+                out.logprob, out.top_logprobs = sample.logprob, sample.top_logprobs
+            outputs.append(out)
+            if reason is not None:
+                self._finish(seq, reason)
+        return outputs
+
+    def abort(self, request_id: str) -> Sequence | None:
+        """Remove a request wherever it is; its blocks and slot pin are released at once."""
+        for seq in list(self.running) + list(self.waiting):
+            if seq.request_id == request_id:
+                if seq.status is SeqStatus.WAITING:
+                    self.waiting.remove(seq)
+                self._finish(seq, "abort")
+                return seq
+        return None
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """End a sequence from outside (e.g. its adapter failed to load)."""
+        if seq.status is SeqStatus.WAITING and seq in self.waiting:
+            self.waiting.remove(seq)
+        self._finish(seq, reason)
