@@ -1,0 +1,220 @@
+"""`POST /v1/chat/completions`: OpenAI chat completions over the engine, plain or streamed (SSE).
+
+The path of a request: resolve `model` in the caller's namespace (404 otherwise) -> validate,
+render and length-check the messages (the same path as `/tokenize`) -> admission (429 / 503) ->
+engine. A client that goes away is noticed while waiting (plain) or by Starlette's disconnect
+listener (streaming); either way the consuming task is cancelled and `Generation.close()` aborts
+the engine request, freeing its KV blocks and slot pin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import StreamingResponse
+
+from server.api.deps import get_state, get_tenant
+from server.api.errors import BadRequest, Overloaded
+from server.api.protocol import (
+    AssistantMessage,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChoiceLogprobs,
+    Choice,
+    ChunkChoice,
+    Delta,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+)
+from server.engine.types import SamplingParams, TokenEvent
+from server.generation import Generation
+from server.state import ServerState
+
+router = APIRouter()
+
+
+def sampling_params(body: ChatCompletionRequest, max_tokens: int, end_of_turn_ids: list[int]) -> SamplingParams:
+    """OpenAI request fields -> engine `SamplingParams` (400 naming the field when out of range)."""
+    stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+    if any(not s for s in stop):
+        raise BadRequest("stop strings must be non-empty", param="stop")
+    top_k = body.top_k if body.top_k and body.top_k > 0 else 0  # vLLM's -1 and 0 both mean off
+    try:
+        return SamplingParams(
+            max_tokens=max_tokens,
+            min_tokens=body.min_tokens,
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_p=1.0 if body.top_p is None else body.top_p,
+            top_k=top_k,
+            seed=body.seed,
+            stop=stop,
+            stop_token_ids=() if body.ignore_eos else tuple(end_of_turn_ids),
+            ignore_eos=body.ignore_eos,
+            logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+        )
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
+
+
+def _token_logprob(tokenizer, event: TokenEvent) -> TokenLogprob:
+    def piece(token_id: int) -> str:
+        return tokenizer.decode([token_id])
+
+    text = piece(event.token_id)
+    return TokenLogprob(
+        token=text,
+        logprob=event.logprob if event.logprob is not None else 0.0,
+        bytes=list(text.encode("utf-8")),
+        top_logprobs=[TopLogprob(token=piece(t), logprob=lp, bytes=list(piece(t).encode("utf-8")))
+                      for t, lp in event.top_logprobs],
+    )
+
+
+def _finish_reason(reason: str | None) -> str:
+    if reason == "abort":
+        raise Overloaded("the request was aborted by the server (shutting down)", code="request_aborted")
+    return reason or "stop"
+
+
+@router.post("/v1/chat/completions")
+async def create_chat_completion(
+    body: ChatCompletionRequest,
+    request: Request,
+    tenant: str = Depends(get_tenant),
+    state: ServerState = Depends(get_state),
+):
+    if body.chat_template is not None or body.chat_template_kwargs:
+        raise BadRequest("a request may not supply its own chat template; the base's is used",
+                         param="chat_template")
+    if body.n != 1:
+        raise BadRequest("only n=1 is supported", param="n")
+    model = state.resolve_model(tenant, body.model)
+    prompt, max_tokens = state.prepare_prompt(
+        body.messages,
+        max_tokens=body.max_completion_tokens or body.max_tokens,
+        add_generation_prompt=body.add_generation_prompt,
+        continue_final_message=body.continue_final_message,
+    )
+    sampling = sampling_params(body, max_tokens, state.template.end_of_turn_ids)
+    ticket = state.admission.acquire(tenant)
+    generation = Generation(
+        state, request_id=f"chatcmpl-{uuid.uuid4().hex}", tenant=tenant, model=model,
+        prompt_ids=prompt.ids, sampling=sampling, ticket=ticket,
+    )
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return _ClosingStream(_sse(state, body, generation, include_usage), generation)
+    return await _complete_unless_disconnected(state, body, generation, request)
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _complete_unless_disconnected(state, body, generation: Generation, request: Request):
+    collect = asyncio.ensure_future(_collect(state, body, generation))
+    watch = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({collect, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not collect.done():
+            collect.cancel()  # the client left (or we are being cancelled): stop generating
+            generation.close()  # abort now, not when the cancelled task next runs
+    if collect not in done:
+        return Response(status_code=499)  # nobody is listening; nginx's "client closed request"
+    return collect.result()
+
+
+async def _collect(state: ServerState, body: ChatCompletionRequest, generation: Generation) -> ChatCompletion:
+    texts: list[str] = []
+    logprobs: list[TokenLogprob] = []
+    completion_tokens = 0
+    try:
+        async for event in generation.events():
+            texts.append(event.text)
+            if body.logprobs and event.token_id is not None:
+                logprobs.append(_token_logprob(state.tokenizer, event))
+            completion_tokens = max(event.completion_tokens, generation.completion_tokens)
+    finally:
+        generation.close()
+    prompt_tokens = len(generation.prompt_ids)
+    return ChatCompletion(
+        id=generation.request_id,
+        created=int(time.time()),
+        model=body.model,
+        choices=[Choice(
+            message=AssistantMessage(content="".join(texts)),
+            logprobs=ChoiceLogprobs(content=logprobs) if body.logprobs else None,
+            finish_reason=_finish_reason(generation.finish_reason),
+        )],
+        usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                    total_tokens=prompt_tokens + completion_tokens),
+    )
+
+
+def _sse_line(chunk: ChatCompletionChunk, include_usage: bool) -> str:
+    payload = chunk.model_dump(exclude_none=True)
+    if include_usage:
+        payload["usage"] = chunk.usage.model_dump() if chunk.usage else None
+    for choice, raw in zip(chunk.choices, payload["choices"]):
+        raw["finish_reason"] = choice.finish_reason  # OpenAI sends an explicit null
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+async def _sse(state: ServerState, body: ChatCompletionRequest, generation: Generation, include_usage: bool):
+    created = int(time.time())
+
+    def chunk(delta: Delta, finish_reason=None, logprobs=None) -> str:
+        choice = ChunkChoice(delta=delta, finish_reason=finish_reason, logprobs=logprobs)
+        return _sse_line(ChatCompletionChunk(id=generation.request_id, created=created, model=body.model,
+                                             choices=[choice]), include_usage)
+
+    try:
+        yield chunk(Delta(role="assistant", content=""))
+        completion_tokens = 0
+        async for event in generation.events():
+            completion_tokens = max(event.completion_tokens, generation.completion_tokens)
+            logprobs = None
+            if body.logprobs and event.token_id is not None:
+                logprobs = ChoiceLogprobs(content=[_token_logprob(state.tokenizer, event)])
+            if event.text or logprobs is not None:
+                yield chunk(Delta(content=event.text), logprobs=logprobs)
+        if generation.finish_reason == "abort":
+            error = {"message": "the request was aborted by the server (shutting down)",
+                     "type": "server_error", "param": None, "code": "request_aborted"}
+            yield f"data: {json.dumps({'error': error})}\n\n"
+        else:
+            yield chunk(Delta(), finish_reason=generation.finish_reason or "stop")
+            if include_usage:
+                prompt_tokens = len(generation.prompt_ids)
+                usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                              total_tokens=prompt_tokens + completion_tokens)
+                last = ChatCompletionChunk(id=generation.request_id, created=created, model=body.model,
+                                           choices=[], usage=usage)
+                yield _sse_line(last, include_usage)
+        yield "data: [DONE]\n\n"
+    finally:
+        generation.close()
+
+
+class _ClosingStream(StreamingResponse):
+    """An SSE response that closes its generation however the response ends (even unstarted)."""
+
+    def __init__(self, content, generation: Generation):
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._generation = generation
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._generation.close()

@@ -1,0 +1,122 @@
+"""Typed API errors and the one place that turns every exception into OpenAI's error envelope.
+
+Every error leaves the server as `{"error": {"message", "type", "param", "code"}}`. Core code
+raises typed exceptions (`ApiError` subclasses here, `TemplateError` from the chat template,
+`AdapterError`s from the adapter library, which carry their own status and code); request-body
+validation errors become 400 in the same envelope instead of FastAPI's 422 shape. A 500 means a
+bug and is logged with its traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from adapters.chat_template import TemplateError
+from adapters.errors import AdapterError
+
+log = logging.getLogger("loraswap.server")
+
+
+class ApiError(Exception):
+    """An error with an HTTP status and OpenAI's `type` / `code` / `param`."""
+
+    status: int = 400
+    type: str = "invalid_request_error"
+    code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        status: int | None = None,
+        headers: dict[str, str] | None = None,
+    ):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code if code is not None else type(self).code
+        self.status = status if status is not None else type(self).status
+        self.headers = headers or {}
+
+
+class BadRequest(ApiError):
+    status, code = 400, "invalid_request"
+
+
+class PromptTooLong(ApiError):
+    status, code = 400, "context_length_exceeded"
+
+
+class Unauthorized(ApiError):
+    status, type, code = 401, "authentication_error", "invalid_api_key"
+
+
+class RateLimited(ApiError):
+    status, type, code = 429, "rate_limit_error", "rate_limit_exceeded"
+
+
+class Overloaded(ApiError):
+    status, type, code = 503, "server_error", "server_overloaded"
+
+
+class UploadRejected(ApiError):
+    """An upload refused before validation (size, file names, form fields)."""
+
+    status, code = 400, "invalid_upload"
+
+
+def envelope(message: str, type_: str, code: str | None, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def error_response(status: int, message: str, type_: str, code: str | None, param=None, headers=None):
+    return JSONResponse(envelope(message, type_, code, param), status_code=status, headers=headers)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    errors = exc.errors()
+    if not errors:
+        return "invalid request", None
+    first = errors[0]
+    loc = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path")]
+    param = ".".join(loc) or None
+    message = first.get("msg", "invalid value")
+    more = f" (and {len(errors) - 1} more errors)" if len(errors) > 1 else ""
+    return (f"{param}: {message}{more}" if param else f"{message}{more}"), param
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Map every exception type the API can meet to the OpenAI envelope."""
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError):
+        return error_response(exc.status, exc.message, exc.type, exc.code, exc.param, exc.headers)
+
+    @app.exception_handler(AdapterError)
+    async def _adapter_error(request: Request, exc: AdapterError):
+        return error_response(exc.status, exc.message, exc.type, exc.code, exc.param)
+
+    @app.exception_handler(TemplateError)
+    async def _template_error(request: Request, exc: TemplateError):
+        return error_response(400, str(exc), "invalid_request_error", "invalid_messages", "messages")
+
+    @app.exception_handler(RequestValidationError)
+    async def _request_validation(request: Request, exc: RequestValidationError):
+        message, param = _validation_message(exc)
+        return error_response(400, message, "invalid_request_error", "invalid_request", param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return error_response(exc.status_code, str(exc.detail), type_, None, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception):
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(500, "internal server error", "server_error", "internal_error")

@@ -1,0 +1,82 @@
+"""`create_app(config, engine, store)`: the FastAPI application over one engine and one store.
+
+The lifespan starts the engine loop and marks the app ready; on shutdown (after uvicorn's
+graceful drain of open connections) it refuses new work, waits up to `drain_timeout_s` for
+requests still in flight, then stops the engine. Nothing is global: a test builds as many apps
+as it likes, each with its own metrics registry.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI
+
+from adapters.chat_template import ChatTemplate
+from server.admission import Admission
+from server.api import adapters, chat, health, models, tokenize
+from server.api.errors import install_error_handlers
+from server.metrics import ServerMetrics
+from server.settings import ServerConfig
+from server.state import ServerState
+
+log = logging.getLogger("loraswap.server")
+
+
+async def _maybe_await(result) -> None:
+    if inspect.isawaitable(result):
+        await result
+
+
+def create_app(config: ServerConfig, engine: Any, store: Any, base_info: Any = None) -> FastAPI:
+    """Build the app.
+
+    Args:
+        config: server settings (limits, keys, max_model_len, base id).
+        engine: the engine (`start/stop`, `add_request`, `abort`, `pin/unpin`, `forget_adapter`,
+            `stats`, `tokenizer`); started and stopped by the app's lifespan.
+        store: an `adapters.store.AdapterStore`.
+        base_info: the served base's `BaseInfo` (uploads are validated against it); read from
+            `config.base` when omitted.
+    """
+    if base_info is None:
+        from adapters.base import BaseInfo, resolve_base
+
+        base_info = BaseInfo.from_dir(resolve_base(config.base))
+    base_id = config.served_model_name or Path(base_info.path).name
+    state = ServerState(
+        config=config,
+        engine=engine,
+        store=store,
+        base_info=base_info,
+        template=ChatTemplate(engine.tokenizer, base_info.chat_template),
+        base_id=base_id,
+        metrics=ServerMetrics(engine.stats),
+        admission=Admission(config.max_concurrent_per_tenant, config.capacity, config.retry_after_s),
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await _maybe_await(engine.start())
+        state.ready = True
+        log.info("serving %s (max_model_len %d)", base_id, config.max_model_len)
+        try:
+            yield
+        finally:
+            state.admission.draining = True
+            if not await state.admission.drained(config.drain_timeout_s):
+                log.warning("%d requests still in flight after %.0fs; stopping anyway",
+                            state.admission.total, config.drain_timeout_s)
+            state.ready = False
+            await _maybe_await(engine.stop())
+
+    app = FastAPI(title="loraswap", version="0.1.0", lifespan=lifespan)
+    app.state.loraswap = state
+    install_error_handlers(app)
+    for module in (chat, models, adapters, tokenize, health):
+        app.include_router(module.router)
+    return app

@@ -1,0 +1,109 @@
+"""`Generation`: one admitted request's run through the engine, with its bookkeeping.
+
+It starts the engine request lazily (on first iteration), records latency and token metrics as
+events arrive, and `close()` releases everything exactly once: the admission ticket, the
+adapter's in-flight count and, if the engine has not finished the request, an `engine.abort`.
+`close()` is synchronous so it is safe in any `finally`, including one running under
+cancellation (a client disconnect cancels the task that consumes the events).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import time
+from collections.abc import AsyncIterator
+
+from server.admission import Ticket
+from server.engine.types import SamplingParams, TokenEvent
+from server.state import ResolvedModel, ServerState
+
+
+class Generation:
+    """A request admitted to the engine; iterate `events()`, then (always) `close()`.
+
+    Args:
+        state: the app's state (engine, metrics, in-flight counts).
+        request_id: unique id, also the engine's request id.
+        tenant: the caller (for metrics).
+        model: the resolved model (adapter or base).
+        prompt_ids: the rendered prompt.
+        sampling: decoding settings.
+        ticket: the admission ticket this request holds until `close()`.
+    """
+
+    def __init__(
+        self,
+        state: ServerState,
+        *,
+        request_id: str,
+        tenant: str,
+        model: ResolvedModel,
+        prompt_ids: list[int],
+        sampling: SamplingParams,
+        ticket: Ticket,
+    ):
+        self.state = state
+        self.request_id = request_id
+        self.tenant = tenant
+        self.model = model
+        self.prompt_ids = prompt_ids
+        self.sampling = sampling
+        self.ticket = ticket
+        self.started = False
+        self.finish_reason: str | None = None
+        self.completion_tokens = 0
+        self._closed = False
+
+    @property
+    def _adapter_id(self) -> str | None:
+        return self.model.adapter.id if self.model.adapter is not None else None
+
+    async def events(self) -> AsyncIterator[TokenEvent]:
+        """The engine's events for this request, up to and including the one with a finish_reason."""
+        if self._closed:
+            return
+        metrics, labels = self.state.metrics, (self.tenant, self.model.name)
+        self.started = True
+        if self._adapter_id is not None:
+            self.state.inflight.enter(self._adapter_id)
+        metrics.prompt_tokens.labels(*labels).inc(len(self.prompt_ids))
+        last = time.perf_counter()  # TTFT counts from here; ITL from the previous token
+        try:
+            stream = self.state.engine.add_request(self.request_id, self.prompt_ids, self.model.adapter, self.sampling)
+            if inspect.isawaitable(stream):
+                stream = await stream
+            async for event in stream:
+                now = time.perf_counter()
+                if event.token_id is not None:
+                    histogram = metrics.inter_token_latency if self.completion_tokens else metrics.time_to_first_token
+                    histogram.labels(self.model.name).observe(now - last)
+                    last = now
+                    self.completion_tokens += 1
+                    metrics.generation_tokens.labels(*labels).inc()
+                if event.finish_reason is not None:
+                    self.finish_reason = event.finish_reason
+                yield event
+                if event.finish_reason is not None:
+                    break
+            if self.finish_reason is None:
+                self.finish_reason = "stop"  # the engine ended the stream without saying why
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Release the ticket and in-flight count; abort the engine request if still running."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self.started and self.finish_reason is None:
+                result = self.state.engine.abort(self.request_id)
+                if inspect.isawaitable(result):
+                    asyncio.ensure_future(result)
+        finally:
+            if self.started and self._adapter_id is not None:
+                self.state.inflight.leave(self._adapter_id)
+            self.ticket.release()
+            status = self.finish_reason or "aborted"
+            self.state.metrics.requests.labels(self.tenant, self.model.name, status).inc()

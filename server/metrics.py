@@ -1,0 +1,84 @@
+"""Prometheus metrics, one `CollectorRegistry` per app (no global state, so tests build many apps).
+
+Counted by the HTTP layer as requests run: requests and tokens per tenant and model, time to first
+token, inter-token latency. Read from the engine at scrape time (`EngineCollector`): queue depth,
+running requests, resident adapters per tier, slot loads and evictions, fold state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class ServerMetrics:
+    """The HTTP layer's own counters and histograms, registered in a fresh registry."""
+
+    def __init__(self, engine_stats: Callable[[], Mapping] | None = None):
+        self.registry = CollectorRegistry()
+        labels = ("tenant", "model")
+        self.requests = Counter(
+            "loraswap_requests", "Chat completion requests by outcome", labels + ("status",), registry=self.registry
+        )
+        self.prompt_tokens = Counter("loraswap_prompt_tokens", "Prompt tokens", labels, registry=self.registry)
+        self.generation_tokens = Counter(
+            "loraswap_generation_tokens", "Generated tokens", labels, registry=self.registry
+        )
+        self.time_to_first_token = Histogram(
+            "loraswap_time_to_first_token_seconds", "Time to first token", ("model",),
+            buckets=_LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.inter_token_latency = Histogram(
+            "loraswap_inter_token_latency_seconds", "Time between tokens of one request", ("model",),
+            buckets=_LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.uploads = Counter("loraswap_adapter_uploads", "Adapter uploads by outcome", ("status",),
+                               registry=self.registry)
+        if engine_stats is not None:
+            self.registry.register(EngineCollector(engine_stats))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class EngineCollector(Collector):
+    """Reads `engine.stats()` at scrape time and exposes it as gauges and counters.
+
+    Known keys (others are ignored): `waiting`, `running` (ints); `slot_loads`, `slot_evictions`
+    (monotonic ints); `adapters`: {adapter_id: {"residency": "device|host|disk", "folded": bool}}.
+    """
+
+    def __init__(self, stats: Callable[[], Mapping]):
+        self._stats = stats
+
+    def collect(self):
+        stats = self._stats() or {}
+        for key, help_ in (("waiting", "Requests waiting in the engine queue"),
+                           ("running", "Requests running in the engine batch")):
+            gauge = GaugeMetricFamily(f"loraswap_engine_{key}", help_)
+            gauge.add_metric([], float(stats.get(key, 0) or 0))
+            yield gauge
+        for key, help_ in (("slot_loads", "Adapter loads into device slots"),
+                           ("slot_evictions", "Adapter evictions from device slots")):
+            counter = CounterMetricFamily(f"loraswap_engine_{key}", help_)
+            counter.add_metric([], float(stats.get(key, 0) or 0))
+            yield counter
+        adapters = stats.get("adapters") or {}
+        resident = GaugeMetricFamily("loraswap_resident_adapters", "Adapters per residency tier", labels=["tier"])
+        tiers = {"device": 0, "host": 0}
+        folded = GaugeMetricFamily("loraswap_adapter_folded", "1 while an adapter is folded", labels=["adapter"])
+        for adapter_id, info in adapters.items():
+            tier = info.get("residency")
+            if tier in tiers:
+                tiers[tier] += 1
+            folded.add_metric([adapter_id], 1.0 if info.get("folded") else 0.0)
+        for tier, count in tiers.items():
+            resident.add_metric([tier], float(count))
+        yield resident
+        yield folded

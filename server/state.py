@@ -1,0 +1,99 @@
+"""`ServerState`: everything one app instance serves with, built once by `create_app`.
+
+It maps an OpenAI `model` string to what the engine runs (the base, or a tenant's adapter) and
+turns messages into a checked prompt along the one path that chat completions and `/tokenize`
+share: validate -> render -> length check. No module-level state: each app owns one of these.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from adapters.chat_template import ChatTemplate, RenderedPrompt
+from server.admission import Admission, InFlight
+from adapters.errors import AdapterNotFound, InvalidName
+from server.api.errors import PromptTooLong
+from server.engine.types import AdapterRef
+from server.metrics import ServerMetrics
+from server.settings import ServerConfig
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """The target of a request: `name` as the client said it, and the adapter (None = base)."""
+
+    name: str
+    adapter: AdapterRef | None
+    record: Any = None  # the store's AdapterRecord for adapters
+
+
+@dataclass
+class ServerState:
+    """The per-app services. `engine` follows the engine interface; `store` is an `AdapterStore`."""
+
+    config: ServerConfig
+    engine: Any
+    store: Any
+    base_info: Any
+    template: ChatTemplate
+    base_id: str
+    metrics: ServerMetrics
+    admission: Admission
+    inflight: InFlight = field(default_factory=InFlight)
+    created: int = field(default_factory=lambda: int(time.time()))
+    ready: bool = False
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def resolve_model(self, tenant: str, model: str) -> ResolvedModel:
+        """The base, or the adapter `model` in `tenant`'s namespace; anything else is 404.
+
+        Another tenant's adapter, a deleted one and a malformed name all answer exactly like a
+        name that never existed.
+        """
+        if model == self.base_id:
+            return ResolvedModel(model, None)
+        try:
+            record = self.store.get(tenant, model)
+        except (AdapterNotFound, InvalidName):
+            raise AdapterNotFound(model, param="model") from None
+        return ResolvedModel(model, AdapterRef(id=record.id, path=self.store.adapter_dir(record)), record)
+
+    def residency(self) -> dict[str, dict]:
+        """adapter id -> {"residency": device|host|disk, "folded": bool, "pinned": bool} from the engine."""
+        stats = self.engine.stats() or {}
+        return stats.get("adapters") or {}
+
+    def prepare_prompt(
+        self,
+        messages: list[dict],
+        *,
+        max_tokens: int | None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+    ) -> tuple[RenderedPrompt, int]:
+        """Validate and render `messages`, then check the length; returns (prompt, max_tokens).
+
+        Without `max_tokens` the completion may use the rest of the model length (at least 1).
+
+        Raises:
+            TemplateError: the messages break the template's contract (-> 400).
+            PromptTooLong: prompt tokens + max_tokens exceed max_model_len (-> 400, both counts).
+        """
+        rendered = self.template.render(
+            messages, add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message
+        )
+        limit = self.config.max_model_len
+        count = len(rendered.ids)
+        wanted = max_tokens if max_tokens is not None else max(limit - count, 1)
+        if count + wanted > limit:
+            raise PromptTooLong(
+                f"This model's maximum context length is {limit} tokens; the messages take {count} tokens "
+                f"and {wanted} more were requested for the completion ({count + wanted} in total)",
+                param="messages",
+            )
+        return rendered, wanted
