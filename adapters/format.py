@@ -92,7 +92,10 @@ def tensors_to_modules(config: dict, tensors: dict[str, torch.Tensor]) -> dict[s
         match = _KEY_RE.match(key)
         if not match:
             raise ValueError(f"unexpected tensor key {key!r} (want base_model.model.<module>.lora_A/B.weight)")
-        pairs.setdefault(match["module"], {})[match["which"]] = tensor
+        pair = pairs.setdefault(match["module"], {})
+        if match["which"] in pair:  # e.g. `lora_A.weight` and `lora_A.default.weight` together
+            raise ValueError(f"module {match['module']!r} has more than one lora_{match['which']} tensor")
+        pair[match["which"]] = tensor
     modules = {}
     for path, pair in sorted(pairs.items()):
         if set(pair) != {"A", "B"}:
