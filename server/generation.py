@@ -54,6 +54,10 @@ class Generation:
         self.finish_reason: str | None = None
         self.completion_tokens = 0
         self._closed = False
+        # Counted from construction (no await since the model was resolved), so a DELETE
+        # arriving before the first step still waits for this request.
+        if self._adapter_id is not None:
+            state.inflight.enter(self._adapter_id)
 
     @property
     def _adapter_id(self) -> str | None:
@@ -65,8 +69,6 @@ class Generation:
             return
         metrics, labels = self.state.metrics, (self.tenant, self.model.name)
         self.started = True
-        if self._adapter_id is not None:
-            self.state.inflight.enter(self._adapter_id)
         metrics.prompt_tokens.labels(*labels).inc(len(self.prompt_ids))
         last = time.perf_counter()  # TTFT counts from here; ITL from the previous token
         try:
@@ -102,7 +104,7 @@ class Generation:
                 if inspect.isawaitable(result):
                     asyncio.ensure_future(result)
         finally:
-            if self.started and self._adapter_id is not None:
+            if self._adapter_id is not None:
                 self.state.inflight.leave(self._adapter_id)
             self.ticket.release()
             status = self.finish_reason or "aborted"

@@ -7,6 +7,7 @@ share: validate -> render -> length check. No module-level state: each app owns 
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,6 +45,9 @@ class ServerState:
     inflight: InFlight = field(default_factory=InFlight)
     created: int = field(default_factory=lambda: int(time.time()))
     ready: bool = False
+    # (tenant, name) -> adapter id of names deleted while requests still use them: hidden at
+    # once, removed from the store when the last of those requests finishes.
+    deleting: dict[tuple[str, str], str] = field(default_factory=dict)
 
     @property
     def tokenizer(self):
@@ -58,10 +62,44 @@ class ServerState:
         if model == self.base_id:
             return ResolvedModel(model, None)
         try:
-            record = self.store.get(tenant, model)
+            record = self.get_adapter(tenant, model)
         except (AdapterNotFound, InvalidName):
             raise AdapterNotFound(model, param="model") from None
         return ResolvedModel(model, AdapterRef(id=record.id, path=self.store.adapter_dir(record)), record)
+
+    def is_deleting(self, tenant: str, name: str) -> bool:
+        return (tenant, name) in self.deleting
+
+    def get_adapter(self, tenant: str, name: str):
+        """The store's record of `tenant`'s `name`; AdapterNotFound also while it is being deleted."""
+        if self.is_deleting(tenant, name):
+            raise AdapterNotFound(name, param="name")
+        return self.store.get(tenant, name)
+
+    def list_adapters(self, tenant: str) -> list:
+        return [record for record in self.store.list(tenant) if not self.is_deleting(tenant, record.name)]
+
+    async def delete_adapter(self, tenant: str, name: str):
+        """Hide `name` now; delete it from the store (and the engine) once its requests finish.
+
+        The store removes the files of content no other name uses, so it must wait for requests
+        that may still load them. Returns the deleted record.
+        """
+        record = self.get_adapter(tenant, name)
+        self.deleting[(tenant, name)] = record.id
+        if self.inflight.counts.get(record.id, 0) == 0:
+            await self._finish_delete(tenant, name, record)
+        else:
+            self.inflight.when_idle(record.id, lambda: asyncio.ensure_future(self._finish_delete(tenant, name, record)))
+        return record
+
+    async def _finish_delete(self, tenant: str, name: str, record) -> None:
+        try:
+            await asyncio.to_thread(self.store.delete, tenant, name)
+        finally:
+            self.deleting.pop((tenant, name), None)
+        if not self.store.adapter_dir(record).is_dir():  # no other name holds the same content
+            self.engine.forget_adapter(record.id)
 
     def residency(self) -> dict[str, dict]:
         """adapter id -> {"residency": device|host|disk, "folded": bool, "pinned": bool} from the engine."""

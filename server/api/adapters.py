@@ -20,20 +20,26 @@ from pathlib import Path, PurePosixPath
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
 
-from adapters.format import CONFIG_FILE, PROVENANCE_FILE, WEIGHTS_FILE
+from adapters.errors import InvalidAdapter
+from adapters.store import check_name
+from adapters.validate import (
+    ALLOWED_FILES,
+    CODE_SUFFIXES,
+    PICKLE_SUFFIXES,
+    TOKENIZER_FILES,
+    check_template,
+    validate_adapter_dir,
+)
 from server.api.deps import get_state, get_tenant
-from server.api.errors import ApiError, UploadRejected
+from server.api.errors import Conflict, UploadRejected
 from server.api.protocol import AdapterCard, AdapterDeleted, AdapterList
 from server.engine.types import AdapterRef
 from server.state import ServerState
 
 router = APIRouter()
 
-KNOWN_FILES = (CONFIG_FILE, WEIGHTS_FILE, PROVENANCE_FILE)
-# Formats that can run code when loaded: named as such, so the client learns why.
-UNSAFE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".py", ".pyc", ".so", ".npy", ".npz")
 _TRUE = ("1", "true", "yes", "on")
 _CHUNK = 1 << 20
 
@@ -49,20 +55,25 @@ def adapter_card(record, residency: dict | None = None) -> AdapterCard:
 
 
 def staged_name(upload: UploadFile) -> str:
-    """The known file name a client's upload stands for; refuses anything else (415)."""
+    """The known file name a client's upload stands for; anything else is refused.
+
+    The refusals mirror `validate_adapter_dir`'s (same codes and statuses), decided from the
+    client's base name alone: no client-named file is ever written.
+    """
     client_name = PurePosixPath((upload.filename or "").replace("\\", "/")).name
-    for known in KNOWN_FILES:
-        if client_name == known:
-            return known
-    if client_name.lower().endswith(UNSAFE_SUFFIXES):
-        raise UploadRejected(
-            f"{client_name!r}: pickle and code files are refused; upload {WEIGHTS_FILE} (safetensors)",
-            status=415, code="unsafe_file", param="files",
-        )
-    raise UploadRejected(
-        f"{client_name or '(unnamed file)'!r} is not an adapter file; expected {', '.join(KNOWN_FILES)}",
-        status=415, code="unsupported_file", param="files",
-    )
+    if client_name in ALLOWED_FILES:
+        return next(known for known in ALLOWED_FILES if known == client_name)
+    lowered = client_name.lower()
+    if lowered.endswith(PICKLE_SUFFIXES):
+        raise InvalidAdapter(f"{client_name}: pickle-based files are refused; weights must be safetensors",
+                             "pickle_file", 415, param="files")
+    if lowered.endswith(CODE_SUFFIXES):
+        raise InvalidAdapter(f"{client_name}: code files are refused in an adapter", "code_file", 415, param="files")
+    if lowered in TOKENIZER_FILES:
+        raise InvalidAdapter(f"{client_name}: an adapter cannot change the tokenizer or the chat template; remove it",
+                             "tokenizer_file", 422, param="files")
+    raise InvalidAdapter(f"{client_name or '(unnamed file)'}: unexpected file; an adapter holds only "
+                         f"{', '.join(ALLOWED_FILES)}", "unknown_file", 415, param="files")
 
 
 def _stage(files: list[tuple[str, UploadFile]], directory: Path, limit: int) -> None:
@@ -74,23 +85,25 @@ def _stage(files: list[tuple[str, UploadFile]], directory: Path, limit: int) -> 
             while chunk := upload.file.read(_CHUNK):
                 total += len(chunk)
                 if total > limit:
-                    raise UploadRejected(f"the upload is larger than the {limit} byte limit", status=413,
-                                         code="upload_too_large", param="files")
+                    raise InvalidAdapter(f"the adapter is over the {limit}-byte cap", "adapter_too_large", 413,
+                                         param="files")
                 out.write(chunk)
 
 
-async def _read_upload_form(request: Request, limit: int) -> tuple[str, list[tuple[str, UploadFile]], bool]:
+def _check_request(request: Request, limit: int) -> None:
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit + _CHUNK:  # a little room for form overhead
-        raise UploadRejected(f"the upload is larger than the {limit} byte limit", status=413,
-                             code="upload_too_large")
+        raise InvalidAdapter(f"the upload is over the {limit}-byte cap", "adapter_too_large", 413)
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise UploadRejected("upload adapters as multipart/form-data (fields: name, files)", status=415,
                              code="unsupported_media_type")
-    form = await request.form(max_files=8, max_fields=8)
+
+
+def _read_form(form: FormData) -> tuple[str, list[tuple[str, UploadFile]], bool]:
     name = form.get("name")
     if not isinstance(name, str) or not name:
         raise UploadRejected("the form field 'name' is required", param="name")
+    check_name(name)
     uploads = [item for item in form.getlist("files") if isinstance(item, UploadFile)]
     if not uploads:
         raise UploadRejected("no files uploaded in the form field 'files'", param="files")
@@ -106,9 +119,8 @@ async def _read_upload_form(request: Request, limit: int) -> tuple[str, list[tup
 
 def _validate(state: ServerState, staging: Path, allow_template_mismatch: bool):
     """Blocking validation against the base and the template contract (run in a thread)."""
-    from adapters.validate import check_template, validate_adapter_dir
-
-    validated = validate_adapter_dir(staging, state.base_info, max_rank=state.config.max_rank)
+    validated = validate_adapter_dir(staging, state.base_info, max_rank=state.config.max_rank,
+                                     max_bytes=state.config.max_upload_bytes)
     check_template(validated.provenance, state.base_info, allow_template_mismatch)
     return validated
 
@@ -117,18 +129,23 @@ def _validate(state: ServerState, staging: Path, allow_template_mismatch: bool):
 async def upload_adapter(request: Request, tenant: str = Depends(get_tenant),
                          state: ServerState = Depends(get_state)):
     staging = Path(tempfile.mkdtemp(prefix="loraswap-upload-"))
+    form = None
     try:
-        name, files, allow = await _read_upload_form(request, state.config.max_upload_bytes)
+        _check_request(request, state.config.max_upload_bytes)
+        form = await request.form(max_files=8, max_fields=8)
+        name, files, allow = _read_form(form)
         await run_in_threadpool(_stage, files, staging, state.config.max_upload_bytes)
-        await run_in_threadpool(_validate, state, staging, allow)
-        record, created = await run_in_threadpool(state.store.publish, tenant, name, staging)
-    except ApiError as exc:
-        state.metrics.uploads.labels(str(exc.status)).inc()
-        raise
+        validated = await run_in_threadpool(_validate, state, staging, allow)
+        if state.is_deleting(tenant, name):
+            raise Conflict(f"the adapter '{name}' is being deleted; retry once its requests have finished",
+                           headers={"Retry-After": str(state.config.retry_after_s)})
+        record, created = await run_in_threadpool(state.store.publish, tenant, name, validated)
     except Exception as exc:
         state.metrics.uploads.labels(str(getattr(exc, "status", 400))).inc()
         raise
     finally:
+        if form is not None:
+            await form.close()
         shutil.rmtree(staging, ignore_errors=True)
     status = 201 if created else 200
     state.metrics.uploads.labels(str(status)).inc()
@@ -136,7 +153,7 @@ async def upload_adapter(request: Request, tenant: str = Depends(get_tenant),
 
 
 # POST /v1/adapters/merge belongs here, before the `/{name}` routes: parse the request (sources by
-# name in the caller's namespace, method, weights), resolve each with `state.store.get(tenant, ...)`,
+# name in the caller's namespace, method, weights), resolve each with `state.get_adapter(tenant, ...)`,
 # run `adapters.merge` in a thread writing a PEFT directory into a staging dir, then publish it the
 # same way `upload_adapter` does (validate -> store.publish -> 201 / 200 + `adapter_card`).
 
@@ -144,25 +161,23 @@ async def upload_adapter(request: Request, tenant: str = Depends(get_tenant),
 @router.get("/v1/adapters", response_model=AdapterList)
 async def list_adapters(tenant: str = Depends(get_tenant), state: ServerState = Depends(get_state)):
     residency = state.residency()
-    return AdapterList(data=[adapter_card(record, residency) for record in state.store.list(tenant)])
+    return AdapterList(data=[adapter_card(record, residency) for record in state.list_adapters(tenant)])
 
 
 @router.get("/v1/adapters/{name}", response_model=AdapterCard)
 async def get_adapter(name: str, tenant: str = Depends(get_tenant), state: ServerState = Depends(get_state)):
-    return adapter_card(state.store.get(tenant, name), state.residency())
+    return adapter_card(state.get_adapter(tenant, name), state.residency())
 
 
 @router.delete("/v1/adapters/{name}", response_model=AdapterDeleted)
 async def delete_adapter(name: str, tenant: str = Depends(get_tenant), state: ServerState = Depends(get_state)):
     """New requests get 404 at once; the engine forgets the adapter once those in flight finish."""
-    record = state.store.get(tenant, name)
-    await run_in_threadpool(state.store.delete, tenant, name)
-    state.inflight.when_idle(record.id, lambda: state.engine.forget_adapter(record.id))
+    record = await state.delete_adapter(tenant, name)
     return AdapterDeleted(id=record.id, name=record.name)
 
 
 async def _set_pin(name: str, tenant: str, state: ServerState, pinned: bool) -> AdapterCard:
-    record = state.store.get(tenant, name)
+    record = state.get_adapter(tenant, name)
     if pinned:
         state.engine.pin(AdapterRef(id=record.id, path=state.store.adapter_dir(record)))
     else:

@@ -58,6 +58,10 @@ class Unauthorized(ApiError):
     status, type, code = 401, "authentication_error", "invalid_api_key"
 
 
+class Conflict(ApiError):
+    status, code = 409, "conflict"
+
+
 class RateLimited(ApiError):
     status, type, code = 429, "rate_limit_error", "rate_limit_exceeded"
 

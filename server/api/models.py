@@ -27,7 +27,7 @@ def _cards(state: ServerState, tenant: str) -> list[ModelCard]:
     cards = [ModelCard(id=state.base_id, created=state.created, owned_by="loraswap", root=state.base_id,
                        max_model_len=state.config.max_model_len)]
     residency = state.residency()
-    for record in state.store.list(tenant):
+    for record in state.list_adapters(tenant):
         info = residency.get(record.id, {})
         cards.append(ModelCard(
             id=record.name, created=_created(record), owned_by=tenant, root=state.base_id, parent=state.base_id,

@@ -52,6 +52,7 @@ class Sequence:
     slot: int = NO_SLOT
     finish_reason: str | None = None
     num_preemptions: int = 0
+    generator: object = None  # the sampler's per-request torch.Generator (seeded requests)
 
     @property
     def adapter_id(self) -> str | None:

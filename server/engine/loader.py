@@ -1,0 +1,134 @@
+"""Build the engine's model from a Hugging Face directory: config -> `CausalLM`, safetensors -> weights.
+
+Projections become `LoraLinear` wrappers around either a plain `nn.Linear` (`quant="none"`) or a
+bitsandbytes `Linear4bit` quantized to NF4 from the checkpoint's weights at load time, exactly as
+transformers' `BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")` does (no double
+quantization, uint8 storage; embeddings, norms and the LM head stay unquantized). Only
+safetensors are read; nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from server.engine.errors import UnsupportedModel
+from server.engine.lora import LoraLinear
+from server.engine.model import CausalLM, ModelSpec
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = "bfloat16" if device == "cuda" else "float32"
+    return torch.device(device), DTYPES[dtype]
+
+
+def read_generation_eos(model_dir: Path) -> frozenset[int]:
+    """End-of-sequence ids from generation_config.json (preferred) or config.json."""
+    ids: set[int] = set()
+    for name in ("generation_config.json", "config.json"):
+        path = model_dir / name
+        if path.is_file():
+            eos = json.loads(path.read_text()).get("eos_token_id")
+            if eos is not None:
+                ids |= set(eos if isinstance(eos, list) else [eos])
+                break
+    return frozenset(int(i) for i in ids)
+
+
+def _make_base_linear(weight: torch.Tensor, bias: torch.Tensor | None, quant: str, dtype, device) -> nn.Module:
+    out_features, in_features = weight.shape
+    if quant == "none":
+        layer = nn.Linear(in_features, out_features, bias=bias is not None, device="meta")
+        layer.weight = nn.Parameter(weight.to(device=device, dtype=dtype), requires_grad=False)
+        if bias is not None:
+            layer.bias = nn.Parameter(bias.to(device=device, dtype=dtype), requires_grad=False)
+        return layer
+    import bitsandbytes as bnb
+
+    layer = bnb.nn.Linear4bit(in_features, out_features, bias=bias is not None, compute_dtype=dtype,
+                              compress_statistics=False, quant_type="nf4", quant_storage=torch.uint8,
+                              device="meta")
+    params = dict(layer.weight.__dict__)
+    layer.weight = bnb.nn.Params4bit(weight.to(dtype), requires_grad=False, **params).to(device)
+    if bias is not None:
+        layer.bias = nn.Parameter(bias.to(device=device, dtype=dtype), requires_grad=False)
+    return layer.eval()
+
+
+def load_model(model_dir: Path, quant: str, dtype: torch.dtype, device: torch.device, num_slots: int,
+               max_rank: int) -> CausalLM:
+    """Args:
+    model_dir: Hugging Face directory with config.json and *.safetensors.
+    quant: "nf4" or "none".
+    num_slots, max_rank: the adapter slot layout of every `LoraLinear`.
+    """
+    model_dir = Path(model_dir)
+    spec = ModelSpec.from_config(json.loads((model_dir / "config.json").read_text()))
+
+    def make_linear(in_features: int, out_features: int, bias: bool) -> LoraLinear:
+        layer = LoraLinear(nn.Identity(), in_features, out_features, num_slots, max_rank, dtype, device)
+        layer.expects_bias = bias
+        return layer
+
+    with torch.device("meta"):
+        model = CausalLM(spec, make_linear, dtype, "meta")
+    tensors = _read_tensors(model_dir)
+    # Embeddings and norms first: the projections' base layers are still empty placeholders.
+    for name, param in list(model.named_parameters()):
+        if name not in tensors:
+            raise UnsupportedModel(f"checkpoint has no tensor {name!r}")
+        owner, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(owner), attr,
+                nn.Parameter(tensors.pop(name).to(device=device, dtype=dtype), requires_grad=False))
+    for path, layer in model.lora_layers().items():
+        if f"{path}.weight" not in tensors:
+            raise UnsupportedModel(f"checkpoint has no tensor {path}.weight")
+        weight = tensors.pop(f"{path}.weight")
+        bias = tensors.pop(f"{path}.bias", None)
+        if layer.expects_bias != (bias is not None):
+            raise UnsupportedModel(f"{path}: bias {'missing' if layer.expects_bias else 'unexpected'}")
+        layer.base = _make_base_linear(weight, bias, quant, dtype, device)
+    head = tensors.pop("lm_head.weight", None)
+    if spec.tie_word_embeddings or head is None:
+        model.lm_head_weight = model.model.embed_tokens.weight
+    else:
+        model.lm_head_weight = head.to(device=device, dtype=dtype)
+    return model.eval()
+
+
+def _read_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise UnsupportedModel(f"{model_dir} has no *.safetensors weights")
+    tensors = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                tensors[key] = f.get_tensor(key)
+    return tensors
+
+
+def allocate_kv_cache(model: CausalLM, num_blocks: int, block_size: int) -> None:
+    """Give every attention layer its K and V cache: (num_blocks * block_size, kv_heads, head_dim)."""
+    spec = model.spec
+    dtype = model.model.embed_tokens.weight.dtype
+    device = model.model.embed_tokens.weight.device
+    for layer in model.model.layers:
+        shape = (num_blocks * block_size, spec.num_kv_heads, spec.head_dim)
+        layer.self_attn.k_cache = torch.zeros(shape, dtype=dtype, device=device)
+        layer.self_attn.v_cache = torch.zeros(shape, dtype=dtype, device=device)
+
+
+def kv_bytes_per_block(model: CausalLM, block_size: int) -> int:
+    spec = model.spec
+    itemsize = model.model.embed_tokens.weight.element_size()
+    return 2 * spec.num_layers * block_size * spec.num_kv_heads * spec.head_dim * itemsize
