@@ -14,7 +14,8 @@ and `os.replace`. The pointer switch is the commit point: a `kill -9` anywhere l
 pointer (and maybe an unreferenced blob) or the new one, and the next `AdapterStore` on that
 root removes the leftovers. A record's `id` is the content id `sha256[:16]`: versions with the
 same content share it (and the engine may share their loaded copy). Old versions stay
-readable until the name is deleted. The store trusts that its input passed `validate_adapter_dir`.
+readable until the name is deleted. The store trusts that its input passed `validate_adapter_dir`
+(a `ValidatedAdapter`, or the directory it accepted).
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from adapters.errors import AdapterNotFound, InvalidName
-from adapters.format import write_peft
-from adapters.provenance import write_provenance
+from adapters.format import read_peft, write_peft
+from adapters.provenance import read_provenance, write_provenance
 from adapters.validate import ValidatedAdapter, content_sha256
 
 _NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}$")
@@ -149,16 +150,23 @@ class AdapterStore:
 
     # -- writing -------------------------------------------------------------------------
 
-    def publish(self, tenant: str, name: str, adapter: ValidatedAdapter) -> tuple[AdapterRecord, bool]:
+    def publish(
+        self, tenant: str, name: str, adapter: ValidatedAdapter | Path | str
+    ) -> tuple[AdapterRecord, bool]:
         """Make `name` point to `adapter`'s content; returns (record, created).
 
         Same content as the current version: that record, created False. Otherwise a new
         version (blob written once per content) that the name then points to.
+
+        Args:
+            tenant: the caller's namespace.
+            name: the adapter name inside it.
+            adapter: a `ValidatedAdapter`, or the directory that `validate_adapter_dir` just
+                accepted (read again here through safetensors and JSON only).
         """
         check_name(tenant, "tenant")
         check_name(name)
-        if content_sha256(adapter.weights, adapter.provenance) != adapter.sha256:
-            raise ValueError("ValidatedAdapter.sha256 does not match its content")
+        adapter = _as_validated(adapter)
         with self._locked():
             pointer = self._read_pointer(tenant, name)
             current = pointer.record() if pointer else None
@@ -278,6 +286,15 @@ class AdapterStore:
             _remove(leftover)
             removed.append(f"tmp/{leftover.name}")
         return removed
+
+
+def _as_validated(adapter: ValidatedAdapter | Path | str) -> ValidatedAdapter:
+    if isinstance(adapter, ValidatedAdapter):
+        if content_sha256(adapter.weights, adapter.provenance) != adapter.sha256:
+            raise ValueError("ValidatedAdapter.sha256 does not match its content")
+        return adapter
+    weights, provenance = read_peft(adapter), read_provenance(adapter)
+    return ValidatedAdapter(weights=weights, provenance=provenance, sha256=content_sha256(weights, provenance))
 
 
 def _remove(path: Path) -> None:
