@@ -16,19 +16,19 @@ from server.engine.lora import build_lora_step
 from server.engine.model import CausalLM, StepContext, rope_tables
 from server.engine.sampler import SampledToken, Sampler
 from server.engine.scheduler import Batch
+from server.engine.slots import SlotTable
 
 
 class ModelRunner:
     def __init__(self, model: CausalLM, block_size: int, max_model_len: int, device: torch.device,
-                 dtype: torch.dtype, sampler: Sampler):
+                 dtype: torch.dtype, sampler: Sampler, slot_table: SlotTable):
         self.model = model
         self.block_size = block_size
         self.device, self.dtype = device, dtype
         self.sampler = sampler
         cos, sin = rope_tables(model.spec, max_model_len, dtype)
         self.cos, self.sin = cos.to(device), sin.to(device)
-        self.slot_ranks: list[int] = [0]  # filled by the adapter slots: max rank per slot
-        self.slot_generation = 0  # bumped by the adapter slots whenever a slot changes
+        self.slot_table = slot_table  # per-slot ranks and a version, kept by the adapter slots
 
     @torch.inference_mode()
     def run(self, batch: Batch, fold_slot: int | None = None) -> list[SampledToken | None]:
@@ -49,14 +49,13 @@ class ModelRunner:
             sin=self.sin[pos].unsqueeze(1),
             attn=build_attn_step([(e.seq.block_table, e.start, e.num_new) for e in entries],
                                  self.block_size, num_decodes, self.device),
-            lora=build_lora_step(token_slots, self.slot_ranks, self.slot_generation, self.device,
+            lora=build_lora_step(token_slots, self.slot_table.ranks, self.slot_table.generation, self.device,
                                  self.dtype, fold_slot),
         )
-        results: list[SampledToken | None] = [None] * len(entries)
         if not logit_rows:
             self.model(torch.tensor(ids, device=self.device), ctx,
                        torch.tensor([0], device=self.device))  # fills the KV cache only
-            return results
+            return [None] * len(entries)
         logits = self.model(torch.tensor(ids, device=self.device), ctx,
                             torch.tensor(logit_rows, device=self.device))
         sampled = self.sampler.sample(logits, [e.seq for e in entries if e.samples])

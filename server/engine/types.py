@@ -61,7 +61,8 @@ class TokenEvent:
     `text` is the newly decoded text (incremental detokenization; may be empty while a multi-byte
     character is incomplete, and is cut before a matched stop string). `finish_reason` is set on
     the last event: "stop" (end-of-turn / stop token / stop string), "length" (max_tokens or the
-    model length), or "abort".
+    model length), or "abort" (`error` says why when it was not the caller's abort, e.g. an adapter
+    that failed to load).
     """
 
     request_id: str
@@ -72,3 +73,4 @@ class TokenEvent:
     top_logprobs: list[tuple[int, float]] = field(default_factory=list)
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    error: str | None = None  # set with finish_reason "abort" when the engine could not serve it

@@ -1,0 +1,230 @@
+"""Adapter residency: device slots <- host cache <- disk, behind the scheduler's `AdapterGate`.
+
+`acquire(seq)` pins a device slot for the sequence's adapter when it is resident (writing it from
+the host cache into the slot tensors if needed, evicting the least recently used unpinned slot);
+when the adapter is only on disk it starts a background read and answers "not yet", so the rest
+of the batch keeps running. A slot pinned by a running sequence is never evicted. The host cache
+is LRU-bounded. Nothing here decides what runs; `SlotTable` is the little state the runner reads.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+
+import torch
+
+from adapters.format import read_peft
+from server.engine.errors import AdapterLoadError
+from server.engine.lora import LoraLinear
+from server.engine.sequence import NO_SLOT, Sequence
+from server.engine.types import AdapterRef
+
+
+@dataclass
+class SlotTable:
+    """What the runner needs per step: each slot's max rank and a version of all slot contents."""
+
+    ranks: list[int]
+    generation: int = 0
+
+
+@dataclass
+class HostAdapter:
+    """An adapter in host memory, ready to copy: module path -> (A (r, in), scaling * B (out, r))."""
+
+    id: str
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    max_rank: int
+    nbytes: int = 0
+
+
+def read_host_adapter(ref: AdapterRef, layers: dict[str, LoraLinear], max_rank: int,
+                      dtype: torch.dtype) -> HostAdapter:
+    """Read a PEFT directory and shape it for the slots (runs in the loader thread)."""
+    try:
+        weights = read_peft(ref.path)
+    except (OSError, ValueError, KeyError) as exc:
+        raise AdapterLoadError(f"adapter {ref.id}: cannot read {ref.path}: {exc}") from exc
+    modules, nbytes = {}, 0
+    for path, module in weights.modules.items():
+        layer = layers.get(path)
+        if layer is None:
+            raise AdapterLoadError(f"adapter {ref.id}: module {path!r} is not a linear layer of the base")
+        if module.rank > max_rank:
+            raise AdapterLoadError(f"adapter {ref.id}: rank {module.rank} > max_lora_rank {max_rank}")
+        if tuple(module.A.shape) != (module.rank, layer.in_features) or \
+                tuple(module.B.shape) != (layer.out_features, module.rank):
+            raise AdapterLoadError(f"adapter {ref.id}: {path} has shapes A{tuple(module.A.shape)} "
+                                   f"B{tuple(module.B.shape)}")
+        A = module.A.to(dtype).contiguous()
+        B = (module.B.float() * module.scaling).to(dtype).contiguous()
+        modules[path] = (A, B)
+        nbytes += A.numel() * A.element_size() + B.numel() * B.element_size()
+    return HostAdapter(ref.id, modules, weights.max_rank, nbytes)
+
+
+@dataclass
+class SlotStats:
+    loads: int = 0  # host -> slot writes
+    evictions: int = 0  # slots overwritten while holding another adapter
+    disk_loads: int = 0
+    load_errors: int = 0
+
+
+class AdapterSlots:
+    def __init__(self, layers: dict[str, LoraLinear], num_slots: int, max_cpu: int, max_rank: int,
+                 dtype: torch.dtype, on_slot_change=None):
+        self.layers = layers
+        self.num_slots, self.max_cpu, self.max_rank, self.dtype = num_slots, max_cpu, max_rank, dtype
+        self.table = SlotTable(ranks=[0] * (num_slots + 1))
+        self.owner: list[str | None] = [None] * (num_slots + 1)  # slot -> adapter id
+        self.pins = [0] * (num_slots + 1)
+        self.slot_of: dict[str, int] = {}
+        self.recency: OrderedDict[int, None] = OrderedDict((s, None) for s in range(1, num_slots + 1))
+        self.host: OrderedDict[str, HostAdapter] = OrderedDict()
+        self.loading: dict[str, Future] = {}
+        self.failed: dict[str, str] = {}
+        self.forgotten: set[str] = set()
+        self.stats = SlotStats()
+        self.on_slot_change = on_slot_change  # fold manager hook: slot contents changed
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-loader")
+        self._lock = threading.Lock()  # guards `host` against readers of stats()
+
+    # -- AdapterGate ----------------------------------------------------------------------
+    def acquire(self, seq: Sequence) -> bool:
+        if seq.adapter is None:
+            seq.slot = 0
+            return True
+        if self.num_slots == 0:
+            raise AdapterLoadError("this engine was started with max_loras=0")
+        aid = seq.adapter.id
+        slot = self.slot_of.get(aid)
+        if slot is None:
+            host = self.host.get(aid)
+            if host is None:
+                self.request(seq.adapter)
+                return False
+            slot = self._victim()
+            if slot is None:
+                return False  # every slot is pinned by running sequences
+            self._write(slot, host)
+        self.pins[slot] += 1
+        self.recency.move_to_end(slot)
+        with self._lock:
+            self.host.move_to_end(aid)
+        seq.slot = slot
+        return True
+
+    def release(self, seq: Sequence) -> None:
+        slot, seq.slot = seq.slot, NO_SLOT
+        if slot <= 0:
+            return
+        self.pins[slot] -= 1
+        if self.pins[slot] == 0 and self.owner[slot] in self.forgotten:
+            self.forgotten.discard(self.owner[slot])
+            self._clear(slot)
+
+    # -- loading --------------------------------------------------------------------------
+    def request(self, ref: AdapterRef) -> None:
+        """Start reading `ref` from disk unless it is resident, loading or failed."""
+        if ref.id in self.host or ref.id in self.loading or ref.id in self.failed:
+            return
+        self.forgotten.discard(ref.id)
+        self.loading[ref.id] = self._pool.submit(read_host_adapter, ref, self.layers, self.max_rank, self.dtype)
+
+    def poll(self) -> None:
+        """Move finished disk reads into the host cache (called by the engine loop each step)."""
+        for aid, future in list(self.loading.items()):
+            if not future.done():
+                continue
+            del self.loading[aid]
+            if aid in self.forgotten:
+                self.forgotten.discard(aid)
+                continue
+            try:
+                host = future.result()
+            except Exception as exc:  # noqa: BLE001 - any failure becomes the request's error
+                self.failed[aid] = str(exc) if isinstance(exc, AdapterLoadError) else f"adapter {aid}: {exc!r}"
+                self.stats.load_errors += 1
+                continue
+            self.stats.disk_loads += 1
+            with self._lock:
+                self.host[aid] = host
+                while len(self.host) > self.max_cpu:
+                    self.host.popitem(last=False)
+
+    def wait_for_loads(self, timeout: float) -> None:
+        if self.loading:
+            wait(list(self.loading.values()), timeout=timeout, return_when=FIRST_COMPLETED)
+
+    # -- slots ----------------------------------------------------------------------------
+    def _victim(self) -> int | None:
+        for slot in self.recency:  # least recently used first; empty slots are never touched
+            if self.owner[slot] is None:
+                return slot
+        for slot in self.recency:
+            if self.pins[slot] == 0:
+                return slot
+        return None
+
+    def _write(self, slot: int, host: HostAdapter) -> None:
+        if self.owner[slot] is not None:
+            self.stats.evictions += 1
+            del self.slot_of[self.owner[slot]]
+        for path, layer in self.layers.items():
+            A, B = host.modules.get(path, (None, None))
+            if A is not None or layer.slot_rank[slot]:
+                layer.load_slot(slot, A, B)
+        self.owner[slot] = host.id
+        self.slot_of[host.id] = slot
+        self.table.ranks[slot] = host.max_rank
+        self.table.generation += 1
+        self.stats.loads += 1
+        if self.on_slot_change:
+            self.on_slot_change(slot)
+
+    def _clear(self, slot: int) -> None:
+        for layer in self.layers.values():
+            if layer.slot_rank[slot]:
+                layer.load_slot(slot, None, None)
+        self.slot_of.pop(self.owner[slot], None)
+        self.owner[slot] = None
+        self.table.ranks[slot] = 0
+        self.table.generation += 1
+        if self.on_slot_change:
+            self.on_slot_change(slot)
+
+    def forget(self, adapter_id: str) -> None:
+        """Drop an adapter everywhere once no running sequence uses it."""
+        with self._lock:
+            self.host.pop(adapter_id, None)
+        self.failed.pop(adapter_id, None)
+        if adapter_id in self.loading:
+            self.forgotten.add(adapter_id)
+        slot = self.slot_of.get(adapter_id)
+        if slot is not None:
+            if self.pins[slot] == 0:
+                self._clear(slot)
+            else:
+                self.forgotten.add(adapter_id)
+
+    def residency(self) -> dict[str, str]:
+        """adapter id -> "device" | "host" | "loading" | "failed"."""
+        with self._lock:
+            out = {aid: "host" for aid in self.host}
+        out.update({aid: "loading" for aid in list(self.loading)})
+        out.update({aid: "failed" for aid in list(self.failed)})
+        out.update({aid: "device" for aid in list(self.slot_of)})
+        return out
+
+    def check(self) -> None:
+        """Invariants: pins never negative; slot_of and owner agree."""
+        assert all(p >= 0 for p in self.pins), self.pins
+        for aid, slot in self.slot_of.items():
+            assert self.owner[slot] == aid
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
