@@ -22,7 +22,7 @@ from adapters.format import CONFIG_FILE
 from adapters.strict_json import loads_strict
 
 MAX_CONFIG_BYTES = 1 << 20
-_PLAIN_NAME = re.compile(r"^[A-Za-z0-9_.]{1,200}$")
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_.]{1,200}")
 _LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
 # Keys a loader would use to import or run code.
 CODE_LOADING_KEYS = ("auto_map", "trust_remote_code", "custom_code", "remote_code", "code_revision")
@@ -139,7 +139,7 @@ def _check_policy(raw: dict, config: AdapterConfig) -> None:
     if not config.target_modules:
         raise _invalid("target_modules is empty: the adapter wraps nothing", "no_target_modules", 422)
     for key in [*config.rank_pattern, *config.alpha_pattern, *_as_list(config.exclude_modules)]:
-        if not _PLAIN_NAME.match(key):
+        if not _PLAIN_NAME.fullmatch(key):
             raise _invalid(f"pattern {key!r} is not a plain module name ([A-Za-z0-9_.])", "invalid_pattern", 422)
     if config.layers_pattern not in (None, "layers", ["layers"]):
         raise _invalid(f"layers_pattern {config.layers_pattern!r} is not supported (only 'layers')", "unsupported_feature", 422)

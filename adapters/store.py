@@ -38,13 +38,13 @@ from adapters.format import read_peft, write_peft
 from adapters.provenance import read_provenance, write_provenance
 from adapters.validate import ValidatedAdapter, content_sha256
 
-_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}$")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def check_name(value: str, what: str = "name") -> str:
     """Return `value` if it is a valid tenant or adapter name, else raise InvalidName."""
-    if not isinstance(value, str) or not _NAME.match(value):
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
         raise InvalidName(
             f"invalid {what} {value!r}: use 1 to 64 of A-Z a-z 0-9 . _ -, not starting with a dot",
             param="model" if what == "name" else what,
@@ -271,7 +271,7 @@ class AdapterStore:
         referenced = self._referenced()
         removed = []
         for blob in (self.root / "blobs").iterdir():
-            if blob.name in referenced and _SHA256.match(blob.name):
+            if blob.name in referenced and _SHA256.fullmatch(blob.name):
                 continue
             trash = self.root / "tmp" / f"trash-{uuid.uuid4().hex}"
             os.rename(blob, trash)
