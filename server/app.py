@@ -63,7 +63,7 @@ def create_app(config: ServerConfig, engine: Any, store: Any, base_info: Any = N
     async def lifespan(app: FastAPI):
         await _maybe_await(engine.start())
         state.ready = True
-        log.info("serving %s (max_model_len %d)", base_id, config.max_model_len)
+        log.info("serving %s (max_model_len %d)", base_id, state.max_model_len)
         try:
             yield
         finally:

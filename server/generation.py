@@ -1,6 +1,7 @@
 """`Generation`: one admitted request's run through the engine, with its bookkeeping.
 
-It starts the engine request lazily (on first iteration), records latency and token metrics as
+`start()` submits the engine request (so the engine's refusals are still plain HTTP errors),
+`events()` relays its token events while recording latency and token metrics as
 events arrive, and `close()` releases everything exactly once: the admission ticket, the
 adapter's in-flight count and, if the engine has not finished the request, an `engine.abort`.
 `close()` is synchronous so it is safe in any `finally`, including one running under
@@ -9,8 +10,6 @@ cancellation (a client disconnect cancels the task that consumes the events).
 
 from __future__ import annotations
 
-import asyncio
-import inspect
 import time
 from collections.abc import AsyncIterator
 
@@ -53,7 +52,10 @@ class Generation:
         self.started = False
         self.finish_reason: str | None = None
         self.completion_tokens = 0
+        self.error: str | None = None  # the engine's reason when it aborted on its own
         self._closed = False
+        self._stream: AsyncIterator[TokenEvent] | None = None
+        self._started_at = 0.0
         # Counted from construction (no await since the model was resolved), so a DELETE
         # arriving before the first step still waits for this request.
         if self._adapter_id is not None:
@@ -63,19 +65,24 @@ class Generation:
     def _adapter_id(self) -> str | None:
         return self.model.adapter.id if self.model.adapter is not None else None
 
+    def start(self) -> None:
+        """Submit the request to the engine now, so its refusals become HTTP errors before any
+        response starts (raises the engine's typed errors, e.g. PromptTooLong, EngineStopped)."""
+        self._stream = self.state.engine.add_request(
+            self.request_id, self.prompt_ids, self.model.adapter, self.sampling
+        )
+        self.started = True
+        self._started_at = time.perf_counter()
+        self.state.metrics.prompt_tokens.labels(self.tenant, self.model.name).inc(len(self.prompt_ids))
+
     async def events(self) -> AsyncIterator[TokenEvent]:
         """The engine's events for this request, up to and including the one with a finish_reason."""
-        if self._closed:
+        if self._closed or not self.started:
             return
         metrics, labels = self.state.metrics, (self.tenant, self.model.name)
-        self.started = True
-        metrics.prompt_tokens.labels(*labels).inc(len(self.prompt_ids))
-        last = time.perf_counter()  # TTFT counts from here; ITL from the previous token
+        last = self._started_at  # TTFT counts from submission; ITL from the previous token
         try:
-            stream = self.state.engine.add_request(self.request_id, self.prompt_ids, self.model.adapter, self.sampling)
-            if inspect.isawaitable(stream):
-                stream = await stream
-            async for event in stream:
+            async for event in self._stream:
                 now = time.perf_counter()
                 if event.token_id is not None:
                     histogram = metrics.inter_token_latency if self.completion_tokens else metrics.time_to_first_token
@@ -85,6 +92,7 @@ class Generation:
                     metrics.generation_tokens.labels(*labels).inc()
                 if event.finish_reason is not None:
                     self.finish_reason = event.finish_reason
+                    self.error = event.error
                 yield event
                 if event.finish_reason is not None:
                     break
@@ -100,9 +108,7 @@ class Generation:
         self._closed = True
         try:
             if self.started and self.finish_reason is None:
-                result = self.state.engine.abort(self.request_id)
-                if inspect.isawaitable(result):
-                    asyncio.ensure_future(result)
+                self.state.engine.abort(self.request_id)
         finally:
             if self._adapter_id is not None:
                 self.state.inflight.leave(self._adapter_id)

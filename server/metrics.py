@@ -13,6 +13,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from server.residency import adapter_residency
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -51,7 +53,7 @@ class EngineCollector(Collector):
     """Reads `engine.stats()` at scrape time and exposes it as gauges and counters.
 
     Known keys (others are ignored): `waiting`, `running` (ints); `slot_loads`, `slot_evictions`
-    (monotonic ints); `adapters`: {adapter_id: {"residency": "device|host|disk", "folded": bool}}.
+    (monotonic ints); `adapters` and `fold` as `server.residency` reads them.
     """
 
     def __init__(self, stats: Callable[[], Mapping]):
@@ -69,15 +71,14 @@ class EngineCollector(Collector):
             counter = CounterMetricFamily(f"loraswap_engine_{key}", help_)
             counter.add_metric([], float(stats.get(key, 0) or 0))
             yield counter
-        adapters = stats.get("adapters") or {}
         resident = GaugeMetricFamily("loraswap_resident_adapters", "Adapters per residency tier", labels=["tier"])
-        tiers = {"device": 0, "host": 0}
         folded = GaugeMetricFamily("loraswap_adapter_folded", "1 while an adapter is folded", labels=["adapter"])
-        for adapter_id, info in adapters.items():
-            tier = info.get("residency")
-            if tier in tiers:
-                tiers[tier] += 1
-            folded.add_metric([adapter_id], 1.0 if info.get("folded") else 0.0)
+        tiers = {"device": 0, "host": 0, "loading": 0}
+        for adapter_id, where in adapter_residency(stats).items():
+            if where.tier in tiers:
+                tiers[where.tier] += 1
+            if where.folded or where.pinned:
+                folded.add_metric([adapter_id], 1.0 if where.folded else 0.0)
         for tier, count in tiers.items():
             resident.add_metric([tier], float(count))
         yield resident

@@ -18,6 +18,7 @@ from adapters.errors import AdapterNotFound, InvalidName
 from server.api.errors import PromptTooLong
 from server.engine.types import AdapterRef
 from server.metrics import ServerMetrics
+from server.residency import Residency, adapter_residency
 from server.settings import ServerConfig
 
 
@@ -48,6 +49,11 @@ class ServerState:
     # (tenant, name) -> adapter id of names deleted while requests still use them: hidden at
     # once, removed from the store when the last of those requests finishes.
     deleting: dict[tuple[str, str], str] = field(default_factory=dict)
+
+    @property
+    def max_model_len(self) -> int:
+        """The configured length, capped by what the engine's model supports."""
+        return min(self.config.max_model_len, getattr(self.engine, "max_model_len", self.config.max_model_len))
 
     @property
     def tokenizer(self):
@@ -101,10 +107,9 @@ class ServerState:
         if not self.store.adapter_dir(record).is_dir():  # no other name holds the same content
             self.engine.forget_adapter(record.id)
 
-    def residency(self) -> dict[str, dict]:
-        """adapter id -> {"residency": device|host|disk, "folded": bool, "pinned": bool} from the engine."""
-        stats = self.engine.stats() or {}
-        return stats.get("adapters") or {}
+    def residency(self) -> dict[str, Residency]:
+        """adapter id -> where it lives now (tier, folded, pinned); absent means on disk only."""
+        return adapter_residency(self.engine.stats() or {})
 
     def prepare_prompt(
         self,
@@ -125,7 +130,7 @@ class ServerState:
         rendered = self.template.render(
             messages, add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message
         )
-        limit = self.config.max_model_len
+        limit = self.max_model_len
         count = len(rendered.ids)
         wanted = max_tokens if max_tokens is not None else max(limit - count, 1)
         if count + wanted > limit:

@@ -36,6 +36,7 @@ from server.api.deps import get_state, get_tenant
 from server.api.errors import Conflict, UploadRejected
 from server.api.protocol import AdapterCard, AdapterDeleted, AdapterList
 from server.engine.types import AdapterRef
+from server.residency import Residency
 from server.state import ServerState
 
 router = APIRouter()
@@ -44,13 +45,12 @@ _TRUE = ("1", "true", "yes", "on")
 _CHUNK = 1 << 20
 
 
-def adapter_card(record, residency: dict | None = None) -> AdapterCard:
-    info = (residency or {}).get(record.id, {})
+def adapter_card(record, residency: dict[str, Residency] | None = None) -> AdapterCard:
+    where = (residency or {}).get(record.id, Residency())
     return AdapterCard(
         id=record.id, name=record.name, version=record.version, sha256=record.sha256, rank=record.rank,
         target_modules=sorted(record.target_modules), template=record.template_sha256 or "unknown",
-        created_at=record.created_at, residency=info.get("residency", "disk"),
-        folded=bool(info.get("folded", False)), pinned=bool(info.get("pinned", False)),
+        created_at=record.created_at, residency=where.tier, folded=where.folded, pinned=where.pinned,
     )
 
 

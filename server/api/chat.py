@@ -18,7 +18,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
 
 from server.api.deps import get_state, get_tenant
-from server.api.errors import BadRequest, Overloaded
+from server.api.errors import ApiError, BadRequest, EngineFailure, Overloaded, envelope
 from server.api.protocol import (
     AssistantMessage,
     ChatCompletion,
@@ -76,10 +76,11 @@ def _token_logprob(tokenizer, event: TokenEvent) -> TokenLogprob:
     )
 
 
-def _finish_reason(reason: str | None) -> str:
-    if reason == "abort":
-        raise Overloaded("the request was aborted by the server (shutting down)", code="request_aborted")
-    return reason or "stop"
+def _abort_error(generation: Generation) -> ApiError:
+    """Why the engine ended a request the client did not cancel."""
+    if generation.error:
+        return EngineFailure(f"the request could not be served: {generation.error}")
+    return Overloaded("the request was aborted by the server (shutting down)", code="request_aborted")
 
 
 @router.post("/v1/chat/completions")
@@ -107,6 +108,11 @@ async def create_chat_completion(
         state, request_id=f"chatcmpl-{uuid.uuid4().hex}", tenant=tenant, model=model,
         prompt_ids=prompt.ids, sampling=sampling, ticket=ticket,
     )
+    try:
+        generation.start()
+    except BaseException:
+        generation.close()
+        raise
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return _ClosingStream(_sse(state, body, generation, include_usage), generation)
@@ -145,6 +151,8 @@ async def _collect(state: ServerState, body: ChatCompletionRequest, generation: 
             completion_tokens = max(event.completion_tokens, generation.completion_tokens)
     finally:
         generation.close()
+    if generation.finish_reason == "abort":
+        raise _abort_error(generation)
     prompt_tokens = len(generation.prompt_ids)
     return ChatCompletion(
         id=generation.request_id,
@@ -153,7 +161,7 @@ async def _collect(state: ServerState, body: ChatCompletionRequest, generation: 
         choices=[Choice(
             message=AssistantMessage(content="".join(texts)),
             logprobs=ChoiceLogprobs(content=logprobs) if body.logprobs else None,
-            finish_reason=_finish_reason(generation.finish_reason),
+            finish_reason=generation.finish_reason,
         )],
         usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                     total_tokens=prompt_tokens + completion_tokens),
@@ -188,9 +196,8 @@ async def _sse(state: ServerState, body: ChatCompletionRequest, generation: Gene
             if event.text or logprobs is not None:
                 yield chunk(Delta(content=event.text), logprobs=logprobs)
         if generation.finish_reason == "abort":
-            error = {"message": "the request was aborted by the server (shutting down)",
-                     "type": "server_error", "param": None, "code": "request_aborted"}
-            yield f"data: {json.dumps({'error': error})}\n\n"
+            error = _abort_error(generation)
+            yield f"data: {json.dumps(envelope(error.message, error.type, error.code))}\n\n"
         else:
             yield chunk(Delta(), finish_reason=generation.finish_reason or "stop")
             if include_usage:

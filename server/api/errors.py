@@ -2,7 +2,8 @@
 
 Every error leaves the server as `{"error": {"message", "type", "param", "code"}}`. Core code
 raises typed exceptions (`ApiError` subclasses here, `TemplateError` from the chat template,
-`AdapterError`s from the adapter library, which carry their own status and code); request-body
+`AdapterError`s from the adapter library, which carry their own status and code, and
+`EngineError`s); request-body
 validation errors become 400 in the same envelope instead of FastAPI's 422 shape. A 500 means a
 bug and is logged with its traceback.
 """
@@ -18,6 +19,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters.chat_template import TemplateError
 from adapters.errors import AdapterError
+from server.engine.errors import EngineError, EngineStopped
+from server.engine.errors import PromptTooLong as EnginePromptTooLong
 
 log = logging.getLogger("loraswap.server")
 
@@ -70,6 +73,12 @@ class Overloaded(ApiError):
     status, type, code = 503, "server_error", "server_overloaded"
 
 
+class EngineFailure(ApiError):
+    """The engine could not serve a request it accepted (e.g. an adapter failed to load)."""
+
+    status, type, code = 500, "server_error", "engine_error"
+
+
 class UploadRejected(ApiError):
     """An upload refused before validation (size, file names, form fields)."""
 
@@ -109,6 +118,16 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(TemplateError)
     async def _template_error(request: Request, exc: TemplateError):
         return error_response(400, str(exc), "invalid_request_error", "invalid_messages", "messages")
+
+    @app.exception_handler(EngineError)
+    async def _engine_error(request: Request, exc: EngineError):
+        if isinstance(exc, EnginePromptTooLong):
+            return error_response(400, str(exc), "invalid_request_error", "context_length_exceeded", "messages")
+        if isinstance(exc, EngineStopped):
+            return error_response(503, "the engine is not running", "server_error", "not_ready",
+                                  headers={"Retry-After": "1"})
+        log.error("engine refused a request: %r", exc)
+        return error_response(500, str(exc), "server_error", "engine_error")
 
     @app.exception_handler(RequestValidationError)
     async def _request_validation(request: Request, exc: RequestValidationError):

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Depends
 
 from server.api.deps import get_state, get_tenant
 from server.api.protocol import ModelCard, ModelList
+from server.residency import Residency
 from server.state import ServerState
 
 router = APIRouter()
@@ -25,14 +26,13 @@ def _created(record) -> int:
 
 def _cards(state: ServerState, tenant: str) -> list[ModelCard]:
     cards = [ModelCard(id=state.base_id, created=state.created, owned_by="loraswap", root=state.base_id,
-                       max_model_len=state.config.max_model_len)]
+                       max_model_len=state.max_model_len)]
     residency = state.residency()
     for record in state.list_adapters(tenant):
-        info = residency.get(record.id, {})
+        where = residency.get(record.id, Residency())
         cards.append(ModelCard(
             id=record.name, created=_created(record), owned_by=tenant, root=state.base_id, parent=state.base_id,
-            max_model_len=state.config.max_model_len, residency=info.get("residency", "disk"),
-            folded=bool(info.get("folded", False)), pinned=bool(info.get("pinned", False)),
+            max_model_len=state.max_model_len, residency=where.tier, folded=where.folded, pinned=where.pinned,
             version=record.version, sha256=record.sha256,
         ))
     return cards

@@ -28,4 +28,4 @@ async def tokenize(body: TokenizeRequest, tenant: str = Depends(get_tenant), sta
         add_generation_prompt=body.add_generation_prompt,
         continue_final_message=body.continue_final_message,
     )
-    return TokenizeResponse(count=len(prompt.ids), max_model_len=state.config.max_model_len, tokens=prompt.ids)
+    return TokenizeResponse(count=len(prompt.ids), max_model_len=state.max_model_len, tokens=prompt.ids)

@@ -86,13 +86,11 @@ class FakeEngine:
         self.forgotten.append(adapter_id)
 
     def stats(self):
-        adapters = {}
-        for seq in self.running.values():
-            if seq.adapter is not None:
-                adapters[seq.adapter.id] = {"residency": "device", "folded": False, "pinned": False}
-        for adapter_id in self.pinned:
-            adapters[adapter_id] = {"residency": "device", "folded": True, "pinned": True}
+        """The real engine's shape: tiers per adapter id, fold state, queue sizes, slot counters."""
+        adapters = {seq.adapter.id: "device" for seq in self.running.values() if seq.adapter is not None}
+        adapters.update({adapter_id: "device" for adapter_id in self.pinned})
         return {"running": len(self.running), "waiting": 0, "adapters": adapters,
+                "fold": {"folded": next(iter(sorted(self.pinned)), None), "pinned": sorted(self.pinned)},
                 "slot_loads": 0, "slot_evictions": 0}
 
     async def _loop(self):
