@@ -32,6 +32,7 @@ _FLAGS = {
     "max-model-len": (int, "prompt + completion tokens per request (default 2048)"),
     "max-num-seqs": (int, "requests in the running batch (default 32)"),
     "fold": (str, "off, pinned or auto: when to fold an adapter into dense weights (default auto)"),
+    "kv-cache-mb": (int, "memory for the paged KV cache in MiB (default 512)"),
     "api-keys-file": (str, "file of tenant:key lines (LORASWAP_API_KEYS='tenant:key,...' also works)"),
     "max-concurrent-per-tenant": (int, "requests in flight per tenant before 429 (default 16)"),
     "max-queue": (int, "requests queued beyond max-num-seqs before 503 (default 64)"),
@@ -69,6 +70,7 @@ def build_engine(config: ServerConfig, base_dir):
         base=base_dir, quant=config.quant, dtype=config.dtype, device=config.device,
         max_loras=config.max_loras, max_cpu_loras=config.max_cpu_loras, max_lora_rank=config.max_rank,
         max_model_len=config.max_model_len, max_num_seqs=config.max_num_seqs, fold=config.fold,
+        kv_cache_bytes=config.kv_cache_bytes,
     ))
 
 

@@ -39,6 +39,7 @@ class ServerSettings(BaseSettings):
     max_model_len: int = 2048
     max_num_seqs: int = 32
     fold: Literal["off", "auto", "pinned"] = "auto"
+    kv_cache_mb: int = 512
     api_keys_file: Path | None = None
     api_keys: str | None = None
     max_concurrent_per_tenant: int = 16
@@ -67,6 +68,7 @@ class ServerSettings(BaseSettings):
             max_model_len=self.max_model_len,
             max_num_seqs=self.max_num_seqs,
             fold=self.fold,
+            kv_cache_bytes=self.kv_cache_mb * 1024 * 1024,
             api_keys=tuple(keys),
             max_concurrent_per_tenant=self.max_concurrent_per_tenant,
             max_queue=self.max_queue,
@@ -108,6 +110,7 @@ class ServerConfig:
     max_model_len: int = 2048
     max_num_seqs: int = 32
     fold: str = "auto"
+    kv_cache_bytes: int = 512 * 1024 * 1024
     api_keys: tuple[tuple[str, str], ...] = field(default=())  # (tenant, key)
     max_concurrent_per_tenant: int = 16
     max_queue: int = 64  # requests admitted beyond max_num_seqs before 503
@@ -117,7 +120,7 @@ class ServerConfig:
 
     def __post_init__(self):
         for name in ("max_loras", "max_cpu_loras", "max_rank", "max_model_len", "max_num_seqs",
-                     "max_concurrent_per_tenant", "max_upload_bytes", "retry_after_s"):
+                     "max_concurrent_per_tenant", "max_upload_bytes", "retry_after_s", "kv_cache_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_queue < 0:

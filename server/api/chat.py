@@ -62,18 +62,17 @@ def sampling_params(body: ChatCompletionRequest, max_tokens: int, end_of_turn_id
         raise BadRequest(str(exc)) from None
 
 
-def _token_logprob(tokenizer, event: TokenEvent) -> TokenLogprob:
-    def piece(token_id: int) -> str:
-        return tokenizer.decode([token_id])
+def _token_logprob(tokenizer, event: TokenEvent, as_ids: bool) -> TokenLogprob:
+    """OpenAI's per-token logprob entry; with `as_ids` tokens are named "token_id:<id>" (vLLM)."""
 
-    text = piece(event.token_id)
-    return TokenLogprob(
-        token=text,
-        logprob=event.logprob if event.logprob is not None else 0.0,
-        bytes=list(text.encode("utf-8")),
-        top_logprobs=[TopLogprob(token=piece(t), logprob=lp, bytes=list(piece(t).encode("utf-8")))
-                      for t, lp in event.top_logprobs],
-    )
+    def entry(token_id: int, logprob: float) -> dict:
+        text = tokenizer.decode([token_id])
+        return {"token": f"token_id:{token_id}" if as_ids else text, "logprob": logprob,
+                "bytes": list(text.encode("utf-8"))}
+
+    top = [TopLogprob(**entry(t, lp)) for t, lp in event.top_logprobs]
+    chosen = entry(event.token_id, event.logprob if event.logprob is not None else 0.0)
+    return TokenLogprob(**chosen, top_logprobs=top)
 
 
 def _abort_error(generation: Generation) -> ApiError:
@@ -147,7 +146,7 @@ async def _collect(state: ServerState, body: ChatCompletionRequest, generation: 
         async for event in generation.events():
             texts.append(event.text)
             if body.logprobs and event.token_id is not None:
-                logprobs.append(_token_logprob(state.tokenizer, event))
+                logprobs.append(_token_logprob(state.tokenizer, event, body.return_tokens_as_token_ids))
             completion_tokens = max(event.completion_tokens, generation.completion_tokens)
     finally:
         generation.close()
@@ -192,7 +191,7 @@ async def _sse(state: ServerState, body: ChatCompletionRequest, generation: Gene
             completion_tokens = max(event.completion_tokens, generation.completion_tokens)
             logprobs = None
             if body.logprobs and event.token_id is not None:
-                logprobs = ChoiceLogprobs(content=[_token_logprob(state.tokenizer, event)])
+                logprobs = ChoiceLogprobs(content=[_token_logprob(state.tokenizer, event, body.return_tokens_as_token_ids)])
             if event.text or logprobs is not None:
                 yield chunk(Delta(content=event.text), logprobs=logprobs)
         if generation.finish_reason == "abort":

@@ -39,6 +39,7 @@ class ChatCompletionRequest(BaseModel):
     top_k: int | None = Field(default=None, ge=-1)
     min_tokens: int = Field(default=0, ge=0)
     ignore_eos: bool = False
+    return_tokens_as_token_ids: bool = False  # logprobs name tokens "token_id:<id>" (vLLM)
     continue_final_message: bool = False
     add_generation_prompt: bool = True
     # Refused when set (a request may not bring its own template); declared so we can say so.
