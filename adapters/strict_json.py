@@ -14,7 +14,10 @@ def loads_strict(data: bytes | str) -> Any:
     """`json.loads` that raises ValueError on duplicate keys and non-finite constants."""
     if isinstance(data, bytes):
         data = data.decode("utf-8")  # UnicodeDecodeError is a ValueError
-    return json.loads(data, object_pairs_hook=_unique_object, parse_constant=_refuse_constant)
+    try:
+        return json.loads(data, object_pairs_hook=_unique_object, parse_constant=_refuse_constant)
+    except RecursionError:  # `[[[[...` a million deep would otherwise escape as a crash
+        raise ValueError("JSON nested too deeply") from None
 
 
 def _unique_object(pairs: list[tuple[str, Any]]) -> dict:

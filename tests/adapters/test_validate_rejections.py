@@ -132,6 +132,7 @@ CASES = [
     Case("config_not_object", write(CONFIG_FILE, "[1, 2]"), "invalid_config", 400, "must hold a JSON object"),
     Case("config_duplicate_key", write(CONFIG_FILE, '{"peft_type": "LORA", "r": 4, "r": 8}'), "invalid_config", 400, "duplicate key 'r'"),
     Case("config_nan", write(CONFIG_FILE, '{"peft_type": "LORA", "r": 4, "lora_alpha": NaN}'), "invalid_config", 400, "NaN"),
+    Case("config_deep_nesting", write(CONFIG_FILE, "[" * 200_000), "invalid_config", 400, "nested too deeply"),
     Case("config_r_string", edit_config(r="4"), "invalid_config", 400, "field 'r'"),
     Case("config_no_r", edit_config(r=_DROP), "invalid_config", 400, "field 'r'"),
     Case("rank_zero", edit_config(r=0), "rank_out_of_range", 422, "r = 0 is outside 1..64"),
@@ -183,6 +184,7 @@ CASES = [
     Case("st_unknown_dtype", write(WEIGHTS_FILE, raw_safetensors({key(Q0, "A"): entry("F12", [4, 4], 0, 64)}, bytes(64))), "malformed_safetensors", 400, "unknown dtype 'F12'"),
     Case("st_bad_shape", write(WEIGHTS_FILE, raw_safetensors({key(Q0, "A"): entry("F32", [-4, 4], 0, 64)}, bytes(64))), "malformed_safetensors", 400, "invalid shape"),
     Case("st_duplicate_tensor", write(WEIGHTS_FILE, _duplicate_key_file()), "malformed_safetensors", 400, "duplicate key 'a'"),
+    Case("st_deep_header", write(WEIGHTS_FILE, raw_safetensors({}, header_len=100_000)[:8] + b"[" * 100_000), "malformed_safetensors", 400, "nested too deeply"),
     Case("st_metadata_not_strings", write(WEIGHTS_FILE, raw_safetensors({"__metadata__": {"format": 1}})), "malformed_safetensors", 400, "__metadata__"),
     Case("st_pickle_bytes", write(WEIGHTS_FILE, b"\x80\x04\x95" + bytes(64)), "malformed_safetensors", 400, "overflows"),
     # -- provenance ------------------------------------------------------------------------------
