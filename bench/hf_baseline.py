@@ -1,0 +1,138 @@
+"""The reference systems measured next to our engine: transformers + PEFT, and the matmul bound.
+
+- (c) `peft_generate`: one PeftModel holding every adapter, one left-padded batch, greedy,
+  `adapter_names=[...]` per row (PEFT's mixed-batch forward), `min_new_tokens = max_new_tokens`.
+- (d) `matmul_bound`: a (batch, hidden) activation pushed through every linear weight of the
+  model in order (each layer's q, k, v, o, gate, up, down, then lm_head) as plain
+  `F.linear` calls, once per decode step: the ceiling any decode step with these weights can
+  reach. Under NF4 the layers' own `Linear4bit.forward` (dequantise + matmul) stands in for
+  `F.linear`, since that is the work an NF4 decode step cannot avoid.
+- (e) `peft_load_times`: `PeftModel.load_adapter` wall time for one adapter, repeated.
+
+Nothing here knows our engine; `engine_bench.py` puts the figures side by side.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from adapters.base import LINEAR_MODULES
+
+BASE_NAME = "__base__"  # PEFT's adapter_names value for "no adapter" in a mixed batch
+
+
+def load_hf_model(base_dir: Path, quant: str, dtype: torch.dtype):
+    """The base as a transformers model on the CPU: fp32/bf16 weights or bitsandbytes NF4."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kwargs = {"dtype": dtype}
+    if quant == "nf4":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
+        )
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), **kwargs)
+    return model.eval()
+
+
+def adapter_name(index: int) -> str:
+    return f"a{index}"
+
+
+def load_peft(model, adapter_dirs: list[Path]):
+    """Wrap `model` in a PeftModel holding every adapter in `adapter_dirs` as a0, a1, ..."""
+    from peft import PeftModel
+
+    peft_model = PeftModel.from_pretrained(model, str(adapter_dirs[0]), adapter_name=adapter_name(0))
+    for index, directory in enumerate(adapter_dirs[1:], start=1):
+        peft_model.load_adapter(str(directory), adapter_name=adapter_name(index))
+    return peft_model.eval()
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded (batch, max_len) input ids and attention mask."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = torch.tensor(prompt)
+        mask[row, width - len(prompt):] = 1
+    return ids, mask
+
+
+@torch.inference_mode()
+def peft_generate(model, prompts: list[list[int]], adapters: list[int | None] | None, new_tokens: int,
+                  pad_id: int) -> list[list[int]]:
+    """Greedy batch generation, exactly `new_tokens` per row; `adapters=None` runs the plain model.
+
+    Args:
+        model: a PeftModel from `load_peft` (or a plain transformers model when `adapters` is None).
+        prompts: prompt ids per row.
+        adapters: adapter index per row (None in a row = the base), or None for no PEFT routing.
+        new_tokens: tokens generated per row (min = max, so EOS never ends a row early).
+        pad_id: the id used for left padding.
+    """
+    ids, mask = left_pad(prompts, pad_id)
+    kwargs = {}
+    if adapters is not None:
+        kwargs["adapter_names"] = [BASE_NAME if a is None else adapter_name(a) for a in adapters]
+    out = model.generate(
+        input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens, pad_token_id=pad_id, **kwargs,
+    )
+    return [row[ids.shape[1]:].tolist() for row in out]
+
+
+def linear_layers(model) -> list[torch.nn.Module]:
+    """Every linear layer a decode step runs, in execution order, plus lm_head last."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = []
+    for block in base.model.layers:
+        for name in LINEAR_MODULES:
+            group = block.self_attn if hasattr(block.self_attn, name) else block.mlp
+            layers.append(getattr(group, name))
+    layers.append(base.lm_head)
+    return layers
+
+
+@torch.inference_mode()
+def matmul_bound(model, batch: int, steps: int, quant: str) -> float:
+    """Seconds for `steps` passes of a (batch, in) activation through every linear layer.
+
+    The activation of each layer is a fresh (batch, in_features) tensor made up front, so only
+    the matmuls are timed (no norms, attention, sampling or Python model code).
+    """
+    layers = linear_layers(model)
+    dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+    if quant == "nf4":
+        calls = [(layer.forward if layer is not layers[-1] else _plain(layer)) for layer in layers]
+    else:
+        calls = [_plain(layer) for layer in layers]
+    inputs = [torch.randn(batch, layer.in_features, dtype=dtype) for layer in layers]  # (batch, in)
+    for call, x in zip(calls, inputs):  # warm-up: first-call allocations, bnb kernel setup
+        call(x)
+    start = time.perf_counter()
+    for _ in range(steps):
+        for call, x in zip(calls, inputs):
+            call(x)
+    return time.perf_counter() - start
+
+
+def _plain(layer):
+    weight, bias = layer.weight, layer.bias
+    return lambda x: F.linear(x, weight, bias)
+
+
+def peft_load_times(model, adapter_dir: Path, repeats: int) -> list[float]:
+    """Wall seconds of `load_adapter` for one adapter, `repeats` times (deleted after each)."""
+    times = []
+    for attempt in range(repeats):
+        name = f"load-probe-{attempt}"
+        start = time.perf_counter()
+        model.load_adapter(str(adapter_dir), adapter_name=name)
+        times.append(time.perf_counter() - start)
+        model.delete_adapter(name)
+    return times

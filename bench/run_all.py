@@ -1,0 +1,45 @@
+"""`make bench`: the engine benchmark in fp32 and NF4, then the trainer benchmark when it exists.
+
+Each benchmark runs in its own child process (`python -m bench.<name> ...`), so one's memory and
+thread state never colours the next one's figures, and one failing does not hide the others.
+Extra arguments are passed to every engine run (e.g. `python -m bench.run_all --threads 2`).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+ENGINE_RUNS = (["--quant", "none", "--dtype", "float32"], ["--quant", "nf4"])
+
+
+def plan(extra: list[str]) -> list[list[str]]:
+    """The child commands, in order."""
+    commands = [[sys.executable, "-m", "bench.engine_bench", *flags, *extra] for flags in ENGINE_RUNS]
+    if (BENCH_DIR / "train_bench.py").is_file():
+        commands.append([sys.executable, "-m", "bench.train_bench"])
+    return commands
+
+
+def main(argv: list[str] | None = None) -> int:
+    extra = list(sys.argv[1:] if argv is None else argv)
+    failures = []
+    for command in plan(extra):
+        shown = " ".join(command[1:])
+        print(f"\n=== python {shown}", flush=True)
+        start = time.perf_counter()
+        code = subprocess.call(command, cwd=BENCH_DIR.parent)
+        print(f"=== exit {code} after {time.perf_counter() - start:.0f}s", flush=True)
+        if code != 0:
+            failures.append(shown)
+    if failures:
+        print(f"\nfailed: {'; '.join(failures)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
