@@ -121,31 +121,33 @@ def parse_config(data: bytes) -> tuple[dict, AdapterConfig]:
 
 
 def _check_policy(raw: dict, config: AdapterConfig) -> None:
+    def refuse(message: str, code: str = "unsupported_feature") -> InvalidAdapter:
+        return _invalid(message, code, 422)
+
     if config.peft_type != "LORA":
-        raise _invalid(f"peft_type is {config.peft_type!r}; only LORA adapters are served", "unsupported_peft_type", 422)
+        raise refuse(f"peft_type is {config.peft_type!r}; only LORA adapters are served", "unsupported_peft_type")
     _check_auto_mapping(config.auto_mapping)
     if config.bias != "none":
-        raise _invalid(f"bias is {config.bias!r}; only 'none' is supported (the base's biases stay frozen)", "unsupported_bias", 422)
+        raise refuse(f"bias is {config.bias!r}; only 'none' is supported (base biases stay frozen)", "unsupported_bias")
     for key, feature in UNSUPPORTED_FEATURES.items():
         value = raw.get(key)
         if value not in (None, False, [], {}, ""):
-            code = "use_dora" if key == "use_dora" else "modules_to_save" if key == "modules_to_save" else "unsupported_feature"
-            raise _invalid(f"{feature} is not supported (got {key}={value!r})", code, 422)
+            code = key if key in ("use_dora", "modules_to_save") else "unsupported_feature"
+            raise refuse(f"{feature} is not supported (got {key}={value!r})", code)
     if isinstance(config.target_modules, str):
-        raise _invalid(
-            f"target_modules is the regular expression {config.target_modules!r}; list the module names instead",
-            "regex_target_modules", 422,
+        raise refuse(
+            f"target_modules is the regular expression {config.target_modules!r}; list module names instead",
+            "regex_target_modules",
         )
     if not config.target_modules:
-        raise _invalid("target_modules is empty: the adapter wraps nothing", "no_target_modules", 422)
+        raise refuse("target_modules is empty: the adapter wraps nothing", "no_target_modules")
     for key in [*config.rank_pattern, *config.alpha_pattern, *_as_list(config.exclude_modules)]:
         if not _PLAIN_NAME.fullmatch(key):
-            raise _invalid(f"pattern {key!r} is not a plain module name ([A-Za-z0-9_.])", "invalid_pattern", 422)
+            raise refuse(f"pattern {key!r} is not a plain module name ([A-Za-z0-9_.])", "invalid_pattern")
     if config.layers_pattern not in (None, "layers", ["layers"]):
-        raise _invalid(f"layers_pattern {config.layers_pattern!r} is not supported (only 'layers')", "unsupported_feature", 422)
-    alphas = [config.lora_alpha, *config.alpha_pattern.values()]
-    if not all(math.isfinite(a) for a in alphas):
-        raise _invalid("lora_alpha and alpha_pattern values must be finite", "invalid_alpha", 422)
+        raise refuse(f"layers_pattern {config.layers_pattern!r} is not supported (only 'layers')")
+    if not all(math.isfinite(a) for a in [config.lora_alpha, *config.alpha_pattern.values()]):
+        raise refuse("lora_alpha and alpha_pattern values must be finite", "invalid_alpha")
 
 
 def _check_auto_mapping(mapping: dict | None) -> None:

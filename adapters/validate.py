@@ -86,10 +86,9 @@ def validate_adapter_dir(
         raise InvalidAdapter(f"{WEIGHTS_FILE} changed while it was being validated", "malformed_safetensors")
     for info in parse_header(data, WEIGHTS_FILE):
         if info.dtype not in ACCEPTED_DTYPES:
-            raise InvalidAdapter(
-                f"{WEIGHTS_FILE}: tensor {info.name!r} has dtype {info.dtype}; accepted: {', '.join(ACCEPTED_DTYPES)}",
-                "unsupported_dtype", 422,
-            )
+            accepted = ", ".join(ACCEPTED_DTYPES)
+            message = f"{WEIGHTS_FILE}: tensor {info.name!r} has dtype {info.dtype}; accepted: {accepted}"
+            raise InvalidAdapter(message, "unsupported_dtype", 422)
     try:
         modules = tensors_to_modules(config_raw, load_safetensors(data))
     except ValueError as exc:
@@ -107,33 +106,37 @@ def _check_files(directory: Path, max_bytes: int) -> dict[str, int]:
         raise InvalidAdapter(f"{directory.name!r} is not an adapter directory", "missing_config")
     sizes = {}
     for entry in sorted(directory.iterdir()):
-        name, mode = entry.name, entry.lstat().st_mode
-        lowered = name.lower()
-        if lowered.endswith(PICKLE_SUFFIXES):
-            raise InvalidAdapter(f"{name}: pickle-based files are refused; weights must be {WEIGHTS_FILE}", "pickle_file", 415)
-        if lowered.endswith(CODE_SUFFIXES):
-            raise InvalidAdapter(f"{name}: code files are refused in an adapter", "code_file", 415)
-        if lowered in TOKENIZER_FILES:
+        info = entry.lstat()  # never follow a link
+        _check_entry(entry.name, info.st_mode)
+        sizes[entry.name] = info.st_size
+        if entry.name != WEIGHTS_FILE and info.st_size > MAX_SMALL_FILE_BYTES:
             raise InvalidAdapter(
-                f"{name}: an adapter cannot change the tokenizer or the chat template; remove it",
-                "tokenizer_file", 422,
+                f"{entry.name} is {info.st_size} bytes, over the {MAX_SMALL_FILE_BYTES}-byte cap", "file_too_large", 413
             )
-        if stat.S_ISLNK(mode):
-            raise InvalidAdapter(f"{name} is a symbolic link; upload plain files", "symlink", 415)
-        if name not in ALLOWED_FILES or not stat.S_ISREG(mode):
-            raise InvalidAdapter(
-                f"{name}: unexpected file; an adapter holds only {', '.join(ALLOWED_FILES)}", "unknown_file", 415
-            )
-        sizes[name] = entry.lstat().st_size
-        if name != WEIGHTS_FILE and sizes[name] > MAX_SMALL_FILE_BYTES:
-            raise InvalidAdapter(f"{name} is {sizes[name]} bytes, over the {MAX_SMALL_FILE_BYTES}-byte cap", "file_too_large", 413)
     if sum(sizes.values()) > max_bytes:
-        raise InvalidAdapter(f"the adapter is {sum(sizes.values())} bytes, over the {max_bytes}-byte cap", "adapter_too_large", 413)
+        total = sum(sizes.values())
+        raise InvalidAdapter(f"the adapter is {total} bytes, over the {max_bytes}-byte cap", "adapter_too_large", 413)
     if CONFIG_FILE not in sizes:
         raise InvalidAdapter(f"{CONFIG_FILE} is missing", "missing_config")
     if WEIGHTS_FILE not in sizes:
         raise InvalidAdapter(f"{WEIGHTS_FILE} is missing", "missing_weights")
     return sizes
+
+
+def _check_entry(name: str, mode: int) -> None:
+    lowered = name.lower()
+    if lowered.endswith(PICKLE_SUFFIXES):
+        raise InvalidAdapter(f"{name}: pickle-based files are refused; weights must be {WEIGHTS_FILE}", "pickle_file", 415)
+    if lowered.endswith(CODE_SUFFIXES):
+        raise InvalidAdapter(f"{name}: code files are refused in an adapter", "code_file", 415)
+    if lowered in TOKENIZER_FILES:
+        message = f"{name}: an adapter cannot change the tokenizer or the chat template; remove it"
+        raise InvalidAdapter(message, "tokenizer_file", 422)
+    if stat.S_ISLNK(mode):
+        raise InvalidAdapter(f"{name} is a symbolic link; upload plain files", "symlink", 415)
+    if name not in ALLOWED_FILES or not stat.S_ISREG(mode):
+        message = f"{name}: unexpected file; an adapter holds only {', '.join(ALLOWED_FILES)}"
+        raise InvalidAdapter(message, "unknown_file", 415)
 
 
 def _read_small(directory: Path, name: str) -> bytes:
@@ -186,10 +189,9 @@ def _pattern_hit(patterns: dict, path: str) -> str | None:
 def _refuse_unknown_module(name: str, base: BaseInfo, what: str) -> None:
     match = _LAYER_PATH.match(name)
     if match and int(match[1]) >= base.num_layers:
-        raise InvalidAdapter(
-            f"{what} {name!r}: layer {match[1]} is past the base's depth ({base.num_layers} layers, 0..{base.num_layers - 1})",
-            "layer_out_of_range", 422,
-        )
+        depth = base.num_layers
+        message = f"{what} {name!r}: layer {match[1]} is past the base's depth ({depth} layers, 0..{depth - 1})"
+        raise InvalidAdapter(message, "layer_out_of_range", 422)
     raise InvalidAdapter(
         f"{what} {name!r} is not a linear layer of the base; LoRA may target {', '.join(base.linear_shapes)}",
         "unknown_target_module", 422,
