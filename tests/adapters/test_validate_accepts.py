@@ -76,3 +76,14 @@ def test_header_parser_agrees_with_safetensors(base, tmp_path):
         assert info.dtype == "F16" and info.shape == tuple(tensor.shape)
         assert data[info.begin : info.end] == tensor.contiguous().view(torch.uint8).numpy().tobytes()
     assert infos[-1].end == len(data)
+
+
+def test_real_base_adapter_fits_it_and_not_the_tiny_base(default_base_dir, base, tmp_path):
+    real = BaseInfo.from_dir(default_base_dir, with_fingerprint=False)
+    assert (real.num_layers, real.linear_shapes["k_proj"]) == (30, (576, 192))
+    weights = make_weights(real, rank=8, targets=tuple(real.linear_shapes), seed=5)
+    directory = write_peft(weights, tmp_path / "smol")
+    assert len(validate_adapter_dir(directory, real).weights.modules) == 30 * 7
+    with pytest.raises(InvalidAdapter) as caught:
+        validate_adapter_dir(directory, base)
+    assert caught.value.code == "shape_mismatch" and "needs lora_A [8, 128]" in caught.value.message
