@@ -41,8 +41,11 @@ def hf_model(base_dir: Path, **kw):
 
 
 def hf_greedy(model, prompt: list[int], max_new_tokens: int, stop_at_eos: bool = False) -> list[int]:
+    ids = torch.tensor([prompt])
     with torch.inference_mode():
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
+        # An explicit mask: otherwise HF masks every prompt token equal to pad (= <|im_end|> here).
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False,
                              eos_token_id=model.config.eos_token_id if stop_at_eos else None,
                              pad_token_id=model.config.pad_token_id)
     return out[0, len(prompt):].tolist()

@@ -1,0 +1,70 @@
+"""Engine greedy tokens on real weights: the default SmolLM2 base (fp32) and NF4 against bitsandbytes.
+
+The NF4 reference is transformers' own 4-bit path (`BitsAndBytesConfig(load_in_4bit=True,
+bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=float32)`): both sides quantize the same fp32
+weights with the same bitsandbytes kernels, so greedy tokens must agree exactly.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from server.engine.config import EngineConfig
+from server.engine.engine import Engine
+from server.engine.types import SamplingParams
+from tests.engine.helpers import hf_greedy, hf_model
+from tests.engine.test_engine_parity import PROMPTS
+
+MESSAGES = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "You answer in one word."}, {"role": "user", "content": "Name a colour."}],
+]
+
+
+def chat_prompts(tokenizer) -> list[list[int]]:
+    out = []
+    for messages in MESSAGES:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        out.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
+    return out
+
+
+def nf4_reference(base_dir):
+    from transformers import BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                bnb_4bit_compute_dtype=torch.float32)
+    return hf_model(base_dir, quantization_config=config, device_map="cpu")
+
+
+def test_default_base_greedy_equals_hf_generate(default_base_dir):
+    engine = Engine(EngineConfig(base=default_base_dir, quant="none", dtype="float32", device="cpu",
+                                 max_model_len=512, kv_cache_bytes=64 * 2**20, fold="off"))
+    prompts = chat_prompts(engine.tokenizer)
+    sp = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    got = engine.generate(prompts, sampling=sp)
+    model = hf_model(default_base_dir)
+    assert got == [hf_greedy(model, p, 16) for p in prompts]
+
+
+def test_nf4_tiny_equals_transformers_bitsandbytes(tiny_base_dir):
+    engine = Engine(EngineConfig(base=tiny_base_dir, quant="nf4", dtype="float32", device="cpu",
+                                 max_model_len=256, num_kv_blocks=64, block_size=4, fold="off"))
+    sp = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    got = engine.generate(PROMPTS, sampling=sp)
+    ref_model = nf4_reference(tiny_base_dir)
+    ref = [hf_greedy(ref_model, p, 12) for p in PROMPTS]
+    assert got == ref
+    plain = [hf_greedy(hf_model(tiny_base_dir), p, 12) for p in PROMPTS]
+    assert ref != plain, "NF4 did not change any output; the comparison proves nothing"
+
+
+def test_nf4_default_base_equals_transformers_bitsandbytes(default_base_dir):
+    engine = Engine(EngineConfig(base=default_base_dir, quant="nf4", device="cpu", max_model_len=512,
+                                 kv_cache_bytes=64 * 2**20, fold="off"))
+    prompts = chat_prompts(engine.tokenizer)
+    sp = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    got = engine.generate(prompts, sampling=sp)
+    ref_model = nf4_reference(default_base_dir)
+    assert got == [hf_greedy(ref_model, p, 12) for p in prompts]
