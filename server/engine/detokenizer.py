@@ -39,6 +39,7 @@ class IncrementalText:
             hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
             if hits:
                 self.text = self.text[:min(hits)]
+                self.read_offset = len(self.ids)  # nothing after the stop string is ever emitted
                 return self.flush(), True
         safe = len(self.text) - self.hold
         if safe <= self.emitted:
@@ -48,6 +49,11 @@ class IncrementalText:
         return out, False
 
     def flush(self) -> str:
+        """Everything not yet returned, including bytes that never completed a character."""
+        if self.read_offset < len(self.ids):
+            prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
+            self.text += self._decode(self.ids[self.prefix_offset:])[len(prefix):]
+            self.prefix_offset = self.read_offset = len(self.ids)
         out = self.text[self.emitted:]
         self.emitted = len(self.text)
         return out

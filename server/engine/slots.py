@@ -114,7 +114,8 @@ class AdapterSlots:
         self.pins[slot] += 1
         self.recency.move_to_end(slot)
         with self._lock:
-            self.host.move_to_end(aid)
+            if aid in self.host:  # a slot may outlive its host copy
+                self.host.move_to_end(aid)
         seq.slot = slot
         return True
 

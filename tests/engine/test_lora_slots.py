@@ -1,0 +1,129 @@
+"""The multi-LoRA layer against a per-adapter loop, and slot residency invariants (no model)."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from adapters.format import LoraModule, LoraWeights, peft_config, write_peft
+from server.engine.lora import LoraLinear, build_lora_step
+from server.engine.sequence import NO_SLOT, Sequence
+from server.engine.slots import AdapterSlots
+from server.engine.types import AdapterRef, SamplingParams
+
+
+def make_layer(num_slots=4, ranks=(3, 8, 5, 1), seed=0):
+    torch.manual_seed(seed)
+    layer = LoraLinear(nn.Linear(12, 10), 12, 10, num_slots, 16, torch.float32, "cpu")
+    mods = {}
+    for slot, r in enumerate(ranks, start=1):
+        A, B = torch.randn(r, 12), torch.randn(10, r) * 0.5
+        layer.load_slot(slot, A, B)
+        mods[slot] = (A, B)
+    return layer, mods
+
+
+@pytest.mark.parametrize("slots", [
+    [1, 2, 3, 4, 0, 0, 2, 2, 1],  # uneven, with base tokens
+    [2, 2, 2],  # one adapter: the two-matmul path
+    [1, 1, 3, 3, 4, 4],  # even groups: no padding mask
+    [0, 0],  # base only
+])
+def test_lora_layer_equals_per_adapter_loop(slots):
+    layer, mods = make_layer()
+    x = torch.randn(len(slots), 12)
+    step = build_lora_step(slots, [0] + layer.slot_rank[1:], generation=1, device="cpu", dtype=torch.float32)
+    got = layer(x, step)
+    want = layer.base(x)
+    for i, s in enumerate(slots):  # the reference: a Python loop over tokens / adapters
+        if s:
+            A, B = mods[s]
+            want[i] += B @ (A @ x[i])
+    torch.testing.assert_close(got, want)
+
+
+def test_slot_reload_overwrites_higher_rank_with_lower():
+    layer, mods = make_layer()
+    layer.load_slot(2, torch.ones(2, 12), torch.ones(10, 2))
+    step = build_lora_step([2], [0] + layer.slot_rank[1:], 2, "cpu", torch.float32)
+    x = torch.randn(1, 12)
+    torch.testing.assert_close(layer(x, step), layer.base(x) + torch.ones(10, 2) @ (torch.ones(2, 12) @ x[0]))
+
+
+def test_dense_weight_is_w0_plus_delta():
+    layer, mods = make_layer()
+    A, B = mods[3]
+    torch.testing.assert_close(layer.dense_weight(3), layer.base.weight + B @ A)
+
+
+class FakeModelLayers(dict):
+    """Two tiny projections under PEFT-style module paths."""
+
+    def __init__(self, num_slots):
+        super().__init__({f"model.layers.0.self_attn.{p}": LoraLinear(nn.Linear(8, 8), 8, 8, num_slots, 8,
+                                                                       torch.float32, "cpu")
+                          for p in ("q_proj", "v_proj")})
+
+
+def write_adapter(root, name, rank=2):
+    mods = {f"model.layers.0.self_attn.{p}": LoraModule(torch.randn(rank, 8), torch.randn(8, rank), 1.0)
+            for p in ("q_proj", "v_proj")}
+    write_peft(LoraWeights(peft_config(rank, rank, ["q_proj", "v_proj"]), mods), root / name)
+    return AdapterRef(name, root / name)
+
+
+def acquire_blocking(slots, seq, timeout=10.0):
+    end = time.time() + timeout
+    while not slots.acquire(seq):
+        if seq.adapter.id not in slots.loading:
+            return False  # resident but every slot pinned, or failed
+        slots.wait_for_loads(0.05)
+        slots.poll()
+        if time.time() > end:
+            raise TimeoutError
+    return True
+
+
+def test_slots_never_evict_a_pinned_slot(tmp_path):
+    layers = FakeModelLayers(num_slots=2)
+    slots = AdapterSlots(layers, num_slots=2, max_cpu=3, max_rank=8, dtype=torch.float32)
+    refs = [write_adapter(tmp_path, f"a{i}") for i in range(5)]
+    rng = random.Random(0)
+    holders: list[Sequence] = []
+    for _ in range(300):
+        if holders and rng.random() < 0.5:
+            slots.release(holders.pop(rng.randrange(len(holders))))
+        else:
+            seq = Sequence("r", [1], SamplingParams(), adapter=rng.choice(refs))
+            pinned_before = {s: slots.owner[s] for s in range(1, 3) if slots.pins[s]}
+            if acquire_blocking(slots, seq):
+                holders.append(seq)
+                assert slots.owner[seq.slot] == seq.adapter.id
+            else:
+                assert all(slots.pins[s] for s in range(1, 3))  # refused only when all are pinned
+            for s, owner in pinned_before.items():
+                assert slots.owner[s] == owner, "a pinned slot was evicted"
+        slots.check()
+        assert len(slots.host) <= 3
+        for seq in holders:
+            assert slots.owner[seq.slot] == seq.adapter.id
+            # the slot really holds this adapter's weights
+            assert layers["model.layers.0.self_attn.q_proj"].slot_rank[seq.slot] == 2
+    for seq in holders:
+        slots.release(seq)
+        assert seq.slot == NO_SLOT
+    assert all(p == 0 for p in slots.pins) and slots.stats.evictions > 0
+    slots.shutdown()
+
+
+def test_rank_above_limit_fails_to_load(tmp_path):
+    slots = AdapterSlots(FakeModelLayers(2), num_slots=2, max_cpu=2, max_rank=4, dtype=torch.float32)
+    ref = write_adapter(tmp_path, "big", rank=6)
+    seq = Sequence("r", [1], SamplingParams(), adapter=ref)
+    assert not acquire_blocking(slots, seq)
+    assert "rank 6" in slots.failed["big"]
+    slots.shutdown()
