@@ -20,21 +20,30 @@ from dataclasses import dataclass, field
 
 import torch
 
+from adapters.errors import AdapterError
 from adapters.format import LoraModule, LoraWeights, peft_config
+from adapters.provenance import Provenance
 
 METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "cat")
 DEFAULT_MAX_RANK = 64
 # Provenance keys that identify what an adapter was trained against (see adapters/provenance.py).
 FINGERPRINT_KEY = "base_fingerprint"
 TEMPLATE_KEY = "chat_template_sha256"
+VOCAB_KEY = "tokenizer_vocab_size"
 
 
-class MergeError(ValueError):
-    """A merge request that cannot be carried out (bad method, density, rank or shapes)."""
+class MergeError(AdapterError, ValueError):
+    """A merge request that cannot be carried out (bad method, density, rank or shapes); 400."""
+
+    def __init__(self, message: str, code: str = "invalid_merge", status: int = 400, param: str | None = None):
+        super().__init__(message, code, status, param)
 
 
 class IncompatibleAdapters(MergeError):
-    """The inputs were trained against different bases or chat templates."""
+    """The inputs were trained against different bases or chat templates; 422 on `adapters`."""
+
+    def __init__(self, message: str):
+        super().__init__(message, "incompatible_adapters", 422, "adapters")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,22 +133,64 @@ def dare_ties(
     return disjoint_mean(dropped, weights)
 
 
-def svd_refactor(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Best rank-`rank` factors of `delta` (Eckart–Young) and the relative Frobenius error.
+def _split(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 LoRA factors from a truncated SVD, `sqrt(S)` in each so neither holds all the scale."""
+    root = S.clamp(min=0).sqrt()
+    return (root[:, None] * Vh).float(), (U * root).float()  # A (r, in), B (out, r)
 
-    Returns `A` (r, in) and `B` (out, r) in float32 with `B @ A ≈ delta` at scaling 1, splitting
-    `sqrt(S)` into both factors so neither carries all the magnitude, and
-    `‖delta - B·A‖_F / ‖delta‖_F` (0 for a zero delta). The SVD runs in float64.
+
+def _relative_error(exact: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> float:
+    norm = torch.linalg.matrix_norm(exact)
+    if norm == 0:
+        return 0.0
+    return float(torch.linalg.matrix_norm(exact - B.double() @ A.double()) / norm)
+
+
+def svd_refactor(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Best rank-`rank` factors of a dense `delta` (out, in) (Eckart–Young) and their error.
+
+    Returns `A` (r, in) and `B` (out, r) in float32 with `B @ A ≈ delta` at scaling 1, and the
+    relative Frobenius error `‖delta - B·A‖_F / ‖delta‖_F` (0 for a zero delta). The top singular
+    pairs come from `eigh` of the Gram matrix of the smaller side in float64, several times cheaper
+    on a CPU than a full SVD of the (out, in) matrix and as accurate for the leading directions.
     """
     exact = delta.double()
-    U, S, Vh = torch.linalg.svd(exact, full_matrices=False)  # (out, k), (k,), (k, in)
+    out_f, in_f = exact.shape
+    r = max(1, min(rank, out_f, in_f))
+    if in_f <= out_f:
+        evals, V = torch.linalg.eigh(exact.T @ exact)  # ascending; V (in, in)
+        V = V[:, -r:].flip(-1)  # (in, r), largest first
+        S = evals[-r:].flip(-1).clamp(min=0).sqrt()  # (r,)
+        US = exact @ V  # (out, r) = U_r S_r
+        U = US / torch.where(S > 0, S, 1.0)
+        Vh = V.T
+    else:
+        evals, U = torch.linalg.eigh(exact @ exact.T)  # U (out, out)
+        U = U[:, -r:].flip(-1)  # (out, r)
+        S = evals[-r:].flip(-1).clamp(min=0).sqrt()
+        Vh = (U.T @ exact) / torch.where(S > 0, S, 1.0)[:, None]  # (r, in)
+    # A direction with (numerically) zero singular value carries nothing: zero it rather than
+    # keep an unnormalised vector.
+    S = torch.where(S > S.max() * 1e-12, S, torch.zeros_like(S)) if S.numel() else S
+    A, B = _split(U, S, Vh)
+    return A, B, _relative_error(exact, A, B)
+
+
+def svd_refactor_factored(B: torch.Tensor, A: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """`svd_refactor(B @ A, rank)` for a delta given as factors `B` (out, R), `A` (R, in).
+
+    Exact and cheap for the linear merges, whose delta is `B_cat @ A_cat`: with `B = Q_b R_b` and
+    `A^T = Q_a R_a`, the SVD of the small core `R_b R_a^T` (R, R) gives that of the product.
+    """
+    Qb, Rb = torch.linalg.qr(B.double())  # (out, k), (k, R)
+    Qa, Ra = torch.linalg.qr(A.double().T)  # (in, m), (m, R)
+    Uc, S, Vch = torch.linalg.svd(Rb @ Ra.T, full_matrices=False)  # core (k, m)
     r = max(1, min(rank, S.numel()))
-    root = S[:r].sqrt()
-    B = (U[:, :r] * root).float()  # (out, r)
-    A = (root[:, None] * Vh[:r]).float()  # (r, in)
-    norm = torch.linalg.matrix_norm(exact)
-    error = torch.linalg.matrix_norm(exact - B.double() @ A.double()) / norm if norm > 0 else norm
-    return A, B, float(error)
+    A_r, B_r = _split(Qb @ Uc[:, :r], S[:r], Vch[:r] @ Qa.T)
+    total = (S**2).sum()
+    # all singular values of the product are those of the core, so Eckart–Young is exact here
+    error = float(((S[r:] ** 2).sum() / total).sqrt()) if total > 0 else 0.0
+    return A_r, B_r, error
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,7 +228,8 @@ def _as_dict(provenance) -> dict:
 def shared_identity(inputs: list[MergeInput]) -> dict:
     """The base fingerprint and template sha the inputs agree on; refuses inputs that disagree.
 
-    Inputs without provenance (or without a key) constrain nothing.
+    Inputs without provenance (or without a key) constrain nothing. Also keeps the tokenizer
+    vocabulary size when the inputs that record one agree on it.
     """
     shared, problems = {}, []
     for key, what in ((FINGERPRINT_KEY, "base model fingerprint"), (TEMPLATE_KEY, "chat-template sha256")):
@@ -193,6 +245,9 @@ def shared_identity(inputs: list[MergeInput]) -> dict:
             shared[key] = next(iter(seen.values()))
     if problems:
         raise IncompatibleAdapters("cannot merge adapters trained on " + "; ".join(problems))
+    vocab_sizes = {_as_dict(item.provenance).get(VOCAB_KEY) for item in inputs} - {None}
+    if len(vocab_sizes) == 1:  # kept when unambiguous; the fingerprint already pins the base
+        shared[VOCAB_KEY] = vocab_sizes.pop()
     return shared
 
 
@@ -221,14 +276,31 @@ def _cat_module(inputs: list[MergeInput], path: str) -> LoraModule:
 
 
 def _combine(method: str, deltas: torch.Tensor, weights: torch.Tensor, density: float, seed: int) -> torch.Tensor:
-    if method in ("linear", "task_arithmetic"):
-        return task_arithmetic(deltas, weights)
+    """The dense methods: ties, dare_linear, dare_ties on stacked deltas (n, out, in)."""
     if method == "ties":
         return ties(deltas, weights, density)
     generator = torch.Generator().manual_seed(seed)
     if method == "dare_linear":
         return dare_linear(deltas, weights, density, generator)
     return dare_ties(deltas, weights, density, generator)
+
+
+def _svd_merge_module(
+    inputs: list[MergeInput], path: str, shape: tuple[int, int], method: str,
+    weights: torch.Tensor, density: float, seed: int, rank: int,
+) -> tuple[LoraModule, float]:
+    """One module of an SVD method: combine the inputs' deltas, refactor to `rank`, report the error."""
+    if method in ("linear", "task_arithmetic"):
+        # the weighted sum is exactly the cat factors' product: refactor it without densifying
+        stacked = _cat_module(inputs, path)
+        A, B, error = svd_refactor_factored(stacked.B, stacked.A, rank)
+    else:
+        zero = torch.zeros(shape)
+        deltas = torch.stack(
+            [item.weights.modules[path].delta() if path in item.weights.modules else zero for item in inputs]
+        )  # (n, out, in)
+        A, B, error = svd_refactor(_combine(method, deltas, weights, density, seed), rank)
+    return LoraModule(A=A, B=B, scaling=1.0), error
 
 
 def _unit_scaling_config(modules: dict[str, LoraModule], template: dict) -> dict:
@@ -292,7 +364,7 @@ def merge_adapters(
     identity = shared_identity(inputs)
     weights = torch.tensor([float(item.weight) for item in inputs])  # (n,)
     modules, errors = {}, {}
-    for path, (out_f, in_f) in _module_shapes(inputs).items():
+    for path, shape in _module_shapes(inputs).items():
         if method == "cat":
             modules[path] = _cat_module(inputs, path)
             if modules[path].rank > max_rank:
@@ -301,16 +373,13 @@ def merge_adapters(
                     "use an SVD method (linear, ties, ...) with --rank instead"
                 )
             continue
-        zero = torch.zeros(out_f, in_f)
-        deltas = torch.stack(
-            [item.weights.modules[path].delta() if path in item.weights.modules else zero for item in inputs]
-        )  # (n, out, in)
-        merged = _combine(method, deltas, weights, density, module_seed(seed, path))
         input_rank = sum(item.weights.modules[path].rank for item in inputs if path in item.weights.modules)
-        A, B, errors[path] = svd_refactor(merged, min(rank or min(input_rank, max_rank), max_rank))
-        modules[path] = LoraModule(A=A, B=B, scaling=1.0)
+        target_rank = min(rank or min(input_rank, max_rank), max_rank)
+        modules[path], errors[path] = _svd_merge_module(
+            inputs, path, shape, method, weights, density, module_seed(seed, path), target_rank
+        )
     config = _unit_scaling_config(modules, inputs[0].weights.config)
-    provenance = {
+    provenance = Provenance.model_validate({
         **identity,
         "merge": {
             "method": method,
@@ -324,5 +393,5 @@ def merge_adapters(
             "svd_errors": errors,
             "svd_error_max": max(errors.values(), default=0.0),
         },
-    }
+    }).to_json_dict()
     return MergeResult(weights=LoraWeights(config=config, modules=modules), provenance=provenance, svd_errors=errors)

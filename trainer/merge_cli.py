@@ -9,7 +9,6 @@ merging logic lives in `adapters/merge.py`; this file only parses, reads, writes
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -17,8 +16,10 @@ import tempfile
 from collections import defaultdict
 from pathlib import Path
 
-from adapters.format import PROVENANCE_FILE, read_peft, write_peft
-from adapters.merge import DEFAULT_MAX_RANK, METHODS, MergeError, MergeInput, MergeResult, merge_adapters
+from adapters.errors import AdapterError
+from adapters.format import read_peft, write_peft
+from adapters.merge import DEFAULT_MAX_RANK, METHODS, MergeInput, MergeResult, merge_adapters
+from adapters.provenance import read_provenance
 
 
 class CliError(Exception):
@@ -34,17 +35,6 @@ def parse_adapter_spec(spec: str) -> tuple[Path, float]:
         except ValueError:
             pass
     return Path(spec), 1.0
-
-
-def read_provenance(directory: Path) -> dict | None:
-    """The adapter's `loraswap.json` as a dict, or None when it has none."""
-    path = directory / PROVENANCE_FILE
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except ValueError as exc:
-        raise CliError(f"{path} is not valid JSON: {exc}") from exc
 
 
 def read_input(spec: str) -> MergeInput:
@@ -118,7 +108,7 @@ def main(argv: list[str]) -> int:
             inputs, args.method, density=args.density, rank=args.rank, seed=args.seed, max_rank=args.max_rank
         )
         write_output(result, args.out)
-    except (CliError, MergeError) as exc:
+    except (CliError, AdapterError) as exc:  # MergeError and bad loraswap.json
         print(f"loraswap merge: error: {exc}", file=sys.stderr)
         return 1
     weights = ", ".join(f"{i.name}:{i.weight:g}" for i in inputs)

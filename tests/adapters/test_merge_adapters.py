@@ -200,3 +200,30 @@ def test_mismatched_shapes_are_refused(inputs):
     odd.modules[attn(0, "q_proj")] = LoraModule(A=torch.zeros(4, 32), B=torch.zeros(64, 4), scaling=2.0)
     with pytest.raises(MergeError, match="shape"):
         merge_adapters([inputs[0], MergeInput(odd, 1.0, None, "odd")], "linear")
+
+
+@pytest.mark.parametrize("method", ["cat", "ties"])
+def test_merged_adapters_pass_the_servers_validation(inputs, tiny_base_dir, tmp_path, method):
+    from adapters.base import BaseInfo
+    from adapters.validate import validate_adapter_dir
+
+    base = BaseInfo.from_dir(tiny_base_dir)
+    identity = {"base_fingerprint": base.fingerprint, "chat_template_sha256": base.template_sha256}
+    result = merge_adapters(with_provenance(inputs, identity, identity), method, density=0.5)
+    write_peft(result.weights, tmp_path / method, result.provenance)
+    validated = validate_adapter_dir(tmp_path / method, base)
+    assert validated.provenance.base_fingerprint == base.fingerprint
+    assert validated.provenance.merge["method"] == method
+    for path, module in result.weights.modules.items():
+        torch.testing.assert_close(validated.weights.modules[path].delta(), module.delta(), rtol=0, atol=0)
+
+
+def test_merge_errors_carry_the_api_envelope(inputs):
+    a = {"base_fingerprint": "a" * 64}
+    b = {"base_fingerprint": "b" * 64}
+    with pytest.raises(IncompatibleAdapters) as refused:
+        merge_adapters(with_provenance(inputs, a, b), "cat")
+    assert refused.value.status == 422 and refused.value.envelope()["error"]["code"] == "incompatible_adapters"
+    with pytest.raises(MergeError) as bad:
+        merge_adapters(inputs, "average")
+    assert bad.value.status == 400 and bad.value.envelope()["error"]["code"] == "invalid_merge"

@@ -82,3 +82,10 @@ def test_adapter_spec_parsing():
     assert parse_adapter_spec("runs/a:-1") == (Path("runs/a"), -1.0)
     assert parse_adapter_spec("runs/a") == (Path("runs/a"), 1.0)
     assert parse_adapter_spec("runs/v1:final") == (Path("runs/v1:final"), 1.0)
+
+
+def test_invalid_provenance_is_reported(adapter_dirs, tmp_path, capsys):
+    a, b = adapter_dirs
+    (b / PROVENANCE_FILE).write_text('{"base_fingerprint": "not-a-digest"}')
+    assert loraswap(["merge", "--method", "cat", "--adapter", str(a), "--adapter", str(b), "--out", str(tmp_path / "o")]) == 1
+    assert "base_fingerprint" in capsys.readouterr().err

@@ -128,3 +128,25 @@ def test_svd_refactor_error_is_the_eckart_young_bound(deltas, rank):
 def test_svd_refactor_of_a_zero_delta():
     A, B, error = merge.svd_refactor(torch.zeros(OUT, IN), 4)
     assert error == 0.0 and torch.count_nonzero(B @ A) == 0
+
+
+@pytest.mark.parametrize("shape", [(OUT, IN), (IN, OUT)])  # both Gram sides
+def test_svd_refactor_matches_torch_svd_on_either_side(shape):
+    delta = torch.randn(*shape, generator=torch.Generator().manual_seed(3))
+    A, B, _ = merge.svd_refactor(delta, 6)
+    U, S, Vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    best = (U[:, :6] * S[:6]) @ Vh[:6]
+    torch.testing.assert_close((B @ A).double(), best, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("rank", [2, 7, 20])
+def test_factored_refactor_equals_the_dense_one(rank):
+    g = torch.Generator().manual_seed(5)
+    B, A = torch.randn(OUT, 10, generator=g), torch.randn(10, IN, generator=g)  # delta of rank 10
+    A_f, B_f, error_f = merge.svd_refactor_factored(B, A, rank)
+    A_d, B_d, error_d = merge.svd_refactor(B @ A, rank)
+    torch.testing.assert_close(B_f @ A_f, B_d @ A_d, rtol=0, atol=1e-3)
+    assert error_f == pytest.approx(error_d, abs=1e-6)
+    assert A_f.shape[0] == min(rank, 10)  # never more directions than the product has
+    if rank >= 10:
+        assert error_f < 1e-7
