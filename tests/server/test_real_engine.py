@@ -46,19 +46,15 @@ def _client(server):
 
 
 def _reference_reply(model, tokenizer, prompt_ids: list[int]) -> tuple[list[int], str, str]:
-    """Greedy (token ids, text, finish_reason) from a Hugging Face / PEFT model.
-
-    The text is what a streaming detokenizer can show: an incomplete UTF-8 character at the very
-    end (decoded as U+FFFD) is never emitted, so it is dropped here too.
-    """
+    """Greedy (token ids, text, finish_reason) from a Hugging Face / PEFT model."""
     with torch.inference_mode():
         out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=MAX_TOKENS, do_sample=False,
                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
     new = out[0, len(prompt_ids):].tolist()
     if tokenizer.eos_token_id in new:
         new = new[: new.index(tokenizer.eos_token_id) + 1]
-        return new, tokenizer.decode(new[:-1]).rstrip("\ufffd"), "stop"
-    return new, tokenizer.decode(new).rstrip("\ufffd"), "length"
+        return new, tokenizer.decode(new[:-1]), "stop"
+    return new, tokenizer.decode(new), "length"
 
 
 def _prompt_ids(server, http_model: str) -> list[int]:
