@@ -112,6 +112,19 @@ def test_unknown_model_is_404_model_not_found(fake_server):
     assert not fake_server.engine.prompts  # never a silent answer from the base
 
 
+def test_openai_client_raises_typed_errors(fake_server):
+    base = fake_server.state.base_id
+    with pytest.raises(openai.BadRequestError) as info:
+        fake_server.openai().chat.completions.create(model=base, messages=USER, max_tokens=100_000)
+    assert info.value.body["code"] == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError) as info:
+        fake_server.openai().chat.completions.create(model=base, messages=[{"role": "assistant", "content": "x"}])
+    assert info.value.body["code"] == "invalid_messages"
+    stranger = openai.OpenAI(base_url=f"{fake_server.url}/v1", api_key="sk-wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        stranger.models.list()
+
+
 @pytest.mark.parametrize("body, param", [
     ({"messages": USER}, "model"),
     ({"model": "BASE"}, "messages"),

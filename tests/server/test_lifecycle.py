@@ -82,7 +82,7 @@ def test_sigterm_drains_requests_in_flight_then_exits(tiny_base_dir, tmp_path):
             with http.stream("POST", "/v1/chat/completions", json=body) as response:
                 lines = response.iter_lines()
                 assert next(lines).startswith("data: ")
-                in_flight = httpx.get(f"{url}/metrics").text
+                in_flight = wait_until(lambda: "loraswap_engine_running 1.0" in httpx.get(f"{url}/metrics").text)
                 process.send_signal(signal.SIGTERM)
                 time.sleep(0.5)
                 try:
@@ -91,7 +91,7 @@ def test_sigterm_drains_requests_in_flight_then_exits(tiny_base_dir, tmp_path):
                 except httpx.TransportError:
                     refused = "connection refused"
                 rest = [line for line in lines if line]
-        assert "loraswap_engine_running 1.0" in in_flight  # the stream was running at SIGTERM
+        assert in_flight  # the stream was running in the engine when SIGTERM arrived
         assert refused in (503, "connection refused")
         assert rest[-1] == "data: [DONE]"
         last = json.loads(rest[-2][len("data: "):])
