@@ -15,6 +15,7 @@ merge endpoint both call `merge_adapters`.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -204,7 +205,7 @@ class MergeInput:
 
     weights: LoraWeights
     weight: float = 1.0
-    provenance: dict | None = None
+    provenance: dict | Provenance | None = None
     name: str = ""
 
 
@@ -233,16 +234,15 @@ def shared_identity(inputs: list[MergeInput]) -> dict:
     """
     shared, problems = {}, []
     for key, what in ((FINGERPRINT_KEY, "base model fingerprint"), (TEMPLATE_KEY, "chat-template sha256")):
-        seen = {}
-        for i, item in enumerate(inputs):
-            value = _as_dict(item.provenance).get(key)
-            if value is not None:
-                seen[item.name or f"input {i}"] = value
-        if len(set(seen.values())) > 1:
-            listed = ", ".join(f"{name}={value[:12]}" for name, value in seen.items())
+        seen = [
+            (item.name or f"input {i}", _as_dict(item.provenance).get(key)) for i, item in enumerate(inputs)
+        ]
+        seen = [(name, value) for name, value in seen if value is not None]
+        if len({value for _, value in seen}) > 1:
+            listed = ", ".join(f"{name}={value[:12]}" for name, value in seen)
             problems.append(f"different {what} ({key}): {listed}")
         elif seen:
-            shared[key] = next(iter(seen.values()))
+            shared[key] = seen[0][1]
     if problems:
         raise IncompatibleAdapters("cannot merge adapters trained on " + "; ".join(problems))
     vocab_sizes = {_as_dict(item.provenance).get(VOCAB_KEY) for item in inputs} - {None}
@@ -332,6 +332,8 @@ def _check_request(inputs, method, density, rank, max_rank) -> None:
         raise MergeError(f"density must be in (0, 1], got {density}")
     if max_rank < 1 or (rank is not None and not 1 <= rank <= max_rank):
         raise MergeError(f"rank must be between 1 and max_rank={max_rank}, got {rank}")
+    if not all(math.isfinite(item.weight) for item in inputs):
+        raise MergeError("every adapter weight must be a finite number")
     if not any(item.weights.modules for item in inputs):
         raise MergeError("the inputs adapt no modules")
 
