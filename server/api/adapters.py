@@ -182,7 +182,9 @@ async def _set_pin(name: str, tenant: str, state: ServerState, pinned: bool) -> 
         state.engine.pin(AdapterRef(id=record.id, path=state.store.adapter_dir(record)))
     else:
         state.engine.unpin(record.id)
-    return adapter_card(record, state.residency())
+    card = adapter_card(record, state.residency())
+    card.pinned = pinned  # the engine applies the command between steps; report what was asked
+    return card
 
 
 @router.post("/v1/adapters/{name}/pin", response_model=AdapterCard)
