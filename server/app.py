@@ -8,7 +8,6 @@ as it likes, each with its own metrics registry.
 
 from __future__ import annotations
 
-import inspect
 import logging
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -25,11 +24,6 @@ from server.settings import ServerConfig
 from server.state import ServerState
 
 log = logging.getLogger("loraswap.server")
-
-
-async def _maybe_await(result) -> None:
-    if inspect.isawaitable(result):
-        await result
 
 
 def create_app(config: ServerConfig, engine: Any, store: Any, base_info: Any = None) -> FastAPI:
@@ -61,7 +55,7 @@ def create_app(config: ServerConfig, engine: Any, store: Any, base_info: Any = N
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        await _maybe_await(engine.start())
+        await engine.start()
         state.ready = True
         log.info("serving %s (max_model_len %d)", base_id, state.max_model_len)
         try:
@@ -72,7 +66,7 @@ def create_app(config: ServerConfig, engine: Any, store: Any, base_info: Any = N
                 log.warning("%d requests still in flight after %.0fs; stopping anyway",
                             state.admission.total, config.drain_timeout_s)
             state.ready = False
-            await _maybe_await(engine.stop())
+            await engine.stop()
 
     app = FastAPI(title="loraswap", version="0.1.0", lifespan=lifespan)
     app.state.loraswap = state

@@ -92,11 +92,15 @@ def main(argv: list[str]) -> int:
         return 2
     base_dir = resolve_base(config.base)
     base_info = BaseInfo.from_dir(base_dir)
-    app = create_app(config, build_engine(config, base_dir), build_store(config), base_info=base_info)
+    engine = build_engine(config, base_dir)
+    app = create_app(config, engine, build_store(config), base_info=base_info)
     server = _DrainingServer(uvicorn.Config(
         app, host=config.host, port=config.port, log_level="info",
         timeout_graceful_shutdown=max(1, int(config.drain_timeout_s)),
     ))
     server.admission = app.state.loraswap.admission
-    server.run()
+    try:
+        server.run()
+    finally:
+        engine.close()  # the app's lifespan stopped the loop; release the loader threads
     return 0
