@@ -152,12 +152,6 @@ async def upload_adapter(request: Request, tenant: str = Depends(get_tenant),
     return JSONResponse(adapter_card(record, state.residency()).model_dump(), status_code=status)
 
 
-# POST /v1/adapters/merge belongs here, before the `/{name}` routes: parse the request (sources by
-# name in the caller's namespace, method, weights), resolve each with `state.get_adapter(tenant, ...)`,
-# run `adapters.merge` in a thread writing a PEFT directory into a staging dir, then publish it the
-# same way `upload_adapter` does (validate -> store.publish -> 201 / 200 + `adapter_card`).
-
-
 @router.get("/v1/adapters", response_model=AdapterList)
 async def list_adapters(tenant: str = Depends(get_tenant), state: ServerState = Depends(get_state)):
     residency = state.residency()
