@@ -116,6 +116,16 @@ def measure_engine(args, report: Report, base_dir: Path, dirs: list[Path], workl
             run = engine_runs.warm_then_run(engine, workloads[name], refs, n)
             report.add(Measure(key, label, run.tok_s, "tok/s", f"{run.tokens} tokens in {run.seconds:.1f}s"))
             outputs[key] = run.outputs
+            if key == "a":
+                mixed_run = run
+        # (d) counts decode steps only, (a) also the prompts' prefill: time a prefill-only pass
+        # (max_tokens=1) to show (a)'s decode phase alone, for comparison with (d).
+        prefill = engine_runs.run_requests(engine, workloads["mixed"], refs, 1)
+        decode_tokens = mixed_run.tokens - prefill.tokens
+        if decode_tokens > 0 and mixed_run.seconds > prefill.seconds:
+            rate = decode_tokens / (mixed_run.seconds - prefill.seconds)
+            report.add(Measure("a_dec", "engine (a), decode phase only", rate, "tok/s",
+                               f"derived: a prefill-only pass took {prefill.seconds:.1f}s"))
         log("(f) engine, one adapter pinned (fold)")
         run = engine_runs.fold_run(engine, workloads["single"], refs, n)
         folded = run.stats["fold"]["folded"] == refs[0].id
@@ -141,6 +151,11 @@ def measure_engine(args, report: Report, base_dir: Path, dirs: list[Path], workl
     return outputs
 
 
+def first_difference(left: list[int], right: list[int]) -> int:
+    """Index of the first token where two outputs differ (the shorter length if one is a prefix)."""
+    return next((k for k, (x, y) in enumerate(zip(left, right)) if x != y), min(len(left), len(right)))
+
+
 def cross_check(report: Report, outputs: dict, workloads: dict, hf_tokens: int) -> None:
     """Greedy-token agreements, recorded as notes (and printed as warnings when they fail)."""
     checks = []
@@ -149,7 +164,10 @@ def cross_check(report: Report, outputs: dict, workloads: dict, hf_tokens: int) 
         if left not in outputs or right not in outputs:
             return
         same = sum(outputs[left][i][:width] == outputs[right][j][:width] for i, j in pairs)
-        checks.append((name, same, len(pairs)))
+        # Where each disagreeing row first differs: late divergence is a float near-tie, early is a bug.
+        first = [first_difference(outputs[left][i][:width], outputs[right][j][:width]) for i, j in pairs
+                 if outputs[left][i][:width] != outputs[right][j][:width]]
+        checks.append((name, same, len(pairs), first))
 
     n = len(workloads["mixed"])
     compare(f"(a) equals (c), first {hf_tokens} tokens", "a", "c", [(i, i) for i in range(n)], hf_tokens)
@@ -160,11 +178,13 @@ def cross_check(report: Report, outputs: dict, workloads: dict, hf_tokens: int) 
     if "a" in outputs and "b" in outputs:
         differ = sum(outputs["a"][i] != outputs["b"][i] for i in range(n))
         report.notes.append(f"adapters change the output: {differ}/{n} rows of (a) differ from (b)")
-    for name, same, total in checks:
-        report.notes.append(f"{name}: {same}/{total} rows")
+    for name, same, total, first in checks:
+        where = f" (others first differ at token {sorted(first)})" if first else ""
+        report.notes.append(f"{name}: {same}/{total} rows{where}")
         if same != total:
-            print(f"WARNING: {name}: only {same}/{total} rows agree", file=sys.stderr)
-    report.extra["checks"] = [{"check": name, "agree": same, "total": total} for name, same, total in checks]
+            print(f"WARNING: {name}: only {same}/{total} rows agree{where}", file=sys.stderr)
+    report.extra["checks"] = [{"check": name, "agree": same, "total": total, "first_difference": first}
+                              for name, same, total, first in checks]
 
 
 def adapters_dir(base_dir: Path) -> Path:

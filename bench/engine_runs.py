@@ -51,8 +51,13 @@ def refs_for(adapter_dirs: list[Path]) -> list[AdapterRef]:
 
 
 def fixed_length(new_tokens: int) -> SamplingParams:
-    """Greedy, exactly `new_tokens` tokens (min = max, EOS ignored)."""
-    return SamplingParams(max_tokens=new_tokens, min_tokens=new_tokens, temperature=0, ignore_eos=True)
+    """Greedy, exactly `new_tokens` tokens: min_tokens = max_tokens, so EOS is masked throughout.
+
+    This is what transformers' `min_new_tokens = max_new_tokens` does. `ignore_eos=True` would
+    also give a fixed count but lets EOS be *sampled* as an ordinary token (vLLM semantics), so
+    greedy outputs would differ from the transformers baseline wherever EOS is the argmax.
+    """
+    return SamplingParams(max_tokens=new_tokens, min_tokens=new_tokens, temperature=0)
 
 
 def run_requests(engine: Engine, requests: list[Request], refs: list[AdapterRef], new_tokens: int) -> Run:
