@@ -143,7 +143,7 @@ class SFTRecipe:
 
     # ---------------------------------------------------------------- train
 
-    def _batches(self, data: Dataset, shuffle: bool, seed: int = 0) -> list[PackedBatch]:
+    def batches(self, data: Dataset, shuffle: bool, seed: int = 0) -> list[PackedBatch]:
         return micro_batches(
             data.examples, self.config.batch_size, token_cost=self.token_cost, pad_id=self.pad_id,
             shuffle=shuffle, seed=seed,
@@ -159,11 +159,11 @@ class SFTRecipe:
         start = time.perf_counter()
         for epoch in range(cfg.epochs):
             model.train()
-            batches = self._batches(self.train_data, shuffle=True, seed=cfg.seed + epoch)
+            batches = self.batches(self.train_data, shuffle=True, seed=cfg.seed + epoch)
             epoch_loss = epoch_targets = 0.0
             for first in range(0, len(batches), cfg.grad_accum):
                 step = batches[first : first + cfg.grad_accum]
-                loss_sum, targets = self._step(model, params, step)
+                loss_sum, targets = self.step(model, params, step)
                 result.step_losses.append(loss_sum / targets)
                 result.tokens_seen += sum(b.num_tokens for b in step)
                 result.targets_seen += targets
@@ -183,7 +183,7 @@ class SFTRecipe:
                  + (f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""))
         return result
 
-    def _step(self, model, params, step: list[PackedBatch]) -> tuple[float, int]:
+    def step(self, model, params, step: list[PackedBatch]) -> tuple[float, int]:
         """One optimizer step over `step`'s micro-batches; the loss is the mean over all their targets."""
         targets = sum(b.num_targets for b in step)
         loss_sum = 0.0
@@ -204,7 +204,7 @@ class SFTRecipe:
         model = self.trainable.model
         model.eval()
         total = count = 0.0
-        for batch in self._batches(data, shuffle=False):
+        for batch in self.batches(data, shuffle=False):
             losses = token_losses(model, batch.to(self.device))
             total, count = total + float(losses.sum()), count + losses.numel()
         model.train()
