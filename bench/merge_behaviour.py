@@ -112,6 +112,10 @@ def merge(adapters: dict[str, Path], workdir: Path, density: float, seed: int) -
     from trainer.merge_cli import main as merge_cli
 
     merged = {}
+    threads = torch.get_num_threads()
+    # One thread: the dense methods are many mid-size eigh/matmul calls, and on a shared CPU
+    # OpenMP's spinning threads make them several times slower, not faster.
+    torch.set_num_threads(1)
     for method, weight_a, weight_b in MERGES:
         out = workdir / f"merged_{method}"
         shutil.rmtree(out, ignore_errors=True)  # a rerun merges afresh
@@ -124,6 +128,7 @@ def merge(adapters: dict[str, Path], workdir: Path, density: float, seed: int) -
         info = json.loads((out / "loraswap.json").read_text())["merge"]
         merged[method] = {"dir": out, "weights": [weight_a, weight_b], "seconds": time.perf_counter() - start,
                           "svd_error_max": info["svd_error_max"]}
+    torch.set_num_threads(threads)
     return merged
 
 
