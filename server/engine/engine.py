@@ -51,7 +51,7 @@ class Engine:
         allocate_kv_cache(self.model, num_blocks, config.block_size)
         layers = self.model.lora_layers()
         self.fold = FoldManager(layers, config.fold, config.fold_window, config.fold_budget)
-        self.slots = AdapterSlots(layers, config.max_loras, config.max_cpu_loras, config.max_lora_rank,
+        self.slots = AdapterSlots(self.model.lora_targets(), config.max_loras, config.max_cpu_loras, config.max_lora_rank,
                                   self.dtype, on_slot_change=self.fold.on_slot_change)
         self.blocks = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(self.blocks, self.slots, config.max_num_seqs, config.max_num_batched_tokens)

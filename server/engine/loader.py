@@ -74,8 +74,8 @@ def load_model(model_dir: Path, quant: str, dtype: torch.dtype, device: torch.de
     model_dir = Path(model_dir)
     spec = ModelSpec.from_config(json.loads((model_dir / "config.json").read_text()))
 
-    def make_linear(in_features: int, out_features: int, bias: bool) -> LoraLinear:
-        layer = LoraLinear(nn.Identity(), in_features, out_features, num_slots, max_rank, dtype, device)
+    def make_linear(in_features: int, parts: list[tuple[str, int]], bias: bool) -> LoraLinear:
+        layer = LoraLinear(nn.Identity(), in_features, parts, num_slots, max_rank, dtype, device)
         layer.expects_bias = bias
         return layer
 
@@ -90,12 +90,16 @@ def load_model(model_dir: Path, quant: str, dtype: torch.dtype, device: torch.de
         setattr(model.get_submodule(owner), attr,
                 nn.Parameter(tensors.pop(name).to(device=device, dtype=dtype), requires_grad=False))
     for path, layer in model.lora_layers().items():
-        if f"{path}.weight" not in tensors:
-            raise UnsupportedModel(f"checkpoint has no tensor {path}.weight")
-        weight = tensors.pop(f"{path}.weight")
-        bias = tensors.pop(f"{path}.bias", None)
-        if layer.expects_bias != (bias is not None):
+        parent = path.rpartition(".")[0]
+        names = [f"{parent}.{part}" for part, _ in layer.parts]
+        missing = [n for n in names if f"{n}.weight" not in tensors]
+        if missing:
+            raise UnsupportedModel(f"checkpoint has no tensor {missing[0]}.weight")
+        weight = torch.cat([tensors.pop(f"{n}.weight") for n in names])  # (sum of outs, in)
+        biases = [tensors.pop(f"{n}.bias", None) for n in names]
+        if any((b is not None) != layer.expects_bias for b in biases):
             raise UnsupportedModel(f"{path}: bias {'missing' if layer.expects_bias else 'unexpected'}")
+        bias = torch.cat(biases) if layer.expects_bias else None
         layer.base = _make_base_linear(weight, bias, quant, dtype, device)
     head = tensors.pop("lm_head.weight", None)
     if spec.tie_word_embeddings or head is None:

@@ -26,17 +26,15 @@ class LoraStep:
     slot: int = 0  # the slot of "single" / "fold"
     active: torch.Tensor | None = None  # (num_active,) slot ids, grouped mode
     key: tuple = ()  # identifies (active slots, slot contents) for per-layer caches
-    rank: int = 0  # max rank over the active slots
     gather: torch.Tensor | None = None  # (num_active * max_tokens,) token rows; pads -> row 0
     mask: torch.Tensor | None = None  # (num_active, max_tokens, 1): 0 on pads; None if no pads
     max_tokens: int = 0
 
 
-def build_lora_step(token_slots: list[int], slot_ranks: list[int], generation: int, device,
-                    dtype, fold_slot: int | None = None) -> LoraStep | None:
+def build_lora_step(token_slots: list[int], generation: int, device, dtype,
+                    fold_slot: int | None = None) -> LoraStep | None:
     """Args:
     token_slots: the slot of every token of the step, in row order.
-    slot_ranks: max rank held by each slot (index = slot).
     generation: bumps whenever any slot's contents change (invalidates layer caches).
     fold_slot: a slot whose dense folded weights are ready; used if it owns every token.
     """
@@ -45,7 +43,7 @@ def build_lora_step(token_slots: list[int], slot_ranks: list[int], generation: i
         return None
     if len(active) == 1 and 0 not in token_slots:
         mode = "fold" if fold_slot == active[0] else "single"
-        return LoraStep(mode, slot=active[0], rank=slot_ranks[active[0]])
+        return LoraStep(mode, slot=active[0])
     rows: dict[int, list[int]] = {s: [] for s in active}
     for i, s in enumerate(token_slots):
         if s:
@@ -61,7 +59,6 @@ def build_lora_step(token_slots: list[int], slot_ranks: list[int], generation: i
         "grouped",
         active=torch.tensor(active, dtype=torch.long, device=device),
         key=(tuple(active), generation),
-        rank=max(slot_ranks[s] for s in active),
         gather=torch.tensor(gather, dtype=torch.long, device=device),
         mask=None if even else torch.tensor(mask, dtype=dtype, device=device).view(len(active), max_tokens, 1),
         max_tokens=max_tokens,
@@ -69,16 +66,32 @@ def build_lora_step(token_slots: list[int], slot_ranks: list[int], generation: i
 
 
 class LoraLinear(nn.Module):
-    """Wraps a base linear layer; `forward(x, lora)` adds each token's slot's `B @ A @ x`."""
+    """Wraps a base linear layer; `forward(x, lora)` adds each token's slot's `B @ A @ x`.
 
-    def __init__(self, base: nn.Module, in_features: int, out_features: int, num_slots: int,
+    A layer may fuse several projections that read the same input (q/k/v, gate/up): `parts`
+    names them with their output sizes, the base weight is their concatenation, and a slot
+    stores the parts' A matrices stacked along the rank axis and their B matrices block-diagonally,
+    so `B @ A` is exactly the stacked per-projection updates and one gather + two `bmm`s serve
+    all parts. (Fused q/k/v quantize to the same NF4 blocks as separate layers: blocks never
+    cross a row when in_features is a multiple of 64.)
+    """
+
+    def __init__(self, base: nn.Module, in_features: int, parts: list[tuple[str, int]], num_slots: int,
                  max_rank: int, dtype: torch.dtype, device):
         super().__init__()
         self.base = base
-        self.in_features, self.out_features = in_features, out_features
-        self.num_slots, self.max_rank = num_slots, max_rank
+        self.parts = list(parts)
+        self.in_features = in_features
+        self.out_features = sum(size for _, size in parts)
+        self.out_offsets = {}
+        offset = 0
+        for name, size in parts:
+            self.out_offsets[name] = (offset, size)
+            offset += size
+        self.num_slots, self.max_rank = num_slots, max_rank * len(parts)
         self.dtype, self.device = dtype, device
-        self.slot_rank = [0] * (num_slots + 1)
+        self.slot_rank = [0] * (num_slots + 1)  # total rank (all parts) held by each slot
+        self.A: torch.Tensor | None = None
         self._alloc(0)
         self.folded_slot: int | None = None
         self.folded_weight: torch.Tensor | None = None
@@ -89,7 +102,7 @@ class LoraLinear(nn.Module):
         # Slot tensors grow to the largest rank loaded so far, so memory follows real adapters.
         A = torch.zeros(self.num_slots + 1, rank, self.in_features, dtype=self.dtype, device=self.device)
         B = torch.zeros(self.num_slots + 1, self.out_features, rank, dtype=self.dtype, device=self.device)
-        if getattr(self, "A", None) is not None and self.A.shape[1]:
+        if self.A is not None and self.A.shape[1]:
             old = self.A.shape[1]
             A[:, :old] = self.A
             B[:, :, :old] = self.B
@@ -100,20 +113,29 @@ class LoraLinear(nn.Module):
     def allocated_rank(self) -> int:
         return self.A.shape[1]
 
-    def load_slot(self, slot: int, A: torch.Tensor | None, B_scaled: torch.Tensor | None) -> None:
-        """Write one adapter's module into `slot` (None clears it). A (r, in), B_scaled (out, r)."""
+    def load_slot(self, slot: int, modules: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Write one adapter into `slot`: part name -> (A (r, in), scaling * B (out_part, r)).
+
+        Parts the adapter does not adapt stay zero; an empty dict clears the slot.
+        """
         old = self.slot_rank[slot]
         if old:
             self.A[slot, :old].zero_()
             self.B[slot, :, :old].zero_()
-        self.slot_rank[slot] = 0
-        if A is not None:
+        total = sum(A.shape[0] for A, _ in modules.values())
+        if total > self.allocated_rank:
+            self._alloc(min(self.max_rank, max(total, 2 * self.allocated_rank)))
+        r0 = 0
+        for name, _ in self.parts:  # a fixed order keeps the layout independent of dict order
+            if name not in modules:
+                continue
+            A, B = modules[name]
+            o0, size = self.out_offsets[name]
             rank = A.shape[0]
-            if rank > self.allocated_rank:
-                self._alloc(min(self.max_rank, max(rank, 2 * self.allocated_rank)))
-            self.A[slot, :rank].copy_(A)
-            self.B[slot, :, :rank].copy_(B_scaled)
-            self.slot_rank[slot] = rank
+            self.A[slot, r0:r0 + rank].copy_(A)
+            self.B[slot, o0:o0 + size, r0:r0 + rank].copy_(B)
+            r0 += rank
+        self.slot_rank[slot] = total
         self._cache_key = None
 
     def dense_weight(self, slot: int) -> torch.Tensor:
@@ -149,8 +171,8 @@ class LoraLinear(nn.Module):
     def _active(self, lora: LoraStep):
         """The active slots' A^T (S, in, r) and B^T (S, r, out), cached while the step key holds."""
         if self._cache_key != lora.key:
-            rank = min(lora.rank, self.allocated_rank)
-            if max(self.slot_rank[s] for s in lora.key[0]) == 0:
+            rank = max(self.slot_rank[s] for s in lora.key[0])  # this layer's own widest slot
+            if rank == 0:
                 self._cache = (None, None)  # no active adapter touches this layer
             else:
                 At = self.A[:, :rank].index_select(0, lora.active).transpose(1, 2).contiguous()

@@ -1,8 +1,9 @@
 """A compact Llama-family decoder (Llama, Mistral, Qwen2, SmolLM) over the paged KV cache.
 
-Module and parameter names mirror Hugging Face's (`model.layers.N.self_attn.q_proj`, ...), so
-checkpoints load by name and adapter module paths address layers directly. Every projection is
-a `LoraLinear` wrapping the base layer. Activations are 2-D `(num_tokens, hidden)`: the step's
+Module and parameter names mirror Hugging Face's (`model.layers.N.input_layernorm`, ...), except
+that projections reading the same input are fused (`qkv_proj`, `gate_up_proj`: fewer, larger
+matmuls and one LoRA gather each); `lora_targets()` maps HF/PEFT projection paths to a fused
+layer and its part. Every projection is a `LoraLinear` wrapping the base layer. Activations are 2-D `(num_tokens, hidden)`: the step's
 sequences are packed back to back, and `StepContext` (built once per step by the runner) carries
 positions, rotary tables, paged-attention indices and LoRA routing to every layer.
 """
@@ -128,18 +129,21 @@ class Attention(nn.Module):
         super().__init__()
         h, d, kv = spec.hidden_size, spec.head_dim, spec.num_kv_heads
         self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, kv, d
-        self.q_proj = make_linear(h, spec.num_heads * d, spec.attention_bias)
-        self.k_proj = make_linear(h, kv * d, spec.attention_bias)
-        self.v_proj = make_linear(h, kv * d, spec.attention_bias)
-        self.o_proj = make_linear(spec.num_heads * d, h, False)
+        self.q_size, self.kv_size = spec.num_heads * d, kv * d
+        # q, k and v read the same input: one fused projection (see LoraLinear)
+        self.qkv_proj = make_linear(h, [("q_proj", self.q_size), ("k_proj", self.kv_size),
+                                        ("v_proj", self.kv_size)], spec.attention_bias)
+        self.o_proj = make_linear(spec.num_heads * d, [("o_proj", h)], False)
         self.k_cache: torch.Tensor | None = None  # (num_blocks * block_size, kv_heads, head_dim)
         self.v_cache: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         T = x.shape[0]
-        q = self.q_proj(x, ctx.lora).view(T, self.num_heads, self.head_dim)
-        k = self.k_proj(x, ctx.lora).view(T, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x, ctx.lora).view(T, self.num_kv_heads, self.head_dim)
+        qkv = self.qkv_proj(x, ctx.lora)  # (T, q_size + 2 * kv_size)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.reshape(T, self.num_heads, self.head_dim)
+        k = k.reshape(T, self.num_kv_heads, self.head_dim)
+        v = v.reshape(T, self.num_kv_heads, self.head_dim)
         q, k = apply_rope(q, ctx), apply_rope(k, ctx)
         out = paged_attention(q, k, v, self.k_cache, self.v_cache, ctx.attn)  # (T, H, D)
         return self.o_proj(out.reshape(T, -1), ctx.lora)
@@ -149,13 +153,13 @@ class MLP(nn.Module):
     def __init__(self, spec: ModelSpec, make_linear):
         super().__init__()
         h, i = spec.hidden_size, spec.intermediate_size
-        self.gate_proj = make_linear(h, i, spec.mlp_bias)
-        self.up_proj = make_linear(h, i, spec.mlp_bias)
-        self.down_proj = make_linear(i, h, spec.mlp_bias)
+        self.intermediate = i
+        self.gate_up_proj = make_linear(h, [("gate_proj", i), ("up_proj", i)], spec.mlp_bias)
+        self.down_proj = make_linear(i, [("down_proj", h)], spec.mlp_bias)
 
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        gate = F.silu(self.gate_proj(x, ctx.lora))
-        return self.down_proj(gate.mul_(self.up_proj(x, ctx.lora)), ctx.lora)
+        gate, up = self.gate_up_proj(x, ctx.lora).split(self.intermediate, dim=-1)  # (T, I) each
+        return self.down_proj(F.silu(gate) * up, ctx.lora)
 
 
 class DecoderLayer(nn.Module):
@@ -196,5 +200,14 @@ class CausalLM(nn.Module):
         return F.linear(x, self.lm_head_weight).float()
 
     def lora_layers(self) -> dict[str, LoraLinear]:
-        """Module path (as PEFT names it) -> wrapped layer."""
+        """Our module path (fused names like `...self_attn.qkv_proj`) -> wrapped layer."""
         return {name: m for name, m in self.named_modules() if isinstance(m, LoraLinear)}
+
+    def lora_targets(self) -> dict[str, tuple[LoraLinear, str]]:
+        """Hugging Face / PEFT module path (`...self_attn.q_proj`) -> (wrapped layer, part name)."""
+        targets = {}
+        for name, layer in self.lora_layers().items():
+            parent = name.rpartition(".")[0]
+            for part, _ in layer.parts:
+                targets[f"{parent}.{part}"] = (layer, part)
+        return targets

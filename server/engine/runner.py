@@ -28,7 +28,7 @@ class ModelRunner:
         self.sampler = sampler
         cos, sin = rope_tables(model.spec, max_model_len, dtype)
         self.cos, self.sin = cos.to(device), sin.to(device)
-        self.slot_table = slot_table  # per-slot ranks and a version, kept by the adapter slots
+        self.slot_table = slot_table  # a version of all slot contents, kept by the adapter slots
 
     @torch.inference_mode()
     def run(self, batch: Batch, fold_slot: int | None = None) -> list[SampledToken | None]:
@@ -49,8 +49,8 @@ class ModelRunner:
             sin=self.sin[pos].unsqueeze(1),
             attn=build_attn_step([(e.seq.block_table, e.start, e.num_new) for e in entries],
                                  self.block_size, num_decodes, self.device),
-            lora=build_lora_step(token_slots, self.slot_table.ranks, self.slot_table.generation, self.device,
-                                 self.dtype, fold_slot),
+            lora=build_lora_step(token_slots, self.slot_table.generation, self.device, self.dtype,
+                                 fold_slot),
         )
         if not logit_rows:
             self.model(torch.tensor(ids, device=self.device), ctx,

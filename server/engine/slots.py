@@ -41,7 +41,7 @@ class HostAdapter:
     nbytes: int = 0
 
 
-def read_host_adapter(ref: AdapterRef, layers: dict[str, LoraLinear], max_rank: int,
+def read_host_adapter(ref: AdapterRef, targets: dict[str, tuple[LoraLinear, str]], max_rank: int,
                       dtype: torch.dtype) -> HostAdapter:
     """Read a PEFT directory and shape it for the slots (runs in the loader thread)."""
     try:
@@ -50,13 +50,14 @@ def read_host_adapter(ref: AdapterRef, layers: dict[str, LoraLinear], max_rank: 
         raise AdapterLoadError(f"adapter {ref.id}: cannot read {ref.path}: {exc}") from exc
     modules, nbytes = {}, 0
     for path, module in weights.modules.items():
-        layer = layers.get(path)
-        if layer is None:
+        if path not in targets:
             raise AdapterLoadError(f"adapter {ref.id}: module {path!r} is not a linear layer of the base")
+        layer, part = targets[path]
+        out_features = layer.out_offsets[part][1]
         if module.rank > max_rank:
             raise AdapterLoadError(f"adapter {ref.id}: rank {module.rank} > max_lora_rank {max_rank}")
         if tuple(module.A.shape) != (module.rank, layer.in_features) or \
-                tuple(module.B.shape) != (layer.out_features, module.rank):
+                tuple(module.B.shape) != (out_features, module.rank):
             raise AdapterLoadError(f"adapter {ref.id}: {path} has shapes A{tuple(module.A.shape)} "
                                    f"B{tuple(module.B.shape)}")
         A = module.A.to(dtype).contiguous()
@@ -75,9 +76,13 @@ class SlotStats:
 
 
 class AdapterSlots:
-    def __init__(self, layers: dict[str, LoraLinear], num_slots: int, max_cpu: int, max_rank: int,
-                 dtype: torch.dtype, on_slot_change=None):
-        self.layers = layers
+    def __init__(self, targets: dict[str, tuple[LoraLinear, str]], num_slots: int, max_cpu: int,
+                 max_rank: int, dtype: torch.dtype, on_slot_change=None):
+        """Args:
+        targets: PEFT module path -> (wrapped layer, part name), from `CausalLM.lora_targets()`.
+        """
+        self.targets = targets
+        self.layers: dict[int, LoraLinear] = {id(layer): layer for layer, _ in targets.values()}
         self.num_slots, self.max_cpu, self.max_rank, self.dtype = num_slots, max_cpu, max_rank, dtype
         self.table = SlotTable(ranks=[0] * (num_slots + 1))
         self.owner: list[str | None] = [None] * (num_slots + 1)  # slot -> adapter id
@@ -134,7 +139,7 @@ class AdapterSlots:
         if ref.id in self.host or ref.id in self.loading or ref.id in self.failed:
             return
         self.forgotten.discard(ref.id)
-        self.loading[ref.id] = self._pool.submit(read_host_adapter, ref, self.layers, self.max_rank, self.dtype)
+        self.loading[ref.id] = self._pool.submit(read_host_adapter, ref, self.targets, self.max_rank, self.dtype)
 
     def poll(self) -> None:
         """Move finished disk reads into the host cache (called by the engine loop each step)."""
@@ -175,10 +180,13 @@ class AdapterSlots:
         if self.owner[slot] is not None:
             self.stats.evictions += 1
             del self.slot_of[self.owner[slot]]
-        for path, layer in self.layers.items():
-            A, B = host.modules.get(path, (None, None))
-            if A is not None or layer.slot_rank[slot]:
-                layer.load_slot(slot, A, B)
+        per_layer: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+        for path, pair in host.modules.items():
+            layer, part = self.targets[path]
+            per_layer.setdefault(id(layer), {})[part] = pair
+        for key, layer in self.layers.items():
+            if key in per_layer or layer.slot_rank[slot]:
+                layer.load_slot(slot, per_layer.get(key, {}))
         self.owner[slot] = host.id
         self.slot_of[host.id] = slot
         self.table.ranks[slot] = host.max_rank
@@ -190,7 +198,7 @@ class AdapterSlots:
     def _clear(self, slot: int) -> None:
         for layer in self.layers.values():
             if layer.slot_rank[slot]:
-                layer.load_slot(slot, None, None)
+                layer.load_slot(slot, {})
         self.slot_of.pop(self.owner[slot], None)
         self.owner[slot] = None
         self.table.ranks[slot] = 0

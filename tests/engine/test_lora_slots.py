@@ -16,15 +16,32 @@ from server.engine.slots import AdapterSlots
 from server.engine.types import AdapterRef, SamplingParams
 
 
+PARTS = [("q", 10), ("k", 4), ("v", 4)]  # a fused layer, out 18
+
+
 def make_layer(num_slots=4, ranks=(3, 8, 5, 1), seed=0):
+    """Slot s adapts q and v with rank ranks[s-1]; slot 2 also adapts k with rank 2."""
     torch.manual_seed(seed)
-    layer = LoraLinear(nn.Linear(12, 10), 12, 10, num_slots, 16, torch.float32, "cpu")
+    layer = LoraLinear(nn.Linear(12, 18), 12, PARTS, num_slots, 16, torch.float32, "cpu")
     mods = {}
     for slot, r in enumerate(ranks, start=1):
-        A, B = torch.randn(r, 12), torch.randn(10, r) * 0.5
-        layer.load_slot(slot, A, B)
-        mods[slot] = (A, B)
+        parts = {"q": (torch.randn(r, 12), torch.randn(10, r) * 0.5), "v": (torch.randn(r, 12), torch.randn(4, r))}
+        if slot == 2:
+            parts["k"] = (torch.randn(2, 12), torch.randn(4, 2))
+        layer.load_slot(slot, parts)
+        mods[slot] = parts
     return layer, mods
+
+
+def delta(parts, x):
+    """The reference: each part's B @ A @ x, in its own output rows."""
+    out, offset = torch.zeros(18), 0
+    for name, size in PARTS:
+        if name in parts:
+            A, B = parts[name]
+            out[offset:offset + size] = B @ (A @ x)
+        offset += size
+    return out
 
 
 @pytest.mark.parametrize("slots", [
@@ -36,37 +53,39 @@ def make_layer(num_slots=4, ranks=(3, 8, 5, 1), seed=0):
 def test_lora_layer_equals_per_adapter_loop(slots):
     layer, mods = make_layer()
     x = torch.randn(len(slots), 12)
-    step = build_lora_step(slots, [0] + layer.slot_rank[1:], generation=1, device="cpu", dtype=torch.float32)
+    step = build_lora_step(slots, generation=1, device="cpu", dtype=torch.float32)
     got = layer(x, step)
     want = layer.base(x)
     for i, s in enumerate(slots):  # the reference: a Python loop over tokens / adapters
         if s:
-            A, B = mods[s]
-            want[i] += B @ (A @ x[i])
+            want[i] += delta(mods[s], x[i])
     torch.testing.assert_close(got, want)
 
 
 def test_slot_reload_overwrites_higher_rank_with_lower():
     layer, mods = make_layer()
-    layer.load_slot(2, torch.ones(2, 12), torch.ones(10, 2))
-    step = build_lora_step([2], [0] + layer.slot_rank[1:], 2, "cpu", torch.float32)
-    x = torch.randn(1, 12)
-    torch.testing.assert_close(layer(x, step), layer.base(x) + torch.ones(10, 2) @ (torch.ones(2, 12) @ x[0]))
+    small = {"v": (torch.ones(2, 12), torch.ones(4, 2))}
+    layer.load_slot(2, small)
+    x = torch.randn(3, 12)
+    for slots in ([2, 2, 2], [2, 1, 0]):
+        step = build_lora_step(slots, 2, "cpu", torch.float32)
+        got = layer(x, step)
+        torch.testing.assert_close(got[0], layer.base(x)[0] + delta(small, x[0]))
 
 
 def test_dense_weight_is_w0_plus_delta():
     layer, mods = make_layer()
-    A, B = mods[3]
-    torch.testing.assert_close(layer.dense_weight(3), layer.base.weight + B @ A)
+    eye = torch.eye(12)
+    dense_delta = torch.stack([delta(mods[2], eye[:, j]) for j in range(12)], dim=1)  # (18, 12)
+    torch.testing.assert_close(layer.dense_weight(2), layer.base.weight + dense_delta)
 
 
 class FakeModelLayers(dict):
-    """Two tiny projections under PEFT-style module paths."""
+    """PEFT module paths -> (a fused q/v layer, part), as `CausalLM.lora_targets()` gives."""
 
     def __init__(self, num_slots):
-        super().__init__({f"model.layers.0.self_attn.{p}": LoraLinear(nn.Linear(8, 8), 8, 8, num_slots, 8,
-                                                                       torch.float32, "cpu")
-                          for p in ("q_proj", "v_proj")})
+        layer = LoraLinear(nn.Linear(8, 16), 8, [("q_proj", 8), ("v_proj", 8)], num_slots, 8, torch.float32, "cpu")
+        super().__init__({f"model.layers.0.self_attn.{p}": (layer, p) for p in ("q_proj", "v_proj")})
 
 
 def write_adapter(root, name, rank=2):
@@ -112,7 +131,7 @@ def test_slots_never_evict_a_pinned_slot(tmp_path):
         for seq in holders:
             assert slots.owner[seq.slot] == seq.adapter.id
             # the slot really holds this adapter's weights
-            assert layers["model.layers.0.self_attn.q_proj"].slot_rank[seq.slot] == 2
+            assert layers["model.layers.0.self_attn.q_proj"][0].slot_rank[seq.slot] == 4  # q + v
     for seq in holders:
         slots.release(seq)
         assert seq.slot == NO_SLOT
