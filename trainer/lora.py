@@ -11,9 +11,11 @@ B zeros, so a fresh adapter is exactly the base) and dropout on the LoRA branch 
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from adapters.base import LINEAR_MODULES
@@ -69,14 +71,16 @@ class LoraLinear(nn.Module):
         in_features / out_features: the projection's shape (a Linear4bit's packed weight
             does not show it).
         spec: rank, alpha, dropout and rsLoRA.
+        dropout: a `SharedDropout` shared with siblings reading the same input (own one if None).
     """
 
-    def __init__(self, base: nn.Module, in_features: int, out_features: int, spec: LoraSpec):
+    def __init__(self, base: nn.Module, in_features: int, out_features: int, spec: LoraSpec,
+                 dropout: "SharedDropout | None" = None):
         super().__init__()
         self.base = base
         self.in_features, self.out_features = in_features, out_features
         self.scaling = spec.scaling
-        self.dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
+        self.dropout = dropout if dropout is not None else SharedDropout(spec.dropout)
         device = next(base.parameters()).device
         # LoRA weights stay float32 whatever the base's dtype (bf16 or NF4).
         self.lora_A = nn.Parameter(torch.empty(spec.rank, in_features, device=device))  # (r, in)
@@ -87,8 +91,43 @@ class LoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)  # (..., out)
         lora_in = self.dropout(x).to(self.lora_A.dtype)
-        update = (lora_in @ self.lora_A.t()) @ self.lora_B.t()  # (..., r) -> (..., out)
-        return out + (update * self.scaling).to(out.dtype)
+        # Scale the rank-r intermediate, not the (..., out) update: same result, out/r times less work.
+        hidden = (lora_in @ self.lora_A.t()) * self.scaling  # (..., r)
+        if out.dtype != hidden.dtype:
+            return out + (hidden @ self.lora_B.t()).to(out.dtype)
+        flat = torch.addmm(out.reshape(-1, out.shape[-1]), hidden.reshape(-1, hidden.shape[-1]), self.lora_B.t())
+        return flat.view(out.shape)  # fused add: (tokens, out) + (tokens, r) @ (r, out)
+
+
+class SharedDropout(nn.Module):
+    """Dropout whose mask is shared by sibling projections that read the same activation.
+
+    q/k/v read one tensor, and so do gate/up: PEFT draws a mask per module, we draw one per
+    input (the same regularisation in expectation, 3 of 7 mask draws saved per layer). Input
+    and output are held by weak reference only, so nothing outlives the step that made it and
+    a match (`x is last input`) can only be the very same live tensor.
+    """
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+        self._last: tuple[weakref.ref, weakref.ref] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        if self._last is not None and self._last[0]() is x:
+            cached = self._last[1]()
+            if cached is not None:
+                return cached
+        out = F.dropout(x, self.p, training=True)
+        self._last = (weakref.ref(x), weakref.ref(out))
+        return out
+
+
+# Projections reading the same activation inside a decoder layer (they share a dropout mask).
+INPUT_GROUPS = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_proj": "o_in",
+                "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "down_in"}
 
 
 def _decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -112,11 +151,13 @@ def inject_lora(model: nn.Module, spec: LoraSpec, shapes: dict[str, tuple[int, i
     model.requires_grad_(False)
     wrappers: dict[str, LoraLinear] = {}
     names = dict(model.named_modules())
-    for index, layer in enumerate(_decoder_layers(model)):
+    for layer in _decoder_layers(model):
+        dropouts: dict[str, SharedDropout] = {}
         for projection in spec.target_modules:
             parent = _projection_parent(layer, projection)
             base = getattr(parent, projection)
-            wrapper = LoraLinear(base, *shapes[projection], spec)
+            dropout = dropouts.setdefault(INPUT_GROUPS[projection], SharedDropout(spec.dropout))
+            wrapper = LoraLinear(base, *shapes[projection], spec, dropout=dropout)
             setattr(parent, projection, wrapper)
             group = "self_attn" if parent is layer.self_attn else "mlp"
             wrappers[f"{_layer_prefix(names, layer)}.{group}.{projection}"] = wrapper
