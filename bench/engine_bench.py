@@ -51,14 +51,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--slots", type=int, default=8, help="engine device slots (--max-loras)")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--hf-new-tokens", type=int, default=None,
-                   help="tokens per row for (c)/(c0); default: --new-tokens, but 4 under nf4 (slow on CPU)")
+                   help="tokens per row for (c)/(c0) if transformers is too slow (default: --new-tokens)")
     p.add_argument("--load-repeats", type=int, default=5, help="samples for the (e) medians")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     p.add_argument("--skip-hf", action="store_true", help="skip (c), (c0), (d) and PEFT's (e)")
     p.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = p.parse_args(argv)
     if args.hf_new_tokens is None:
-        args.hf_new_tokens = min(args.new_tokens, 4) if args.quant == "nf4" else args.new_tokens
+        args.hf_new_tokens = args.new_tokens
     if args.many_adapters < args.adapters + args.load_repeats and args.load_repeats:
         p.error("--many-adapters must be >= --adapters + --load-repeats (cold loads use unused adapters)")
     return args
@@ -126,6 +126,12 @@ def measure_engine(args, report: Report, base_dir: Path, dirs: list[Path], workl
             rate = decode_tokens / (mixed_run.seconds - prefill.seconds)
             report.add(Measure("a_dec", "engine (a), decode phase only", rate, "tok/s",
                                f"derived: a prefill-only pass took {prefill.seconds:.1f}s"))
+        # (g) can run at most --slots sequences at once (one adapter each): the same engine with
+        # that many base-only requests is (g)'s ceiling, so (g)/(b_slots) isolates the swap cost.
+        log(f"(b_slots) engine, no adapter, {args.slots} concurrent requests")
+        run = engine_runs.warm_then_run(engine, workloads["base"][: args.slots], refs, n)
+        report.add(Measure("b_slots", f"engine, no adapter, {args.slots} requests", run.tok_s, "tok/s",
+                           "(g)'s ceiling: one running sequence per slot"))
         log("(f) engine, one adapter pinned (fold)")
         run = engine_runs.fold_run(engine, workloads["single"], refs, n)
         folded = run.stats["fold"]["folded"] == refs[0].id

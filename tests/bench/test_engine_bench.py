@@ -30,7 +30,7 @@ def test_engine_bench_on_tiny_base(tiny_base_dir, tmp_path, monkeypatch, restore
     assert code == 0
     data = json.loads((out / "engine_none.json").read_text())
     measures = {m["key"]: m for m in data["measures"]}
-    required = {"a", "b", "c", "c0", "d", "e", "e_peft", "f", "g", "g_cold"}
+    required = {"a", "b", "b_slots", "c", "c0", "d", "e", "e_peft", "f", "g", "g_cold"}
     assert required <= set(measures) <= required | {"a_dec"}  # a_dec is derived, absent if noise ate it
     assert all(m["value"] > 0 for m in measures.values())
     assert measures["f"]["note"] == "folded"
