@@ -91,7 +91,7 @@ def load_model(model_dir: Path, quant: str, dtype: torch.dtype, device: torch.de
                 nn.Parameter(tensors.pop(name).to(device=device, dtype=dtype), requires_grad=False))
     for path, layer in model.lora_layers().items():
         parent = path.rpartition(".")[0]
-        names = [f"{parent}.{part}" for part, _ in layer.parts]
+        names = [f"{parent}.{part}" for part in layer.parts]
         missing = [n for n in names if f"{n}.weight" not in tensors]
         if missing:
             raise UnsupportedModel(f"checkpoint has no tensor {missing[0]}.weight")

@@ -1,7 +1,7 @@
 """The multi-LoRA linear layer: a wrapped base Linear / Linear4bit plus stacked slot tensors.
 
-Each `LoraLinear` holds `A (num_slots + 1, r, in)` and `B (num_slots + 1, out, r)`, where slot 0
-stays all zeros (the base alone) and B is stored pre-multiplied by the adapter's scaling. Routing
+Each `LoraLinear` holds `A (num_slots + 1, parts, r, in)` and `B (num_slots + 1, parts, out, r)`,
+where slot 0 stays all zeros (the base alone) and B is stored pre-multiplied by the adapter's scaling. Routing
 is an index built once per step (`LoraStep`, shared by all layers): the step's tokens grouped by
 slot into a padded `(num_active, max_tokens)` layout, so each layer does one gather, two `bmm`s
 against the active slots and one `index_add_` — no Python loop over adapters. A step whose
@@ -11,7 +11,7 @@ This module knows nothing about residency (slots.py) or when to fold (fold.py).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -24,11 +24,22 @@ class LoraStep:
 
     mode: str  # "single" | "grouped" | "fold"
     slot: int = 0  # the slot of "single" / "fold"
-    active: torch.Tensor | None = None  # (num_active,) slot ids, grouped mode
+    active: torch.Tensor | None = None  # (num_active,) slot ids
     key: tuple = ()  # identifies (active slots, slot contents) for per-layer caches
     gather: torch.Tensor | None = None  # (num_active * max_tokens,) token rows; pads -> row 0
     mask: torch.Tensor | None = None  # (num_active, max_tokens, 1): 0 on pads; None if no pads
     max_tokens: int = 0
+    _part_gathers: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def part_gather(self, parts: int) -> torch.Tensor:
+        """Rows of the (T*parts, out_part) view of a fused output, in (slot, part, token) order."""
+        if parts == 1:
+            return self.gather
+        if parts not in self._part_gathers:
+            g = self.gather.view(-1, 1, self.max_tokens) * parts  # (S, 1, M)
+            offsets = torch.arange(parts, device=g.device).view(1, parts, 1)
+            self._part_gathers[parts] = (g + offsets).reshape(-1)  # (S*P*M,)
+        return self._part_gathers[parts]
 
 
 def build_lora_step(token_slots: list[int], generation: int, device, dtype,
@@ -43,7 +54,8 @@ def build_lora_step(token_slots: list[int], generation: int, device, dtype,
         return None
     if len(active) == 1 and 0 not in token_slots:
         mode = "fold" if fold_slot == active[0] else "single"
-        return LoraStep(mode, slot=active[0])
+        return LoraStep(mode, slot=active[0], active=torch.tensor(active, device=device),
+                        key=(tuple(active), generation))
     rows: dict[int, list[int]] = {s: [] for s in active}
     for i, s in enumerate(token_slots):
         if s:
@@ -68,29 +80,28 @@ def build_lora_step(token_slots: list[int], generation: int, device, dtype,
 class LoraLinear(nn.Module):
     """Wraps a base linear layer; `forward(x, lora)` adds each token's slot's `B @ A @ x`.
 
-    A layer may fuse several projections that read the same input (q/k/v, gate/up): `parts`
-    names them with their output sizes, the base weight is their concatenation, and a slot
-    stores the parts' A matrices stacked along the rank axis and their B matrices block-diagonally,
-    so `B @ A` is exactly the stacked per-projection updates and one gather + two `bmm`s serve
-    all parts. (Fused q/k/v quantize to the same NF4 blocks as separate layers: blocks never
-    cross a row when in_features is a multiple of 64.)
+    A layer may fuse P projections of equal output size that read the same input (k/v,
+    gate/up): the base weight is their concatenation, slot tensors are
+    `A (num_slots + 1, P, r, in)` and `B (num_slots + 1, P, out_part, r)` (r = the widest rank
+    loaded; narrower adapters are zero-padded), so one gather and one shrink `bmm` serve all
+    parts, and the expand `bmm` runs the parts as extra batch entries with no wasted work.
+    (Fused projections quantize to the same NF4 blocks as separate layers: blocks never cross a
+    row when in_features is a multiple of 64.)
     """
 
     def __init__(self, base: nn.Module, in_features: int, parts: list[tuple[str, int]], num_slots: int,
                  max_rank: int, dtype: torch.dtype, device):
         super().__init__()
+        sizes = {size for _, size in parts}
+        if len(sizes) != 1:
+            raise ValueError(f"fused parts must have equal output sizes, got {parts}")
         self.base = base
-        self.parts = list(parts)
-        self.in_features = in_features
-        self.out_features = sum(size for _, size in parts)
-        self.out_offsets = {}
-        offset = 0
-        for name, size in parts:
-            self.out_offsets[name] = (offset, size)
-            offset += size
-        self.num_slots, self.max_rank = num_slots, max_rank * len(parts)
+        self.parts = [name for name, _ in parts]
+        self.num_parts, self.part_out = len(parts), sizes.pop()
+        self.in_features, self.out_features = in_features, self.part_out * self.num_parts
+        self.num_slots, self.max_rank = num_slots, max_rank
         self.dtype, self.device = dtype, device
-        self.slot_rank = [0] * (num_slots + 1)  # total rank (all parts) held by each slot
+        self.slot_rank = [0] * (num_slots + 1)  # widest part rank held by each slot
         self.A: torch.Tensor | None = None
         self._alloc(0)
         self.folded_slot: int | None = None
@@ -98,20 +109,25 @@ class LoraLinear(nn.Module):
         self._cache_key: tuple | None = None
         self._cache: tuple | None = None
 
+    def part_slice(self, part: str) -> tuple[int, int]:
+        """(offset, size) of a part's rows in the fused output."""
+        return self.parts.index(part) * self.part_out, self.part_out
+
     def _alloc(self, rank: int) -> None:
         # Slot tensors grow to the largest rank loaded so far, so memory follows real adapters.
-        A = torch.zeros(self.num_slots + 1, rank, self.in_features, dtype=self.dtype, device=self.device)
-        B = torch.zeros(self.num_slots + 1, self.out_features, rank, dtype=self.dtype, device=self.device)
-        if self.A is not None and self.A.shape[1]:
-            old = self.A.shape[1]
-            A[:, :old] = self.A
-            B[:, :, :old] = self.B
+        n, P = self.num_slots + 1, self.num_parts
+        A = torch.zeros(n, P, rank, self.in_features, dtype=self.dtype, device=self.device)
+        B = torch.zeros(n, P, self.part_out, rank, dtype=self.dtype, device=self.device)
+        if self.A is not None and self.A.shape[2]:
+            old = self.A.shape[2]
+            A[:, :, :old] = self.A
+            B[..., :old] = self.B
         self.A, self.B = A, B
         self._cache_key = None
 
     @property
     def allocated_rank(self) -> int:
-        return self.A.shape[1]
+        return self.A.shape[2]
 
     def load_slot(self, slot: int, modules: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Write one adapter into `slot`: part name -> (A (r, in), scaling * B (out_part, r)).
@@ -120,31 +136,26 @@ class LoraLinear(nn.Module):
         """
         old = self.slot_rank[slot]
         if old:
-            self.A[slot, :old].zero_()
-            self.B[slot, :, :old].zero_()
-        total = sum(A.shape[0] for A, _ in modules.values())
-        if total > self.allocated_rank:
-            self._alloc(min(self.max_rank, max(total, 2 * self.allocated_rank)))
-        r0 = 0
-        for name, _ in self.parts:  # a fixed order keeps the layout independent of dict order
-            if name not in modules:
-                continue
-            A, B = modules[name]
-            o0, size = self.out_offsets[name]
-            rank = A.shape[0]
-            self.A[slot, r0:r0 + rank].copy_(A)
-            self.B[slot, o0:o0 + size, r0:r0 + rank].copy_(B)
-            r0 += rank
-        self.slot_rank[slot] = total
+            self.A[slot, :, :old].zero_()
+            self.B[slot, ..., :old].zero_()
+        rank = max((A.shape[0] for A, _ in modules.values()), default=0)
+        if rank > self.allocated_rank:
+            self._alloc(min(self.max_rank, max(rank, 2 * self.allocated_rank)))
+        for name, (A, B) in modules.items():
+            p, r = self.parts.index(name), A.shape[0]
+            self.A[slot, p, :r].copy_(A)
+            self.B[slot, p, :, :r].copy_(B)
+        self.slot_rank[slot] = rank
         self._cache_key = None
 
     def dense_weight(self, slot: int) -> torch.Tensor:
         """dequant(W0) + s * B @ A for `slot`, in the compute dtype, shape (out, in)."""
-        w0 = dequantized_weight(self.base).to(torch.float32)
+        w = dequantized_weight(self.base).to(torch.float32)
         rank = self.slot_rank[slot]
         if rank:
-            w0 = w0.addmm(self.B[slot, :, :rank].float(), self.A[slot, :rank].float())
-        return w0.to(self.dtype)
+            delta = torch.bmm(self.B[slot, ..., :rank].float(), self.A[slot, :, :rank].float())  # (P, out_p, in)
+            w = w + delta.reshape(self.out_features, self.in_features)
+        return w.to(self.dtype)
 
     def forward(self, x: torch.Tensor, lora: LoraStep | None = None) -> torch.Tensor:
         """x (T, in) -> (T, out)."""
@@ -153,30 +164,43 @@ class LoraLinear(nn.Module):
         y = self.base(x)
         if lora is None:
             return y
-        if lora.mode != "grouped":
-            rank = self.slot_rank[lora.slot]
-            if not rank:
-                return y
-            return torch.addmm(y, x @ self.A[lora.slot, :rank].t(), self.B[lora.slot, :, :rank].t())
         At, Bt = self._active(lora)
         if At is None:
+            return y  # no active adapter touches this layer
+        P, T = self.num_parts, x.shape[0]
+        if lora.mode != "grouped":  # every token uses one slot: no gather, no scatter
+            delta = self._expand(torch.mm(x, At[0]).unsqueeze(0), Bt)  # (P, T, out_part)
+            y.view(T, P, self.part_out).add_(delta.transpose(0, 1))
             return y
         xs = x.index_select(0, lora.gather).view(-1, lora.max_tokens, self.in_features)  # (S, M, in)
-        h = torch.bmm(xs, At)  # (S, M, r)
+        h = torch.bmm(xs, At)  # (S, M, P*r)
         if lora.mask is not None:
             h.mul_(lora.mask)  # padded rows contribute exactly zero to row 0
-        delta = torch.bmm(h, Bt)  # (S, M, out)
-        return y.index_add_(0, lora.gather, delta.view(-1, self.out_features))
+        delta = self._expand(h, Bt)  # (S*P, M, out_part)
+        # y viewed as (T*P, out_part): token t's part p is row t*P + p
+        y.view(T * P, self.part_out).index_add_(0, lora.part_gather(P), delta.view(-1, self.part_out))
+        return y
+
+    def _expand(self, h: torch.Tensor, Bt: torch.Tensor) -> torch.Tensor:
+        """h (S, M, P*r) -> updates (S*P, M, out_part), batch entry s*P + p."""
+        S, M, _ = h.shape
+        P = self.num_parts
+        if P > 1:
+            h = h.view(S, M, P, -1).transpose(1, 2).reshape(S * P, M, -1)  # (S*P, M, r): a small copy
+        return torch.bmm(h, Bt)
 
     def _active(self, lora: LoraStep):
-        """The active slots' A^T (S, in, r) and B^T (S, r, out), cached while the step key holds."""
+        """The active slots' A^T (S, in, P*r) and B^T (S*P, r, out_part), cached while the key holds."""
         if self._cache_key != lora.key:
             rank = max(self.slot_rank[s] for s in lora.key[0])  # this layer's own widest slot
             if rank == 0:
-                self._cache = (None, None)  # no active adapter touches this layer
+                self._cache = (None, None)
             else:
-                At = self.A[:, :rank].index_select(0, lora.active).transpose(1, 2).contiguous()
-                Bt = self.B[:, :, :rank].index_select(0, lora.active).transpose(1, 2).contiguous()
+                S = len(lora.key[0])
+                A = self.A[:, :, :rank].index_select(0, lora.active)  # (S, P, r, in)
+                At = A.reshape(S, -1, self.in_features).transpose(1, 2).contiguous()
+                B = self.B[..., :rank].index_select(0, lora.active)  # (S, P, out_p, r)
+                Bt = B.transpose(2, 3).reshape(S * self.num_parts, rank, self.part_out).contiguous()
                 self._cache = (At, Bt)
             self._cache_key = lora.key
         return self._cache

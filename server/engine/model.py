@@ -1,8 +1,8 @@
 """A compact Llama-family decoder (Llama, Mistral, Qwen2, SmolLM) over the paged KV cache.
 
 Module and parameter names mirror Hugging Face's (`model.layers.N.input_layernorm`, ...), except
-that projections reading the same input are fused (`qkv_proj`, `gate_up_proj`: fewer, larger
-matmuls and one LoRA gather each); `lora_targets()` maps HF/PEFT projection paths to a fused
+that projections reading the same input with one output size are fused (`kv_proj`,
+`gate_up_proj`: fewer, larger matmuls and one LoRA gather each); `lora_targets()` maps HF/PEFT projection paths to a fused
 layer and its part. Every projection is a `LoraLinear` wrapping the base layer. Activations are 2-D `(num_tokens, hidden)`: the step's
 sequences are packed back to back, and `StepContext` (built once per step by the runner) carries
 positions, rotary tables, paged-attention indices and LoRA routing to every layer.
@@ -130,20 +130,17 @@ class Attention(nn.Module):
         h, d, kv = spec.hidden_size, spec.head_dim, spec.num_kv_heads
         self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, kv, d
         self.q_size, self.kv_size = spec.num_heads * d, kv * d
-        # q, k and v read the same input: one fused projection (see LoraLinear)
-        self.qkv_proj = make_linear(h, [("q_proj", self.q_size), ("k_proj", self.kv_size),
-                                        ("v_proj", self.kv_size)], spec.attention_bias)
+        self.q_proj = make_linear(h, [("q_proj", self.q_size)], spec.attention_bias)
+        # k and v read the same input and have one size: one fused projection (see LoraLinear)
+        self.kv_proj = make_linear(h, [("k_proj", self.kv_size), ("v_proj", self.kv_size)], spec.attention_bias)
         self.o_proj = make_linear(spec.num_heads * d, [("o_proj", h)], False)
         self.k_cache: torch.Tensor | None = None  # (num_blocks * block_size, kv_heads, head_dim)
         self.v_cache: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         T = x.shape[0]
-        qkv = self.qkv_proj(x, ctx.lora)  # (T, q_size + 2 * kv_size)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.reshape(T, self.num_heads, self.head_dim)
-        k = k.reshape(T, self.num_kv_heads, self.head_dim)
-        v = v.reshape(T, self.num_kv_heads, self.head_dim)
+        q = self.q_proj(x, ctx.lora).view(T, self.num_heads, self.head_dim)
+        k, v = self.kv_proj(x, ctx.lora).view(T, 2, self.num_kv_heads, self.head_dim).unbind(1)
         q, k = apply_rope(q, ctx), apply_rope(k, ctx)
         out = paged_attention(q, k, v, self.k_cache, self.v_cache, ctx.attn)  # (T, H, D)
         return self.o_proj(out.reshape(T, -1), ctx.lora)
@@ -200,7 +197,7 @@ class CausalLM(nn.Module):
         return F.linear(x, self.lm_head_weight).float()
 
     def lora_layers(self) -> dict[str, LoraLinear]:
-        """Our module path (fused names like `...self_attn.qkv_proj`) -> wrapped layer."""
+        """Our module path (fused names like `...self_attn.kv_proj`) -> wrapped layer."""
         return {name: m for name, m in self.named_modules() if isinstance(m, LoraLinear)}
 
     def lora_targets(self) -> dict[str, tuple[LoraLinear, str]]:
@@ -208,6 +205,6 @@ class CausalLM(nn.Module):
         targets = {}
         for name, layer in self.lora_layers().items():
             parent = name.rpartition(".")[0]
-            for part, _ in layer.parts:
+            for part in layer.parts:
                 targets[f"{parent}.{part}"] = (layer, part)
         return targets

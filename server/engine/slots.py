@@ -53,7 +53,7 @@ def read_host_adapter(ref: AdapterRef, targets: dict[str, tuple[LoraLinear, str]
         if path not in targets:
             raise AdapterLoadError(f"adapter {ref.id}: module {path!r} is not a linear layer of the base")
         layer, part = targets[path]
-        out_features = layer.out_offsets[part][1]
+        out_features = layer.part_out
         if module.rank > max_rank:
             raise AdapterLoadError(f"adapter {ref.id}: rank {module.rank} > max_lora_rank {max_rank}")
         if tuple(module.A.shape) != (module.rank, layer.in_features) or \

@@ -16,7 +16,7 @@ from server.engine.slots import AdapterSlots
 from server.engine.types import AdapterRef, SamplingParams
 
 
-PARTS = [("q", 10), ("k", 4), ("v", 4)]  # a fused layer, out 18
+PARTS = [("q", 6), ("k", 6), ("v", 6)]  # a fused layer, out 18
 
 
 def make_layer(num_slots=4, ranks=(3, 8, 5, 1), seed=0):
@@ -25,9 +25,9 @@ def make_layer(num_slots=4, ranks=(3, 8, 5, 1), seed=0):
     layer = LoraLinear(nn.Linear(12, 18), 12, PARTS, num_slots, 16, torch.float32, "cpu")
     mods = {}
     for slot, r in enumerate(ranks, start=1):
-        parts = {"q": (torch.randn(r, 12), torch.randn(10, r) * 0.5), "v": (torch.randn(r, 12), torch.randn(4, r))}
+        parts = {"q": (torch.randn(r, 12), torch.randn(6, r) * 0.5), "v": (torch.randn(r, 12), torch.randn(6, r))}
         if slot == 2:
-            parts["k"] = (torch.randn(2, 12), torch.randn(4, 2))
+            parts["k"] = (torch.randn(2, 12), torch.randn(6, 2))
         layer.load_slot(slot, parts)
         mods[slot] = parts
     return layer, mods
@@ -64,7 +64,7 @@ def test_lora_layer_equals_per_adapter_loop(slots):
 
 def test_slot_reload_overwrites_higher_rank_with_lower():
     layer, mods = make_layer()
-    small = {"v": (torch.ones(2, 12), torch.ones(4, 2))}
+    small = {"v": (torch.ones(2, 12), torch.ones(6, 2))}
     layer.load_slot(2, small)
     x = torch.randn(3, 12)
     for slots in ([2, 2, 2], [2, 1, 0]):
@@ -131,7 +131,7 @@ def test_slots_never_evict_a_pinned_slot(tmp_path):
         for seq in holders:
             assert slots.owner[seq.slot] == seq.adapter.id
             # the slot really holds this adapter's weights
-            assert layers["model.layers.0.self_attn.q_proj"][0].slot_rank[seq.slot] == 4  # q + v
+            assert layers["model.layers.0.self_attn.q_proj"][0].slot_rank[seq.slot] == 2
     for seq in holders:
         slots.release(seq)
         assert seq.slot == NO_SLOT
