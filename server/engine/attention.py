@@ -3,7 +3,7 @@
 Each layer's cache is a flat `(num_blocks * block_size, num_kv_heads, head_dim)` tensor. Once
 per step the runner builds an `AttnStep` (shared by every layer): where each new token's K/V
 goes, and for two groups of sequences (decodes, with one query each, and prefill chunks) the
-padded gather indices and masks that turn the cache into dense keys for
+padded block tables (keys are gathered a whole block at a time) and masks that turn the cache into dense keys for
 `scaled_dot_product_attention`. Nothing here knows about adapters or sampling.
 """
 
@@ -21,12 +21,13 @@ class AttnGroup:
 
     row_start: int
     row_end: int
-    kv_index: torch.Tensor  # (num_seqs, max_kv) flat cache positions; padding points at 0
+    kv_index: torch.Tensor  # (num_seqs, max_blocks) block ids; padding points at block 0
     mask: torch.Tensor | None  # (num_seqs, 1, max_q, max_kv) bool, True = attend; None = causal
     q_index: torch.Tensor | None  # (num_seqs * max_q,) token rows (padded), None for decodes / one seq
     out_index: torch.Tensor | None  # (row_end - row_start,) padded rows holding the real tokens
     num_seqs: int
     max_q: int
+    block_size: int
 
 
 @dataclass(frozen=True)
@@ -36,16 +37,14 @@ class AttnStep:
     prefill: AttnGroup | None
 
 
-def _flat_positions(block_tables: list[list[int]], lengths: list[int], block_size: int,
-                    device) -> torch.Tensor:
-    """(num_seqs, max(lengths)) flat cache positions of each sequence's first `length` tokens."""
-    max_len = max(lengths)
-    max_blocks = -(-max_len // block_size)
-    table = torch.tensor([bt[:max_blocks] + [0] * (max_blocks - len(bt[:max_blocks])) for bt in block_tables],
-                         dtype=torch.long)  # (num_seqs, max_blocks)
-    pos = torch.arange(max_len)
-    flat = table[:, pos // block_size] * block_size + pos % block_size  # (num_seqs, max_len)
-    return flat.to(device)
+def _block_index(block_tables: list[list[int]], lengths: list[int], block_size: int,
+                 device) -> tuple[torch.Tensor, int]:
+    """(num_seqs, max_blocks) padded block tables covering each sequence's first `length` tokens,
+    and the padded key length max_blocks * block_size. Keys are gathered whole blocks at a time
+    (far fewer, larger copies than per-token rows); masks hide the positions past each length."""
+    max_blocks = -(-max(lengths) // block_size)
+    table = [bt[:max_blocks] + [0] * (max_blocks - len(bt[:max_blocks])) for bt in block_tables]
+    return torch.tensor(table, dtype=torch.long, device=device), max_blocks * block_size
 
 
 def build_attn_step(entries: list[tuple[list[int], int, int]], block_size: int, num_decodes: int,
@@ -63,12 +62,12 @@ def build_attn_step(entries: list[tuple[list[int], int, int]], block_size: int, 
     if num_decodes:
         dec = entries[:num_decodes]
         lengths = [start + 1 for _, start, _ in dec]
-        kv = _flat_positions([t for t, _, _ in dec], lengths, block_size, device)
+        kv, max_kv = _block_index([t for t, _, _ in dec], lengths, block_size, device)
         mask = None
-        if min(lengths) != max(lengths):
-            mask = (torch.arange(max(lengths), device=device)[None, :] <
+        if min(lengths) != max_kv or max(lengths) != max_kv:
+            mask = (torch.arange(max_kv, device=device)[None, :] <
                     torch.tensor(lengths, device=device)[:, None])[:, None, None, :]  # (B, 1, 1, L)
-        decode = AttnGroup(0, num_decodes, kv, mask, None, None, num_decodes, 1)
+        decode = AttnGroup(0, num_decodes, kv, mask, None, None, num_decodes, 1, block_size)
     if len(entries) > num_decodes:
         prefill = _prefill_group(entries[num_decodes:], num_decodes, block_size, device)
     return AttnStep(slot_mapping, decode, prefill)
@@ -78,11 +77,13 @@ def _prefill_group(pre, row_start: int, block_size: int, device) -> AttnGroup:
     q_lens = [n for _, _, n in pre]
     starts = [s for _, s, _ in pre]
     kv_lens = [s + n for s, n in zip(starts, q_lens)]
-    kv = _flat_positions([t for t, _, _ in pre], kv_lens, block_size, device)
-    max_q, max_kv = max(q_lens), max(kv_lens)
+    kv, max_kv = _block_index([t for t, _, _ in pre], kv_lens, block_size, device)
+    max_q = max(q_lens)
     row_end = row_start + sum(q_lens)
     if len(pre) == 1 and starts[0] == 0:
-        return AttnGroup(row_start, row_end, kv, None, None, None, 1, max_q)  # plain causal
+        # SDPA's causal mask is top-left aligned: query i sees keys <= i, so the padding of the
+        # last block (keys >= q_len) is never seen either.
+        return AttnGroup(row_start, row_end, kv, None, None, None, 1, max_q, block_size)
     q_pos = torch.arange(max_q)[None, :, None]  # (1, Q, 1)
     k_pos = torch.arange(max_kv)[None, None, :]  # (1, 1, L)
     start_t = torch.tensor(starts)[:, None, None]
@@ -98,7 +99,8 @@ def _prefill_group(pre, row_start: int, block_size: int, device) -> AttnGroup:
             offset += n
         q_index = torch.tensor(rows, dtype=torch.long, device=device)
         out_index = torch.tensor(outs, dtype=torch.long, device=device)
-    return AttnGroup(row_start, row_end, kv, mask[:, None].to(device), q_index, out_index, len(pre), max_q)
+    return AttnGroup(row_start, row_end, kv, mask[:, None].to(device), q_index, out_index, len(pre), max_q,
+                     block_size)
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
@@ -117,8 +119,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
 
 def _attend(q: torch.Tensor, k_cache, v_cache, g: AttnGroup) -> torch.Tensor:
     """q holds exactly the group's rows. Returns (rows, H, D)."""
-    keys = k_cache[g.kv_index].transpose(1, 2)  # (B, KV, L, D)
-    values = v_cache[g.kv_index].transpose(1, 2)
+    blocked = (-1, g.block_size, *k_cache.shape[1:])  # (num_blocks, block_size, KV, D)
+    padded = (g.num_seqs, -1, *k_cache.shape[1:])  # (B, max_blocks * block_size, KV, D)
+    keys = k_cache.view(blocked)[g.kv_index].view(padded).transpose(1, 2)  # (B, KV, L, D)
+    values = v_cache.view(blocked)[g.kv_index].view(padded).transpose(1, 2)
     if g.max_q == 1 and g.q_index is None and g.num_seqs == q.shape[0]:
         qb = q.unsqueeze(2)  # (B, H, 1, D)
         out = F.scaled_dot_product_attention(qb, keys, values, attn_mask=g.mask, enable_gqa=True)

@@ -138,3 +138,16 @@ def test_async_stream_abort_on_close_and_errors(tiny_base_dir, engine):
     assert first.token_id is not None
     assert engine.blocks.num_free == engine.blocks.num_blocks
     assert not engine.scheduler.has_work()
+
+
+def test_generate_while_the_loop_runs(engine):
+    want = engine.generate(PROMPTS[:2], sampling=GREEDY)
+
+    async def main():
+        await engine.start()
+        try:
+            return await asyncio.to_thread(engine.generate, PROMPTS[:2], None, GREEDY)
+        finally:
+            await engine.stop()
+
+    assert asyncio.run(main()) == want
