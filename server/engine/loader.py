@@ -9,6 +9,7 @@ safetensors are read; nothing is unpickled.
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -59,6 +60,10 @@ def _make_base_linear(weight: torch.Tensor, bias: torch.Tensor | None, quant: st
                               device="meta")
     params = dict(layer.weight.__dict__)
     layer.weight = bnb.nn.Params4bit(weight.to(dtype), requires_grad=False, **params).to(device)
+    if device.type == "cpu":
+        # The first CPU forward repacks weight and quant state in place (AVX512-BF16 kernels);
+        # fold needs the original NF4 blocks to dequantize, so keep a private copy.
+        layer.nf4_source = (layer.weight.data.clone(), copy.deepcopy(layer.weight.quant_state))
     if bias is not None:
         layer.bias = nn.Parameter(bias.to(device=device, dtype=dtype), requires_grad=False)
     return layer.eval()

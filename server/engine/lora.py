@@ -207,18 +207,19 @@ class LoraLinear(nn.Module):
 
 
 def dequantized_weight(base: nn.Module) -> torch.Tensor:
-    """The base layer's weight as a dense tensor (dequantizing a bitsandbytes Linear4bit)."""
-    weight = base.weight
-    if getattr(weight, "quant_state", None) is not None:
+    """The base layer's weight as a dense tensor (dequantizing a bitsandbytes Linear4bit).
+
+    On CPUs with AVX512-BF16, bitsandbytes repacks a Linear4bit's weight in place on its first
+    forward, and its "inverse" conversion neither restores the quant state exactly nor leaves it
+    usable; so the loader keeps the original NF4 data and state (`nf4_source`) for this.
+    """
+    source = getattr(base, "nf4_source", None)
+    if source is None and getattr(base.weight, "quant_state", None) is not None:
+        if getattr(base.weight.quant_state, "packing_format_for_cpu", False):
+            raise RuntimeError("a repacked Linear4bit without nf4_source cannot be dequantized")
+        source = (base.weight.data, base.weight.quant_state)
+    if source is not None:
         import bitsandbytes.functional as bnbf
-        from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
 
-        fix_4bit_weight_quant_state_from_module(base)
-        state = weight.quant_state
-        if getattr(state, "packing_format_for_cpu", False):
-            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-            data, state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
-            return bnbf.dequantize_4bit(data, state)
-        return bnbf.dequantize_4bit(weight.data, state)
-    return weight.data
+        return bnbf.dequantize_4bit(source[0], source[1])
+    return base.weight.data
