@@ -12,6 +12,7 @@ with slot residency behind the scheduler's gate and fold decided just before the
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -20,7 +21,7 @@ from pathlib import Path
 from server.engine.block_manager import BlockManager
 from server.engine.config import EngineConfig
 from server.engine.detokenizer import IncrementalText
-from server.engine.errors import DuplicateRequest, EngineStopped, PromptTooLong
+from server.engine.errors import AdapterLoadError, DuplicateRequest, EngineStopped, PromptTooLong
 from server.engine.fold import FoldManager
 from server.engine.loader import (allocate_kv_cache, kv_bytes_per_block, load_model, read_generation_eos,
                                   resolve_device_dtype)
@@ -32,6 +33,7 @@ from server.engine.slots import AdapterSlots
 from server.engine.types import AdapterRef, SamplingParams, TokenEvent
 
 Sink = Callable[[TokenEvent], None]
+logger = logging.getLogger(__name__)
 
 
 class Engine:
@@ -196,6 +198,8 @@ class Engine:
             raise PromptTooLong(f"prompt has {len(prompt_ids)} tokens; max_model_len is {self.max_model_len}")
         if self.blocks.blocks_for(len(prompt_ids) + 1) > self.blocks.num_blocks:
             raise PromptTooLong(f"prompt has {len(prompt_ids)} tokens; the KV cache holds fewer")
+        if adapter is not None and self.config.max_loras == 0:
+            raise AdapterLoadError("this engine serves no adapters (max_loras=0)")
         with self._live_lock:
             if request_id in self._live:
                 raise DuplicateRequest(f"request id {request_id!r} is already running")
@@ -216,7 +220,11 @@ class Engine:
             self._wake.clear()
             self._drain_inbox()
             if self.scheduler.has_work():
-                self.step()
+                try:
+                    self.step()
+                except Exception as exc:  # noqa: BLE001 - a bug must not kill the loop silently
+                    logger.exception("engine step failed; failing the requests in flight")
+                    self._fail_all(f"internal engine error: {exc!r}")
         self._drain_inbox()
         for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
             self._abort(seq.request_id)
@@ -263,6 +271,13 @@ class Engine:
         self.num_generated += len(outputs)
         for out in outputs:
             self._emit(out)
+
+    def _fail_all(self, error: str) -> None:
+        for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+            self.scheduler.finish(seq, "abort")
+            self._send(seq, TokenEvent(seq.request_id, None, "", "abort", error=error,
+                                       prompt_tokens=seq.num_prompt_tokens,
+                                       completion_tokens=len(seq.output_ids)))
 
     def _fail_unloadable(self) -> None:
         if not self.slots.failed:

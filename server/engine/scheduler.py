@@ -189,4 +189,5 @@ class Scheduler:
         """End a sequence from outside (e.g. its adapter failed to load)."""
         if seq.status is SeqStatus.WAITING and seq in self.waiting:
             self.waiting.remove(seq)
-        self._finish(seq, reason)
+        if seq.status is not SeqStatus.FINISHED:
+            self._finish(seq, reason)

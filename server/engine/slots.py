@@ -103,8 +103,6 @@ class AdapterSlots:
         if seq.adapter is None:
             seq.slot = 0
             return True
-        if self.num_slots == 0:
-            raise AdapterLoadError("this engine was started with max_loras=0")
         aid = seq.adapter.id
         slot = self.slot_of.get(aid)
         if slot is None:

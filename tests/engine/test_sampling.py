@@ -151,3 +151,30 @@ def test_generate_while_the_loop_runs(engine):
             await engine.stop()
 
     assert asyncio.run(main()) == want
+
+
+def test_a_failing_step_fails_its_requests_and_the_loop_survives(engine, monkeypatch):
+    real_run = engine.runner.run
+    calls = []
+
+    def broken_once(batch, fold_slot=None):
+        if not calls:
+            calls.append(1)
+            raise RuntimeError("boom")
+        return real_run(batch, fold_slot)
+
+    monkeypatch.setattr(engine.runner, "run", broken_once)
+
+    async def main():
+        await engine.start()
+        try:
+            failed = [ev async for ev in engine.add_request("x", PROMPTS[1], None, GREEDY)]
+            ok = [ev async for ev in engine.add_request("y", PROMPTS[1], None, GREEDY)]
+            return failed, ok
+        finally:
+            await engine.stop()
+
+    failed, ok = asyncio.run(main())
+    assert failed[-1].finish_reason == "abort" and "boom" in failed[-1].error
+    assert len(ok) == GREEDY.max_tokens and ok[-1].finish_reason == "length"
+    assert engine.blocks.num_free == engine.blocks.num_blocks
