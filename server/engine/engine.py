@@ -28,7 +28,7 @@ from server.engine.loader import (allocate_kv_cache, kv_bytes_per_block, load_mo
 from server.engine.runner import ModelRunner
 from server.engine.sampler import Sampler
 from server.engine.scheduler import Scheduler, StepOutput
-from server.engine.sequence import Sequence, SeqStatus
+from server.engine.sequence import Sequence
 from server.engine.slots import AdapterSlots
 from server.engine.types import AdapterRef, SamplingParams, TokenEvent
 

@@ -9,7 +9,7 @@ within `fold_budget` bytes. Traffic for anyone else unfolds an unpinned fold bet
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from server.engine.lora import LoraLinear
 

@@ -7,7 +7,6 @@ weights with the same bitsandbytes kernels, so greedy tokens must agree exactly.
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from server.engine.config import EngineConfig
