@@ -129,8 +129,8 @@ class LoraLinear(nn.Module):
     def allocated_rank(self) -> int:
         return self.A.shape[2]
 
-    def load_slot(self, slot: int, modules: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Write one adapter into `slot`: part name -> (A (r, in), scaling * B (out_part, r)).
+    def load_slot(self, slot: int, modules: dict[str, tuple[torch.Tensor, torch.Tensor, float]]) -> None:
+        """Write one adapter into `slot`: part name -> (A (r, in), B (out_part, r), scaling).
 
         Parts the adapter does not adapt stay zero; an empty dict clears the slot.
         """
@@ -138,13 +138,13 @@ class LoraLinear(nn.Module):
         if old:
             self.A[slot, :, :old].zero_()
             self.B[slot, ..., :old].zero_()
-        rank = max((A.shape[0] for A, _ in modules.values()), default=0)
+        rank = max((m[0].shape[0] for m in modules.values()), default=0)
         if rank > self.allocated_rank:
             self._alloc(min(self.max_rank, max(rank, 2 * self.allocated_rank)))
-        for name, (A, B) in modules.items():
+        for name, (A, B, scaling) in modules.items():
             p, r = self.parts.index(name), A.shape[0]
             self.A[slot, p, :r].copy_(A)
-            self.B[slot, p, :, :r].copy_(B)
+            self.B[slot, p, :, :r].copy_(B).mul_(scaling)  # B is stored pre-scaled
         self.slot_rank[slot] = rank
         self._cache_key = None
 

@@ -33,10 +33,13 @@ class SlotTable:
 
 @dataclass
 class HostAdapter:
-    """An adapter in host memory, ready to copy: module path -> (A (r, in), scaling * B (out, r))."""
+    """An adapter in host memory, ready to copy: module path -> (A (r, in), B (out, r), scaling).
+
+    The scaling is applied while writing the slot, saving a pass and a copy of every B here.
+    """
 
     id: str
-    modules: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
     max_rank: int
     nbytes: int = 0
 
@@ -61,8 +64,8 @@ def read_host_adapter(ref: AdapterRef, targets: dict[str, tuple[LoraLinear, str]
             raise AdapterLoadError(f"adapter {ref.id}: {path} has shapes A{tuple(module.A.shape)} "
                                    f"B{tuple(module.B.shape)}")
         A = module.A.to(dtype).contiguous()
-        B = (module.B.float() * module.scaling).to(dtype).contiguous()
-        modules[path] = (A, B)
+        B = module.B.to(dtype).contiguous()
+        modules[path] = (A, B, module.scaling)
         nbytes += A.numel() * A.element_size() + B.numel() * B.element_size()
     return HostAdapter(ref.id, modules, weights.max_rank, nbytes)
 
@@ -178,7 +181,7 @@ class AdapterSlots:
         if self.owner[slot] is not None:
             self.stats.evictions += 1
             del self.slot_of[self.owner[slot]]
-        per_layer: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+        per_layer: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor, float]]] = {}
         for path, pair in host.modules.items():
             layer, part = self.targets[path]
             per_layer.setdefault(id(layer), {})[part] = pair

@@ -25,9 +25,9 @@ def make_layer(num_slots=4, ranks=(3, 8, 5, 1), seed=0):
     layer = LoraLinear(nn.Linear(12, 18), 12, PARTS, num_slots, 16, torch.float32, "cpu")
     mods = {}
     for slot, r in enumerate(ranks, start=1):
-        parts = {"q": (torch.randn(r, 12), torch.randn(6, r) * 0.5), "v": (torch.randn(r, 12), torch.randn(6, r))}
+        parts = {"q": (torch.randn(r, 12), torch.randn(6, r), 0.5), "v": (torch.randn(r, 12), torch.randn(6, r), 1.0)}
         if slot == 2:
-            parts["k"] = (torch.randn(2, 12), torch.randn(6, 2))
+            parts["k"] = (torch.randn(2, 12), torch.randn(6, 2), 2.0)
         layer.load_slot(slot, parts)
         mods[slot] = parts
     return layer, mods
@@ -38,8 +38,8 @@ def delta(parts, x):
     out, offset = torch.zeros(18), 0
     for name, size in PARTS:
         if name in parts:
-            A, B = parts[name]
-            out[offset:offset + size] = B @ (A @ x)
+            A, B, scaling = parts[name]
+            out[offset:offset + size] = scaling * (B @ (A @ x))
         offset += size
     return out
 
@@ -64,7 +64,7 @@ def test_lora_layer_equals_per_adapter_loop(slots):
 
 def test_slot_reload_overwrites_higher_rank_with_lower():
     layer, mods = make_layer()
-    small = {"v": (torch.ones(2, 12), torch.ones(6, 2))}
+    small = {"v": (torch.ones(2, 12), torch.ones(6, 2), 0.25)}
     layer.load_slot(2, small)
     x = torch.randn(3, 12)
     for slots in ([2, 2, 2], [2, 1, 0]):
