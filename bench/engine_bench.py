@@ -53,6 +53,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--hf-new-tokens", type=int, default=None,
                    help="tokens per row for (c)/(c0) if transformers is too slow (default: --new-tokens)")
     p.add_argument("--load-repeats", type=int, default=5, help="samples for the (e) medians")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="timed runs per figure, the fastest kept (not (g), not cold loads); >1 on busy machines")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     p.add_argument("--skip-hf", action="store_true", help="skip (c), (c0), (d) and PEFT's (e)")
     p.add_argument("--out", type=Path, default=RESULTS_DIR)
@@ -78,19 +80,25 @@ def measure_baselines(args, report: Report, base_dir: Path, dirs: list[Path], pr
     rows, adapters = [list(r.prompt_ids) for r in mixed], [r.adapter for r in mixed]
     hf_note = "" if args.hf_new_tokens == args.new_tokens else f"{args.hf_new_tokens} new tokens per row, not {args.new_tokens}"
     hf_baseline.peft_generate(peft, rows, adapters, 1, pad)  # warm-up
+
+    def fastest(fn):
+        """(seconds, result) of the fastest of --repeats calls."""
+        timings = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            result = fn()
+            timings.append((time.perf_counter() - start, result))
+        return min(timings, key=lambda pair: pair[0])
+
     log(f"(c) PEFT mixed-batch generate, {args.hf_new_tokens} tokens per row")
-    start = time.perf_counter()
-    peft_out = hf_baseline.peft_generate(peft, rows, adapters, args.hf_new_tokens, pad)
-    seconds = time.perf_counter() - start
+    seconds, peft_out = fastest(lambda: hf_baseline.peft_generate(peft, rows, adapters, args.hf_new_tokens, pad))
     report.add(Measure("c", "transformers+PEFT mixed batch", len(rows) * args.hf_new_tokens / seconds, "tok/s", hf_note))
     log("(c0) transformers generate, base only")
     with peft.disable_adapter():
-        start = time.perf_counter()
-        hf_baseline.peft_generate(peft, rows, None, args.hf_new_tokens, pad)
-        seconds = time.perf_counter() - start
+        seconds, _ = fastest(lambda: hf_baseline.peft_generate(peft, rows, None, args.hf_new_tokens, pad))
     report.add(Measure("c0", "transformers base only", len(rows) * args.hf_new_tokens / seconds, "tok/s", hf_note))
     log("(d) matmul bound")
-    seconds = hf_baseline.matmul_bound(peft, len(rows), args.new_tokens, args.quant)
+    seconds = min(hf_baseline.matmul_bound(peft, len(rows), args.new_tokens, args.quant) for _ in range(args.repeats))
     what = "Linear4bit.forward per layer" if args.quant == "nf4" else "F.linear per layer"
     report.add(Measure("d", "matmul bound (linear weights only)", len(rows) * args.new_tokens / seconds, "tok/s", what))
     if args.load_repeats:
@@ -113,14 +121,15 @@ def measure_engine(args, report: Report, base_dir: Path, dirs: list[Path], workl
         for key, label, name in (("a", f"engine, {args.adapters} adapters mixed", "mixed"),
                                  ("b", "engine, no adapter", "base")):
             log(f"({key}) {label}")
-            run = engine_runs.warm_then_run(engine, workloads[name], refs, n)
+            run = engine_runs.warm_then_run(engine, workloads[name], refs, n, args.repeats)
             report.add(Measure(key, label, run.tok_s, "tok/s", f"{run.tokens} tokens in {run.seconds:.1f}s"))
             outputs[key] = run.outputs
             if key == "a":
                 mixed_run = run
         # (d) counts decode steps only, (a) also the prompts' prefill: time a prefill-only pass
         # (max_tokens=1) to show (a)'s decode phase alone, for comparison with (d).
-        prefill = engine_runs.run_requests(engine, workloads["mixed"], refs, 1)
+        prefill = min((engine_runs.run_requests(engine, workloads["mixed"], refs, 1) for _ in range(args.repeats)),
+                      key=lambda r: r.seconds)
         decode_tokens = mixed_run.tokens - prefill.tokens
         if decode_tokens > 0 and mixed_run.seconds > prefill.seconds:
             rate = decode_tokens / (mixed_run.seconds - prefill.seconds)
@@ -129,11 +138,11 @@ def measure_engine(args, report: Report, base_dir: Path, dirs: list[Path], workl
         # (g) can run at most --slots sequences at once (one adapter each): the same engine with
         # that many base-only requests is (g)'s ceiling, so (g)/(b_slots) isolates the swap cost.
         log(f"(b_slots) engine, no adapter, {args.slots} concurrent requests")
-        run = engine_runs.warm_then_run(engine, workloads["base"][: args.slots], refs, n)
+        run = engine_runs.warm_then_run(engine, workloads["base"][: args.slots], refs, n, args.repeats)
         report.add(Measure("b_slots", f"engine, no adapter, {args.slots} requests", run.tok_s, "tok/s",
                            "(g)'s ceiling: one running sequence per slot"))
         log("(f) engine, one adapter pinned (fold)")
-        run = engine_runs.fold_run(engine, workloads["single"], refs, n)
+        run = engine_runs.fold_run(engine, workloads["single"], refs, n, args.repeats)
         folded = run.stats["fold"]["folded"] == refs[0].id
         report.add(Measure("f", "engine, 1 adapter folded", run.tok_s, "tok/s",
                            "folded" if folded else "WARNING: not folded"))
@@ -212,7 +221,8 @@ def run(args: argparse.Namespace) -> Report:
         "many": round_robin(prompts, args.many_adapters, count=args.many_adapters),
     }
     title = (f"loraswap engine benchmark: {base_dir.name}, quant={args.quant}, dtype={args.dtype}, "
-             f"{torch.get_num_threads()} threads, {args.new_tokens} new tokens/request")
+             f"{torch.get_num_threads()} threads, {args.new_tokens} new tokens/request"
+             + (f", fastest of {args.repeats}" if args.repeats > 1 else ""))
     report = Report(title, targets=list(TARGETS))
     report.extra["args"] = {k: str(v) for k, v in vars(args).items()}
     outputs = {}
