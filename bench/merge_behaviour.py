@@ -112,10 +112,6 @@ def merge(adapters: dict[str, Path], workdir: Path, density: float, seed: int) -
     from trainer.merge_cli import main as merge_cli
 
     merged = {}
-    threads = torch.get_num_threads()
-    # One thread: the dense methods are many mid-size eigh/matmul calls, and on a shared CPU
-    # OpenMP's spinning threads make them several times slower, not faster.
-    torch.set_num_threads(1)
     for method, weight_a, weight_b in MERGES:
         out = workdir / f"merged_{method}"
         shutil.rmtree(out, ignore_errors=True)  # a rerun merges afresh
@@ -128,7 +124,6 @@ def merge(adapters: dict[str, Path], workdir: Path, density: float, seed: int) -
         info = json.loads((out / "loraswap.json").read_text())["merge"]
         merged[method] = {"dir": out, "weights": [weight_a, weight_b], "seconds": time.perf_counter() - start,
                           "svd_error_max": info["svd_error_max"]}
-    torch.set_num_threads(threads)
     return merged
 
 
@@ -181,7 +176,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--reuse", action="store_true", help="keep adapters already trained in --workdir")
+    # One thread by default: merging is many mid-size eigh/matmul calls and generation is small
+    # batches; on a shared CPU OpenMP's spinning threads make both slower, not faster.
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for merging and generation")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
 
     from adapters.base import resolve_base
 
@@ -210,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "command": "python -m bench.merge_behaviour " + " ".join(argv if argv is not None else sys.argv[1:]),
         "greeting": GREETING, "sign_off": SIGN_OFF, "prompts": prompts, "epochs": args.epochs,
-        "train_flags": TRAIN_FLAGS, "train_seconds": train_seconds, "density": args.density, "seed": args.seed,
+        "threads": args.threads, "train_flags": TRAIN_FLAGS, "train_seconds": train_seconds, "density": args.density, "seed": args.seed,
         "merge_seconds": {m: info["seconds"] for m, info in merged.items()}, "rows": rows,
     }
     (RESULTS / "merge_behaviour.json").write_text(json.dumps(report, indent=2))
