@@ -10,6 +10,10 @@ chat template with assistant-only loss:
 - `ours`: `trainer.sft.SFTRecipe` (packed rows, block-diagonal masks, logits only at targets).
 - `ours-qlora`: the same on the NF4 base.
 
+Two datasets: `persona` (tests/data/persona_train.jsonl: 100 short conversations of similar
+length, so padding costs the plain loop little) and `mixed` (the same turns joined, seeded,
+into conversations of 1 to 8 exchanges: the spread of lengths real chat data has).
+
 Tokens are counted the same way for both: real (non-pad) tokens. Each worker reports tokens/s
 over the timed steps (after warm-up steps), `peak_rss_mb` (ru_maxrss of the whole process,
 loading included) and `train_peak_rss_mb` (the RSS high-water mark reset after setup, where the
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import resource
 import subprocess
 import sys
@@ -28,8 +33,10 @@ import time
 from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
-DATA = BENCH_DIR.parent / "tests" / "data" / "persona_train.jsonl"
+PERSONA = BENCH_DIR.parent / "tests" / "data" / "persona_train.jsonl"
 CONFIGS = ("plain", "ours", "ours-qlora")
+# (dataset, config) pairs run by default: speed on both length profiles, QLoRA memory on one.
+DEFAULT_RUNS = "mixed:plain,mixed:ours,mixed:ours-qlora,persona:plain,persona:ours"
 RANK, ALPHA, DROPOUT, BATCH, LR, MAX_LENGTH = 16, 32.0, 0.05, 8, 2e-4, 1024
 
 
@@ -70,13 +77,31 @@ def _timed(run_step, batches, warmup: int, steps: int) -> dict:
             "cpu_seconds": cpu_seconds, "tokens_per_cpu_second": tokens / cpu_seconds, "last_loss": losses[-1]}
 
 
-def worker_ours(qlora: bool, warmup: int, steps: int) -> dict:
+def write_mixed(path: Path, seed: int = 0) -> Path:
+    """Join persona exchanges into multi-turn conversations of 1..8 exchanges (seeded)."""
+    rng = random.Random(seed)
+    exchanges = []
+    for line in PERSONA.read_text().splitlines():
+        row = json.loads(line)
+        messages = row.get("messages") or [{"role": "user", "content": row["prompt"]},
+                                           {"role": "assistant", "content": row["completion"]}]
+        exchanges.append([m for m in messages if m["role"] != "system"])
+    rows = []
+    for _ in range(len(exchanges)):
+        picked = rng.sample(exchanges, rng.randint(1, 8))
+        rows.append({"messages": [m for exchange in picked for m in exchange]})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def worker_ours(data: Path, qlora: bool, warmup: int, steps: int) -> dict:
     import torch
 
     from trainer.lora import LoraSpec
     from trainer.sft import SFTRecipe, TrainConfig
 
-    config = TrainConfig(data=DATA, out=Path("/nonexistent"), qlora=qlora, lr=LR, batch_size=BATCH,
+    config = TrainConfig(data=data, out=Path("/nonexistent"), qlora=qlora, lr=LR, batch_size=BATCH,
                          max_length=MAX_LENGTH, progress=False, device="cpu",
                          lora=LoraSpec(rank=RANK, alpha=ALPHA, dropout=DROPOUT))
     recipe = SFTRecipe(config, log=lambda *_: None)
@@ -96,7 +121,7 @@ def worker_ours(qlora: bool, warmup: int, steps: int) -> dict:
     return result
 
 
-def worker_plain(warmup: int, steps: int) -> dict:
+def worker_plain(data_path: Path, warmup: int, steps: int) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -107,7 +132,7 @@ def worker_plain(warmup: int, steps: int) -> dict:
 
     base_dir = resolve_base("default")
     tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
-    data = load_jsonl(DATA, ChatTemplate(tokenizer), MAX_LENGTH)
+    data = load_jsonl(data_path, ChatTemplate(tokenizer), MAX_LENGTH)
     model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
     model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=DROPOUT,
                                              target_modules="all-linear", task_type="CAUSAL_LM"))
@@ -140,20 +165,24 @@ def worker_plain(warmup: int, steps: int) -> dict:
     return result
 
 
-def run_worker(name: str, warmup: int, steps: int, threads: int) -> dict:
+def run_worker(name: str, data: Path, warmup: int, steps: int, threads: int) -> dict:
     import torch
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     if name == "plain":
-        result = worker_plain(warmup, steps)
+        result = worker_plain(data, warmup, steps)
     else:
-        result = worker_ours(name == "ours-qlora", warmup, steps)
+        result = worker_ours(data, name == "ours-qlora", warmup, steps)
     peak, train_peak = _peak_mb()
     result.update(config=name, peak_rss_mb=round(peak, 1),
                   train_peak_rss_mb=round(train_peak, 1) if train_peak and result["peak_reset"] else None,
                   threads=threads, steps=steps, warmup=warmup)
     return result
+
+
+def _label(r: dict) -> str:
+    return f"{r['dataset']}\n{r['config']}"
 
 
 def _plot(results: list[dict], path: Path) -> None:
@@ -162,50 +191,73 @@ def _plot(results: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(9, 3.5), dpi=100)
+    figure = Figure(figsize=(11, 4), dpi=100)
     speed, memory = figure.subplots(1, 2)
-    names = [r["config"] for r in results]
-    speed.bar(names, [r["tokens_per_second"] for r in results], color="tab:blue")
-    speed.set_ylabel("tokens / s (real tokens)")
-    memory.bar(names, [r["train_peak_rss_mb"] or r["peak_rss_mb"] for r in results], color="tab:orange")
+    names = [_label(r) for r in results]
+    colors = ["tab:gray" if r["config"] == "plain" else "tab:blue" for r in results]
+    speed.bar(names, [r["tokens_per_cpu_second"] for r in results], color=colors)
+    speed.set_ylabel("real tokens per CPU-second")
+    memory.bar(names, [r["train_peak_rss_mb"] or r["peak_rss_mb"] for r in results], color=colors)
     memory.set_ylabel("peak RSS while training (MiB)")
+    for axes in (speed, memory):
+        axes.tick_params(axis="x", labelsize=8)
     figure.suptitle("loraswap train vs plain transformers + PEFT (rank 16 all-linear, batch 8, fp32)")
     figure.tight_layout()
     figure.savefig(path)
 
 
+def _speedups(results: list[dict]) -> list[dict]:
+    """ours / plain per dataset: tokens/s (wall and per CPU-second) and training peak memory."""
+    rows = []
+    for dataset in dict.fromkeys(r["dataset"] for r in results):
+        by = {r["config"]: r for r in results if r["dataset"] == dataset}
+        if "plain" in by and "ours" in by:
+            ours, plain = by["ours"], by["plain"]
+            rows.append({
+                "dataset": dataset,
+                "speedup_wall": ours["tokens_per_second"] / plain["tokens_per_second"],
+                "speedup_cpu": ours["tokens_per_cpu_second"] / plain["tokens_per_cpu_second"],
+                "memory_ratio": (ours["train_peak_rss_mb"] or ours["peak_rss_mb"])
+                / (plain["train_peak_rss_mb"] or plain["peak_rss_mb"]),
+            })
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.train_bench")
     parser.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
-    parser.add_argument("--configs", default=",".join(CONFIGS))
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--runs", default=DEFAULT_RUNS, help="comma list of dataset:config")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.worker:
-        print(json.dumps(run_worker(args.worker, args.warmup, args.steps, args.threads)))
+        print(json.dumps(run_worker(args.worker, args.data, args.warmup, args.steps, args.threads)))
         return 0
+    datasets = {"persona": PERSONA, "mixed": write_mixed(args.out / "train_mixed.jsonl")}
     results = []
-    for name in args.configs.split(","):
-        command = [sys.executable, "-m", "bench.train_bench", "--worker", name, "--warmup", str(args.warmup),
-                   "--steps", str(args.steps), "--threads", str(args.threads)]
+    for run in args.runs.split(","):
+        dataset, name = run.split(":")
+        command = [sys.executable, "-m", "bench.train_bench", "--worker", name, "--data", str(datasets[dataset]),
+                   "--warmup", str(args.warmup), "--steps", str(args.steps), "--threads", str(args.threads)]
         proc = subprocess.run(command, cwd=BENCH_DIR.parent, capture_output=True, text=True)
         if proc.returncode != 0:
             print(proc.stderr[-3000:], file=sys.stderr)
             return 1
-        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        r = results[-1]
-        print(f"{name:<11} {r['tokens_per_second']:8.1f} tok/s  {r['tokens_per_cpu_second']:7.1f} tok/cpu-s   peak RSS {r['peak_rss_mb']:8.1f} MiB   "
-              f"training peak {r['train_peak_rss_mb']} MiB   last loss {r['last_loss']:.3f}", flush=True)
-    by_name = {r["config"]: r for r in results}
-    if "plain" in by_name and "ours" in by_name:
-        ours, plain = by_name["ours"], by_name["plain"]
-        speedup = ours["tokens_per_second"] / plain["tokens_per_second"]
-        cpu_speedup = ours["tokens_per_cpu_second"] / plain["tokens_per_cpu_second"]
-        print(f"speedup ours / plain: {speedup:.2f}x wall, {cpu_speedup:.2f}x per CPU-second (target >= 1.5x)")
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        r["dataset"] = dataset
+        results.append(r)
+        print(f"{dataset:<8} {name:<11} {r['tokens_per_second']:7.1f} tok/s {r['tokens_per_cpu_second']:7.1f} tok/cpu-s"
+              f"   peak RSS {r['peak_rss_mb']:7.1f} MiB   training peak {r['train_peak_rss_mb']} MiB"
+              f"   last loss {r['last_loss']:.3f}", flush=True)
+    speedups = _speedups(results)
+    for row in speedups:
+        print(f"{row['dataset']}: ours / plain {row['speedup_wall']:.2f}x tok/s wall, {row['speedup_cpu']:.2f}x per "
+              f"CPU-second (target >= 1.5x); training peak memory x{row['memory_ratio']:.2f}")
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "train.json").write_text(json.dumps({"results": results}, indent=2))
+    (args.out / "train.json").write_text(json.dumps({"results": results, "speedups": speedups}, indent=2))
     _plot(results, args.out / "train.png")
     print(f"wrote {args.out / 'train.json'} and {args.out / 'train.png'}")
     return 0

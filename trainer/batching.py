@@ -58,7 +58,7 @@ class PackedBatch:
         """
         length = self.segment_ids.shape[1]
         same = self.segment_ids[:, :, None] == self.segment_ids[:, None, :]  # (rows, L, L)
-        causal = torch.ones(length, length, dtype=torch.bool).tril()
+        causal = torch.ones(length, length, dtype=torch.bool, device=self.segment_ids.device).tril()
         return (same & causal)[:, None]
 
     def to(self, device: torch.device | str) -> "PackedBatch":

@@ -9,6 +9,8 @@ weights stay in float32. Nothing here knows about data or the optimiser.
 
 from __future__ import annotations
 
+import ctypes
+import gc
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +70,19 @@ def quantize_nf4(model: nn.Module, compute_dtype: torch.dtype = torch.float32) -
     return count
 
 
+def release_freed_memory() -> None:
+    """Collect garbage and ask glibc to return free heap pages to the OS (no-op elsewhere).
+
+    Freed tensors otherwise stay in the process's heap, and the RSS of a QLoRA run would still
+    count the dense weights it no longer holds.
+    """
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 @dataclass
 class TrainableModel:
     """The base with LoRA injected: the HF model, its wrappers by module path, and the spec."""
@@ -108,6 +123,12 @@ def load_trainable(
     model.to(device)
     if qlora:
         quantize_nf4(model, compute_dtype=dtype)
+        # The dense tensors left (embeddings, norms) may be views of the memory-mapped checkpoint,
+        # which keeps every page of it resident; own copies let the whole mapping go.
+        for param in model.parameters():
+            if not hasattr(param, "quant_state"):
+                param.data = param.data.clone()
+        release_freed_memory()
     wrappers = inject_lora(model, spec, info.linear_shapes)
     model.config.use_cache = False
     return TrainableModel(model=model, wrappers=wrappers, spec=spec, info=info, qlora=qlora)

@@ -155,7 +155,8 @@ class SFTRecipe:
         cfg, model = self.config, self.trainable.model
         params = self.trainable.trainable_parameters()
         result = TrainResult()
-        bar = tqdm(total=self.total_steps, desc="train", unit="step", disable=not cfg.progress, dynamic_ncols=True)
+        bar = tqdm(total=self.total_steps, desc="train", unit="step", disable=not cfg.progress,
+                   dynamic_ncols=True, mininterval=1.0)
         start = time.perf_counter()
         for epoch in range(cfg.epochs):
             model.train()
