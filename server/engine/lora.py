@@ -1,7 +1,8 @@
 """The multi-LoRA linear layer: a wrapped base Linear / Linear4bit plus stacked slot tensors.
 
-Each `LoraLinear` holds `A (num_slots + 1, parts, r, in)` and `B (num_slots + 1, parts, out, r)`,
-where slot 0 stays all zeros (the base alone) and B is stored pre-multiplied by the adapter's scaling. Routing
+Each `LoraLinear` holds every slot's A and B in layouts the `bmm`s read directly
+(`A (num_slots + 1, parts, r, in)`, `Bt (num_slots + 1, parts, r, out)`), where slot 0 stays all
+zeros (the base alone) and B is stored pre-multiplied by the adapter's scaling. Routing
 is an index built once per step (`LoraStep`, shared by all layers): the step's tokens grouped by
 slot into a padded `(num_active, max_tokens)` layout, so each layer does one gather, two `bmm`s
 against the active slots and one `index_add_` — no Python loop over adapters. A step whose
@@ -82,9 +83,12 @@ class LoraLinear(nn.Module):
 
     A layer may fuse P projections of equal output size that read the same input (k/v,
     gate/up): the base weight is their concatenation, slot tensors are
-    `A (num_slots + 1, P, r, in)` and `B (num_slots + 1, P, out_part, r)` (r = the widest rank
+    `A (num_slots + 1, P, r, in)` and `Bt (num_slots + 1, P, r, out_part)` (r = the widest rank
     loaded; narrower adapters are zero-padded), so one gather and one shrink `bmm` serve all
     parts, and the expand `bmm` runs the parts as extra batch entries with no wasted work.
+    When the active slots are a contiguous range at full rank (the steady state: slots fill in
+    order), the `bmm`s read the slot tensors through views; otherwise the active slots are
+    gathered once per change of the active set.
     (Fused projections quantize to the same NF4 blocks as separate layers: blocks never cross a
     row when in_features is a multiple of 64.)
     """
@@ -117,12 +121,12 @@ class LoraLinear(nn.Module):
         # Slot tensors grow to the largest rank loaded so far, so memory follows real adapters.
         n, P = self.num_slots + 1, self.num_parts
         A = torch.zeros(n, P, rank, self.in_features, dtype=self.dtype, device=self.device)
-        B = torch.zeros(n, P, self.part_out, rank, dtype=self.dtype, device=self.device)
+        Bt = torch.zeros(n, P, rank, self.part_out, dtype=self.dtype, device=self.device)
         if self.A is not None and self.A.shape[2]:
             old = self.A.shape[2]
             A[:, :, :old] = self.A
-            B[..., :old] = self.B
-        self.A, self.B = A, B
+            Bt[:, :, :old] = self.Bt
+        self.A, self.Bt = A, Bt
         self._cache_key = None
 
     @property
@@ -130,21 +134,24 @@ class LoraLinear(nn.Module):
         return self.A.shape[2]
 
     def load_slot(self, slot: int, modules: dict[str, tuple[torch.Tensor, torch.Tensor, float]]) -> None:
-        """Write one adapter into `slot`: part name -> (A (r, in), B (out_part, r), scaling).
+        """Write one adapter into `slot`: part name -> (A (r, in), B^T (r, out_part), scaling).
+
+        B arrives transposed (the host cache does that off the engine loop), so both writes
+        are plain copies.
 
         Parts the adapter does not adapt stay zero; an empty dict clears the slot.
         """
         old = self.slot_rank[slot]
         if old:
             self.A[slot, :, :old].zero_()
-            self.B[slot, ..., :old].zero_()
+            self.Bt[slot, :, :old].zero_()
         rank = max((m[0].shape[0] for m in modules.values()), default=0)
         if rank > self.allocated_rank:
             self._alloc(min(self.max_rank, max(rank, 2 * self.allocated_rank)))
-        for name, (A, B, scaling) in modules.items():
+        for name, (A, Bt, scaling) in modules.items():
             p, r = self.parts.index(name), A.shape[0]
             self.A[slot, p, :r].copy_(A)
-            self.B[slot, p, :, :r].copy_(B).mul_(scaling)  # B is stored pre-scaled
+            self.Bt[slot, p, :r].copy_(Bt).mul_(scaling)  # B is stored pre-scaled
         self.slot_rank[slot] = rank
         self._cache_key = None
 
@@ -153,7 +160,9 @@ class LoraLinear(nn.Module):
         w = dequantized_weight(self.base).to(torch.float32)
         rank = self.slot_rank[slot]
         if rank:
-            delta = torch.bmm(self.B[slot, ..., :rank].float(), self.A[slot, :, :rank].float())  # (P, out_p, in)
+            A = self.A[slot, :, :rank].float()  # (P, r, in)
+            B = self.Bt[slot, :, :rank].transpose(1, 2).float()  # (P, out_p, r)
+            delta = torch.bmm(B, A)  # (P, out_p, in)
             w = w + delta.reshape(self.out_features, self.in_features)
         return w.to(self.dtype)
 
@@ -190,18 +199,23 @@ class LoraLinear(nn.Module):
         return torch.bmm(h, Bt)
 
     def _active(self, lora: LoraStep):
-        """The active slots' A^T (S, in, P*r) and B^T (S*P, r, out_part), cached while the key holds."""
+        """The active slots' A^T (S, in, P*r) and B^T (S*P, r, out_part), cached while the key holds.
+
+        A^T is a transposed view of row-major A: BLAS reads it as is, no copy."""
         if self._cache_key != lora.key:
-            rank = max(self.slot_rank[s] for s in lora.key[0])  # this layer's own widest slot
+            active = lora.key[0]
+            rank = max(self.slot_rank[s] for s in active)  # this layer's own widest slot
+            S, P, first = len(active), self.num_parts, active[0]
             if rank == 0:
                 self._cache = (None, None)
+            elif rank == self.allocated_rank and active == tuple(range(first, first + S)):
+                self._cache = (self.A[first:first + S].view(S, P * rank, self.in_features).transpose(1, 2),
+                               self.Bt[first:first + S].view(S * P, rank, self.part_out))  # views
             else:
-                S = len(lora.key[0])
                 A = self.A[:, :, :rank].index_select(0, lora.active)  # (S, P, r, in)
-                At = A.reshape(S, -1, self.in_features).transpose(1, 2).contiguous()
-                B = self.B[..., :rank].index_select(0, lora.active)  # (S, P, out_p, r)
-                Bt = B.transpose(2, 3).reshape(S * self.num_parts, rank, self.part_out).contiguous()
-                self._cache = (At, Bt)
+                Bt = self.Bt[:, :, :rank].index_select(0, lora.active)  # (S, P, r, out_p)
+                self._cache = (A.reshape(S, P * rank, self.in_features).transpose(1, 2),
+                               Bt.reshape(S * P, rank, self.part_out))
             self._cache_key = lora.key
         return self._cache
 

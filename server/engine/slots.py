@@ -33,9 +33,10 @@ class SlotTable:
 
 @dataclass
 class HostAdapter:
-    """An adapter in host memory, ready to copy: module path -> (A (r, in), B (out, r), scaling).
+    """An adapter in host memory, ready to copy: module path -> (A (r, in), B^T (r, out), scaling).
 
-    The scaling is applied while writing the slot, saving a pass and a copy of every B here.
+    B is transposed here, in the loader thread, into the layout the slots keep; the scaling is
+    applied while writing the slot.
     """
 
     id: str
@@ -64,9 +65,9 @@ def read_host_adapter(ref: AdapterRef, targets: dict[str, tuple[LoraLinear, str]
             raise AdapterLoadError(f"adapter {ref.id}: {path} has shapes A{tuple(module.A.shape)} "
                                    f"B{tuple(module.B.shape)}")
         A = module.A.to(dtype).contiguous()
-        B = module.B.to(dtype).contiguous()
-        modules[path] = (A, B, module.scaling)
-        nbytes += A.numel() * A.element_size() + B.numel() * B.element_size()
+        Bt = module.B.to(dtype).t().contiguous()  # (r, out)
+        modules[path] = (A, Bt, module.scaling)
+        nbytes += A.numel() * A.element_size() + Bt.numel() * Bt.element_size()
     return HostAdapter(ref.id, modules, weights.max_rank, nbytes)
 
 

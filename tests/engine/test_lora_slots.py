@@ -28,7 +28,7 @@ def make_layer(num_slots=4, ranks=(3, 8, 5, 1), seed=0):
         parts = {"q": (torch.randn(r, 12), torch.randn(6, r), 0.5), "v": (torch.randn(r, 12), torch.randn(6, r), 1.0)}
         if slot == 2:
             parts["k"] = (torch.randn(2, 12), torch.randn(6, 2), 2.0)
-        layer.load_slot(slot, parts)
+        layer.load_slot(slot, {k: (A, B.t().contiguous(), sc) for k, (A, B, sc) in parts.items()})
         mods[slot] = parts
     return layer, mods
 
@@ -65,7 +65,7 @@ def test_lora_layer_equals_per_adapter_loop(slots):
 def test_slot_reload_overwrites_higher_rank_with_lower():
     layer, mods = make_layer()
     small = {"v": (torch.ones(2, 12), torch.ones(6, 2), 0.25)}
-    layer.load_slot(2, small)
+    layer.load_slot(2, {k: (A, B.t().contiguous(), sc) for k, (A, B, sc) in small.items()})
     x = torch.randn(3, 12)
     for slots in ([2, 2, 2], [2, 1, 0]):
         step = build_lora_step(slots, 2, "cpu", torch.float32)
