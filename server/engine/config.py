@@ -51,7 +51,7 @@ class EngineConfig:
     num_kv_blocks: int | None = None
     kv_cache_bytes: int = 512 * 2**20
     fold: str = "auto"
-    fold_window: int = 8
+    fold_window: int = 32  # steps; a dense build costs ~1 s on a CPU, so do not flap
     fold_budget: int = 1 * 2**30
 
     def __post_init__(self):
