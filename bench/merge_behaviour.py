@@ -107,7 +107,7 @@ def train(data: Path, out: Path, epochs: int, reuse: bool) -> float:
     return time.perf_counter() - start
 
 
-def merge(adapters: dict[str, Path], workdir: Path, density: float, seed: int) -> dict[str, dict]:
+def merge(adapters: dict[str, Path], workdir: Path, density: float, seed: int, rank: int | None) -> dict[str, dict]:
     """Every method through `loraswap merge`; returns method -> {dir, weights, seconds, svd error}."""
     from trainer.merge_cli import main as merge_cli
 
@@ -118,7 +118,8 @@ def merge(adapters: dict[str, Path], workdir: Path, density: float, seed: int) -
         start = time.perf_counter()
         code = merge_cli(["--method", method, "--adapter", f"{adapters['A']}:{weight_a}",
                           "--adapter", f"{adapters['B']}:{weight_b}", "--out", str(out),
-                          "--density", str(density), "--seed", str(seed)])
+                          "--density", str(density), "--seed", str(seed),
+                          *(["--rank", str(rank)] if rank else [])])
         if code != 0:
             raise RuntimeError(f"loraswap merge --method {method} failed ({code})")
         info = json.loads((out / "loraswap.json").read_text())["merge"]
@@ -175,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--density", type=float, default=0.5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--rank", type=int, default=None, help="merged rank (default: sum of input ranks)")
     parser.add_argument("--reuse", action="store_true", help="keep adapters already trained in --workdir")
     # One thread by default: merging is many mid-size eigh/matmul calls and generation is small
     # batches; on a shared CPU OpenMP's spinning threads make both slower, not faster.
@@ -189,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     data = write_style_data(args.workdir)
     adapters = {style: args.workdir / f"adapter_{style}" for style in data}
     train_seconds = {style: train(data[style], adapters[style], args.epochs, args.reuse) for style in data}
-    merged = merge(adapters, args.workdir, args.density, args.seed)
+    merged = merge(adapters, args.workdir, args.density, args.seed, args.rank)
 
     prompts = json.loads(PERSONA_HELDOUT.read_text()) + EXTRA_PROMPTS
     models = [("base (no adapter)", None, []), ("adapter A alone", adapters["A"], [1.0, 0.0]),
@@ -203,16 +205,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: A {rows[-1]['style_a']:.0%}  B {rows[-1]['style_b']:.0%}", flush=True)
 
     print(f"\n{len(prompts)} held-out prompts, greedy, {args.max_new_tokens} new tokens at most; "
-          f"density {args.density}, seed {args.seed}\n")
+          f"density {args.density}, seed {args.seed}, merged rank {args.rank or 'sum of input ranks'}\n")
     print(table(rows))
     RESULTS.mkdir(parents=True, exist_ok=True)
     report = {
         "command": "python -m bench.merge_behaviour " + " ".join(argv if argv is not None else sys.argv[1:]),
         "greeting": GREETING, "sign_off": SIGN_OFF, "prompts": prompts, "epochs": args.epochs,
-        "threads": args.threads, "train_flags": TRAIN_FLAGS, "train_seconds": train_seconds, "density": args.density, "seed": args.seed,
+        "threads": args.threads, "train_flags": TRAIN_FLAGS, "train_seconds": train_seconds,
+        "density": args.density, "seed": args.seed, "rank": args.rank,
         "merge_seconds": {m: info["seconds"] for m, info in merged.items()}, "rows": rows,
     }
-    (RESULTS / "merge_behaviour.json").write_text(json.dumps(report, indent=2))
+    name = f"merge_behaviour_rank{args.rank}.json" if args.rank else "merge_behaviour.json"
+    (RESULTS / name).write_text(json.dumps(report, indent=2))
     return 0
 
 
