@@ -12,7 +12,7 @@ chat template with assistant-only loss:
 
 Two datasets: `persona` (tests/data/persona_train.jsonl: 100 short conversations of similar
 length, so padding costs the plain loop little) and `mixed` (the same turns joined, seeded,
-into conversations of 1 to 8 exchanges: the spread of lengths real chat data has).
+into conversations of 1 to 8 persona conversations: the spread of lengths real chat data has).
 
 Tokens are counted the same way for both: real (non-pad) tokens. Each worker reports tokens/s
 over the timed steps (after warm-up steps), `peak_rss_mb` (ru_maxrss of the whole process,
@@ -78,7 +78,7 @@ def _timed(run_step, batches, warmup: int, steps: int) -> dict:
 
 
 def write_mixed(path: Path, seed: int = 0) -> Path:
-    """Join persona exchanges into multi-turn conversations of 1..8 exchanges (seeded)."""
+    """Join 1..8 persona conversations (system prompts dropped) into each multi-turn one (seeded)."""
     rng = random.Random(seed)
     exchanges = []
     for line in PERSONA.read_text().splitlines():

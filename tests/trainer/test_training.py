@@ -119,3 +119,13 @@ def test_qlora_trains_on_nf4_and_its_adapter_loads_in_peft(tmp_path, tiny_base_d
     # And it loads on the dense base too (the server may fold or serve it either way).
     dense = _peft_logits(tiny_base_dir, result.out, ids, quantized=False)
     assert dense.shape == ours.shape and torch.isfinite(dense).all()
+
+
+def test_bf16_base_with_dropout_trains_fp32_adapters(tmp_path, tiny_base_dir):
+    config = _config(tmp_path, tiny_base_dir, epochs=4, dtype="bfloat16", lora=LoraSpec(rank=4, alpha=8, dropout=0.1))
+    recipe, result = run(config, log=lambda *_: None)
+    wrapper = next(iter(recipe.trainable.wrappers.values()))
+    assert wrapper.base.weight.dtype == torch.bfloat16 and wrapper.lora_A.dtype == torch.float32
+    assert result.epoch_train_losses[-1] < result.epoch_train_losses[0]
+    weights = read_peft(result.out)
+    assert all(m.A.dtype == torch.float32 and torch.isfinite(m.B).all() for m in weights.modules.values())
