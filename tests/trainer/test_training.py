@@ -44,6 +44,20 @@ def _config(tmp_path, base, **overrides) -> TrainConfig:
     return TrainConfig(**params)
 
 
+def _passes_upload_validation(out, info) -> None:
+    """The files `--publish` sends pass the server's own upload checks against this base."""
+    import shutil
+
+    from adapters.validate import check_template, validate_adapter_dir
+
+    staging = out.parent / "staging"
+    staging.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors", "loraswap.json"):
+        shutil.copy(out / name, staging / name)
+    validated = validate_adapter_dir(staging, info, max_rank=64)
+    check_template(validated.provenance, info, False)
+
+
 def _probe_ids(recipe) -> torch.Tensor:
     return torch.tensor([recipe.template.render(PROBE, continue_final_message=True).ids])
 
@@ -84,6 +98,7 @@ def test_lora_training_lowers_loss_and_peft_loads_the_same_model(tmp_path, tiny_
 
     weights = read_peft(out)
     assert len(weights.modules) == 2 * 7 and weights.max_rank == 4
+    _passes_upload_validation(out, recipe.info)
     assert any(float(m.B.abs().max()) > 0 for m in weights.modules.values())  # it trained
 
     ids = _probe_ids(recipe)
