@@ -22,7 +22,7 @@ from server.engine.block_manager import BlockManager
 from server.engine.config import EngineConfig
 from server.engine.detokenizer import IncrementalText
 from server.engine.errors import AdapterLoadError, DuplicateRequest, EngineStopped, PromptTooLong
-from server.engine.fold import FoldManager
+from server.engine.fold import FoldManager, fold_dtype
 from server.engine.loader import (allocate_kv_cache, kv_bytes_per_block, load_model, read_generation_eos,
                                   resolve_device_dtype)
 from server.engine.runner import ModelRunner
@@ -52,7 +52,8 @@ class Engine:
             1, config.kv_cache_bytes // kv_bytes_per_block(self.model, config.block_size))
         allocate_kv_cache(self.model, num_blocks, config.block_size)
         layers = self.model.lora_layers()
-        self.fold = FoldManager(layers, config.fold, config.fold_window, config.fold_budget)
+        self.fold = FoldManager(layers, config.fold, config.fold_window, config.fold_budget,
+                                fold_dtype(config.quant, self.device, self.dtype))
         self.slots = AdapterSlots(self.model.lora_targets(), config.max_loras, config.max_cpu_loras, config.max_lora_rank,
                                   self.dtype, on_slot_change=self.fold.on_slot_change)
         self.blocks = BlockManager(num_blocks, config.block_size)

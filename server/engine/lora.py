@@ -155,8 +155,8 @@ class LoraLinear(nn.Module):
         self.slot_rank[slot] = rank
         self._cache_key = None
 
-    def dense_weight(self, slot: int) -> torch.Tensor:
-        """dequant(W0) + s * B @ A for `slot`, in the compute dtype, shape (out, in)."""
+    def dense_weight(self, slot: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """dequant(W0) + s * B @ A for `slot`, shape (out, in), in `dtype` (default: compute dtype)."""
         w = dequantized_weight(self.base).to(torch.float32)
         rank = self.slot_rank[slot]
         if rank:
@@ -164,12 +164,14 @@ class LoraLinear(nn.Module):
             B = self.Bt[slot, :, :rank].transpose(1, 2).float()  # (P, out_p, r)
             delta = torch.bmm(B, A)  # (P, out_p, in)
             w = w + delta.reshape(self.out_features, self.in_features)
-        return w.to(self.dtype)
+        return w.to(dtype or self.dtype)
 
     def forward(self, x: torch.Tensor, lora: LoraStep | None = None) -> torch.Tensor:
         """x (T, in) -> (T, out)."""
         if lora is not None and lora.mode == "fold" and self.folded_slot == lora.slot:
-            return F.linear(x, self.folded_weight, self.base.bias)
+            weight = self.folded_weight
+            bias = None if self.base.bias is None else self.base.bias.to(weight.dtype)
+            return F.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
         y = self.base(x)
         if lora is None:
             return y

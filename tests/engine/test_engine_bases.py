@@ -86,3 +86,13 @@ def test_nf4_fold_leaves_the_base_intact(tiny_base_dir, tmp_path):
     # bitsandbytes' CPU kernel computes in bf16, the dense fold in fp32: close, not bit-equal
     agree = sum(a == b for a, b in zip(folded[0], unfolded[0]))
     assert agree >= 6, (folded[0], unfolded[0])
+
+
+def test_fold_dtype_is_bf16_only_for_nf4_on_a_bf16_capable_cpu():
+    from server.engine.fold import fold_dtype
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert fold_dtype("none", cpu, torch.float32) == torch.float32
+    assert fold_dtype("nf4", cuda, torch.bfloat16) == torch.bfloat16
+    expected = torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+    assert fold_dtype("nf4", cpu, torch.float32) == expected
