@@ -6,6 +6,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from adapters.chat_template import ChatTemplate, TemplateError
+from tests.spans import masked_runs
 
 CONVERSATIONS = [
     [{"role": "user", "content": "What is the capital of France?"}],
@@ -69,15 +70,7 @@ def test_assistant_mask_covers_exactly_each_answer_and_its_end_of_turn(tokenizer
     ]
     rendered = ChatTemplate(tokenizer).render(messages, training=True)
     assert len(rendered.ids) == len(rendered.assistant_mask)
-    spans, current = [], []
-    for token, supervised in zip(rendered.ids, rendered.assistant_mask):
-        if supervised:
-            current.append(token)
-        elif current:
-            spans.append(current)
-            current = []
-    if current:
-        spans.append(current)
+    spans = masked_runs(rendered.ids, rendered.assistant_mask)
     eot = tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert [span[-1] for span in spans] == [eot, eot]
     texts = [tokenizer.decode(span[:-1]) for span in spans]

@@ -8,6 +8,7 @@ import pytest
 
 from adapters.chat_template import ChatTemplate
 from trainer.data import DataError, encode_messages, load_jsonl
+from tests.spans import masked_runs
 
 CONVERSATION = [
     {"role": "system", "content": "Answer briefly."},
@@ -32,15 +33,7 @@ def template(tokenizer):
 
 def supervised_runs(tokenizer, example) -> list[str]:
     """Decode each maximal run of masked tokens: what the loss trains the model to write."""
-    runs, current = [], []
-    for token, masked in zip(example.ids, example.mask):
-        if masked:
-            current.append(token)
-        elif current:
-            runs.append(current)
-            current = []
-    if current:
-        runs.append(current)
+    runs = masked_runs(example.ids, example.mask)
     return [tokenizer.decode(run) for run in runs]
 
 
