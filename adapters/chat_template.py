@@ -27,6 +27,7 @@ import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 ROLES = ("system", "user", "assistant")
+ROLE_ALIASES = {"developer": "system"}  # OpenAI's newer name for the system role (coding agents send it)
 
 
 class TemplateError(ValueError):
@@ -130,8 +131,9 @@ class ChatTemplate:
             if not isinstance(message, dict):
                 raise TemplateError(f"messages[{index}] must be an object with role and content")
             role = message.get("role")
+            role = ROLE_ALIASES.get(role, role) if isinstance(role, str) else role
             if role not in ROLES:
-                raise TemplateError(f"messages[{index}].role {role!r} is not one of {', '.join(ROLES)}")
+                raise TemplateError(f"messages[{index}].role {role!r} is not one of {', '.join(ROLES)}, developer")
             if role == "system" and index != 0:
                 raise TemplateError(f"messages[{index}]: a system message may only come first")
             text = message_text(message, index)

@@ -49,6 +49,7 @@ class ServerState:
     # (tenant, name) -> adapter id of names deleted while requests still use them: hidden at
     # once, removed from the store when the last of those requests finishes.
     deleting: dict[tuple[str, str], str] = field(default_factory=dict)
+    grammars: Any = None  # GrammarCache, made on the first structured-output request (api/decoding.py)
 
     @property
     def max_model_len(self) -> int:

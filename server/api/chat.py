@@ -17,6 +17,7 @@ import uuid
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
 
+from server.api.decoding import decoding_controls
 from server.api.deps import get_state, get_tenant
 from server.api.errors import ApiError, BadRequest, EngineFailure, Overloaded, envelope
 from server.api.protocol import (
@@ -32,6 +33,7 @@ from server.api.protocol import (
     TopLogprob,
     Usage,
 )
+from server.api.request_fields import check_fields
 from server.engine.types import SamplingParams, TokenEvent
 from server.generation import Generation
 from server.state import ServerState
@@ -39,8 +41,10 @@ from server.state import ServerState
 router = APIRouter()
 
 
-def sampling_params(body: ChatCompletionRequest, max_tokens: int, end_of_turn_ids: list[int]) -> SamplingParams:
-    """OpenAI request fields -> engine `SamplingParams` (400 naming the field when out of range)."""
+def sampling_params(body: ChatCompletionRequest, max_tokens: int, end_of_turn_ids: list[int],
+                    **controls) -> SamplingParams:
+    """OpenAI request fields -> engine `SamplingParams` (400 naming the field when out of range);
+    `controls` are `decoding.decoding_controls`' penalties, logit_bias and grammar."""
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     if any(not s for s in stop):
         raise BadRequest("stop strings must be non-empty", param="stop")
@@ -57,6 +61,7 @@ def sampling_params(body: ChatCompletionRequest, max_tokens: int, end_of_turn_id
             stop_token_ids=() if body.ignore_eos else tuple(end_of_turn_ids),
             ignore_eos=body.ignore_eos,
             logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+            **controls,
         )
     except ValueError as exc:
         raise BadRequest(str(exc)) from None
@@ -89,6 +94,7 @@ async def create_chat_completion(
     tenant: str = Depends(get_tenant),
     state: ServerState = Depends(get_state),
 ):
+    check_fields(body.model_dump(exclude_unset=True))  # every OpenAI field honoured or refused by name
     if body.chat_template is not None or body.chat_template_kwargs:
         raise BadRequest("a request may not supply its own chat template; the base's is used",
                          param="chat_template")
@@ -101,7 +107,8 @@ async def create_chat_completion(
         add_generation_prompt=body.add_generation_prompt,
         continue_final_message=body.continue_final_message,
     )
-    sampling = sampling_params(body, max_tokens, state.template.end_of_turn_ids)
+    controls = await decoding_controls(body, state, tenant)
+    sampling = sampling_params(body, max_tokens, state.template.end_of_turn_ids, **controls)
     ticket = state.admission.acquire(tenant)
     generation = Generation(
         state, request_id=f"chatcmpl-{uuid.uuid4().hex}", tenant=tenant, model=model,

@@ -45,6 +45,13 @@ class ChatCompletionRequest(BaseModel):
     # Refused when set (a request may not bring its own template); declared so we can say so.
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    # Sampling controls and structured outputs (request_fields.py: every OpenAI field's policy)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(default=None, ge=0.01, le=2)  # vLLM's
+    min_p: float | None = Field(default=None, ge=0, le=1)  # vLLM's
+    logit_bias: dict[str, float] | None = None  # bounds and ids checked against the vocabulary
+    response_format: dict[str, Any] | None = None  # parsed by server/api/response_format.py
 
 
 class TokenizeRequest(BaseModel):

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from server.engine import logits as logits_processors
 from server.engine.sequence import Sequence
 
 
@@ -32,6 +33,7 @@ class Sampler:
         """logits (S, vocab) float32 on any device; one row per sequence."""
         logits = logits.cpu()
         raw = logits
+        logits = logits_processors.process(logits, seqs)  # penalties, logit_bias, grammar, min_p
         masked = [i for i, s in enumerate(seqs) if s.below_min_tokens and s.stop_token_ids()]
         if masked:
             logits = logits.clone()
@@ -44,6 +46,7 @@ class Sampler:
             for j, i in enumerate(rows):
                 tokens[i] = torch.multinomial(probs[j], 1, generator=self._generator(seqs[i]))[0]
         out = [SampledToken(int(t)) for t in tokens.tolist()]
+        logits_processors.accept(seqs, [o.token_id for o in out])
         wants = [i for i, s in enumerate(seqs) if s.sampling.logprobs is not None]
         if wants:
             logprobs = torch.log_softmax(raw[wants], dim=-1)

@@ -53,6 +53,7 @@ class Sequence:
     finish_reason: str | None = None
     num_preemptions: int = 0
     generator: object = None  # the sampler's per-request torch.Generator (seeded requests)
+    grammar_state: object = None  # the grammar matcher of a constrained request (engine/logits.py)
 
     @property
     def adapter_id(self) -> str | None:

@@ -36,6 +36,13 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # None: off; k >= 0: the chosen token's logprob and the top k
+    # Logits processors (server/engine/logits.py checks their bounds)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_p: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    grammar: object = field(default=None, compare=False)  # a compiled grammar (server/engine/grammar.py)
 
     def __post_init__(self):
         if self.max_tokens < 1:
@@ -48,6 +55,9 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        from server.engine.logits import check_bounds  # one place for the processors' bounds
+
+        check_bounds(self)
 
     @property
     def greedy(self) -> bool:
