@@ -101,3 +101,27 @@ def check_fields(body: dict[str, Any], table: dict[str, FieldPolicy] = CHAT_FIEL
     for name, policy in table.items():
         if policy.kind == REFUSED and name in body and not policy.off(body[name]):
             raise BadRequest(f"'{name}' is not supported: {policy.why}", param=name, code="unsupported_field")
+
+
+# The legacy `POST /v1/completions` (openai's `completion_create_params`).
+COMPLETION_FIELDS: dict[str, FieldPolicy] = {
+    "model": CHAT_FIELDS["model"],
+    "prompt": FieldPolicy(HONOURED, "a string or a list of strings (one choice each), tokenized as plain text; "
+                          "token-id prompts are refused"),
+    "max_tokens": FieldPolicy(HONOURED, "completion length cap (default 16, as OpenAI)"),
+    "temperature": CHAT_FIELDS["temperature"],
+    "top_p": CHAT_FIELDS["top_p"],
+    "n": CHAT_FIELDS["n"],
+    "stop": CHAT_FIELDS["stop"],
+    "seed": CHAT_FIELDS["seed"],
+    "stream": CHAT_FIELDS["stream"],
+    "stream_options": CHAT_FIELDS["stream_options"],
+    "logprobs": FieldPolicy(HONOURED, "0..5 alternatives per completion token, in the legacy shape"),
+    "echo": FieldPolicy(HONOURED, "the prompt is prepended to the text (not with logprobs: no prompt logprobs)"),
+    "presence_penalty": CHAT_FIELDS["presence_penalty"],
+    "frequency_penalty": CHAT_FIELDS["frequency_penalty"],
+    "logit_bias": CHAT_FIELDS["logit_bias"],
+    "user": CHAT_FIELDS["user"],
+    "best_of": FieldPolicy(REFUSED, "best_of is not supported (one sample per prompt)", off=lambda v: v in (None, 1)),
+    "suffix": FieldPolicy(REFUSED, "insertion (suffix) is not supported by these models", off=lambda v: not v),
+}
