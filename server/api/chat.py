@@ -34,6 +34,8 @@ from server.api.protocol import (
     Usage,
 )
 from server.api.request_fields import check_fields
+from server.api.tool_stream import tool_sse
+from server.api.tools import as_tool_reply, plan_tools
 from server.engine.types import SamplingParams, TokenEvent
 from server.generation import Generation
 from server.state import ServerState
@@ -101,13 +103,14 @@ async def create_chat_completion(
     if body.n != 1:
         raise BadRequest("only n=1 is supported", param="n")
     model = state.resolve_model(tenant, body.model)
+    plan = plan_tools(body, state.template.source)  # None unless tool calls constrain the output
     prompt, max_tokens = state.prepare_prompt(
         body.messages,
         max_tokens=body.max_completion_tokens or body.max_tokens,
         add_generation_prompt=body.add_generation_prompt,
         continue_final_message=body.continue_final_message,
     )
-    controls = await decoding_controls(body, state, tenant)
+    controls = await decoding_controls(body, state, tenant, plan.spec if plan else None)
     sampling = sampling_params(body, max_tokens, state.template.end_of_turn_ids, **controls)
     ticket = state.admission.acquire(tenant)
     generation = Generation(
@@ -121,8 +124,11 @@ async def create_chat_completion(
         raise
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        if plan is not None:
+            return _ClosingStream(tool_sse(body, generation, include_usage, plan), generation)
         return _ClosingStream(_sse(state, body, generation, include_usage), generation)
-    return await _complete_unless_disconnected(state, body, generation, request)
+    result = await _complete_unless_disconnected(state, body, generation, request)
+    return as_tool_reply(plan, result) if plan is not None and isinstance(result, ChatCompletion) else result
 
 
 async def _wait_for_disconnect(request: Request) -> None:

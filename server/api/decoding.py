@@ -57,8 +57,8 @@ def grammar_cache(state) -> GrammarCache:
     return state.grammars
 
 
-async def compile_grammar(state, tenant: str, spec: GrammarSpec | None):
-    """The compiled grammar for `spec` (cached per tenant), compiled in a worker thread; 400 on failure."""
+async def compile_grammar(state, tenant: str, spec: GrammarSpec | None, param: str = "response_format"):
+    """The compiled grammar for `spec` (cached per tenant), compiled in a worker thread; 400 naming `param`."""
     if spec is None:
         return None
     cache = grammar_cache(state)
@@ -69,33 +69,36 @@ async def compile_grammar(state, tenant: str, spec: GrammarSpec | None):
         compiled = await asyncio.wait_for(asyncio.to_thread(cache.compile, tenant, spec), COMPILE_TIMEOUT_S)
     except TimeoutError:
         raise BadRequest(f"the schema took more than {COMPILE_TIMEOUT_S:.0f}s to compile; simplify it",
-                         param="response_format", code="invalid_schema") from None
+                         param=param, code="invalid_schema") from None
     except GrammarError as exc:
-        raise BadRequest(f"response_format: {exc}", param="response_format", code="invalid_schema") from None
+        raise BadRequest(f"{param}: {exc}", param=param, code="invalid_schema") from None
     return compiled
 
 
-async def decoding_controls(body, state, tenant: str) -> dict[str, Any]:
+async def decoding_controls(body, state, tenant: str, spec: GrammarSpec | None = None) -> dict[str, Any]:
     """The body's penalties, min_p, logit_bias and grammar as `SamplingParams` keyword arguments.
 
     Args:
         body: a chat (or legacy) completion request with the optional fields of `protocol.py`.
         state: the app's `ServerState` (tokenizer, template, grammar cache).
         tenant: whose cache the grammar goes in.
+        spec: a grammar decided elsewhere (tool calls); otherwise `response_format`'s.
     """
     try:
         logit_bias = parse_logit_bias(body.logit_bias, len(state.tokenizer))
     except ValueError as exc:
         raise BadRequest(str(exc), param="logit_bias") from None
-    spec = grammar_spec(getattr(body, "response_format", None))
+    param = "tools" if spec is not None else "response_format"
+    if spec is None:
+        spec = grammar_spec(getattr(body, "response_format", None))
     if spec is not None and (body.min_tokens or body.ignore_eos):
-        raise BadRequest("response_format cannot be combined with min_tokens or ignore_eos: the grammar decides "
-                         "where the output ends", param="response_format")
+        raise BadRequest("constrained output (response_format or tool calls) cannot be combined with min_tokens "
+                         "or ignore_eos: the grammar decides where the output ends", param="response_format")
     return dict(
         presence_penalty=body.presence_penalty or 0.0,
         frequency_penalty=body.frequency_penalty or 0.0,
         repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
         min_p=body.min_p or 0.0,
         logit_bias=logit_bias,
-        grammar=await compile_grammar(state, tenant, spec),
+        grammar=await compile_grammar(state, tenant, spec, param),
     )

@@ -80,10 +80,10 @@ CHAT_FIELDS: dict[str, FieldPolicy] = {
     "verbosity": FieldPolicy(REFUSED, "the served models have no verbosity control"),
     "moderation": FieldPolicy(REFUSED, "moderation is not available on this server"),
     "prompt_cache_options": FieldPolicy(REFUSED, "there is no prompt cache to configure"),
-    "tools": FieldPolicy(REFUSED, "tool calling is not supported yet: the base's chat template has no tool "
-                         "support", off=lambda value: value is None or value == []),
-    "tool_choice": FieldPolicy(REFUSED, "tool calling is not supported yet", off=lambda v: v in (None, "none")),
-    "parallel_tool_calls": FieldPolicy(HINT, "meaningful only with tools, which are refused"),
+    "tools": FieldPolicy(HONOURED, "function definitions (bounded); see tool_choice"),
+    "tool_choice": FieldPolicy(HONOURED, "none; required or a named function: decoding constrained to a valid "
+                               "call; auto: 400 unless the base's template supports tools (the served ones do not)"),
+    "parallel_tool_calls": FieldPolicy(HONOURED, "with required: up to 8 calls, or exactly one when false"),
     "functions": FieldPolicy(REFUSED, "the deprecated functions API is not supported; use tools",
                              off=lambda value: value is None or value == []),
     "function_call": FieldPolicy(REFUSED, "the deprecated functions API is not supported",

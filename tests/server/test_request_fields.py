@@ -41,6 +41,11 @@ ON_VALUES = {
     "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
     "tool_choice": "auto", "functions": [{"name": "f"}], "function_call": "auto",
 }
+TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+# Fields that only mean something beside another one (the tiny base's template has no tool support,
+# so tools need a tool_choice that constrains the call).
+CONTEXT = {"tools": {"tool_choice": "required"}, "tool_choice": {"tools": TOOLS, "tool_choice": "required"},
+           "parallel_tool_calls": {"tools": TOOLS, "tool_choice": "required"}}
 # How honoured decoding settings show up in the engine's SamplingParams.
 REACHES_ENGINE = {
     "max_tokens": ("max_tokens", 4), "max_completion_tokens": ("max_tokens", 4), "temperature": ("temperature", 0.5),
@@ -83,6 +88,7 @@ def test_each_openai_field_is_honoured_or_refused_by_name(server, name):
         body[name] = ON_VALUES[name]
     if name == "top_logprobs":
         body["logprobs"] = True
+    body.update(CONTEXT.get(name, {}))
     response = http.post("/v1/chat/completions", json=body)
     policy = CHAT_FIELDS[name]
     if policy.kind == REFUSED:
@@ -99,7 +105,7 @@ def test_each_openai_field_is_honoured_or_refused_by_name(server, name):
 
 
 @pytest.mark.parametrize("name, off", [("store", False), ("modalities", ["text"]), ("service_tier", "auto"),
-                                       ("tools", []), ("tool_choice", "none"), ("audio", None)])
+                                       ("functions", []), ("function_call", "none"), ("audio", None)])
 def test_refused_fields_pass_when_set_to_their_off_value(server, name, off):
     body = {"model": server.state.base_id, "messages": USER, "max_tokens": 4, name: off}
     assert server.client().post("/v1/chat/completions", json=body).status_code == 200
