@@ -73,10 +73,28 @@ class TokenizeResponse(BaseModel):
     tokens: list[int]
 
 
+class PromptTokensDetails(BaseModel):
+    """Known exactly: no prefix cache (every prompt token is computed) and no audio input."""
+
+    cached_tokens: int = 0
+    audio_tokens: int = 0
+
+
+class CompletionTokensDetails(BaseModel):
+    """Known exactly: no reasoning models, predictions are refused, no audio output."""
+
+    reasoning_tokens: int = 0
+    accepted_prediction_tokens: int = 0
+    rejected_prediction_tokens: int = 0
+    audio_tokens: int = 0
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
+    completion_tokens_details: CompletionTokensDetails = Field(default_factory=CompletionTokensDetails)
 
 
 class TopLogprob(BaseModel):

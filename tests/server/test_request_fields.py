@@ -133,3 +133,16 @@ def test_developer_role_is_rendered_as_system(server, tiny_tokenizer):
     prompts = server.engine.prompts
     assert prompts[as_developer.json()["id"]] == prompts[as_system.json()["id"]]
     assert "system\nBe brief." in tiny_tokenizer.decode(prompts[as_developer.json()["id"]])
+
+
+def test_usage_details_are_reported_in_openai_shape(server):
+    client = server.openai()
+    base = server.state.base_id
+    plain = client.chat.completions.create(model=base, messages=USER, max_tokens=4).usage
+    streamed = [c.usage for c in client.chat.completions.create(
+        model=base, messages=USER, max_tokens=4, stream=True, stream_options={"include_usage": True}) if c.usage]
+    legacy = client.completions.create(model=base, prompt="Hi", max_tokens=4).usage
+    for usage in (plain, streamed[-1], legacy):
+        assert usage.prompt_tokens_details.cached_tokens == 0  # no prefix cache: all computed
+        assert usage.completion_tokens_details.reasoning_tokens == 0
+        assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens > 0
