@@ -11,11 +11,12 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from server.api.errors import BadRequest
+from server.api.errors import BadRequest, RateLimited
 from server.engine.grammar import GrammarCache, GrammarError, GrammarSpec
 from server.engine.logits import parse_logit_bias
 
 COMPILE_TIMEOUT_S = 20.0  # beyond this a schema is "too complex"; llguidance's own fuel limits bound the work
+COMPILES_PER_TENANT = 2  # compiles in flight per tenant: one tenant cannot fill the worker threads
 
 
 def grammar_spec(response_format: dict[str, Any] | None) -> GrammarSpec | None:
@@ -65,8 +66,14 @@ async def compile_grammar(state, tenant: str, spec: GrammarSpec | None, param: s
     cached = cache.get(tenant, spec)
     if cached is not None:
         return cached
+    if cache.compiling[tenant] >= COMPILES_PER_TENANT:
+        raise RateLimited(f"at most {COMPILES_PER_TENANT} schemas compile at once per API key; retry shortly",
+                          headers={"Retry-After": "1"})
+    cache.compiling[tenant] += 1  # counted until the thread really ends, even past the timeout
+    work = asyncio.ensure_future(asyncio.to_thread(cache.compile, tenant, spec))
+    work.add_done_callback(lambda _: cache.compiling.subtract([tenant]))
     try:
-        compiled = await asyncio.wait_for(asyncio.to_thread(cache.compile, tenant, spec), COMPILE_TIMEOUT_S)
+        compiled = await asyncio.wait_for(asyncio.shield(work), COMPILE_TIMEOUT_S)
     except TimeoutError:
         raise BadRequest(f"the schema took more than {COMPILE_TIMEOUT_S:.0f}s to compile; simplify it",
                          param=param, code="invalid_schema") from None

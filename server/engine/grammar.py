@@ -18,13 +18,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 
 import torch
 
 MAX_SCHEMA_BYTES = 32 * 1024
+log = logging.getLogger(__name__)
 CACHE_PER_TENANT = 32
 _COMPILE_OPTIONS = {"whitespace_flexible": False}
 
@@ -64,27 +67,40 @@ class GrammarMatcher:
     def __init__(self, matcher, end_ids: list[int]):
         self._matcher = matcher
         self._end_ids = end_ids
+        self._pending: Future | None = None  # the next mask, being computed while the model runs
+
+    def prefetch(self, pool: Executor) -> None:
+        """Start computing the next mask on `pool` (llguidance releases the GIL, as does the forward)."""
+        if self._pending is None and not self._matcher.is_error():
+            self._pending = pool.submit(self._matcher.compute_logit_bias)
 
     def allowed(self, vocab: int) -> torch.Tensor:
         """(vocab,) bool: the tokens the grammar permits next (end-of-turn once the value is complete)."""
         out = torch.zeros(vocab, dtype=torch.bool)
-        if not self._matcher.is_error():
-            bias = self._matcher.compute_logit_bias()  # one byte per tokenizer token: 0 or 200
-            mask = torch.frombuffer(bytearray(bias), dtype=torch.uint8).bool()
-            n = min(vocab, mask.numel())
-            out[:n] = mask[:n]
+        pending, self._pending = self._pending, None
+        try:
+            # The prefetched mask first: the matcher must not be touched while a worker computes on it.
+            bias = pending.result() if pending is not None else None  # one byte per token: 0 or 200
+            if not self._matcher.is_error():
+                if bias is None:
+                    bias = self._matcher.compute_logit_bias()
+                mask = torch.frombuffer(bytearray(bias), dtype=torch.uint8).bool()
+                n = min(vocab, mask.numel())
+                out[:n] = mask[:n]
+        except Exception:  # noqa: BLE001 - a matcher failure ends this sequence, never the batch
+            log.exception("grammar mask failed; ending the sequence")
+            out.zero_()
         if not out.any():
-            # Only after an engine error (fuel exhausted): end the turn rather than sample from nothing.
+            # Only after a matcher error (fuel exhausted): end the turn rather than sample from nothing.
             out[[i for i in self._end_ids if i < vocab]] = True
         return out
 
     def accept(self, token_id: int) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.exception()  # wait: never advance the matcher under a running mask computation
         if not self._matcher.is_stopped():
-            self._matcher.consume_token(token_id)
-
-    @property
-    def done(self) -> bool:
-        return self._matcher.is_stopped() or self._matcher.is_accepting()
+            self._matcher.consume_token(token_id)  # a refused token puts the matcher in its error state
 
 
 class CompiledGrammar:
@@ -119,6 +135,7 @@ class GrammarCache:
         self._tokenizer_lock = threading.Lock()  # building the llguidance tokenizer takes ~1 s
         self._entries: dict[str, OrderedDict[str, CompiledGrammar]] = {}
         self.compiles = 0
+        self.compiling: Counter[str] = Counter()  # tenant -> compiles in flight (kept by the API, on its loop)
 
     def get(self, tenant: str, spec: GrammarSpec) -> CompiledGrammar | None:
         with self._lock:

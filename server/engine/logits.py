@@ -12,7 +12,8 @@ In order, each only on the rows that asked for it:
   `min_p * max probability` get -inf; in logit space `logit < max + T * log(min_p)`.
 
 `process` returns new logits (the raw ones stay untouched for logprobs); `accept` advances each
-sequence's grammar matcher by its sampled token. Nothing here knows about scheduling or HTTP.
+sequence's grammar matcher by its sampled token; `prefetch` starts the next masks in worker threads
+before the forward, so they are computed while the model runs. Nothing here knows about scheduling or HTTP.
 """
 
 from __future__ import annotations
@@ -105,6 +106,13 @@ def matcher(seq):
     if seq.grammar_state is None:
         seq.grammar_state = seq.sampling.grammar.matcher()
     return seq.grammar_state
+
+
+def prefetch(seqs: list, pool) -> None:
+    """Start the constrained sequences' next masks on `pool`, to overlap them with the model's forward."""
+    for seq in seqs:
+        if seq.sampling.grammar is not None:
+            matcher(seq).prefetch(pool)
 
 
 def accept(seqs: list, token_ids: list[int]) -> None:

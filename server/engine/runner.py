@@ -56,6 +56,7 @@ class ModelRunner:
             self.model(torch.tensor(ids, device=self.device), ctx,
                        torch.tensor([0], device=self.device))  # fills the KV cache only
             return [None] * len(entries)
+        self.sampler.prefetch([e.seq for e in entries if e.samples])  # grammar masks overlap the forward
         logits = self.model(torch.tensor(ids, device=self.device), ctx,
                             torch.tensor(logit_rows, device=self.device))
         sampled = self.sampler.sample(logits, [e.seq for e in entries if e.samples])

@@ -9,6 +9,7 @@ distribution (before temperature and filtering), as OpenAI reports them.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -28,6 +29,11 @@ class Sampler:
     def __init__(self, seed: int | None = None):
         self._shared = torch.Generator()
         self._shared.manual_seed(seed if seed is not None else torch.seed())
+        self._masks = ThreadPoolExecutor(max_workers=2, thread_name_prefix="grammar-mask")
+
+    def prefetch(self, seqs: list[Sequence]) -> None:
+        """Before the forward: start the grammar masks of the sequences about to sample."""
+        logits_processors.prefetch(seqs, self._masks)
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[SampledToken]:
         """logits (S, vocab) float32 on any device; one row per sequence."""

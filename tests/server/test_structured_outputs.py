@@ -193,3 +193,21 @@ def test_grammar_cache_is_per_tenant_and_bounded(server):
     cache.compile("alice", specs[1])
     cache.compile("alice", specs[2])
     assert cache.get("alice", specs[0]) is None and cache.get("alice", specs[2]) is not None
+
+
+def test_compiles_in_flight_are_bounded_per_tenant(tiny_tokenizer):
+    import asyncio
+    from types import SimpleNamespace
+
+    from server.api.decoding import COMPILES_PER_TENANT, compile_grammar
+    from server.api.errors import RateLimited
+    from server.engine.grammar import GrammarCache, GrammarSpec
+
+    cache = GrammarCache(tiny_tokenizer, [tiny_tokenizer.eos_token_id])
+    state = SimpleNamespace(grammars=cache)
+    spec = GrammarSpec.json_schema({"type": "integer"})
+    cache.compiling["alice"] = COMPILES_PER_TENANT  # alice's compiles are all still running
+    with pytest.raises(RateLimited):
+        asyncio.run(compile_grammar(state, "alice", spec))
+    assert asyncio.run(compile_grammar(state, "bob", spec)) is not None  # bob is not held up by alice
+    assert cache.compiling["bob"] == 0
