@@ -2,14 +2,16 @@
 
 The lifespan starts the engine loop and marks the app ready; on shutdown (after uvicorn's
 graceful drain of open connections) it refuses new work, waits up to `drain_timeout_s` for
-requests still in flight, then stops the engine. Nothing is global: a test builds as many apps
+requests still in flight, then stops the engine. Every request first passes `server.edge.Edge`
+(auth, size cap and read deadline before the body). Nothing is global: a test builds as many apps
 as it likes, each with its own metrics registry.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +21,12 @@ from adapters.chat_template import ChatTemplate
 from server.admission import Admission
 from server.api import adapters, chat, health, merge, models, tokenize
 from server.api.errors import install_error_handlers
+from server.edge import Edge
 from server.metrics import ServerMetrics
+from server.pools import WorkerPools
 from server.settings import ServerConfig
 from server.state import ServerState
+from server.tenancy import TenantPins
 
 log = logging.getLogger("loraswap.server")
 
@@ -50,27 +55,41 @@ def create_app(config: ServerConfig, engine: Any, store: Any, base_info: Any = N
         template=ChatTemplate(engine.tokenizer, base_info.chat_template),
         base_id=base_id,
         metrics=ServerMetrics(engine.stats),
-        admission=Admission(config.max_concurrent_per_tenant, config.capacity, config.retry_after_s),
+        admission=Admission(config.max_concurrent_per_tenant, config.capacity, config.retry_after_s,
+                            config.limits.tenant_queue_share),
+        pools=WorkerPools(config.limits, config.retry_after_s),
+        pins=TenantPins(engine),
     )
+
+    async def collect_periodically():
+        while True:
+            await asyncio.sleep(config.limits.gc_interval_s)
+            state.collect_garbage_soon()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await engine.start()
         state.ready = True
+        collector = asyncio.ensure_future(collect_periodically())
         log.info("serving %s (max_model_len %d)", base_id, state.max_model_len)
         try:
             yield
         finally:
+            collector.cancel()
+            with suppress(asyncio.CancelledError):
+                await collector
             state.admission.draining = True
             if not await state.admission.drained(config.drain_timeout_s):
                 log.warning("%d requests still in flight after %.0fs; stopping anyway",
                             state.admission.total, config.drain_timeout_s)
             state.ready = False
             await engine.stop()
+            state.pools.shutdown()
 
     app = FastAPI(title="loraswap", version="0.1.0", lifespan=lifespan)
     app.state.loraswap = state
     install_error_handlers(app)
+    app.add_middleware(Edge, config=config)
     for module in (chat, models, merge, adapters, tokenize, health):
         app.include_router(module.router)
     return app

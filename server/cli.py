@@ -38,6 +38,22 @@ _FLAGS = {
     "max-queue": (int, "requests queued beyond max-num-seqs before 503 (default 64)"),
     "max-upload-mb": (int, "largest adapter upload in MiB (default 512)"),
     "drain-timeout-s": (float, "seconds to let requests in flight finish on SIGTERM (default 30)"),
+    # issue 9: the admin key and the edge limits (server/limits.py; README "Security and isolation")
+    "admin-key": (str, "key for /metrics and operator views (LORASWAP_ADMIN_KEY also works)"),
+    "max-request-bytes": (int, "largest JSON request body in bytes (default 4 MiB)"),
+    "body-read-timeout-s": (float, "seconds a JSON body may take to arrive (default 30)"),
+    "upload-read-timeout-s": (float, "seconds an upload body may take to arrive (default 300)"),
+    "max-messages": (int, "most messages in one chat request (default 512)"),
+    "max-prompt-chars": (int, "most characters of message content in one request (default 262144)"),
+    "render-threads": (int, "threads rendering and tokenizing prompts (default 4)"),
+    "max-concurrent-uploads": (int, "uploads processed at once, all tenants (default 4)"),
+    "max-concurrent-uploads-per-tenant": (int, "uploads processed at once per tenant (default 2)"),
+    "max-concurrent-merges": (int, "merges computed at once (default 2)"),
+    "tenant-queue-share": (float, "fraction of running + queued requests one tenant may hold (default 0.5)"),
+    "gc-interval-s": (float, "seconds between collections of unreferenced adapter blobs (default 60)"),
+    "max-adapters-per-tenant": (int, "adapter names one tenant may store (default 64)"),
+    "max-stored-bytes-per-tenant": (int, "bytes of adapters one tenant may store (default 4 GiB)"),
+    "max-versions-kept": (int, "versions kept per adapter name; older ones are pruned (default 3)"),
 }
 
 
@@ -75,9 +91,15 @@ def build_engine(config: ServerConfig, base_dir):
 
 
 def build_store(config: ServerConfig):
+    import inspect
+
     from adapters.store import AdapterStore, default_store_root
 
-    return AdapterStore(config.store if config.store is not None else default_store_root())
+    root = config.store if config.store is not None else default_store_root()
+    # COMPAT: the quota keywords exist once iso-adapters' store is merged; pass what it takes.
+    accepted = inspect.signature(AdapterStore).parameters
+    quotas = {key: value for key, value in config.limits.store_quotas().items() if key in accepted}
+    return AdapterStore(root, **quotas)
 
 
 def main(argv: list[str]) -> int:

@@ -1,8 +1,13 @@
 """Prometheus metrics, one `CollectorRegistry` per app (no global state, so tests build many apps).
 
-Counted by the HTTP layer as requests run: requests and tokens per tenant and model, time to first
-token, inter-token latency. Read from the engine at scrape time (`EngineCollector`): queue depth,
-running requests, resident adapters per tier, slot loads and evictions, fold state.
+Counted by the HTTP layer as requests run: requests and tokens per tenant and kind of model
+(`base` or `adapter`), time to first token, inter-token latency. Read from the engine at scrape
+time (`EngineCollector`): queue depth, running requests, resident adapters per tier, slot loads
+and evictions, how many adapters are folded or pinned.
+
+No label ever carries an adapter's name or id: names are tenants' own data, and ids are content
+hashes another tenant could match against its own uploads. Tenant names appear only as labels of
+counts, and `/metrics` answers only to the admin key (`server.edge`).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ class ServerMetrics:
 
     def __init__(self, engine_stats: Callable[[], Mapping] | None = None):
         self.registry = CollectorRegistry()
-        labels = ("tenant", "model")
+        labels = ("tenant", "kind")
         self.requests = Counter(
             "loraswap_requests", "Chat completion requests by outcome", labels + ("status",), registry=self.registry
         )
@@ -33,11 +38,11 @@ class ServerMetrics:
             "loraswap_generation_tokens", "Generated tokens", labels, registry=self.registry
         )
         self.time_to_first_token = Histogram(
-            "loraswap_time_to_first_token_seconds", "Time to first token", ("model",),
+            "loraswap_time_to_first_token_seconds", "Time to first token", ("kind",),
             buckets=_LATENCY_BUCKETS, registry=self.registry,
         )
         self.inter_token_latency = Histogram(
-            "loraswap_inter_token_latency_seconds", "Time between tokens of one request", ("model",),
+            "loraswap_inter_token_latency_seconds", "Time between tokens of one request", ("kind",),
             buckets=_LATENCY_BUCKETS, registry=self.registry,
         )
         self.uploads = Counter("loraswap_adapter_uploads", "Adapter uploads by outcome", ("status",),
@@ -72,14 +77,15 @@ class EngineCollector(Collector):
             counter.add_metric([], float(stats.get(key, 0) or 0))
             yield counter
         resident = GaugeMetricFamily("loraswap_resident_adapters", "Adapters per residency tier", labels=["tier"])
-        folded = GaugeMetricFamily("loraswap_adapter_folded", "1 while an adapter is folded", labels=["adapter"])
         tiers = {"device": 0, "host": 0, "loading": 0}
-        for adapter_id, where in adapter_residency(stats).items():
+        folded = pinned = 0
+        for where in adapter_residency(stats).values():
             if where.tier in tiers:
                 tiers[where.tier] += 1
-            if where.folded or where.pinned:
-                folded.add_metric([adapter_id], 1.0 if where.folded else 0.0)
+            folded += where.folded
+            pinned += where.pinned
         for tier, count in tiers.items():
             resident.add_metric([tier], float(count))
         yield resident
-        yield folded
+        yield GaugeMetricFamily("loraswap_adapters_folded", "Adapters folded into dense weights", value=folded)
+        yield GaugeMetricFamily("loraswap_adapters_pinned", "Adapters pinned by some tenant", value=pinned)

@@ -16,6 +16,8 @@ from typing import Literal
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from server.limits import Limits
+
 DEFAULT_TENANT = "default"
 _TENANT_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}$")
 
@@ -47,6 +49,22 @@ class ServerSettings(BaseSettings):
     max_upload_mb: int = 512
     retry_after_s: int = 1
     drain_timeout_s: float = 30.0
+    admin_key: str | None = None  # protects /metrics and operator views
+    # issue 9 edge limits: one flat setting per `Limits` field (see server/limits.py)
+    max_request_bytes: int = Limits.max_request_bytes
+    body_read_timeout_s: float = Limits.body_read_timeout_s
+    upload_read_timeout_s: float = Limits.upload_read_timeout_s
+    max_messages: int = Limits.max_messages
+    max_prompt_chars: int = Limits.max_prompt_chars
+    render_threads: int = Limits.render_threads
+    max_concurrent_uploads: int = Limits.max_concurrent_uploads
+    max_concurrent_uploads_per_tenant: int = Limits.max_concurrent_uploads_per_tenant
+    max_concurrent_merges: int = Limits.max_concurrent_merges
+    tenant_queue_share: float = Limits.tenant_queue_share
+    gc_interval_s: float = Limits.gc_interval_s
+    max_adapters_per_tenant: int = Limits.max_adapters_per_tenant
+    max_stored_bytes_per_tenant: int = Limits.max_stored_bytes_per_tenant
+    max_versions_kept: int = Limits.max_versions_kept
 
     def to_config(self) -> "ServerConfig":
         keys = parse_api_keys(self.api_keys or "")
@@ -75,6 +93,8 @@ class ServerSettings(BaseSettings):
             max_upload_bytes=self.max_upload_mb * 1024 * 1024,
             retry_after_s=self.retry_after_s,
             drain_timeout_s=self.drain_timeout_s,
+            admin_key=self.admin_key or None,
+            limits=Limits(**{name: getattr(self, name) for name in Limits.__dataclass_fields__}),
         )
 
 
@@ -117,6 +137,8 @@ class ServerConfig:
     max_upload_bytes: int = 512 * 1024 * 1024
     retry_after_s: int = 1
     drain_timeout_s: float = 30.0
+    admin_key: str | None = None
+    limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self):
         for name in ("max_loras", "max_cpu_loras", "max_rank", "max_model_len", "max_num_seqs",
@@ -134,6 +156,8 @@ class ServerConfig:
             if key in seen_keys:
                 raise ValueError(f"api_keys: the same key is given to two tenants ({tenant!r})")
             seen_keys.add(key)
+        if self.admin_key is not None and self.admin_key in seen_keys:
+            raise ValueError("admin_key: the admin key must differ from every tenant's key")
 
     @property
     def auth_enabled(self) -> bool:

@@ -2,12 +2,16 @@
 
 It maps an OpenAI `model` string to what the engine runs (the base, or a tenant's adapter) and
 turns messages into a checked prompt along the one path that chat completions and `/tokenize`
-share: validate -> render -> length check. No module-level state: each app owns one of these.
+share: structural bounds -> (in the render pool) validate -> render -> length check. It owns the
+consistency of deletes: a name is hidden at once, tombstoned durably in the store before DELETE
+answers, and its blobs are collected only once no request or merge in flight still reads them.
+No module-level state: each app owns one of these.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,10 +20,15 @@ from adapters.chat_template import ChatTemplate, RenderedPrompt
 from server.admission import Admission, InFlight
 from adapters.errors import AdapterNotFound, InvalidName
 from server.api.errors import PromptTooLong
+from server.bounds import check_messages
 from server.engine.types import AdapterRef
 from server.metrics import ServerMetrics
-from server.residency import Residency, adapter_residency
+from server.pools import WorkerPools
+from server.residency import Residency
 from server.settings import ServerConfig
+from server.tenancy import TenantPins
+
+log = logging.getLogger("loraswap.server")
 
 
 @dataclass(frozen=True)
@@ -43,12 +52,23 @@ class ServerState:
     base_id: str
     metrics: ServerMetrics
     admission: Admission
+    pools: WorkerPools
+    pins: TenantPins
     inflight: InFlight = field(default_factory=InFlight)
     created: int = field(default_factory=lambda: int(time.time()))
     ready: bool = False
-    # (tenant, name) -> adapter id of names deleted while requests still use them: hidden at
-    # once, removed from the store when the last of those requests finishes.
+    # (tenant, name) -> adapter id of names being deleted: hidden at once, until the store's
+    # tombstone (or, with a store that collects blobs inside `delete`, the removal) is durable.
     deleting: dict[tuple[str, str], str] = field(default_factory=dict)
+    # adapter id -> record of deleted content the engine may still cache, until its blob is gone.
+    forget_pending: dict[str, Any] = field(default_factory=dict)
+    gc_wanted: bool = False  # a delete or publish may have left garbage that in-flight users hold
+    _gc_task: Any = None
+    _gc_again: bool = False
+    _background: set = field(default_factory=set)  # tasks kept referenced until done
+
+    def __post_init__(self):
+        self.inflight.on_leave = self._after_leave
 
     @property
     def max_model_len(self) -> int:
@@ -86,30 +106,109 @@ class ServerState:
         return [record for record in self.store.list(tenant) if not self.is_deleting(tenant, record.name)]
 
     async def delete_adapter(self, tenant: str, name: str):
-        """Hide `name` now; delete it from the store (and the engine) once its requests finish.
+        """Hide `name` now and delete it from the store; returns the deleted record.
 
-        The store removes the files of content no other name uses, so it must wait for requests
-        that may still load them. Returns the deleted record.
+        With a store that tombstones (`collect_garbage` present) the tombstone is durable before
+        this returns and blobs are collected later, skipping those in use. COMPAT (the store on
+        this branch removes unreferenced blobs inside `delete`): the removal waits, in the
+        background, for every request still on any version of the name, not only the current one.
         """
         record = self.get_adapter(tenant, name)
         self.deleting[(tenant, name)] = record.id
-        if self.inflight.counts.get(record.id, 0) == 0:
-            await self._finish_delete(tenant, name, record)
+        try:
+            versions = await self.pools.run(self.pools.store, self.store.versions, tenant, name)
+        except BaseException:
+            self.deleting.pop((tenant, name), None)
+            raise
+        if _store_tombstones(self.store):
+            try:
+                await self.pools.run(self.pools.store, self.store.delete, tenant, name)
+            finally:
+                self.deleting.pop((tenant, name), None)
+            self._deleted(tenant, versions)
         else:
-            self.inflight.when_idle(record.id, lambda: asyncio.ensure_future(self._finish_delete(tenant, name, record)))
+            keys = {(tenant, version.id) for version in versions}
+            self._background.add(asyncio.ensure_future(self._delete_when_idle(tenant, name, keys, versions)))
         return record
 
-    async def _finish_delete(self, tenant: str, name: str, record) -> None:
+    async def _delete_when_idle(self, tenant: str, name: str, keys: set, versions: list) -> None:
+        """COMPAT: delete once no request uses any version of the name."""
         try:
-            await asyncio.to_thread(self.store.delete, tenant, name)
+            await self.inflight.idle(keys)
+            await self.pools.run(self.pools.store, self.store.delete, tenant, name)
+            self._deleted(tenant, versions)
+        except Exception:
+            log.exception("deleting %s/%s failed", tenant, name)
         finally:
             self.deleting.pop((tenant, name), None)
-        if not self.store.adapter_dir(record).is_dir():  # no other name holds the same content
-            self.engine.forget_adapter(record.id)
+            self._background = {task for task in self._background if not task.done()}
 
-    def residency(self) -> dict[str, Residency]:
-        """adapter id -> where it lives now (tier, folded, pinned); absent means on disk only."""
-        return adapter_residency(self.engine.stats() or {})
+    def _deleted(self, tenant: str, versions: list) -> None:
+        self.pins.forget(tenant, {version.id for version in versions})
+        self.forget_pending.update({version.id: version for version in versions})
+        self.gc_wanted = True
+        self.collect_garbage_soon()
+
+    def published(self) -> None:
+        """A new version was published: the store may have pruned old ones; collect their blobs."""
+        self.gc_wanted = True
+        self.collect_garbage_soon()
+
+    def _after_leave(self) -> None:
+        if self.gc_wanted:
+            self.collect_garbage_soon()
+
+    def collect_garbage_soon(self) -> None:
+        """Collect unreferenced blobs in the store's thread (one run at a time, re-run if asked)."""
+        if self._gc_task is not None and not self._gc_task.done():
+            self._gc_again = True
+            return
+        self._gc_task = asyncio.ensure_future(self._collect_garbage())
+
+    async def _collect_garbage(self) -> None:
+        while True:
+            self._gc_again = False
+            in_use = self.inflight.in_use()
+            if _store_tombstones(self.store):
+                try:
+                    await self.pools.run(self.pools.store, self.store.collect_garbage, in_use)
+                except Exception:
+                    log.exception("garbage collection of the adapter store failed")
+            # What was in use may hold garbage back: collect again when its users leave.
+            self.gc_wanted = bool(in_use)
+            self._forget_collected()
+            if not self._gc_again:
+                return
+
+    def _forget_collected(self) -> None:
+        """The engine drops deleted content once no blob of it is left (no tenant holds it)."""
+        for adapter_id, record in list(self.forget_pending.items()):
+            if not self.store.adapter_dir(record).is_dir():
+                del self.forget_pending[adapter_id]
+                self.engine.forget_adapter(adapter_id)
+
+    def residency(self, tenant: str) -> dict[str, Residency]:
+        """adapter id -> where it lives now as `tenant` may see it; absent means on disk only."""
+        return self.pins.residency(tenant)
+
+    async def render_prompt(
+        self,
+        messages: list[dict],
+        *,
+        max_tokens: int | None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+    ) -> tuple[RenderedPrompt, int]:
+        """`prepare_prompt` in the render pool, after the cheap structural bounds (400 `messages`).
+
+        Rendering and tokenizing cost time linear in the prompt; run on the event loop they
+        would stall every other tenant's requests and `/health`.
+        """
+        check_messages(messages, self.config.limits)
+        return await self.pools.run(
+            self.pools.render, self.prepare_prompt, messages, max_tokens=max_tokens,
+            add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message,
+        )
 
     def prepare_prompt(
         self,
@@ -140,3 +239,8 @@ class ServerState:
                 param="messages",
             )
         return rendered, wanted
+
+
+def _store_tombstones(store) -> bool:
+    """True for a store whose `delete` only tombstones and `collect_garbage(in_use)` collects."""
+    return callable(getattr(store, "collect_garbage", None))

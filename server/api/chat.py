@@ -1,8 +1,9 @@
 """`POST /v1/chat/completions`: OpenAI chat completions over the engine, plain or streamed (SSE).
 
-The path of a request: resolve `model` in the caller's namespace (404 otherwise) -> validate,
-render and length-check the messages (the same path as `/tokenize`) -> admission (429 / 503) ->
-engine. A client that goes away is noticed while waiting (plain) or by Starlette's disconnect
+The path of a request (after `server.edge` authenticated it and capped its body): field bounds
+(400 naming the field) -> resolve `model` in the caller's namespace (404 otherwise) -> validate,
+render and length-check the messages off the event loop (the same path as `/tokenize`) ->
+admission (429 / 503) -> engine. A client that goes away is noticed while waiting (plain) or by Starlette's disconnect
 listener (streaming); either way the consuming task is cancelled and `Generation.close()` aborts
 the engine request, freeing its KV blocks and slot pin.
 """
@@ -19,6 +20,8 @@ from fastapi.responses import StreamingResponse
 
 from server.api.deps import get_state, get_tenant
 from server.api.errors import ApiError, BadRequest, EngineFailure, Overloaded, envelope
+from server.bounds import check_lengths
+from server.limits import GREEDY_BELOW
 from server.api.protocol import (
     AssistantMessage,
     ChatCompletion,
@@ -45,11 +48,17 @@ def sampling_params(body: ChatCompletionRequest, max_tokens: int, end_of_turn_id
     if any(not s for s in stop):
         raise BadRequest("stop strings must be non-empty", param="stop")
     top_k = body.top_k if body.top_k and body.top_k > 0 else 0  # vLLM's -1 and 0 both mean off
+    temperature = 1.0 if body.temperature is None else body.temperature
+    if temperature < GREEDY_BELOW:
+        temperature = 0.0  # greedy: dividing logits by a tiny temperature overflows to inf
+    if body.min_tokens > max_tokens:
+        raise BadRequest(f"min_tokens ({body.min_tokens}) may not exceed the completion length ({max_tokens})",
+                         param="min_tokens")
     try:
         return SamplingParams(
             max_tokens=max_tokens,
             min_tokens=body.min_tokens,
-            temperature=1.0 if body.temperature is None else body.temperature,
+            temperature=temperature,
             top_p=1.0 if body.top_p is None else body.top_p,
             top_k=top_k,
             seed=body.seed,
@@ -76,9 +85,21 @@ def _token_logprob(tokenizer, event: TokenEvent, as_ids: bool) -> TokenLogprob:
 
 
 def _abort_error(generation: Generation) -> ApiError:
-    """Why the engine ended a request the client did not cancel."""
-    if generation.error:
-        return EngineFailure(f"the request could not be served: {generation.error}")
+    """Why the engine ended a request the client did not cancel, with the status the engine chose.
+
+    The engine's `error` names the cause without paths or exception reprs (the contract); its
+    `error_status` is 422 for a sequence's own non-finite values, 503 for an adapter that could
+    not be loaded in time, 500 only for a bug.
+    """
+    if generation.error or generation.error_code:
+        status = generation.error_status or 500
+        message = f"the request could not be served: {generation.error or generation.error_code}"
+        if status >= 500 and status != 503:
+            return EngineFailure(message, code=generation.error_code or "engine_error", status=status)
+        if status == 503:
+            return Overloaded(message, code=generation.error_code or "engine_error",
+                              headers={"Retry-After": str(generation.state.config.retry_after_s)})
+        return BadRequest(message, code=generation.error_code or "invalid_request", status=status)
     return Overloaded("the request was aborted by the server (shutting down)", code="request_aborted")
 
 
@@ -94,8 +115,9 @@ async def create_chat_completion(
                          param="chat_template")
     if body.n != 1:
         raise BadRequest("only n=1 is supported", param="n")
+    check_lengths(body.max_tokens, body.max_completion_tokens, body.min_tokens, state.max_model_len)
     model = state.resolve_model(tenant, body.model)
-    prompt, max_tokens = state.prepare_prompt(
+    prompt, max_tokens = await state.render_prompt(
         body.messages,
         max_tokens=body.max_completion_tokens or body.max_tokens,
         add_generation_prompt=body.add_generation_prompt,
@@ -196,7 +218,7 @@ async def _sse(state: ServerState, body: ChatCompletionRequest, generation: Gene
                 yield chunk(Delta(content=event.text), logprobs=logprobs)
         if generation.finish_reason == "abort":
             error = _abort_error(generation)
-            yield f"data: {json.dumps(envelope(error.message, error.type, error.code))}\n\n"
+            yield f"data: {json.dumps(envelope(error.message, error.type, error.code, error.param))}\n\n"
         else:
             yield chunk(Delta(), finish_reason=generation.finish_reason or "stop")
             if include_usage:

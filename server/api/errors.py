@@ -6,6 +6,10 @@ raises typed exceptions (`ApiError` subclasses here, `TemplateError` from the ch
 `EngineError`s); request-body
 validation errors become 400 in the same envelope instead of FastAPI's 422 shape. A 500 means a
 bug and is logged with its traceback.
+
+A message a client sees never holds a filesystem path or an exception's repr: unexpected errors
+answer a fixed sentence with the request id (`X-Request-Id`, set by `server.edge`), and the log
+line with that id carries the detail.
 """
 
 from __future__ import annotations
@@ -93,16 +97,23 @@ def error_response(status: int, message: str, type_: str, code: str | None, para
     return JSONResponse(envelope(message, type_, code, param), status_code=status, headers=headers)
 
 
+def request_id(request: Request) -> str:
+    return getattr(request.state, "request_id", None) or "unknown"
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     errors = exc.errors()
     if not errors:
         return "invalid request", None
     first = errors[0]
     loc = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path")]
-    param = ".".join(loc) or None
+    # `param` is the request field (`stop`), the message keeps the full location (`stop.3`).
+    param = loc[0] if loc else None
+    # pydantic names union members in the location ("stop.str"); keep the part a client wrote.
+    where = ".".join(part for part in loc if part != "str" and not part.startswith(("list[", "function-")))
     message = first.get("msg", "invalid value")
     more = f" (and {len(errors) - 1} more errors)" if len(errors) > 1 else ""
-    return (f"{param}: {message}{more}" if param else f"{message}{more}"), param
+    return (f"{where}: {message}{more}" if where else f"{message}{more}"), param
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -126,8 +137,10 @@ def install_error_handlers(app: FastAPI) -> None:
         if isinstance(exc, EngineStopped):
             return error_response(503, "the engine is not running", "server_error", "not_ready",
                                   headers={"Retry-After": "1"})
-        log.error("engine refused a request: %r", exc)
-        return error_response(500, str(exc), "server_error", "engine_error")
+        rid = request_id(request)
+        log.error("%s: engine refused a request: %r", rid, exc)
+        return error_response(500, f"the engine could not serve this request (request id {rid})", "server_error",
+                              "engine_error")
 
     @app.exception_handler(RequestValidationError)
     async def _request_validation(request: Request, exc: RequestValidationError):
@@ -141,5 +154,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception):
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(500, "internal server error", "server_error", "internal_error")
+        rid = request_id(request)
+        log.exception("%s: unhandled error on %s %s", rid, request.method, request.url.path)
+        # This handler runs outside `Edge`, so the request id header is added here.
+        return error_response(500, f"internal server error (request id {rid})", "server_error", "internal_error",
+                              headers={"X-Request-Id": rid})

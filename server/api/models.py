@@ -27,7 +27,7 @@ def _created(record) -> int:
 def _cards(state: ServerState, tenant: str) -> list[ModelCard]:
     cards = [ModelCard(id=state.base_id, created=state.created, owned_by="loraswap", root=state.base_id,
                        max_model_len=state.max_model_len)]
-    residency = state.residency()
+    residency = state.residency(tenant)
     for record in state.list_adapters(tenant):
         where = residency.get(record.id, Residency())
         cards.append(ModelCard(

@@ -5,15 +5,22 @@ token of a fixed reply, decoded incrementally with the real tokenizer), honours 
 min_tokens, ignore_eos and stop token ids, and `abort` ends a request at the next step. It keeps
 the bookkeeping the tests inspect: running requests, aborted ids, pins, forgotten adapters, the
 adapter each request used, and a `gate` that holds every step while cleared.
+
+It follows the issue-9 engine contract: `add_request(..., tenant=)`, pins keyed by (tenant,
+content id) (`pin(adapter, tenant)`, `unpin(adapter_id, tenant)`), `tenant_residency(tenant)`
+showing only what that tenant used or pinned, and aborts that carry `error_code` / `error_status`
+(`fail_next[tenant]` ends that tenant's next stepped request that way).
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+from collections import defaultdict
 from dataclasses import dataclass, field
 
 from server.engine.types import AdapterRef, SamplingParams, TokenEvent
+from server.residency import Residency
 
 REPLY = "Hello! How can I help you today?"
 
@@ -25,6 +32,7 @@ class _Running:
     adapter: AdapterRef | None
     sampling: SamplingParams
     queue: asyncio.Queue
+    tenant: str = "default"
     emitted: list[int] = field(default_factory=list)
     text: str = ""
 
@@ -38,7 +46,10 @@ class FakeEngine:
         self.running: dict[str, _Running] = {}
         self.aborted: list[str] = []
         self.finished: list[str] = []
-        self.pinned: set[str] = set()
+        self.pins: dict[str, set[str]] = defaultdict(set)  # adapter id -> tenants pinning it
+        self.used: dict[str, set[str]] = defaultdict(set)  # tenant -> adapter ids it ran or pinned
+        self.tenants: dict[str, str] = {}  # request id -> tenant
+        self.fail_next: dict[str, tuple[str, str, int]] = {}  # tenant -> (error, code, status), once
         self.forgotten: list[str] = []
         self.adapters_seen: dict[str, str | None] = {}
         self.prompts: dict[str, list[int]] = {}
@@ -56,10 +67,18 @@ class FakeEngine:
             self._task.cancel()
         self.started = False
 
-    def add_request(self, request_id, prompt_ids, adapter, sampling):
+    @property
+    def pinned(self) -> set[str]:
+        """Content ids some tenant pins (the operator-wide view)."""
+        return {adapter_id for adapter_id, tenants in self.pins.items() if tenants}
+
+    def add_request(self, request_id, prompt_ids, adapter, sampling, tenant="default"):
         queue: asyncio.Queue = asyncio.Queue()
-        self.running[request_id] = _Running(request_id, list(prompt_ids), adapter, sampling, queue)
+        self.running[request_id] = _Running(request_id, list(prompt_ids), adapter, sampling, queue, tenant)
         self.adapters_seen[request_id] = adapter.id if adapter else None
+        self.tenants[request_id] = tenant
+        if adapter is not None:
+            self.used[tenant].add(adapter.id)
         self.prompts[request_id] = list(prompt_ids)
         return self._stream(queue)
 
@@ -76,11 +95,19 @@ class FakeEngine:
             self.aborted.append(request_id)
             seq.queue.put_nowait(TokenEvent(request_id, None, "", finish_reason="abort"))
 
-    def pin(self, ref: AdapterRef):
-        self.pinned.add(ref.id)
+    def pin(self, ref: AdapterRef, tenant: str = "default"):
+        self.pins[ref.id].add(tenant)
+        self.used[tenant].add(ref.id)
 
-    def unpin(self, adapter_id: str):
-        self.pinned.discard(adapter_id)
+    def unpin(self, adapter_id: str, tenant: str = "default"):
+        self.pins[adapter_id].discard(tenant)
+
+    def tenant_residency(self, tenant: str) -> dict[str, Residency]:
+        """Only ids this tenant used or pinned; `pinned` is its own pin."""
+        tiers = self.stats()["adapters"]
+        folded = self.stats()["fold"]["folded"]
+        return {aid: Residency(tiers.get(aid, "disk"), aid == folded, tenant in self.pins.get(aid, ()))
+                for aid in self.used.get(tenant, ()) if aid in tiers}
 
     def forget_adapter(self, adapter_id: str):
         self.forgotten.append(adapter_id)
@@ -102,6 +129,13 @@ class FakeEngine:
                 self._step(seq)
 
     def _step(self, seq: _Running):
+        if seq.tenant in self.fail_next:  # this sequence's own fault ends it, and only it
+            error, code, status = self.fail_next.pop(seq.tenant)
+            del self.running[seq.request_id]
+            event = TokenEvent(seq.request_id, None, "", finish_reason="abort", error=error)
+            event.error_code, event.error_status = code, status  # the contract's fields (iso-engine)
+            seq.queue.put_nowait(event)
+            return
         n = len(seq.emitted)
         params = seq.sampling
         token = self.reply_ids[n] if n < len(self.reply_ids) else self.eos_id

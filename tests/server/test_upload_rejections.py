@@ -111,7 +111,7 @@ CASES = {
     "dot_name": (lambda d: {"name": ".hidden", "files": _files(d)}, 400, "invalid_name"),
     "too_large": (lambda d: {"files": _files(d, adapter_model__safetensors=save(
         {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(64, 4096)}))},
-        413, "adapter_too_large"),
+        413, "request_too_large"),
 }
 
 
@@ -157,4 +157,4 @@ def test_declared_oversize_body_is_refused_before_reading(make_fake_server):
     body = io.BytesIO(b"x" * (3 << 20))
     response = server.client().post("/v1/adapters", content=body.getvalue(),
                                     headers={"content-type": "multipart/form-data; boundary=zz"})
-    assert response.status_code == 413 and response.json()["error"]["code"] == "adapter_too_large"
+    assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
