@@ -115,7 +115,7 @@ def test_unknown_model_is_404_model_not_found(fake_server):
 def test_openai_client_raises_typed_errors(fake_server):
     base = fake_server.state.base_id
     with pytest.raises(openai.BadRequestError) as info:
-        fake_server.openai().chat.completions.create(model=base, messages=USER, max_tokens=256)  # fits the model length alone, not with the prompt
+        fake_server.openai().chat.completions.create(model=base, messages=USER, max_tokens=256)  # fits alone, not with the prompt
     assert info.value.body["code"] == "context_length_exceeded"
     with pytest.raises(openai.BadRequestError) as info:
         fake_server.openai().chat.completions.create(model=base, messages=[{"role": "assistant", "content": "x"}])
