@@ -1,10 +1,10 @@
 """Admission control: who may start a generation now, and which adapters are still in use.
 
 `Admission` bounds requests in flight twice: per tenant (over the limit -> 429) and overall
-(running + queued beyond the capacity -> 503), both with `Retry-After`. The per-tenant limit is
-also capped by the tenant's share of the capacity (`Limits.tenant_queue_share`), so one tenant
-can never fill the global queue and lock every other tenant out with 503s. A `Ticket` is held for
-the whole life of a request, streaming included, and released exactly once.
+(running + queued beyond the capacity -> 503), both with `Retry-After`. `create_app` caps the
+per-tenant limit by the tenant's share of the capacity (`Limits.tenant_queue_share`), so one
+tenant can never fill the global queue and lock every other tenant out with 503s. A `Ticket` is
+held for the whole life of a request, streaming included, and released exactly once.
 
 `InFlight` counts requests per (tenant, adapter id) — every version, not only the current one —
 so that a delete (or a re-upload's pruning) never takes content from under a request that is
@@ -43,11 +43,10 @@ class Admission:
         per_tenant: most requests one tenant may have in flight (429 beyond).
         capacity: most requests in flight overall, running and queued (503 beyond).
         retry_after_s: the `Retry-After` value sent with 429 / 503.
-        tenant_share: the fraction of `capacity` one tenant may hold (429 beyond).
     """
 
-    def __init__(self, per_tenant: int, capacity: int, retry_after_s: int, tenant_share: float = 1.0):
-        self.per_tenant = min(per_tenant, max(1, int(capacity * tenant_share)))
+    def __init__(self, per_tenant: int, capacity: int, retry_after_s: int):
+        self.per_tenant = per_tenant
         self.capacity = capacity
         self.retry_after_s = retry_after_s
         self.by_tenant: Counter[str] = Counter()

@@ -55,8 +55,9 @@ def create_app(config: ServerConfig, engine: Any, store: Any, base_info: Any = N
         template=ChatTemplate(engine.tokenizer, base_info.chat_template),
         base_id=base_id,
         metrics=ServerMetrics(engine.stats),
-        admission=Admission(config.max_concurrent_per_tenant, config.capacity, config.retry_after_s,
-                            config.limits.tenant_queue_share),
+        # A tenant's limit is also its share of the queue: one tenant never fills it for all.
+        admission=Admission(min(config.max_concurrent_per_tenant, config.limits.tenant_capacity(config.capacity)),
+                            config.capacity, config.retry_after_s),
         pools=WorkerPools(config.limits, config.retry_after_s),
         pins=TenantPins(engine),
     )
