@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import re
 import time
 import uuid
 
@@ -40,6 +42,8 @@ from server.generation import Generation
 from server.state import ServerState
 
 router = APIRouter()
+log = logging.getLogger("loraswap.server")
+_PATH = re.compile(r"(?<![\w.])(?:[A-Za-z]:)?[/\\](?:[\w.-]+[/\\])+[\w.-]*")
 
 
 def sampling_params(body: ChatCompletionRequest, max_tokens: int, end_of_turn_ids: list[int]) -> SamplingParams:
@@ -93,7 +97,11 @@ def _abort_error(generation: Generation) -> ApiError:
     """
     if generation.error or generation.error_code:
         status = generation.error_status or 500
-        message = f"the request could not be served: {generation.error or generation.error_code}"
+        log.warning("%s: the engine ended the request: %s (%s, %s)", generation.request_id, generation.error,
+                    generation.error_code, status)
+        # The engine promises messages without paths; a path that slips through still never leaves.
+        reason = _PATH.sub("<path>", generation.error or generation.error_code)
+        message = f"the request could not be served: {reason}"
         if status >= 500 and status != 503:
             return EngineFailure(message, code=generation.error_code or "engine_error", status=status)
         if status == 503:

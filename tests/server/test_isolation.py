@@ -149,3 +149,16 @@ def test_an_engine_fault_of_one_sequence_ends_only_that_request(fake_server, str
     worker.join(30)
     assert bob_result["response"].status_code == 200
     assert bob_result["response"].json()["usage"]["completion_tokens"] == 8
+
+
+def test_an_engine_error_that_names_a_path_reaches_the_client_without_it(fake_server):
+    base = fake_server.state.base_id
+    fake_server.engine.fail_next["alice"] = ("could not load /srv/loraswap/blobs/ab12/adapter_model.safetensors in time",
+                                             "adapter_load_failed", 503)
+    response = fake_server.client("alice").post("/v1/chat/completions",
+                                                json={"model": base, "messages": USER, "max_tokens": 2})
+    assert response.status_code == 503 and response.headers["retry-after"] == "1"
+    error = response.json()["error"]
+    assert error["code"] == "adapter_load_failed" and "/srv" not in error["message"] and "<path>" in error["message"]
+    ok = fake_server.client("bob").post("/v1/chat/completions", json={"model": base, "messages": USER, "max_tokens": 2})
+    assert ok.status_code == 200
