@@ -124,7 +124,7 @@ async def create_chat_completion(
     if body.n != 1:
         raise BadRequest("only n=1 is supported", param="n")
     check_lengths(body.max_tokens, body.max_completion_tokens, body.min_tokens, state.max_model_len)
-    model = state.resolve_model(tenant, body.model)
+    state.resolve_model(tenant, body.model)  # 404 before any rendering
     prompt, max_tokens = await state.render_prompt(
         body.messages,
         max_tokens=body.max_completion_tokens or body.max_tokens,
@@ -132,6 +132,9 @@ async def create_chat_completion(
         continue_final_message=body.continue_final_message,
     )
     sampling = sampling_params(body, max_tokens, state.template.end_of_turn_ids)
+    # Again after the render's await: the adapter may have been deleted or re-uploaded meanwhile,
+    # and from here to `Generation` (which counts it in use) nothing awaits.
+    model = state.resolve_model(tenant, body.model)
     ticket = state.admission.acquire(tenant)
     generation = Generation(
         state, request_id=f"chatcmpl-{uuid.uuid4().hex}", tenant=tenant, model=model,

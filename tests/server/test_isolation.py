@@ -28,7 +28,8 @@ def test_uploading_another_tenants_bytes_answers_like_fresh_bytes(fake_server, p
     alice, bob = fake_server.client("alice"), fake_server.client("bob")
     assert upload(alice, "mine", peft_adapters["a"]).status_code == 201
     assert alice.post("/v1/adapters/mine/pin").json()["pinned"] is True
-    assert alice.post("/v1/chat/completions", json={"model": "mine", "messages": USER, "max_tokens": 2}).status_code == 200
+    chat = alice.post("/v1/chat/completions", json={"model": "mine", "messages": USER, "max_tokens": 2})
+    assert chat.status_code == 200
     assert alice.get("/v1/adapters/mine").json()["residency"] == "device"  # alice sees her own state
 
     fresh = upload(bob, "fresh", peft_adapters["b"])
@@ -153,8 +154,8 @@ def test_an_engine_fault_of_one_sequence_ends_only_that_request(fake_server, str
 
 def test_an_engine_error_that_names_a_path_reaches_the_client_without_it(fake_server):
     base = fake_server.state.base_id
-    fake_server.engine.fail_next["alice"] = ("could not load /srv/loraswap/blobs/ab12/adapter_model.safetensors in time",
-                                             "adapter_load_failed", 503)
+    reason = "could not load /srv/loraswap/blobs/ab12/adapter_model.safetensors in time"
+    fake_server.engine.fail_next["alice"] = (reason, "adapter_load_failed", 503)
     response = fake_server.client("alice").post("/v1/chat/completions",
                                                 json={"model": base, "messages": USER, "max_tokens": 2})
     assert response.status_code == 503 and response.headers["retry-after"] == "1"
