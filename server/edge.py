@@ -13,7 +13,8 @@ Uploads (`POST /v1/adapters`) get their own, larger cap and deadline. A refused 
 parsed: the app's own answer (if it started one) is dropped and replaced by ours.
 
 After a refusal the answer is sent at once, then whatever the client is still sending is
-discarded for a moment (at most `LINGER_BYTES` / `LINGER_S`, never buffered or parsed) before the
+discarded for a moment (at most `LINGER_BYTES`, `LINGER_S` in all and `LINGER_IDLE_S` without
+data; never buffered or parsed) before the
 connection closes: closing a socket with unread data makes the kernel send a reset, which would
 destroy the answer before a client that is still writing its body could read it ("lingering
 close", as nginx does).
@@ -38,7 +39,8 @@ PUBLIC_PATHS = frozenset({"/health", "/ready", "/openapi.json", "/docs", "/docs/
 ADMIN_PATHS = frozenset({"/metrics"})
 UPLOAD_PATH = "/v1/adapters"
 LINGER_BYTES = 32 * 1024 * 1024
-LINGER_S = 2.0
+LINGER_IDLE_S = 2.0  # stop when the client pauses this long...
+LINGER_S = 10.0  # ...or after this long in all, however it trickles
 
 
 class BodyRejected(HTTPException):
@@ -222,7 +224,8 @@ async def _linger(receive) -> None:
     deadline, discarded = loop.time() + LINGER_S, 0
     while discarded <= LINGER_BYTES:
         try:
-            message = await asyncio.wait_for(receive(), timeout=max(deadline - loop.time(), 0.0))
+            remaining = min(deadline - loop.time(), LINGER_IDLE_S)
+            message = await asyncio.wait_for(receive(), timeout=max(remaining, 0.0))
         except asyncio.TimeoutError:
             return
         if message["type"] != "http.request" or not message.get("more_body", False):
