@@ -10,15 +10,14 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import Any
-
+from adapters.base import BaseInfo
 from adapters.chat_template import ChatTemplate, RenderedPrompt
 from server.admission import Admission, InFlight
 from adapters.errors import AdapterNotFound, InvalidName
-from server.api.errors import PromptTooLong
-from server.engine.types import AdapterRef
+from server.errors import PromptTooLong
+from adapters.store import AdapterRecord, AdapterStore
+from server.engine.types import AdapterRef, AdapterResidency, EngineClient
 from server.metrics import ServerMetrics
-from server.residency import Residency, adapter_residency
 from server.settings import ServerConfig
 
 
@@ -28,17 +27,17 @@ class ResolvedModel:
 
     name: str
     adapter: AdapterRef | None
-    record: Any = None  # the store's AdapterRecord for adapters
+    record: AdapterRecord | None = None  # the store's record, for adapters
 
 
 @dataclass
 class ServerState:
-    """The per-app services. `engine` follows the engine interface; `store` is an `AdapterStore`."""
+    """The per-app services, built once by `create_app`."""
 
     config: ServerConfig
-    engine: Any
-    store: Any
-    base_info: Any
+    engine: EngineClient
+    store: AdapterStore
+    base_info: BaseInfo
     template: ChatTemplate
     base_id: str
     metrics: ServerMetrics
@@ -53,7 +52,7 @@ class ServerState:
     @property
     def max_model_len(self) -> int:
         """The configured length, capped by what the engine's model supports."""
-        return min(self.config.max_model_len, getattr(self.engine, "max_model_len", self.config.max_model_len))
+        return min(self.config.max_model_len, self.engine.max_model_len)
 
     @property
     def tokenizer(self):
@@ -76,16 +75,16 @@ class ServerState:
     def is_deleting(self, tenant: str, name: str) -> bool:
         return (tenant, name) in self.deleting
 
-    def get_adapter(self, tenant: str, name: str):
+    def get_adapter(self, tenant: str, name: str) -> AdapterRecord:
         """The store's record of `tenant`'s `name`; AdapterNotFound also while it is being deleted."""
         if self.is_deleting(tenant, name):
             raise AdapterNotFound(name, param="name")
         return self.store.get(tenant, name)
 
-    def list_adapters(self, tenant: str) -> list:
+    def list_adapters(self, tenant: str) -> list[AdapterRecord]:
         return [record for record in self.store.list(tenant) if not self.is_deleting(tenant, record.name)]
 
-    async def delete_adapter(self, tenant: str, name: str):
+    async def delete_adapter(self, tenant: str, name: str) -> AdapterRecord:
         """Hide `name` now; delete it from the store (and the engine) once its requests finish.
 
         The store removes the files of content no other name uses, so it must wait for requests
@@ -99,7 +98,7 @@ class ServerState:
             self.inflight.when_idle(record.id, lambda: asyncio.ensure_future(self._finish_delete(tenant, name, record)))
         return record
 
-    async def _finish_delete(self, tenant: str, name: str, record) -> None:
+    async def _finish_delete(self, tenant: str, name: str, record: AdapterRecord) -> None:
         try:
             await asyncio.to_thread(self.store.delete, tenant, name)
         finally:
@@ -107,9 +106,9 @@ class ServerState:
         if not self.store.adapter_dir(record).is_dir():  # no other name holds the same content
             self.engine.forget_adapter(record.id)
 
-    def residency(self) -> dict[str, Residency]:
+    def residency(self) -> dict[str, AdapterResidency]:
         """adapter id -> where it lives now (tier, folded, pinned); absent means on disk only."""
-        return adapter_residency(self.engine.stats() or {})
+        return self.engine.stats().residency()
 
     def prepare_prompt(
         self,

@@ -23,7 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
 
 from adapters.errors import InvalidAdapter
-from adapters.store import check_name
+from adapters.store import AdapterRecord, check_name
 from adapters.validate import (
     ALLOWED_FILES,
     CODE_SUFFIXES,
@@ -35,8 +35,7 @@ from adapters.validate import (
 from server.api.deps import get_state, get_tenant
 from server.api.errors import Conflict, UploadRejected
 from server.api.protocol import AdapterCard, AdapterDeleted, AdapterList
-from server.engine.types import AdapterRef
-from server.residency import Residency
+from server.engine.types import AdapterRef, AdapterResidency
 from server.state import ServerState
 
 router = APIRouter()
@@ -45,8 +44,8 @@ _TRUE = ("1", "true", "yes", "on")
 _CHUNK = 1 << 20
 
 
-def adapter_card(record, residency: dict[str, Residency] | None = None) -> AdapterCard:
-    where = (residency or {}).get(record.id, Residency())
+def adapter_card(record: AdapterRecord, residency: dict[str, AdapterResidency] | None = None) -> AdapterCard:
+    where = (residency or {}).get(record.id, AdapterResidency())
     return AdapterCard(
         id=record.id, name=record.name, version=record.version, sha256=record.sha256, rank=record.rank,
         target_modules=sorted(record.target_modules), template=record.template_sha256 or "unknown",

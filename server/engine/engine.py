@@ -17,6 +17,7 @@ import queue
 import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 from server.engine.block_manager import BlockManager
 from server.engine.config import EngineConfig
@@ -30,13 +31,18 @@ from server.engine.sampler import Sampler
 from server.engine.scheduler import Scheduler, StepOutput
 from server.engine.sequence import Sequence
 from server.engine.slots import AdapterSlots
-from server.engine.types import AdapterRef, SamplingParams, TokenEvent
+from server.engine.types import AdapterRef, EngineStats, FoldView, SamplingParams, TokenEvent
 
 Sink = Callable[[TokenEvent], None]
 logger = logging.getLogger(__name__)
 
 
 class Engine:
+    """The serving engine; satisfies `EngineClient` (see server/engine/types.py)."""
+
+    tokenizer: Any
+    max_model_len: int
+
     def __init__(self, config: EngineConfig):
         from transformers import AutoTokenizer
 
@@ -46,7 +52,7 @@ class Engine:
         self.tokenizer = AutoTokenizer.from_pretrained(str(base))
         self.eos_ids = read_generation_eos(base)
         self.model = load_model(base, config.quant, self.dtype, self.device, config.max_loras,
-                                config.max_lora_rank)
+                                config.max_rank)
         self.max_model_len = min(config.max_model_len, self.model.spec.max_position_embeddings)
         num_blocks = config.num_kv_blocks or max(
             1, config.kv_cache_bytes // kv_bytes_per_block(self.model, config.block_size))
@@ -54,7 +60,7 @@ class Engine:
         layers = self.model.lora_layers()
         self.fold = FoldManager(layers, config.fold, config.fold_window, config.fold_budget,
                                 fold_dtype(config.quant, self.device, self.dtype))
-        self.slots = AdapterSlots(self.model.lora_targets(), config.max_loras, config.max_cpu_loras, config.max_lora_rank,
+        self.slots = AdapterSlots(self.model.lora_targets(), config.max_loras, config.max_cpu_loras, config.max_rank,
                                   self.dtype, on_slot_change=self.fold.on_slot_change)
         self.blocks = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(self.blocks, self.slots, config.max_num_seqs, config.max_num_batched_tokens)
@@ -112,27 +118,26 @@ class Engine:
         """After a delete: drop it from the host cache and its slot once no running sequence uses it."""
         self._command(("forget", adapter_id))
 
-    def stats(self) -> dict:
-        sched = self.scheduler
-        return {
-            "adapters": self.slots.residency(),
-            "slots": {str(s): self.slots.owner[s] for s in range(1, self.slots.num_slots + 1)},
-            "slot_loads": self.slots.stats.loads,
-            "slot_evictions": self.slots.stats.evictions,
-            "disk_loads": self.slots.stats.disk_loads,
-            "adapter_load_errors": self.slots.stats.load_errors,
-            "fold": {"folded": self.fold.folded_id, "pinned": sorted(self.fold.pinned),
-                     "bytes": self.fold.folded_bytes, "folds": self.fold.stats.folds,
-                     "unfolds": self.fold.stats.unfolds},
-            "waiting": len(sched.waiting),
-            "running": len(sched.running),
-            "preemptions": sched.num_preemptions,
-            "kv_blocks_total": self.blocks.num_blocks,
-            "kv_blocks_used": self.blocks.num_used,
-            "kv_usage": self.blocks.num_used / self.blocks.num_blocks,
-            "steps": self.num_steps,
-            "generated_tokens": self.num_generated,
-        }
+    def stats(self) -> EngineStats:
+        """A snapshot for the server's listings and metrics (any thread; a read between steps)."""
+        sched, slots, fold = self.scheduler, self.slots, self.fold
+        return EngineStats(
+            waiting=len(sched.waiting),
+            running=len(sched.running),
+            adapters=slots.residency(),
+            slots={s: slots.owner[s] for s in range(1, slots.num_slots + 1)},
+            fold=FoldView(folded=fold.folded_id, pinned=tuple(sorted(fold.pinned)), bytes=fold.folded_bytes,
+                          folds=fold.stats.folds, unfolds=fold.stats.unfolds),
+            slot_loads=slots.stats.loads,
+            slot_evictions=slots.stats.evictions,
+            disk_loads=slots.stats.disk_loads,
+            adapter_load_errors=slots.stats.load_errors,
+            preemptions=sched.num_preemptions,
+            kv_blocks_total=self.blocks.num_blocks,
+            kv_blocks_used=self.blocks.num_used,
+            steps=self.num_steps,
+            generated_tokens=self.num_generated,
+        )
 
     # -- lifecycle --------------------------------------------------------------------------
     async def start(self) -> None:

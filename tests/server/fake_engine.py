@@ -1,19 +1,22 @@
-"""A small engine with the real engine's interface, for HTTP tests that do not check model output.
+"""A small `EngineClient` (the real engine's interface), for HTTP tests that do not check model output.
 
 It really runs: a background loop emits one token per step for every running request (the next
 token of a fixed reply, decoded incrementally with the real tokenizer), honours max_tokens,
 min_tokens, ignore_eos and stop token ids, and `abort` ends a request at the next step. It keeps
 the bookkeeping the tests inspect: running requests, aborted ids, pins, forgotten adapters, the
 adapter each request used, and a `gate` that holds every step while cleared.
+`tests/server/test_engine_contract.py` keeps its signatures equal to the protocol's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
-from server.engine.types import AdapterRef, SamplingParams, TokenEvent
+from server.engine.types import AdapterRef, EngineStats, FoldView, SamplingParams, TokenEvent
 
 REPLY = "Hello! How can I help you today?"
 
@@ -30,8 +33,12 @@ class _Running:
 
 
 class FakeEngine:
-    def __init__(self, tokenizer, step_s: float = 0.002, reply: str = REPLY):
+    tokenizer: Any
+    max_model_len: int
+
+    def __init__(self, tokenizer: Any, step_s: float = 0.002, reply: str = REPLY, max_model_len: int = 1 << 20):
         self.tokenizer = tokenizer
+        self.max_model_len = max_model_len  # no positional limit of its own: the server's config decides
         self.step_s = step_s
         self.reply_ids = tokenizer(reply, add_special_tokens=False)["input_ids"]
         self.eos_id = tokenizer.eos_token_id
@@ -47,16 +54,18 @@ class FakeEngine:
         self._task: asyncio.Task | None = None
         self.started = False
 
-    async def start(self):
+    async def start(self) -> None:
         self._task = asyncio.create_task(self._loop())
         self.started = True
 
-    async def stop(self):
+    async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
         self.started = False
 
-    def add_request(self, request_id, prompt_ids, adapter, sampling):
+    def add_request(
+        self, request_id: str, prompt_ids: list[int], adapter: AdapterRef | None, sampling: SamplingParams
+    ) -> AsyncIterator[TokenEvent]:
         queue: asyncio.Queue = asyncio.Queue()
         self.running[request_id] = _Running(request_id, list(prompt_ids), adapter, sampling, queue)
         self.adapters_seen[request_id] = adapter.id if adapter else None
@@ -70,28 +79,28 @@ class FakeEngine:
             if event.finish_reason is not None:
                 return
 
-    def abort(self, request_id):
+    def abort(self, request_id: str) -> None:
         seq = self.running.pop(request_id, None)
         if seq is not None:
             self.aborted.append(request_id)
             seq.queue.put_nowait(TokenEvent(request_id, None, "", finish_reason="abort"))
 
-    def pin(self, ref: AdapterRef):
-        self.pinned.add(ref.id)
+    def pin(self, adapter: AdapterRef) -> None:
+        self.pinned.add(adapter.id)
 
-    def unpin(self, adapter_id: str):
+    def unpin(self, adapter_id: str) -> None:
         self.pinned.discard(adapter_id)
 
-    def forget_adapter(self, adapter_id: str):
+    def forget_adapter(self, adapter_id: str) -> None:
         self.forgotten.append(adapter_id)
 
-    def stats(self):
-        """The real engine's shape: tiers per adapter id, fold state, queue sizes, slot counters."""
+    def stats(self) -> EngineStats:
+        """Running adapters and pins are "device"; the first pinned adapter counts as folded."""
         adapters = {seq.adapter.id: "device" for seq in self.running.values() if seq.adapter is not None}
         adapters.update({adapter_id: "device" for adapter_id in self.pinned})
-        return {"running": len(self.running), "waiting": 0, "adapters": adapters,
-                "fold": {"folded": next(iter(sorted(self.pinned)), None), "pinned": sorted(self.pinned)},
-                "slot_loads": 0, "slot_evictions": 0}
+        pinned = tuple(sorted(self.pinned))
+        return EngineStats(running=len(self.running), waiting=0, adapters=adapters,
+                           fold=FoldView(folded=next(iter(pinned), None), pinned=pinned))
 
     async def _loop(self):
         while True:
