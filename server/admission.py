@@ -16,7 +16,7 @@ import asyncio
 from collections import Counter
 from collections.abc import Callable
 
-from server.api.errors import Overloaded, RateLimited
+from server.errors import Overloaded, RateLimited
 
 
 class Ticket:
