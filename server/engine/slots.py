@@ -59,7 +59,7 @@ def read_host_adapter(ref: AdapterRef, targets: dict[str, tuple[LoraLinear, str]
         layer, part = targets[path]
         out_features = layer.part_out
         if module.rank > max_rank:
-            raise AdapterLoadError(f"adapter {ref.id}: rank {module.rank} > max_lora_rank {max_rank}")
+            raise AdapterLoadError(f"adapter {ref.id}: rank {module.rank} > max_rank {max_rank}")
         if tuple(module.A.shape) != (module.rank, layer.in_features) or \
                 tuple(module.B.shape) != (out_features, module.rank):
             raise AdapterLoadError(f"adapter {ref.id}: {path} has shapes A{tuple(module.A.shape)} "
