@@ -2,9 +2,10 @@
 
 The path of a request: resolve `model` in the caller's namespace (404 otherwise) -> validate,
 render and length-check the messages (the same path as `/tokenize`) -> admission (429 / 503) ->
-engine. A client that goes away is noticed while waiting (plain) or by Starlette's disconnect
-listener (streaming); either way the consuming task is cancelled and `Generation.close()` aborts
-the engine request, freeing its KV blocks and slot pin.
+engine. The `Generation` owns the request's lifetime: the plain path runs inside `with generation:`,
+the streaming response sends inside it (`_EventStream`). A client that goes away is noticed while
+waiting (plain) or by Starlette's disconnect listener (streaming); either way the consuming task is
+cancelled and leaving the block aborts the engine request, freeing its KV blocks and slot pin.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
 
 from server.api.deps import get_state, get_tenant
-from server.api.errors import ApiError, BadRequest, EngineFailure, Overloaded, envelope
+from adapters.errors import LoraswapError
+from server.api.errors import BadRequest, EngineFailure, Overloaded
 from server.api.protocol import (
     AssistantMessage,
     ChatCompletion,
@@ -75,7 +77,7 @@ def _token_logprob(tokenizer, event: TokenEvent, as_ids: bool) -> TokenLogprob:
     return TokenLogprob(**chosen, top_logprobs=top)
 
 
-def _abort_error(generation: Generation) -> ApiError:
+def _abort_error(generation: Generation) -> LoraswapError:
     """Why the engine ended a request the client did not cancel."""
     if generation.error:
         return EngineFailure(f"the request could not be served: {generation.error}")
@@ -107,15 +109,12 @@ async def create_chat_completion(
         state, request_id=f"chatcmpl-{uuid.uuid4().hex}", tenant=tenant, model=model,
         prompt_ids=prompt.ids, sampling=sampling, ticket=ticket,
     )
-    try:
-        generation.start()
-    except BaseException:
-        generation.close()
-        raise
+    generation.start()
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return _ClosingStream(_sse(state, body, generation, include_usage), generation)
-    return await _complete_unless_disconnected(state, body, generation, request)
+        return _EventStream(_sse(state, body, generation, include_usage), generation)
+    with generation:
+        return await _complete_unless_disconnected(state, body, generation, request)
 
 
 async def _wait_for_disconnect(request: Request) -> None:
@@ -131,8 +130,7 @@ async def _complete_unless_disconnected(state, body, generation: Generation, req
     finally:
         watch.cancel()
         if not collect.done():
-            collect.cancel()  # the client left (or we are being cancelled): stop generating
-            generation.close()  # abort now, not when the cancelled task next runs
+            collect.cancel()  # the client left (or we are being cancelled); the caller's `with` aborts now
     if collect not in done:
         return Response(status_code=499)  # nobody is listening; nginx's "client closed request"
     return collect.result()
@@ -142,14 +140,11 @@ async def _collect(state: ServerState, body: ChatCompletionRequest, generation: 
     texts: list[str] = []
     logprobs: list[TokenLogprob] = []
     completion_tokens = 0
-    try:
-        async for event in generation.events():
-            texts.append(event.text)
-            if body.logprobs and event.token_id is not None:
-                logprobs.append(_token_logprob(state.tokenizer, event, body.return_tokens_as_token_ids))
-            completion_tokens = max(event.completion_tokens, generation.completion_tokens)
-    finally:
-        generation.close()
+    async for event in generation.events():
+        texts.append(event.text)
+        if body.logprobs and event.token_id is not None:
+            logprobs.append(_token_logprob(state.tokenizer, event, body.return_tokens_as_token_ids))
+        completion_tokens = max(event.completion_tokens, generation.completion_tokens)
     if generation.finish_reason == "abort":
         raise _abort_error(generation)
     prompt_tokens = len(generation.prompt_ids)
@@ -184,35 +179,33 @@ async def _sse(state: ServerState, body: ChatCompletionRequest, generation: Gene
         return _sse_line(ChatCompletionChunk(id=generation.request_id, created=created, model=body.model,
                                              choices=[choice]), include_usage)
 
-    try:
-        yield chunk(Delta(role="assistant", content=""))
-        completion_tokens = 0
-        async for event in generation.events():
-            completion_tokens = max(event.completion_tokens, generation.completion_tokens)
-            logprobs = None
-            if body.logprobs and event.token_id is not None:
-                logprobs = ChoiceLogprobs(content=[_token_logprob(state.tokenizer, event, body.return_tokens_as_token_ids)])
-            if event.text or logprobs is not None:
-                yield chunk(Delta(content=event.text), logprobs=logprobs)
-        if generation.finish_reason == "abort":
-            error = _abort_error(generation)
-            yield f"data: {json.dumps(envelope(error.message, error.type, error.code))}\n\n"
-        else:
-            yield chunk(Delta(), finish_reason=generation.finish_reason or "stop")
-            if include_usage:
-                prompt_tokens = len(generation.prompt_ids)
-                usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                              total_tokens=prompt_tokens + completion_tokens)
-                last = ChatCompletionChunk(id=generation.request_id, created=created, model=body.model,
-                                           choices=[], usage=usage)
-                yield _sse_line(last, include_usage)
-        yield "data: [DONE]\n\n"
-    finally:
-        generation.close()
+    yield chunk(Delta(role="assistant", content=""))
+    completion_tokens = 0
+    async for event in generation.events():
+        completion_tokens = max(event.completion_tokens, generation.completion_tokens)
+        logprobs = None
+        if body.logprobs and event.token_id is not None:
+            logprobs = ChoiceLogprobs(content=[_token_logprob(state.tokenizer, event, body.return_tokens_as_token_ids)])
+        if event.text or logprobs is not None:
+            yield chunk(Delta(content=event.text), logprobs=logprobs)
+    if generation.finish_reason == "abort":
+        error = _abort_error(generation)
+        yield f"data: {json.dumps(error.envelope())}\n\n"
+    else:
+        yield chunk(Delta(), finish_reason=generation.finish_reason or "stop")
+        if include_usage:
+            prompt_tokens = len(generation.prompt_ids)
+            usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                          total_tokens=prompt_tokens + completion_tokens)
+            last = ChatCompletionChunk(id=generation.request_id, created=created, model=body.model,
+                                       choices=[], usage=usage)
+            yield _sse_line(last, include_usage)
+    yield "data: [DONE]\n\n"
 
 
-class _ClosingStream(StreamingResponse):
-    """An SSE response that closes its generation however the response ends (even unstarted)."""
+class _EventStream(StreamingResponse):
+    """An SSE response that owns its generation while it sends: however the send ends (finished,
+    client gone, even never started), leaving `with generation:` releases it."""
 
     def __init__(self, content, generation: Generation):
         super().__init__(content, media_type="text/event-stream",
@@ -220,7 +213,5 @@ class _ClosingStream(StreamingResponse):
         self._generation = generation
 
     async def __call__(self, scope, receive, send) -> None:
-        try:
+        with self._generation:
             await super().__call__(scope, receive, send)
-        finally:
-            self._generation.close()
