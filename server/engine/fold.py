@@ -80,7 +80,7 @@ class FoldManager:
             return False
         for layer in self.layers.values():
             if layer.slot_rank[slot]:
-                layer.folded_weight, layer.folded_slot = layer.dense_weight(slot, self.dtype), slot
+                layer.fold(slot, self.dtype)
         self.folded_id, self.folded_slot, self.folded_bytes = adapter_id, slot, needed
         self.stats.folds += 1
         return True
@@ -89,7 +89,7 @@ class FoldManager:
         if self.folded_id is None:
             return
         for layer in self.layers.values():
-            layer.folded_weight, layer.folded_slot = None, None
+            layer.unfold()
         self.folded_id, self.folded_slot, self.folded_bytes = None, None, 0
         self.stats.unfolds += 1
 
@@ -105,3 +105,7 @@ class FoldManager:
         self.pinned.discard(adapter_id)
         if self.folded_id == adapter_id and self.mode != "auto":
             self.unfold()
+
+    def forget(self, adapter_id: str) -> None:
+        """A deleted adapter: drop its pin (its slot's change unfolds it, see `on_slot_change`)."""
+        self.pinned.discard(adapter_id)

@@ -166,6 +166,13 @@ class LoraLinear(nn.Module):
             w = w + delta.reshape(self.out_features, self.in_features)
         return w.to(dtype or self.dtype)
 
+    def fold(self, slot: int, dtype: torch.dtype) -> None:
+        """Run `slot`'s tokens through a dense copy `dense_weight(slot)` from now on."""
+        self.folded_weight, self.folded_slot = self.dense_weight(slot, dtype), slot
+
+    def unfold(self) -> None:
+        self.folded_weight, self.folded_slot = None, None
+
     def forward(self, x: torch.Tensor, lora: LoraStep | None = None) -> torch.Tensor:
         """x (T, in) -> (T, out)."""
         if lora is not None and lora.mode == "fold" and self.folded_slot == lora.slot:

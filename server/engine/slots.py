@@ -164,6 +164,11 @@ class AdapterSlots:
                 while len(self.host) > self.max_cpu:
                     self.host.popitem(last=False)
 
+    def take_failed(self) -> dict[str, str]:
+        """Adapter id -> error of the loads that failed since the last call (then forgotten)."""
+        failed, self.failed = self.failed, {}
+        return failed
+
     def wait_for_loads(self, timeout: float) -> None:
         if self.loading:
             wait(list(self.loading.values()), timeout=timeout, return_when=FIRST_COMPLETED)
