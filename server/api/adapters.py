@@ -24,14 +24,7 @@ from starlette.datastructures import FormData, UploadFile
 
 from adapters.errors import InvalidAdapter
 from adapters.store import AdapterRecord, check_name
-from adapters.validate import (
-    ALLOWED_FILES,
-    CODE_SUFFIXES,
-    PICKLE_SUFFIXES,
-    TOKENIZER_FILES,
-    check_template,
-    validate_adapter_dir,
-)
+from adapters.validate import ALLOWED_FILES, check_template, refuse_forbidden_name, unknown_file, validate_adapter_dir
 from server.api.deps import get_state, get_tenant
 from server.api.errors import Conflict, UploadRejected
 from server.api.protocol import AdapterCard, AdapterDeleted, AdapterList
@@ -56,23 +49,14 @@ def adapter_card(record: AdapterRecord, residency: dict[str, AdapterResidency] |
 def staged_name(upload: UploadFile) -> str:
     """The known file name a client's upload stands for; anything else is refused.
 
-    The refusals mirror `validate_adapter_dir`'s (same codes and statuses), decided from the
+    The refusals are `validate_adapter_dir`'s own (same codes and statuses), decided from the
     client's base name alone: no client-named file is ever written.
     """
     client_name = PurePosixPath((upload.filename or "").replace("\\", "/")).name
     if client_name in ALLOWED_FILES:
         return next(known for known in ALLOWED_FILES if known == client_name)
-    lowered = client_name.lower()
-    if lowered.endswith(PICKLE_SUFFIXES):
-        raise InvalidAdapter(f"{client_name}: pickle-based files are refused; weights must be safetensors",
-                             "pickle_file", 415, param="files")
-    if lowered.endswith(CODE_SUFFIXES):
-        raise InvalidAdapter(f"{client_name}: code files are refused in an adapter", "code_file", 415, param="files")
-    if lowered in TOKENIZER_FILES:
-        raise InvalidAdapter(f"{client_name}: an adapter cannot change the tokenizer or the chat template; remove it",
-                             "tokenizer_file", 422, param="files")
-    raise InvalidAdapter(f"{client_name or '(unnamed file)'}: unexpected file; an adapter holds only "
-                         f"{', '.join(ALLOWED_FILES)}", "unknown_file", 415, param="files")
+    refuse_forbidden_name(client_name, param="files")
+    raise unknown_file(client_name or "(unnamed file)", param="files")
 
 
 def _stage(files: list[tuple[str, UploadFile]], directory: Path, limit: int) -> None:
