@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from server.engine.lora import LoraLinear
+from server.engine.lora import MultiLoraLinear
 
 
 @dataclass
@@ -37,7 +37,7 @@ def fold_dtype(quant: str, device: torch.device, compute_dtype: torch.dtype) -> 
 
 
 class FoldManager:
-    def __init__(self, layers: dict[str, LoraLinear], mode: str, window: int, budget: int,
+    def __init__(self, layers: dict[str, MultiLoraLinear], mode: str, window: int, budget: int,
                  dtype: torch.dtype = torch.float32):
         self.layers = layers
         self.dtype = dtype

@@ -18,7 +18,7 @@ import torch
 
 from adapters.format import read_peft
 from server.engine.errors import AdapterLoadError
-from server.engine.lora import LoraLinear
+from server.engine.lora import MultiLoraLinear
 from server.engine.sequence import NO_SLOT, Sequence
 from server.engine.types import AdapterRef
 
@@ -28,7 +28,7 @@ class SlotTable:
     """What the runner needs per step: each slot's max rank and a version of all slot contents."""
 
     ranks: list[int]
-    generation: int = 0
+    version: int = 0  # bumps whenever any slot's contents change
 
 
 @dataclass
@@ -45,7 +45,7 @@ class HostAdapter:
     nbytes: int = 0
 
 
-def read_host_adapter(ref: AdapterRef, targets: dict[str, tuple[LoraLinear, str]], max_rank: int,
+def read_host_adapter(ref: AdapterRef, targets: dict[str, tuple[MultiLoraLinear, str]], max_rank: int,
                       dtype: torch.dtype) -> HostAdapter:
     """Read a PEFT directory and shape it for the slots (runs in the loader thread)."""
     try:
@@ -80,13 +80,13 @@ class SlotStats:
 
 
 class AdapterSlots:
-    def __init__(self, targets: dict[str, tuple[LoraLinear, str]], num_slots: int, max_cpu: int,
+    def __init__(self, targets: dict[str, tuple[MultiLoraLinear, str]], num_slots: int, max_cpu: int,
                  max_rank: int, dtype: torch.dtype, on_slot_change=None):
         """Args:
         targets: PEFT module path -> (wrapped layer, part name), from `CausalLM.lora_targets()`.
         """
         self.targets = targets
-        self.layers: dict[int, LoraLinear] = {id(layer): layer for layer, _ in targets.values()}
+        self.layers: dict[int, MultiLoraLinear] = {id(layer): layer for layer, _ in targets.values()}
         self.num_slots, self.max_cpu, self.max_rank, self.dtype = num_slots, max_cpu, max_rank, dtype
         self.table = SlotTable(ranks=[0] * (num_slots + 1))
         self.owner: list[str | None] = [None] * (num_slots + 1)  # slot -> adapter id
@@ -197,7 +197,7 @@ class AdapterSlots:
         self.owner[slot] = host.id
         self.slot_of[host.id] = slot
         self.table.ranks[slot] = host.max_rank
-        self.table.generation += 1
+        self.table.version += 1
         self.stats.loads += 1
         if self.on_slot_change:
             self.on_slot_change(slot)
@@ -209,7 +209,7 @@ class AdapterSlots:
         self.slot_of.pop(self.owner[slot], None)
         self.owner[slot] = None
         self.table.ranks[slot] = 0
-        self.table.generation += 1
+        self.table.version += 1
         if self.on_slot_change:
             self.on_slot_change(slot)
 
