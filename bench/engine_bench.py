@@ -91,11 +91,11 @@ def measure_baselines(args, report: Report, base_dir: Path, dirs: list[Path], pr
         return min(timings, key=lambda pair: pair[0])
 
     log(f"(c) PEFT mixed-batch generate, {args.hf_new_tokens} tokens per row")
-    seconds, peft_out = fastest(lambda: hf_baseline.peft_generate(peft, rows, adapters, args.hf_new_tokens, pad))
+    seconds, peft_out = fastest(lambda: hf_baseline.peft_generate(peft, rows, adapters, args.hf_new_tokens, pad))  # noqa: F821 - `del peft` below confuses ruff
     report.add(Measure("c", "transformers+PEFT mixed batch", len(rows) * args.hf_new_tokens / seconds, "tok/s", hf_note))
     log("(c0) transformers generate, base only")
     with peft.disable_adapter():
-        seconds, _ = fastest(lambda: hf_baseline.peft_generate(peft, rows, None, args.hf_new_tokens, pad))
+        seconds, _ = fastest(lambda: hf_baseline.peft_generate(peft, rows, None, args.hf_new_tokens, pad))  # noqa: F821
     report.add(Measure("c0", "transformers base only", len(rows) * args.hf_new_tokens / seconds, "tok/s", hf_note))
     log("(d) matmul bound")
     seconds = min(hf_baseline.matmul_bound(peft, len(rows), args.new_tokens, args.quant) for _ in range(args.repeats))

@@ -84,7 +84,7 @@ class InFlight:
 
     def __init__(self):
         self.counts: Counter[str] = Counter()
-        self._when_idle: dict[str, list[Callable[[], None]]] = {}
+        self._when_idle: dict[str, list[Callable[[], object]]] = {}
 
     def enter(self, adapter_id: str) -> None:
         self.counts[adapter_id] += 1
@@ -96,7 +96,7 @@ class InFlight:
             for callback in self._when_idle.pop(adapter_id, []):
                 callback()
 
-    def when_idle(self, adapter_id: str, callback: Callable[[], None]) -> None:
+    def when_idle(self, adapter_id: str, callback: Callable[[], object]) -> None:
         """Run `callback` now if `adapter_id` has no request in flight, else after the last one."""
         if self.counts[adapter_id] <= 0:
             self.counts.pop(adapter_id, None)

@@ -13,7 +13,7 @@ import logging
 import sys
 
 import uvicorn
-from pydantic_settings import CliSettingsSource
+from pydantic_settings import CliApp, CliSettingsSource
 
 from adapters.store import AdapterStore, default_store_root
 from server.settings import ServerConfig, ServerSettings
@@ -25,9 +25,10 @@ def parse_args(argv: list[str]) -> ServerConfig:
     Raises ValueError (a pydantic ValidationError) naming the setting on a bad value; argparse
     exits on an unknown flag or `--help`.
     """
-    cli = CliSettingsSource(ServerSettings, cli_prog_name="loraswap serve", cli_kebab_case=True,
-                            cli_implicit_flags=False, cli_parse_args=argv)
-    return ServerSettings(_cli_settings_source=cli)
+    cli: CliSettingsSource[ServerSettings] = CliSettingsSource(
+        ServerSettings, cli_prog_name="loraswap serve", cli_kebab_case=True, cli_implicit_flags=False
+    )
+    return CliApp.run(ServerSettings, cli_args=argv, cli_settings_source=cli)
 
 
 class _DrainingServer(uvicorn.Server):

@@ -31,7 +31,7 @@ from server.engine.config import DType, Device, EngineConfig, Fold, Quant
 DEFAULT_TENANT = "default"
 _TENANT_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}$")
 MiB = 1 << 20
-_ENGINE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
+_ENGINE_DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
 # Knobs kept in MiB for people (flags, environment); code and tests may also pass them in bytes.
 _BYTES_ALIASES = {"kv_cache_bytes": "kv_cache_mb", "max_upload_bytes": "max_upload_mb"}
 

@@ -99,6 +99,7 @@ def choose_layout(lengths: list[int], token_cost: float) -> tuple[int, list[list
         cost = len(rows) * used * (token_cost + used)
         if best is None or cost < best[0]:
             best = (cost, used, rows)
+    assert best is not None  # `candidates` always holds at least `total`
     return best[1], best[2]
 
 

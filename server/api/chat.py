@@ -72,6 +72,8 @@ def _token_logprob(tokenizer, event: TokenEvent, as_ids: bool) -> TokenLogprob:
         return {"token": f"token_id:{token_id}" if as_ids else text, "logprob": logprob,
                 "bytes": list(text.encode("utf-8"))}
 
+    if event.token_id is None:
+        raise ValueError("an event without a token has no logprob")  # callers check; a bug otherwise
     top = [TopLogprob(**entry(t, lp)) for t, lp in event.top_logprobs]
     chosen = entry(event.token_id, event.logprob if event.logprob is not None else 0.0)
     return TokenLogprob(**chosen, top_logprobs=top)
@@ -155,7 +157,7 @@ async def _collect(state: ServerState, body: ChatCompletionRequest, generation: 
         choices=[Choice(
             message=AssistantMessage(content="".join(texts)),
             logprobs=ChoiceLogprobs(content=logprobs) if body.logprobs else None,
-            finish_reason=generation.finish_reason,
+            finish_reason=generation.finish_reason or "stop",  # events() always sets it
         )],
         usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                     total_tokens=prompt_tokens + completion_tokens),

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from server.engine.sequence import Sequence
 from server.engine.types import AdapterRef, TokenEvent
 
-Sink = Callable[[TokenEvent], None]  # receives a request's events, on the loop thread
+Sink = Callable[[TokenEvent], object]  # receives a request's events, on the loop thread (result ignored)
 
 
 @dataclass(frozen=True)

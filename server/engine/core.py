@@ -258,7 +258,7 @@ class EngineCore:
         if not failed:
             return
         for seq in list(self.scheduler.waiting):
-            error = failed.get(seq.adapter_id)
+            error = failed.get(seq.adapter_id) if seq.adapter_id is not None else None
             if error is not None:
                 self.scheduler.finish(seq, "abort")
                 self._send(seq, TokenEvent(seq.request_id, None, "", "abort", error=error,

@@ -80,7 +80,7 @@ def load_model(model_dir: Path, quant: str, dtype: torch.dtype, device: torch.de
         model = CausalLM(spec, make_linear, dtype, "meta")
     tensors = _read_tensors(model_dir)
     # Embeddings and norms first: the projections' base layers are still empty placeholders.
-    for name, param in list(model.named_parameters()):
+    for name, _ in list(model.named_parameters()):
         if name not in tensors:
             raise UnsupportedModel(f"checkpoint has no tensor {name!r}")
         owner, _, attr = name.rpartition(".")
