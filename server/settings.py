@@ -7,7 +7,8 @@ engine through `to_engine_config()`. Precedence: flags > environment > defaults.
 
 Adding a knob is one field here (plus, for an engine knob, its field in `EngineConfig`, which holds
 its default and validation; `engine_knob` reads both). A group of knobs (limits, quotas) may live
-in its own small pydantic model used as one field's type; flags then read `--group.knob`.
+in its own small pydantic model used as one field's type (`limits: Limits = Field(default_factory=Limits,
+description=...)`); flags then read `--limits.knob`, the environment `LORASWAP_LIMITS__KNOB`.
 
 `ServerConfig(...)` built in code reads only its arguments (a test builds one in one line);
 `ServerSettings` is the same model that also reads the environment, for the CLI. API keys come
@@ -44,7 +45,9 @@ def engine_knob(name: str, description: str, scale: int = 1) -> Any:
 class ServerConfig(BaseSettings):
     """Everything `loraswap serve` can be told. Frozen; `ServerConfig()` is the defaults."""
 
-    model_config = SettingsConfigDict(env_prefix="LORASWAP_", extra="ignore", frozen=True)
+    # env_nested_delimiter: a group of knobs (a pydantic model field, e.g. `limits: Limits`) reads
+    # LORASWAP_LIMITS__MAX_BODY_MB and --limits.max-body-mb.
+    model_config = SettingsConfigDict(env_prefix="LORASWAP_", extra="ignore", frozen=True, env_nested_delimiter="__")
 
     host: str = Field("127.0.0.1", description="bind address")
     port: int = Field(8000, ge=1, le=65535, description="port")
