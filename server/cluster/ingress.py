@@ -93,3 +93,30 @@ def build_application(config, base_dir: Path, replicas: int, store_actor, *, ing
     ingress = serve.deployment(Ingress, name="Ingress", num_replicas=1,
                                ray_actor_options={"num_cpus": ingress_cpus})
     return ingress.bind(ingress_config or config, str(base_dir), engine, store_actor)
+
+
+def app_builder(args: dict):
+    """Application builder for `serve run server.cluster.ingress:app_builder key=value ...` and KubeRay.
+
+    `replicas` (default 2) and `store` (the store actor's directory, default /data/store) are ours;
+    every other key is a `loraswap serve` setting by its field name (e.g. `max_loras=8`). Creates the
+    store actor on the node that builds the application (get-or-create, so redeploys reuse it).
+    """
+    from adapters.base import resolve_base
+    from server.cluster.launch import STORE_ACTOR, ingress_config
+    from server.cluster.store import StoreService
+    from server.settings import ServerSettings
+
+    import ray
+
+    args = dict(args)
+    replicas = int(args.pop("replicas", 2))
+    root = args.pop("store", "/data/store")
+    config = ServerSettings(**args).to_config()
+    # A node that offers the custom resource `loraswap_store` (the one with the store's volume) hosts it.
+    pinned = {"resources": {"loraswap_store": 1}} if ray.cluster_resources().get("loraswap_store") else {}
+    store = ray.remote(StoreService).options(name=STORE_ACTOR, get_if_exists=True, lifetime="detached",
+                                             max_restarts=-1, num_cpus=0, **pinned).remote(root)
+    gpus = 1.0 if config.device != "cpu" and ray.cluster_resources().get("GPU", 0) >= replicas else 0.0
+    return build_application(config, resolve_base(config.base), replicas, store,
+                             ingress_config=ingress_config(config, replicas), replica_gpus=gpus)

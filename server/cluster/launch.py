@@ -47,6 +47,10 @@ def deploy(config, base_dir: Path, replicas: int, store_root: Path, *, replica_c
 
     from server.cluster.ingress import build_application
 
+    cpus = ray.cluster_resources().get("CPU", 1)
+    if replicas * replica_cpus + ingress_cpus > cpus:  # e.g. 2 replicas on a 2-core machine: share the cores
+        ingress_cpus = min(ingress_cpus, cpus / (2 * replicas + 1))
+        replica_cpus = (cpus - ingress_cpus) / replicas
     if replica_gpus is None:  # one GPU per replica when the cluster has enough and the config allows
         gpus = ray.cluster_resources().get("GPU", 0)
         replica_gpus = 1.0 if config.device != "cpu" and gpus >= replicas else 0.0

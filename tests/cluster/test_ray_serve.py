@@ -122,3 +122,13 @@ def test_killing_a_replica_under_traffic(ray_served, adapter):
     with ray_served.client() as http:
         assert http.get("/ready").status_code == 200
     assert _chat(ray_served, "persona")[1].choices[0].message.content is not None
+
+
+def test_app_builder_for_serve_run_and_kuberay_builds_the_application(ray_served, tiny_base_dir):
+    from ray.serve import Application
+
+    from server.cluster.ingress import app_builder
+
+    app = app_builder({"replicas": 1, "store": str(tiny_base_dir.parent / "builder-store"),
+                       "base": str(tiny_base_dir), "quant": "none", "device": "cpu"})
+    assert isinstance(app, Application)
