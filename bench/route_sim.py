@@ -347,7 +347,9 @@ def write_chart(rows: list[dict], path: Path, title: str) -> None:
     fig, axes = plt.subplots(1, len(keys), figsize=(3 * len(keys), 3))
     names = [r["router"] for r in rows]
     for ax, (key, label) in zip(axes, keys):
-        bars = ax.bar(names, [r[key] for r in rows], color=["#999999", "#cccccc", "#4c72b0"][: len(rows)])
+        # What ships (Ray's own routing) in blue, the best alternative in green, the rest grey.
+        colors = [{"ray": "#4c72b0", "bounded": "#55a868"}.get(name, "#aaaaaa") for name in names]
+        bars = ax.bar(names, [r[key] for r in rows], color=colors)
         ax.bar_label(bars, fmt="%.3g", fontsize=8)
         ax.set_title(label, fontsize=9)
         ax.margins(y=0.2)
