@@ -1,4 +1,4 @@
-"""One local Ray cluster per test session: the tiny base served by 2 engine replicas behind the ingress.
+"""One local Ray cluster per test session (for tests/cluster only): the tiny base served by 2 engine replicas behind the ingress.
 
 Small on purpose (this machine has 2 cores): num_cpus=3, each replica 1 CPU, the ingress 0.5, the
 store actor 0; fp32 tiny base, 2 slots, 2 sequences + no queue per replica so 4 concurrent
@@ -53,7 +53,9 @@ class RayServed:
         return deployment.replica_states.get("RUNNING", 0)
 
 
-@pytest.fixture(scope="session")
+# Package scope: started once per session (only tests/cluster uses it) and stopped as soon as those
+# tests end, so Ray's processes do not sit beside the rest of the suite.
+@pytest.fixture(scope="package")
 def ray_served(tiny_base_dir, tmp_path_factory):
     ray = pytest.importorskip("ray")
     from ray import serve
