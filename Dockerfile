@@ -41,3 +41,10 @@ FROM base AS server
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s CMD python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health')"
 ENTRYPOINT ["loraswap", "serve", "--host", "0.0.0.0", "--port", "8000"]
+
+# Ray Serve image (`loraswap serve --replicas N`, docker/rayservice.yaml): the same plus ray[serve].
+FROM base AS cluster
+USER root
+RUN pip install -c constraints.txt ".[cluster]"
+USER loraswap
+EXPOSE 8000 6379 8265 10001

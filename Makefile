@@ -1,11 +1,12 @@
 # Two commands: `make serve` and `make test`. Each installs into .venv when needed.
+# `make test` runs `make lint` (ruff, ruff format --check, mypy; seconds) before pytest.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: install serve test test-gpu bench base clean
+.PHONY: install serve lint test test-gpu bench base clean
 
 install: $(STAMP)
 
@@ -24,7 +25,12 @@ base: install
 serve: install
 	$(VENV)/bin/loraswap serve --host 127.0.0.1 --port 8000
 
-test: install
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+test: install lint
 	$(VENV)/bin/loraswap base >/dev/null
 	$(PY) -m pytest -q -m "not gpu"
 

@@ -123,20 +123,34 @@ def _check_files(directory: Path, max_bytes: int) -> dict[str, int]:
     return sizes
 
 
-def _check_entry(name: str, mode: int) -> None:
+def refuse_forbidden_name(name: str, param: str | None = None) -> None:
+    """Refuse, by name alone, files an adapter never holds: pickles, code, tokenizer/template files.
+
+    The server applies it to a client's file names before staging anything, `validate_adapter_dir`
+    to the staged files: one set of codes and statuses for both.
+    """
     lowered = name.lower()
     if lowered.endswith(PICKLE_SUFFIXES):
-        raise InvalidAdapter(f"{name}: pickle-based files are refused; weights must be {WEIGHTS_FILE}", "pickle_file", 415)
+        message = f"{name}: pickle-based files are refused; weights must be {WEIGHTS_FILE}"
+        raise InvalidAdapter(message, "pickle_file", 415, param=param)
     if lowered.endswith(CODE_SUFFIXES):
-        raise InvalidAdapter(f"{name}: code files are refused in an adapter", "code_file", 415)
+        raise InvalidAdapter(f"{name}: code files are refused in an adapter", "code_file", 415, param=param)
     if lowered in TOKENIZER_FILES:
         message = f"{name}: an adapter cannot change the tokenizer or the chat template; remove it"
-        raise InvalidAdapter(message, "tokenizer_file", 422)
+        raise InvalidAdapter(message, "tokenizer_file", 422, param=param)
+
+
+def unknown_file(name: str, param: str | None = None) -> InvalidAdapter:
+    message = f"{name}: unexpected file; an adapter holds only {', '.join(ALLOWED_FILES)}"
+    return InvalidAdapter(message, "unknown_file", 415, param=param)
+
+
+def _check_entry(name: str, mode: int) -> None:
+    refuse_forbidden_name(name)
     if stat.S_ISLNK(mode):
         raise InvalidAdapter(f"{name} is a symbolic link; upload plain files", "symlink", 415)
     if name not in ALLOWED_FILES or not stat.S_ISREG(mode):
-        message = f"{name}: unexpected file; an adapter holds only {', '.join(ALLOWED_FILES)}"
-        raise InvalidAdapter(message, "unknown_file", 415)
+        raise unknown_file(name)
 
 
 def _read_small(directory: Path, name: str) -> bytes:

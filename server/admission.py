@@ -18,8 +18,9 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from collections.abc import Callable
+from functools import partial
 
-from server.api.errors import Overloaded, RateLimited
+from server.errors import Overloaded, RateLimited
 
 
 class Ticket:
@@ -94,7 +95,7 @@ class InFlight:
     def __init__(self):
         self.counts: Counter[Key] = Counter()
         self.blobs: dict[str, str] = {}
-        self._when_idle: dict[Key, list[Callable[[], None]]] = {}
+        self._when_idle: dict[Key, list[Callable[[], object]]] = {}
         self.on_leave: Callable[[], None] = lambda: None  # e.g. schedule a garbage collection
 
     def enter(self, tenant: str, adapter_id: str, sha256: str | None = None) -> None:
@@ -117,7 +118,7 @@ class InFlight:
         """sha256 of every blob some request or merge still reads."""
         return {self.blobs[aid] for _, aid in self.counts if aid in self.blobs}
 
-    def when_idle(self, key: Key, callback: Callable[[], None]) -> None:
+    def when_idle(self, key: Key, callback: Callable[[], object]) -> None:
         """Run `callback` now if `key` has no user in flight, else after the last one."""
         if self.counts[key] <= 0:
             self.counts.pop(key, None)
@@ -128,6 +129,11 @@ class InFlight:
     async def idle(self, keys: set[Key]) -> None:
         """Wait until none of `keys` has a user in flight."""
         for key in keys:
-            done = asyncio.get_running_loop().create_future()
-            self.when_idle(key, lambda done=done: done.done() or done.set_result(None))
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self.when_idle(key, partial(_resolve, done))
             await done
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

@@ -13,15 +13,17 @@ import asyncio
 import logging
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
-from typing import Any
 
 from fastapi import FastAPI
 
+from adapters.base import BaseInfo, resolve_base
 from adapters.chat_template import ChatTemplate
+from adapters.store import AdapterStore
 from server.admission import Admission
 from server.api import adapters, chat, health, merge, models, tokenize
 from server.api.errors import install_error_handlers
 from server.edge import Edge
+from server.engine.types import EngineClient
 from server.metrics import ServerMetrics
 from server.pools import WorkerPools
 from server.settings import ServerConfig
@@ -31,20 +33,18 @@ from server.tenancy import TenantPins
 log = logging.getLogger("loraswap.server")
 
 
-def create_app(config: ServerConfig, engine: Any, store: Any, base_info: Any = None) -> FastAPI:
+def create_app(config: ServerConfig, engine: EngineClient, store: AdapterStore, base_info: BaseInfo | None = None) -> FastAPI:
     """Build the app.
 
     Args:
         config: server settings (limits, keys, max_model_len, base id).
-        engine: the engine (`start/stop`, `add_request`, `abort`, `pin/unpin`, `forget_adapter`,
-            `stats`, `tokenizer`); started and stopped by the app's lifespan.
-        store: an `adapters.store.AdapterStore`.
+        engine: any `EngineClient` (the real `Engine`, a test fake); started and stopped by the
+            app's lifespan.
+        store: the adapter store uploads are published to.
         base_info: the served base's `BaseInfo` (uploads are validated against it); read from
             `config.base` when omitted.
     """
     if base_info is None:
-        from adapters.base import BaseInfo, resolve_base
-
         base_info = BaseInfo.from_dir(resolve_base(config.base))
     base_id = config.served_model_name or Path(base_info.path).name
     state = ServerState(

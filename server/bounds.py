@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from server.api.errors import BadRequest
+from server.errors import BadRequest
 from server.limits import Limits
 
 

@@ -31,6 +31,8 @@ import uuid
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
+from adapters.errors import LoraswapError
+from server.errors import BadRequest, RequestTimeout, RequestTooLarge, Unauthorized
 from server.settings import DEFAULT_TENANT, ServerConfig
 
 log = logging.getLogger("loraswap.server")
@@ -44,15 +46,15 @@ LINGER_S = 10.0  # ...or after this long in all, however it trickles
 
 
 class BodyRejected(HTTPException):
-    """Raised from `receive` when a body passes its cap or deadline.
+    """Raised from `receive` when a body passes its cap or deadline; carries the error to answer.
 
     An `HTTPException` so that FastAPI's body parsing re-raises it instead of turning it into a
-    generic 400; the middleware answers with its own envelope either way.
+    generic 400; the middleware answers with `error`'s envelope either way.
     """
 
-    def __init__(self, status: int, message: str, code: str):
-        super().__init__(status_code=status, detail=message)
-        self.message, self.code = message, code
+    def __init__(self, error: LoraswapError):
+        super().__init__(status_code=error.status, detail=error.message)
+        self.error = error
 
 
 def tenant_for_key(api_keys: tuple[tuple[str, str], ...], presented: str) -> str | None:
@@ -68,16 +70,6 @@ def tenant_for_key(api_keys: tuple[tuple[str, str], ...], presented: str) -> str
 def bearer(headers: Headers) -> str | None:
     scheme, _, key = headers.get("authorization", "").partition(" ")
     return key.strip() if scheme.lower() == "bearer" and key.strip() else None
-
-
-def envelope_bytes(message: str, type_: str, code: str | None, param: str | None = None) -> bytes:
-    return json.dumps({"error": {"message": message, "type": type_, "param": param, "code": code}}).encode()
-
-
-class _Rejection(Exception):
-    def __init__(self, status: int, message: str, code: str, type_: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.code, self.type = status, message, code, type_
 
 
 class _BodyGuard:
@@ -98,13 +90,14 @@ class _BodyGuard:
         try:
             message = await asyncio.wait_for(self._receive(), timeout=max(remaining, 0.0))
         except asyncio.TimeoutError:
-            self.failure = BodyRejected(408, f"the request body did not arrive within {self.timeout_s:g} seconds",
-                                        "request_timeout")
+            self.failure = BodyRejected(
+                RequestTimeout(f"the request body did not arrive within {self.timeout_s:g} seconds")
+            )
             raise self.failure from None
         if message["type"] == "http.request":
             self.received += len(message.get("body", b""))
             if self.received > self.limit:
-                self.failure = too_large(self.limit, self.upload)
+                self.failure = BodyRejected(too_large(self.limit, self.upload))
                 raise self.failure
             self.done = not message.get("more_body", False)
         else:
@@ -112,9 +105,9 @@ class _BodyGuard:
         return message
 
 
-def too_large(limit: int, upload: bool) -> BodyRejected:
+def too_large(limit: int, upload: bool) -> RequestTooLarge:
     what = "an adapter upload" if upload else "a request body"
-    return BodyRejected(413, f"{what} may be at most {limit} bytes", "request_too_large")
+    return RequestTooLarge(f"{what} may be at most {limit} bytes")
 
 
 class Edge:
@@ -139,13 +132,12 @@ class Edge:
             declared = headers.get("content-length")
             if declared is not None and (not declared.isdigit() or int(declared) > limit):
                 if not declared.isdigit():
-                    raise _Rejection(400, "Content-Length must be a non-negative integer", "invalid_request")
-                rejected = too_large(limit, upload)
-                raise _Rejection(rejected.status_code, rejected.message, rejected.code)
-        except _Rejection as rejection:
+                    raise BadRequest("Content-Length must be a non-negative integer")
+                raise too_large(limit, upload)
+        except LoraswapError as rejection:
             log.info("%s %s %s refused before the body: %d %s", request_id, scope["method"], scope["path"],
                      rejection.status, rejection.code)
-            return await _answer(send, receive, rejection.status, rejection.message, rejection.type, rejection.code)
+            return await _answer(send, receive, rejection)
         guard = _BodyGuard(receive, limit, limits.upload_read_timeout_s if upload else limits.body_read_timeout_s,
                            upload)
         started = False
@@ -164,13 +156,13 @@ class Edge:
             if guard.failure is None or started:
                 raise
         if guard.failure is not None and not started:
-            failure = guard.failure
+            failure = guard.failure.error
             log.info("%s %s %s body refused: %d %s", request_id, scope["method"], scope["path"],
-                     failure.status_code, failure.code)
-            await _answer(send, receive, failure.status_code, failure.message, "invalid_request_error", failure.code)
+                     failure.status, failure.code)
+            await _answer(send, receive, failure)
 
     def _authenticate(self, path: str, headers: Headers) -> str | None:
-        """The caller's tenant (None on public and admin paths); raises _Rejection with 401."""
+        """The caller's tenant (None on public and admin paths); raises Unauthorized (401)."""
         config = self.config
         if path in PUBLIC_PATHS:
             return None
@@ -178,20 +170,18 @@ class Edge:
         if path in ADMIN_PATHS:
             if config.admin_key is None:
                 if config.auth_enabled:
-                    raise _Rejection(401, "this endpoint needs the admin key; start the server with --admin-key",
-                                     "invalid_api_key", "authentication_error")
+                    raise Unauthorized("this endpoint needs the admin key; start the server with --admin-key")
                 return None  # a single-user server with no keys at all: open, like everything else
             if presented is None or not hmac.compare_digest(presented.encode(), config.admin_key.encode()):
-                raise _Rejection(401, "this endpoint needs the admin key", "invalid_api_key", "authentication_error")
+                raise Unauthorized("this endpoint needs the admin key")
             return None
         if not config.auth_enabled:
             return DEFAULT_TENANT
         if presented is None:
-            raise _Rejection(401, "missing API key: send 'Authorization: Bearer <key>'", "invalid_api_key",
-                             "authentication_error")
+            raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
         tenant = tenant_for_key(config.api_keys, presented)
         if tenant is None:
-            raise _Rejection(401, "incorrect API key provided", "invalid_api_key", "authentication_error")
+            raise Unauthorized("incorrect API key provided")
         return tenant
 
 
@@ -205,14 +195,15 @@ def _with_header(send, name: bytes, value: bytes):
     return wrapped
 
 
-async def _answer(send, receive, status: int, message: str, type_: str, code: str) -> None:
-    """Send the error envelope now, discard what the client still sends, then close."""
-    body = envelope_bytes(message, type_, code)
+async def _answer(send, receive, error: LoraswapError) -> None:
+    """Send `error`'s envelope now, discard what the client still sends, then close."""
+    body = json.dumps(error.envelope()).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                (b"connection", b"close")]
-    if status == 401:
+    headers += [(name.lower().encode(), value.encode()) for name, value in error.headers.items()]
+    if error.status == 401:
         headers.append((b"www-authenticate", b"Bearer"))
-    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": True})  # on the wire now
     await _linger(receive)
     await send({"type": "http.response.body", "body": b""})

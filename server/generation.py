@@ -1,11 +1,13 @@
-"""`Generation`: one admitted request's run through the engine, with its bookkeeping.
+"""`Generation`: one admitted request's run through the engine, and the one owner of its lifetime.
 
-`start()` submits the engine request (so the engine's refusals are still plain HTTP errors),
-`events()` relays its token events while recording latency and token metrics as
-events arrive, and `close()` releases everything exactly once: the admission ticket, the
-adapter's in-flight count and, if the engine has not finished the request, an `engine.abort`.
-`close()` is synchronous so it is safe in any `finally`, including one running under
-cancellation (a client disconnect cancels the task that consumes the events).
+From construction it holds the admission ticket and the adapter's in-flight count. `start()`
+submits the engine request (so the engine's refusals are still plain HTTP errors; a refused start
+releases everything before it raises). `events()` relays its token events while recording latency
+and token metrics. The request ends when the `with generation:` block that owns it exits: the plain
+path wraps its wait in that block, the streaming path wraps the response's whole send in it
+(`chat._EventStream`). The exit (`close()`) releases everything exactly once: the ticket, the
+in-flight count and, if the engine has not finished the request, an `engine.abort`. It is
+synchronous, so it is safe under cancellation (a client disconnect cancels the consuming task).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from server.tenancy import submit
 
 
 class Generation:
-    """A request admitted to the engine; iterate `events()`, then (always) `close()`.
+    """A request admitted to the engine: `start()`, then iterate `events()` inside `with generation:`.
 
     Args:
         state: the app's state (engine, metrics, in-flight counts).
@@ -29,7 +31,7 @@ class Generation:
         model: the resolved model (adapter or base).
         prompt_ids: the rendered prompt.
         sampling: decoding settings.
-        ticket: the admission ticket this request holds until `close()`.
+        ticket: the admission ticket this request holds until it is closed.
     """
 
     def __init__(
@@ -73,11 +75,22 @@ class Generation:
     def _adapter_id(self) -> str | None:
         return self.model.adapter.id if self.model.adapter is not None else None
 
+    def __enter__(self) -> Generation:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
     def start(self) -> None:
         """Submit the request to the engine now, so its refusals become HTTP errors before any
-        response starts (raises the engine's typed errors, e.g. PromptTooLong, EngineStopped)."""
-        self._stream = submit(self.state.engine, self.request_id, self.prompt_ids, self.model.adapter,
-                              self.sampling, self.tenant)
+        response starts (raises the engine's typed errors, e.g. PromptTooLong, EngineStopped,
+        after releasing the ticket and in-flight count)."""
+        try:
+            self._stream = submit(self.state.engine, self.request_id, self.prompt_ids, self.model.adapter,
+                                  self.sampling, self.tenant)
+        except BaseException:
+            self.close()  # refused: nobody will own a request that never ran
+            raise
         self.started = True
         self._started_at = time.perf_counter()
         if self._adapter_id is not None:
@@ -86,31 +99,29 @@ class Generation:
 
     async def events(self) -> AsyncIterator[TokenEvent]:
         """The engine's events for this request, up to and including the one with a finish_reason."""
-        if self._closed or not self.started:
+        if self._closed or self._stream is None:
             return
         metrics, labels = self.state.metrics, (self.tenant, self._kind)
         last = self._started_at  # TTFT counts from submission; ITL from the previous token
-        try:
-            async for event in self._stream:
-                now = time.perf_counter()
-                if event.token_id is not None:
-                    histogram = metrics.inter_token_latency if self.completion_tokens else metrics.time_to_first_token
-                    histogram.labels(self._kind).observe(now - last)
-                    last = now
-                    self.completion_tokens += 1
-                    metrics.generation_tokens.labels(*labels).inc()
-                if event.finish_reason is not None:
-                    self.finish_reason = event.finish_reason
-                    self.error = event.error
-                    self.error_code = getattr(event, "error_code", None)
-                    self.error_status = getattr(event, "error_status", None)
-                yield event
-                if event.finish_reason is not None:
-                    break
-            if self.finish_reason is None:
-                self.finish_reason = "stop"  # the engine ended the stream without saying why
-        finally:
-            self.close()
+        async for event in self._stream:
+            now = time.perf_counter()
+            if event.token_id is not None:
+                histogram = metrics.inter_token_latency if self.completion_tokens else metrics.time_to_first_token
+                histogram.labels(self._kind).observe(now - last)
+                last = now
+                self.completion_tokens += 1
+                metrics.generation_tokens.labels(*labels).inc()
+            if event.finish_reason is not None:
+                self.finish_reason = event.finish_reason
+                self.error = event.error
+                # COMPAT: `error_code` / `error_status` are TokenEvent fields once iso-engine is merged.
+                self.error_code = getattr(event, "error_code", None)
+                self.error_status = getattr(event, "error_status", None)
+            yield event
+            if event.finish_reason is not None:
+                break
+        if self.finish_reason is None:
+            self.finish_reason = "stop"  # the engine ended the stream without saying why
 
     def close(self) -> None:
         """Release the ticket and in-flight count; abort the engine request if still running."""

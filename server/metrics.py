@@ -12,13 +12,13 @@ counts, and `/metrics` answers only to the admin key (`server.edge`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from server.residency import adapter_residency
+from server.engine.types import EngineStats
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -27,7 +27,7 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.
 class ServerMetrics:
     """The HTTP layer's own counters and histograms, registered in a fresh registry."""
 
-    def __init__(self, engine_stats: Callable[[], Mapping] | None = None):
+    def __init__(self, engine_stats: Callable[[], EngineStats] | None = None):
         self.registry = CollectorRegistry()
         labels = ("tenant", "kind")
         self.requests = Counter(
@@ -55,31 +55,27 @@ class ServerMetrics:
 
 
 class EngineCollector(Collector):
-    """Reads `engine.stats()` at scrape time and exposes it as gauges and counters.
+    """Reads `engine.stats()` at scrape time and exposes it as gauges and counters."""
 
-    Known keys (others are ignored): `waiting`, `running` (ints); `slot_loads`, `slot_evictions`
-    (monotonic ints); `adapters` and `fold` as `server.residency` reads them.
-    """
-
-    def __init__(self, stats: Callable[[], Mapping]):
+    def __init__(self, stats: Callable[[], EngineStats]):
         self._stats = stats
 
     def collect(self):
-        stats = self._stats() or {}
-        for key, help_ in (("waiting", "Requests waiting in the engine queue"),
-                           ("running", "Requests running in the engine batch")):
+        stats = self._stats()
+        for key, value, help_ in (("waiting", stats.waiting, "Requests waiting in the engine queue"),
+                                  ("running", stats.running, "Requests running in the engine batch")):
             gauge = GaugeMetricFamily(f"loraswap_engine_{key}", help_)
-            gauge.add_metric([], float(stats.get(key, 0) or 0))
+            gauge.add_metric([], float(value))
             yield gauge
-        for key, help_ in (("slot_loads", "Adapter loads into device slots"),
-                           ("slot_evictions", "Adapter evictions from device slots")):
+        for key, value, help_ in (("slot_loads", stats.slot_loads, "Adapter loads into device slots"),
+                                  ("slot_evictions", stats.slot_evictions, "Adapter evictions from device slots")):
             counter = CounterMetricFamily(f"loraswap_engine_{key}", help_)
-            counter.add_metric([], float(stats.get(key, 0) or 0))
+            counter.add_metric([], float(value))
             yield counter
         resident = GaugeMetricFamily("loraswap_resident_adapters", "Adapters per residency tier", labels=["tier"])
         tiers = {"device": 0, "host": 0, "loading": 0}
         folded = pinned = 0
-        for where in adapter_residency(stats).values():
+        for where in stats.residency().values():
             if where.tier in tiers:
                 tiers[where.tier] += 1
             folded += where.folded

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from functools import partial
 
-from server.api.errors import Overloaded, RateLimited
+from server.errors import Overloaded, RateLimited
 from server.limits import Limits
 
 

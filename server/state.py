@@ -14,17 +14,19 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
+from adapters.base import BaseInfo
 from adapters.chat_template import ChatTemplate, RenderedPrompt
 from server.admission import Admission, InFlight
 from adapters.errors import AdapterNotFound, InvalidName
-from server.api.errors import PromptTooLong
+from adapters.store import AdapterRecord, AdapterStore
 from server.bounds import check_messages
-from server.engine.types import AdapterRef
+from server.engine.types import AdapterRef, AdapterResidency, EngineClient
+from server.errors import PromptTooLong
 from server.metrics import ServerMetrics
 from server.pools import WorkerPools
-from server.residency import Residency
 from server.settings import ServerConfig
 from server.tenancy import TenantPins
 
@@ -37,17 +39,17 @@ class ResolvedModel:
 
     name: str
     adapter: AdapterRef | None
-    record: Any = None  # the store's AdapterRecord for adapters
+    record: AdapterRecord | None = None  # the store's record, for adapters
 
 
 @dataclass
 class ServerState:
-    """The per-app services. `engine` follows the engine interface; `store` is an `AdapterStore`."""
+    """The per-app services, built once by `create_app`."""
 
     config: ServerConfig
-    engine: Any
-    store: Any
-    base_info: Any
+    engine: EngineClient
+    store: AdapterStore
+    base_info: BaseInfo
     template: ChatTemplate
     base_id: str
     metrics: ServerMetrics
@@ -61,7 +63,7 @@ class ServerState:
     # tombstone (or, with a store that collects blobs inside `delete`, the removal) is durable.
     deleting: dict[tuple[str, str], str] = field(default_factory=dict)
     # adapter id -> record of deleted content the engine may still cache, until its blob is gone.
-    forget_pending: dict[str, Any] = field(default_factory=dict)
+    forget_pending: dict[str, AdapterRecord] = field(default_factory=dict)
     gc_wanted: bool = False  # a delete or publish may have left garbage that in-flight users hold
     _gc_task: Any = None
     _gc_again: bool = False
@@ -73,7 +75,7 @@ class ServerState:
     @property
     def max_model_len(self) -> int:
         """The configured length, capped by what the engine's model supports."""
-        return min(self.config.max_model_len, getattr(self.engine, "max_model_len", self.config.max_model_len))
+        return min(self.config.max_model_len, self.engine.max_model_len)
 
     @property
     def tokenizer(self):
@@ -96,16 +98,16 @@ class ServerState:
     def is_deleting(self, tenant: str, name: str) -> bool:
         return (tenant, name) in self.deleting
 
-    def get_adapter(self, tenant: str, name: str):
+    def get_adapter(self, tenant: str, name: str) -> AdapterRecord:
         """The store's record of `tenant`'s `name`; AdapterNotFound also while it is being deleted."""
         if self.is_deleting(tenant, name):
             raise AdapterNotFound(name, param="name")
         return self.store.get(tenant, name)
 
-    def list_adapters(self, tenant: str) -> list:
+    def list_adapters(self, tenant: str) -> list[AdapterRecord]:
         return [record for record in self.store.list(tenant) if not self.is_deleting(tenant, record.name)]
 
-    async def delete_adapter(self, tenant: str, name: str):
+    async def delete_adapter(self, tenant: str, name: str) -> AdapterRecord:
         """Hide `name` now and delete it from the store; returns the deleted record.
 
         With a store that tombstones (`collect_garbage` present) the tombstone is durable before
@@ -131,7 +133,9 @@ class ServerState:
             self._background.add(asyncio.ensure_future(self._delete_when_idle(tenant, name, keys, versions)))
         return record
 
-    async def _delete_when_idle(self, tenant: str, name: str, keys: set, versions: list) -> None:
+    async def _delete_when_idle(
+        self, tenant: str, name: str, keys: set[tuple[str, str]], versions: list[AdapterRecord]
+    ) -> None:
         """COMPAT: delete once no request uses any version of the name."""
         try:
             await self.inflight.idle(keys)
@@ -143,7 +147,7 @@ class ServerState:
             self.deleting.pop((tenant, name), None)
             self._background = {task for task in self._background if not task.done()}
 
-    def _deleted(self, tenant: str, versions: list) -> None:
+    def _deleted(self, tenant: str, versions: list[AdapterRecord]) -> None:
         self.pins.forget(tenant, {version.id for version in versions})
         self.forget_pending.update({version.id: version for version in versions})
         self.gc_wanted = True
@@ -169,9 +173,10 @@ class ServerState:
         while True:
             self._gc_again = False
             in_use = self.inflight.in_use()
-            if _store_tombstones(self.store):
+            collect = _garbage_collector(self.store)
+            if collect is not None:
                 try:
-                    await self.pools.run(self.pools.store, self.store.collect_garbage, in_use)
+                    await self.pools.run(self.pools.store, collect, in_use)
                 except Exception:
                     log.exception("garbage collection of the adapter store failed")
             # What was in use may hold garbage back: collect again when its users leave.
@@ -187,7 +192,7 @@ class ServerState:
                 del self.forget_pending[adapter_id]
                 self.engine.forget_adapter(adapter_id)
 
-    def residency(self, tenant: str) -> dict[str, Residency]:
+    def residency(self, tenant: str) -> dict[str, AdapterResidency]:
         """adapter id -> where it lives now as `tenant` may see it; absent means on disk only."""
         return self.pins.residency(tenant)
 
@@ -241,6 +246,12 @@ class ServerState:
         return rendered, wanted
 
 
-def _store_tombstones(store) -> bool:
+def _garbage_collector(store: AdapterStore) -> Callable[[set[str]], object] | None:
+    """COMPAT: `store.collect_garbage` for a store whose `delete` only tombstones (iso-adapters)."""
+    collect = getattr(store, "collect_garbage", None)
+    return collect if callable(collect) else None
+
+
+def _store_tombstones(store: AdapterStore) -> bool:
     """True for a store whose `delete` only tombstones and `collect_garbage(in_use)` collects."""
-    return callable(getattr(store, "collect_garbage", None))
+    return _garbage_collector(store) is not None

@@ -21,8 +21,7 @@ import inspect
 from collections import defaultdict
 from typing import Any
 
-from server.engine.types import AdapterRef
-from server.residency import Residency, adapter_residency
+from server.engine.types import AdapterRef, AdapterResidency
 
 
 def _accepts_tenant(method) -> bool:
@@ -85,13 +84,13 @@ class TenantPins:
         if not self._used[tenant]:
             self._used.pop(tenant, None)
 
-    def residency(self, tenant: str) -> dict[str, Residency]:
+    def residency(self, tenant: str) -> dict[str, AdapterResidency]:
         """adapter id -> what `tenant` may know of it (tier, folded, its own pin)."""
         if hasattr(self.engine, "tenant_residency"):
-            return {aid: Residency(where.tier, where.folded, where.pinned)
+            return {aid: AdapterResidency(where.tier, where.folded, where.pinned)
                     for aid, where in self.engine.tenant_residency(tenant).items()}
         # COMPAT: filter the operator-wide view to what this tenant used or pinned itself.
-        everything = adapter_residency(self.engine.stats() or {})
+        everything = self.engine.stats().residency()
         mine = self._used.get(tenant, set())
-        return {aid: Residency(where.tier, where.folded, tenant in self._pins.get(aid, ()))
+        return {aid: AdapterResidency(where.tier, where.folded, tenant in self._pins.get(aid, ()))
                 for aid, where in everything.items() if aid in mine}

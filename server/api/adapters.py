@@ -30,20 +30,12 @@ from fastapi.responses import JSONResponse
 from starlette.datastructures import FormData, UploadFile
 
 from adapters.errors import InvalidAdapter
-from adapters.store import check_name
-from adapters.validate import (
-    ALLOWED_FILES,
-    CODE_SUFFIXES,
-    PICKLE_SUFFIXES,
-    TOKENIZER_FILES,
-    check_template,
-    validate_adapter_dir,
-)
+from adapters.store import AdapterRecord, check_name
+from adapters.validate import ALLOWED_FILES, check_template, refuse_forbidden_name, unknown_file, validate_adapter_dir
 from server.api.deps import get_state, get_tenant
 from server.api.errors import Conflict, UploadRejected
 from server.api.protocol import AdapterCard, AdapterDeleted, AdapterList
-from server.engine.types import AdapterRef
-from server.residency import Residency
+from server.engine.types import AdapterRef, AdapterResidency
 from server.state import ServerState
 
 router = APIRouter()
@@ -52,8 +44,8 @@ _TRUE = ("1", "true", "yes", "on")
 _CHUNK = 1 << 20
 
 
-def adapter_card(record, residency: dict[str, Residency] | None = None) -> AdapterCard:
-    where = (residency or {}).get(record.id, Residency())
+def adapter_card(record: AdapterRecord, residency: dict[str, AdapterResidency] | None = None) -> AdapterCard:
+    where = (residency or {}).get(record.id, AdapterResidency())
     return AdapterCard(
         id=record.id, name=record.name, version=record.version, sha256=record.sha256, rank=record.rank,
         target_modules=sorted(record.target_modules), template=record.template_sha256 or "unknown",
@@ -64,23 +56,14 @@ def adapter_card(record, residency: dict[str, Residency] | None = None) -> Adapt
 def staged_name(upload: UploadFile) -> str:
     """The known file name a client's upload stands for; anything else is refused.
 
-    The refusals mirror `validate_adapter_dir`'s (same codes and statuses), decided from the
+    The refusals are `validate_adapter_dir`'s own (same codes and statuses), decided from the
     client's base name alone: no client-named file is ever written.
     """
     client_name = PurePosixPath((upload.filename or "").replace("\\", "/")).name
     if client_name in ALLOWED_FILES:
         return next(known for known in ALLOWED_FILES if known == client_name)
-    lowered = client_name.lower()
-    if lowered.endswith(PICKLE_SUFFIXES):
-        raise InvalidAdapter(f"{client_name}: pickle-based files are refused; weights must be safetensors",
-                             "pickle_file", 415, param="files")
-    if lowered.endswith(CODE_SUFFIXES):
-        raise InvalidAdapter(f"{client_name}: code files are refused in an adapter", "code_file", 415, param="files")
-    if lowered in TOKENIZER_FILES:
-        raise InvalidAdapter(f"{client_name}: an adapter cannot change the tokenizer or the chat template; remove it",
-                             "tokenizer_file", 422, param="files")
-    raise InvalidAdapter(f"{client_name or '(unnamed file)'}: unexpected file; an adapter holds only "
-                         f"{', '.join(ALLOWED_FILES)}", "unknown_file", 415, param="files")
+    refuse_forbidden_name(client_name, param="files")
+    raise unknown_file(client_name or "(unnamed file)", param="files")
 
 
 def _stage(files: list[tuple[str, UploadFile]], directory: Path, limit: int) -> None:

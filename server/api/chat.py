@@ -2,10 +2,12 @@
 
 The path of a request (after `server.edge` authenticated it and capped its body): field bounds
 (400 naming the field) -> resolve `model` in the caller's namespace (404 otherwise) -> validate,
-render and length-check the messages off the event loop (the same path as `/tokenize`) ->
-admission (429 / 503) -> engine. A client that goes away is noticed while waiting (plain) or by Starlette's disconnect
-listener (streaming); either way the consuming task is cancelled and `Generation.close()` aborts
-the engine request, freeing its KV blocks and slot pin.
+render and length-check the messages off the event loop (the same path as `/tokenize`) -> resolve
+`model` again -> admission (429 / 503) -> engine. The `Generation` owns the request's lifetime: the
+plain path runs inside `with generation:`, the streaming response sends inside it (`_EventStream`).
+A client that goes away is noticed while waiting (plain) or by Starlette's disconnect listener
+(streaming); either way the consuming task is cancelled and leaving the block aborts the engine
+request, freeing its KV blocks and slot pin.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
 
 from server.api.deps import get_state, get_tenant
-from server.api.errors import ApiError, BadRequest, EngineFailure, Overloaded, envelope
+from adapters.errors import LoraswapError
+from server.api.errors import BadRequest, EngineFailure, Overloaded
 from server.bounds import check_lengths
 from server.limits import GREEDY_BELOW
 from server.api.protocol import (
@@ -83,12 +86,14 @@ def _token_logprob(tokenizer, event: TokenEvent, as_ids: bool) -> TokenLogprob:
         return {"token": f"token_id:{token_id}" if as_ids else text, "logprob": logprob,
                 "bytes": list(text.encode("utf-8"))}
 
+    if event.token_id is None:
+        raise ValueError("an event without a token has no logprob")  # callers check; a bug otherwise
     top = [TopLogprob(**entry(t, lp)) for t, lp in event.top_logprobs]
     chosen = entry(event.token_id, event.logprob if event.logprob is not None else 0.0)
     return TokenLogprob(**chosen, top_logprobs=top)
 
 
-def _abort_error(generation: Generation) -> ApiError:
+def _abort_error(generation: Generation) -> LoraswapError:
     """Why the engine ended a request the client did not cancel, with the status the engine chose.
 
     The engine's `error` names the cause without paths or exception reprs (the contract); its
@@ -100,7 +105,7 @@ def _abort_error(generation: Generation) -> ApiError:
         log.warning("%s: the engine ended the request: %s (%s, %s)", generation.request_id, generation.error,
                     generation.error_code, status)
         # The engine promises messages without paths; a path that slips through still never leaves.
-        reason = _PATH.sub("<path>", generation.error or generation.error_code)
+        reason = _PATH.sub("<path>", generation.error or generation.error_code or "")
         message = f"the request could not be served: {reason}"
         if status >= 500 and status != 503:
             return EngineFailure(message, code=generation.error_code or "engine_error", status=status)
@@ -140,15 +145,12 @@ async def create_chat_completion(
         state, request_id=f"chatcmpl-{uuid.uuid4().hex}", tenant=tenant, model=model,
         prompt_ids=prompt.ids, sampling=sampling, ticket=ticket,
     )
-    try:
-        generation.start()
-    except BaseException:
-        generation.close()
-        raise
+    generation.start()
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return _ClosingStream(_sse(state, body, generation, include_usage), generation)
-    return await _complete_unless_disconnected(state, body, generation, request)
+        return _EventStream(_sse(state, body, generation, include_usage), generation)
+    with generation:
+        return await _complete_unless_disconnected(state, body, generation, request)
 
 
 async def _wait_for_disconnect(request: Request) -> None:
@@ -164,8 +166,7 @@ async def _complete_unless_disconnected(state, body, generation: Generation, req
     finally:
         watch.cancel()
         if not collect.done():
-            collect.cancel()  # the client left (or we are being cancelled): stop generating
-            generation.close()  # abort now, not when the cancelled task next runs
+            collect.cancel()  # the client left (or we are being cancelled); the caller's `with` aborts now
     if collect not in done:
         return Response(status_code=499)  # nobody is listening; nginx's "client closed request"
     return collect.result()
@@ -175,14 +176,11 @@ async def _collect(state: ServerState, body: ChatCompletionRequest, generation: 
     texts: list[str] = []
     logprobs: list[TokenLogprob] = []
     completion_tokens = 0
-    try:
-        async for event in generation.events():
-            texts.append(event.text)
-            if body.logprobs and event.token_id is not None:
-                logprobs.append(_token_logprob(state.tokenizer, event, body.return_tokens_as_token_ids))
-            completion_tokens = max(event.completion_tokens, generation.completion_tokens)
-    finally:
-        generation.close()
+    async for event in generation.events():
+        texts.append(event.text)
+        if body.logprobs and event.token_id is not None:
+            logprobs.append(_token_logprob(state.tokenizer, event, body.return_tokens_as_token_ids))
+        completion_tokens = max(event.completion_tokens, generation.completion_tokens)
     if generation.finish_reason == "abort":
         raise _abort_error(generation)
     prompt_tokens = len(generation.prompt_ids)
@@ -193,7 +191,7 @@ async def _collect(state: ServerState, body: ChatCompletionRequest, generation: 
         choices=[Choice(
             message=AssistantMessage(content="".join(texts)),
             logprobs=ChoiceLogprobs(content=logprobs) if body.logprobs else None,
-            finish_reason=generation.finish_reason,
+            finish_reason=generation.finish_reason or "stop",  # events() always sets it
         )],
         usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                     total_tokens=prompt_tokens + completion_tokens),
@@ -217,35 +215,33 @@ async def _sse(state: ServerState, body: ChatCompletionRequest, generation: Gene
         return _sse_line(ChatCompletionChunk(id=generation.request_id, created=created, model=body.model,
                                              choices=[choice]), include_usage)
 
-    try:
-        yield chunk(Delta(role="assistant", content=""))
-        completion_tokens = 0
-        async for event in generation.events():
-            completion_tokens = max(event.completion_tokens, generation.completion_tokens)
-            logprobs = None
-            if body.logprobs and event.token_id is not None:
-                logprobs = ChoiceLogprobs(content=[_token_logprob(state.tokenizer, event, body.return_tokens_as_token_ids)])
-            if event.text or logprobs is not None:
-                yield chunk(Delta(content=event.text), logprobs=logprobs)
-        if generation.finish_reason == "abort":
-            error = _abort_error(generation)
-            yield f"data: {json.dumps(envelope(error.message, error.type, error.code, error.param))}\n\n"
-        else:
-            yield chunk(Delta(), finish_reason=generation.finish_reason or "stop")
-            if include_usage:
-                prompt_tokens = len(generation.prompt_ids)
-                usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                              total_tokens=prompt_tokens + completion_tokens)
-                last = ChatCompletionChunk(id=generation.request_id, created=created, model=body.model,
-                                           choices=[], usage=usage)
-                yield _sse_line(last, include_usage)
-        yield "data: [DONE]\n\n"
-    finally:
-        generation.close()
+    yield chunk(Delta(role="assistant", content=""))
+    completion_tokens = 0
+    async for event in generation.events():
+        completion_tokens = max(event.completion_tokens, generation.completion_tokens)
+        logprobs = None
+        if body.logprobs and event.token_id is not None:
+            logprobs = ChoiceLogprobs(content=[_token_logprob(state.tokenizer, event, body.return_tokens_as_token_ids)])
+        if event.text or logprobs is not None:
+            yield chunk(Delta(content=event.text), logprobs=logprobs)
+    if generation.finish_reason == "abort":
+        error = _abort_error(generation)
+        yield f"data: {json.dumps(error.envelope())}\n\n"
+    else:
+        yield chunk(Delta(), finish_reason=generation.finish_reason or "stop")
+        if include_usage:
+            prompt_tokens = len(generation.prompt_ids)
+            usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                          total_tokens=prompt_tokens + completion_tokens)
+            last = ChatCompletionChunk(id=generation.request_id, created=created, model=body.model,
+                                       choices=[], usage=usage)
+            yield _sse_line(last, include_usage)
+    yield "data: [DONE]\n\n"
 
 
-class _ClosingStream(StreamingResponse):
-    """An SSE response that closes its generation however the response ends (even unstarted)."""
+class _EventStream(StreamingResponse):
+    """An SSE response that owns its generation while it sends: however the send ends (finished,
+    client gone, even never started), leaving `with generation:` releases it."""
 
     def __init__(self, content, generation: Generation):
         super().__init__(content, media_type="text/event-stream",
@@ -253,7 +249,5 @@ class _ClosingStream(StreamingResponse):
         self._generation = generation
 
     async def __call__(self, scope, receive, send) -> None:
-        try:
+        with self._generation:
             await super().__call__(scope, receive, send)
-        finally:
-            self._generation.close()

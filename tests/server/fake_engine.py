@@ -1,4 +1,4 @@
-"""A small engine with the real engine's interface, for HTTP tests that do not check model output.
+"""A small `EngineClient` (the real engine's interface), for HTTP tests that do not check model output.
 
 It really runs: a background loop emits one token per step for every running request (the next
 token of a fixed reply, decoded incrementally with the real tokenizer), honours max_tokens,
@@ -10,6 +10,7 @@ It follows the issue-9 engine contract: `add_request(..., tenant=)`, pins keyed 
 content id) (`pin(adapter, tenant)`, `unpin(adapter_id, tenant)`), `tenant_residency(tenant)`
 showing only what that tenant used or pinned, and aborts that carry `error_code` / `error_status`
 (`fail_next[tenant]` ends that tenant's next stepped request that way).
+`tests/server/test_engine_contract.py` keeps its signatures equal to the protocol's.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import defaultdict
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
-from server.engine.types import AdapterRef, SamplingParams, TokenEvent
-from server.residency import Residency
+from server.engine.types import AdapterRef, AdapterResidency, EngineStats, FoldView, SamplingParams, TokenEvent
 
 REPLY = "Hello! How can I help you today?"
 
@@ -38,8 +40,12 @@ class _Running:
 
 
 class FakeEngine:
-    def __init__(self, tokenizer, step_s: float = 0.002, reply: str = REPLY):
+    tokenizer: Any
+    max_model_len: int
+
+    def __init__(self, tokenizer: Any, step_s: float = 0.002, reply: str = REPLY, max_model_len: int = 1 << 20):
         self.tokenizer = tokenizer
+        self.max_model_len = max_model_len  # no positional limit of its own: the server's config decides
         self.step_s = step_s
         self.reply_ids = tokenizer(reply, add_special_tokens=False)["input_ids"]
         self.eos_id = tokenizer.eos_token_id
@@ -58,11 +64,11 @@ class FakeEngine:
         self._task: asyncio.Task | None = None
         self.started = False
 
-    async def start(self):
+    async def start(self) -> None:
         self._task = asyncio.create_task(self._loop())
         self.started = True
 
-    async def stop(self):
+    async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
         self.started = False
@@ -72,7 +78,14 @@ class FakeEngine:
         """Content ids some tenant pins (the operator-wide view)."""
         return {adapter_id for adapter_id, tenants in self.pins.items() if tenants}
 
-    def add_request(self, request_id, prompt_ids, adapter, sampling, tenant="default"):
+    def add_request(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        adapter: AdapterRef | None,
+        sampling: SamplingParams,
+        tenant: str = "default",
+    ) -> AsyncIterator[TokenEvent]:
         queue: asyncio.Queue = asyncio.Queue()
         self.running[request_id] = _Running(request_id, list(prompt_ids), adapter, sampling, queue, tenant)
         self.adapters_seen[request_id] = adapter.id if adapter else None
@@ -89,36 +102,36 @@ class FakeEngine:
             if event.finish_reason is not None:
                 return
 
-    def abort(self, request_id):
+    def abort(self, request_id: str) -> None:
         seq = self.running.pop(request_id, None)
         if seq is not None:
             self.aborted.append(request_id)
             seq.queue.put_nowait(TokenEvent(request_id, None, "", finish_reason="abort"))
 
-    def pin(self, ref: AdapterRef, tenant: str = "default"):
-        self.pins[ref.id].add(tenant)
-        self.used[tenant].add(ref.id)
+    def pin(self, adapter: AdapterRef, tenant: str = "default") -> None:
+        self.pins[adapter.id].add(tenant)
+        self.used[tenant].add(adapter.id)
 
-    def unpin(self, adapter_id: str, tenant: str = "default"):
+    def unpin(self, adapter_id: str, tenant: str = "default") -> None:
         self.pins[adapter_id].discard(tenant)
 
-    def tenant_residency(self, tenant: str) -> dict[str, Residency]:
+    def tenant_residency(self, tenant: str) -> dict[str, AdapterResidency]:
         """Only ids this tenant used or pinned; `pinned` is its own pin."""
-        tiers = self.stats()["adapters"]
-        folded = self.stats()["fold"]["folded"]
-        return {aid: Residency(tiers.get(aid, "disk"), aid == folded, tenant in self.pins.get(aid, ()))
-                for aid in self.used.get(tenant, ()) if aid in tiers}
+        stats = self.stats()
+        return {aid: AdapterResidency(stats.adapters.get(aid, "disk"), aid == stats.fold.folded,
+                                      tenant in self.pins.get(aid, ()))
+                for aid in self.used.get(tenant, ()) if aid in stats.adapters}
 
-    def forget_adapter(self, adapter_id: str):
+    def forget_adapter(self, adapter_id: str) -> None:
         self.forgotten.append(adapter_id)
 
-    def stats(self):
-        """The real engine's shape: tiers per adapter id, fold state, queue sizes, slot counters."""
+    def stats(self) -> EngineStats:
+        """Running adapters and pins are "device"; the first pinned adapter counts as folded."""
         adapters = {seq.adapter.id: "device" for seq in self.running.values() if seq.adapter is not None}
         adapters.update({adapter_id: "device" for adapter_id in self.pinned})
-        return {"running": len(self.running), "waiting": 0, "adapters": adapters,
-                "fold": {"folded": next(iter(sorted(self.pinned)), None), "pinned": sorted(self.pinned)},
-                "slot_loads": 0, "slot_evictions": 0}
+        pinned = tuple(sorted(self.pinned))
+        return EngineStats(running=len(self.running), waiting=0, adapters=adapters,
+                           fold=FoldView(folded=next(iter(pinned), None), pinned=pinned))
 
     async def _loop(self):
         while True:

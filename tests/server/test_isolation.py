@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from server.engine.types import AdapterRef
+from server.engine.types import AdapterRef, EngineStats, FoldView
 from server.tenancy import TenantPins
 from tests.server.conftest import upload
 from tests.server.live import wait_until
@@ -72,9 +72,10 @@ class _LegacyEngine:
         self.calls.append(("unpin", adapter_id))
         self.pinned.discard(adapter_id)
 
-    def stats(self):
-        return {"adapters": {aid: "device" for aid in self.pinned},
-                "fold": {"folded": next(iter(sorted(self.pinned)), None), "pinned": sorted(self.pinned)}}
+    def stats(self) -> EngineStats:
+        pinned = tuple(sorted(self.pinned))
+        return EngineStats(adapters={aid: "device" for aid in pinned},
+                           fold=FoldView(folded=next(iter(pinned), None), pinned=pinned))
 
 
 def test_compat_pins_over_a_legacy_engine_are_counted_per_tenant():

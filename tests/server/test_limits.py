@@ -1,22 +1,25 @@
-"""The edge limits (server/limits.py): every knob reachable by flag and `LORASWAP_*` environment,
-validated with an error that names it, and handed to the store as quotas where it takes them."""
+"""The edge limits (server/limits.py): one `limits` group of `ServerConfig`, every knob reachable
+by flag (`--limits.<knob>`) and environment (`LORASWAP_LIMITS__<KNOB>`), validated with an error
+that names it, and handed to the store as quotas where it takes them."""
 
 from __future__ import annotations
 
-from dataclasses import fields
-
 import pytest
 
-from server.cli import _FLAGS, build_store, parse_args
+from server.cli import build_store, parse_args
 from server.limits import Limits
 from server.settings import ServerConfig
 
 
-def test_every_limit_has_a_flag_and_the_flag_reaches_the_config():
-    for item in fields(Limits):
-        assert item.name.replace("_", "-") in _FLAGS, item.name
-    config = parse_args(["--admin-key", "sk-root", "--max-request-bytes", "1000", "--max-messages", "7",
-                         "--tenant-queue-share", "0.25", "--body-read-timeout-s", "2.5", "--max-versions-kept", "2"])
+def test_every_limit_has_help_and_a_flag_that_reaches_the_config():
+    for name, field in Limits.model_fields.items():
+        assert field.description, f"limits.{name} has no help text"
+        flag = f"--limits.{name.replace('_', '-')}"
+        value = "0.25" if name == "tenant_queue_share" else "2"
+        assert getattr(parse_args([flag, value]).limits, name) == float(value), flag
+    config = parse_args(["--admin-key", "sk-root", "--limits.max-request-bytes", "1000", "--limits.max-messages", "7",
+                         "--limits.tenant-queue-share", "0.25", "--limits.body-read-timeout-s", "2.5",
+                         "--limits.max-versions-kept", "2"])
     assert config.admin_key == "sk-root"
     assert (config.limits.max_request_bytes, config.limits.max_messages, config.limits.tenant_queue_share,
             config.limits.body_read_timeout_s, config.limits.max_versions_kept) == (1000, 7, 0.25, 2.5, 2)
@@ -24,12 +27,17 @@ def test_every_limit_has_a_flag_and_the_flag_reaches_the_config():
 
 def test_environment_reaches_the_limits_and_the_admin_key(monkeypatch):
     monkeypatch.setenv("LORASWAP_ADMIN_KEY", "sk-env-admin")
-    monkeypatch.setenv("LORASWAP_MAX_PROMPT_CHARS", "1234")
-    monkeypatch.setenv("LORASWAP_MAX_CONCURRENT_MERGES", "3")
+    monkeypatch.setenv("LORASWAP_LIMITS__MAX_PROMPT_CHARS", "1234")
+    monkeypatch.setenv("LORASWAP_LIMITS__MAX_CONCURRENT_MERGES", "3")
     config = parse_args([])
     assert config.admin_key == "sk-env-admin"
     assert config.limits.max_prompt_chars == 1234 and config.limits.max_concurrent_merges == 3
-    assert parse_args(["--max-prompt-chars", "99"]).limits.max_prompt_chars == 99  # flags win
+    assert parse_args(["--limits.max-prompt-chars", "99"]).limits.max_prompt_chars == 99  # flags win
+
+
+def test_a_blank_admin_key_is_no_admin_key(monkeypatch):
+    monkeypatch.setenv("LORASWAP_ADMIN_KEY", "")
+    assert parse_args([]).admin_key is None
 
 
 @pytest.mark.parametrize("overrides, name", [
