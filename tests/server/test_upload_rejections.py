@@ -125,7 +125,13 @@ def _staging_dirs() -> set[str]:
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_rejected_upload_leaves_the_store_unchanged_and_serving_on(make_fake_server, peft_adapters, case):
+def test_rejected_upload_leaves_the_store_unchanged_and_serving_on(make_fake_server, peft_adapters, case, tmp_path,
+                                                                   monkeypatch):
+    # This process stages uploads in a temp directory of its own: the shared /tmp also holds the
+    # staging directories of other test runs' uploads in flight, which came and went between the
+    # two looks and failed this test under load.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
     server = make_fake_server(max_upload_bytes=512 * 1024)
     http = server.client()
     assert upload(http, "good", peft_adapters["a"]).status_code == 201
