@@ -62,7 +62,8 @@ class EngineCollector(Collector):
     def collect(self):
         stats = self._stats() or {}
         for key, help_ in (("waiting", "Requests waiting in the engine queue"),
-                           ("running", "Requests running in the engine batch")):
+                           ("running", "Requests running in the engine batch"),
+                           ("kv_blocks_used", "KV cache blocks in use (0 when idle: the soak's leak check)")):
             gauge = GaugeMetricFamily(f"loraswap_engine_{key}", help_)
             gauge.add_metric([], float(stats.get(key, 0) or 0))
             yield gauge
@@ -83,3 +84,6 @@ class EngineCollector(Collector):
             resident.add_metric([tier], float(count))
         yield resident
         yield folded
+        pinned = GaugeMetricFamily("loraswap_engine_pinned_adapters", "Adapters pinned by any tenant (a count)")
+        pinned.add_metric([], float(len((stats.get("fold") or {}).get("pinned") or ())))
+        yield pinned
