@@ -87,9 +87,7 @@ def test_error_messages_carry_no_paths(alive):
     bad_header = {**good, "adapter_model.safetensors": b"\xff" * 8 + b"{not json"}
     bad_config = {**good, "adapter_config.json": b"{\"r\": "}
     pickled = {**good, "adapter_model.bin": b"\x80\x04K\x01."}
-    traversal = {"../../etc/adapter_config.json": good["adapter_config.json"],
-                 "adapter_model.safetensors": good["adapter_model.safetensors"]}
-    for index, files in enumerate((broken_weights, bad_header, bad_config, pickled, traversal)):
+    for index, files in enumerate((broken_weights, bad_header, bad_config, pickled)):
         response = upload(adv.url, "alice", f"pathless-{index}", files)
         assert 400 <= response.status_code < 500, f"case {index}: {response.status_code} {response.text[:300]}"
         assert_clean(response.text)

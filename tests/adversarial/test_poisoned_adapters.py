@@ -51,7 +51,8 @@ def test_hostile_adapter_is_refused_and_bob_is_untouched(alive, kind):
     assert_clean(response.text)
     if response.status_code in (200, 201):
         try:
-            _run_accepted_hostile(adv, name)
+            if kind in NUMERIC:  # show the damage too; a structural one would only cost load time
+                _run_accepted_hostile(adv, name)
         finally:
             _delete(adv, "alice", name)
         pytest.fail(f"{kind}: the hostile adapter was accepted ({response.status_code}); "
