@@ -106,7 +106,7 @@ class Soak:
                                                                **fields})
         self.count(f"hostile_{response.status_code}")
         if response.status_code >= 500:
-            self.fail(f"hostile {fields}: {response.status_code} {response.text[:200]}")
+            self.fail(f"hostile {sorted(fields)}: {response.status_code} {response.text[:200]}")
         try:
             assert_clean(response.text)
         except AssertionError as exc:
@@ -243,7 +243,7 @@ def report(soak: Soak, outcome: dict, alive: bool, log_tail: str) -> int:
           f"({growth / 2**20:+.1f} MiB, {'flat' if rss_ok else 'GROWING'})")
     print(f"  failures        {len(soak.failures)}")
     for failure in soak.failures[:20]:
-        print(f"    - {failure}")
+        print(f"    - {failure[:300]!r}")
     problems = []
     if soak.failures:
         problems.append(f"{len(soak.failures)} failed requests")
