@@ -58,7 +58,9 @@ class EngineCollector(Collector):
     def collect(self):
         stats = self._stats()
         for key, value, help_ in (("waiting", stats.waiting, "Requests waiting in the engine queue"),
-                                  ("running", stats.running, "Requests running in the engine batch")):
+                                  ("running", stats.running, "Requests running in the engine batch"),
+                                  ("kv_blocks_used", stats.kv_blocks_used,
+                                   "KV cache blocks in use (0 when idle: the soak's leak check)")):
             gauge = GaugeMetricFamily(f"loraswap_engine_{key}", help_)
             gauge.add_metric([], float(value))
             yield gauge
@@ -79,3 +81,6 @@ class EngineCollector(Collector):
             resident.add_metric([tier], float(count))
         yield resident
         yield folded
+        pinned = GaugeMetricFamily("loraswap_engine_pinned_adapters", "Adapters pinned by any tenant (a count)")
+        pinned.add_metric([], float(len(stats.fold.pinned)))
+        yield pinned
