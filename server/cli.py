@@ -38,6 +38,13 @@ _FLAGS = {
     "max-queue": (int, "requests queued beyond max-num-seqs before 503 (default 64)"),
     "max-upload-mb": (int, "largest adapter upload in MiB (default 512)"),
     "drain-timeout-s": (float, "seconds to let requests in flight finish on SIGTERM (default 30)"),
+    "jobs-dir": (str, "fine-tuning jobs: database, files and work folders (default: beside the store)"),
+    "jobs-db": (str, "the jobs SQLite database (default: JOBS_DIR/jobs.db)"),
+    "files-dir": (str, "uploaded training files (default: JOBS_DIR/files)"),
+    "max-file-mb": (int, "largest training file upload in MiB (default 64)"),
+    "max-files-per-tenant": (int, "training files one tenant may keep (default 100)"),
+    "max-active-jobs-per-tenant": (int, "queued + running fine-tuning jobs per tenant (default 4)"),
+    "service-key": (str, "the trainer sidecar's publishing credential (LORASWAP_SERVICE_KEY)"),
 }
 
 
@@ -45,6 +52,8 @@ def parse_args(argv: list[str]) -> ServerConfig:
     parser = argparse.ArgumentParser(prog="loraswap serve", description="Run the OpenAI-compatible server.")
     for flag, (type_, help_) in _FLAGS.items():
         parser.add_argument(f"--{flag}", type=type_, default=None, help=help_)
+    parser.add_argument("--train-in-process", action="store_true", default=None,
+                        help="also run the trainer sidecar as a child process (same database)")
     args = parser.parse_args(argv)
     overrides = {key: value for key, value in vars(args).items() if value is not None}
     return ServerSettings(**overrides).to_config()
@@ -93,7 +102,14 @@ def main(argv: list[str]) -> int:
     base_dir = resolve_base(config.base)
     base_info = BaseInfo.from_dir(base_dir)
     engine = build_engine(config, base_dir)
-    app = create_app(config, engine, build_store(config), base_info=base_info)
+    store = build_store(config)
+    child = None
+    if config.train_in_process:
+        from server import trainer_child
+
+        config = trainer_child.prepare(config, store.root)
+        child = trainer_child.start(config)
+    app = create_app(config, engine, store, base_info=base_info)
     server = _DrainingServer(uvicorn.Config(
         app, host=config.host, port=config.port, log_level="info",
         timeout_graceful_shutdown=max(1, int(config.drain_timeout_s)),
@@ -103,4 +119,6 @@ def main(argv: list[str]) -> int:
         server.run()
     finally:
         engine.close()  # the app's lifespan stopped the loop; release the loader threads
+        if child is not None:
+            trainer_child.stop(child)
     return 0

@@ -16,6 +16,8 @@ from typing import Literal
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from jobs.config import JobsConfig
+
 DEFAULT_TENANT = "default"
 _TENANT_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}$")
 
@@ -47,6 +49,15 @@ class ServerSettings(BaseSettings):
     max_upload_mb: int = 512
     retry_after_s: int = 1
     drain_timeout_s: float = 30.0
+    # fine-tuning jobs (jobs/): database, uploaded files, quotas, the sidecar's credential
+    jobs_dir: Path | None = None
+    jobs_db: Path | None = None
+    files_dir: Path | None = None
+    max_file_mb: int = 64
+    max_files_per_tenant: int = 100
+    max_active_jobs_per_tenant: int = 4
+    service_key: str | None = None
+    train_in_process: bool = False
 
     def to_config(self) -> "ServerConfig":
         keys = parse_api_keys(self.api_keys or "")
@@ -75,6 +86,12 @@ class ServerSettings(BaseSettings):
             max_upload_bytes=self.max_upload_mb * 1024 * 1024,
             retry_after_s=self.retry_after_s,
             drain_timeout_s=self.drain_timeout_s,
+            jobs=JobsConfig(root=self.jobs_dir, db_path=self.jobs_db, files_dir=self.files_dir,
+                            max_file_bytes=self.max_file_mb * 1024 * 1024,
+                            max_files_per_tenant=self.max_files_per_tenant,
+                            max_active_jobs_per_tenant=self.max_active_jobs_per_tenant,
+                            service_key=self.service_key),
+            train_in_process=self.train_in_process,
         )
 
 
@@ -117,6 +134,8 @@ class ServerConfig:
     max_upload_bytes: int = 512 * 1024 * 1024
     retry_after_s: int = 1
     drain_timeout_s: float = 30.0
+    jobs: JobsConfig = field(default_factory=JobsConfig)
+    train_in_process: bool = False  # `serve --train-in-process`: run the trainer sidecar as a child
 
     def __post_init__(self):
         for name in ("max_loras", "max_cpu_loras", "max_rank", "max_model_len", "max_num_seqs",
@@ -134,6 +153,8 @@ class ServerConfig:
             if key in seen_keys:
                 raise ValueError(f"api_keys: the same key is given to two tenants ({tenant!r})")
             seen_keys.add(key)
+        if self.jobs.service_key is not None and self.jobs.service_key in seen_keys:
+            raise ValueError("service_key must differ from every tenant's API key")
 
     @property
     def auth_enabled(self) -> bool:
