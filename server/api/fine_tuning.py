@@ -68,7 +68,7 @@ class CreateJob(BaseModel):
 
     model: str = Field(max_length=256)
     training_file: str = _ID
-    validation_file: str | None = _ID
+    validation_file: str | None = Field(None, max_length=80)
     suffix: str | None = Field(None, min_length=1, max_length=32, pattern=r"^[A-Za-z0-9_-]+$")
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
     hyperparameters: Hyperparameters | None = None
