@@ -28,7 +28,7 @@ from adapters.format import CONFIG_FILE, PROVENANCE_FILE, WEIGHTS_FILE
 from jobs.config import JobsConfig
 from jobs.db import Database
 from jobs.files import FileStore
-from jobs.queue import JobQueue, JobRecord
+from jobs.queue import TERMINAL, JobQueue, JobRecord
 from trainer.data import DataError
 from trainer.job_recipe import JobFailed, JobInterrupted, JobRecipe, JobStopped
 from trainer.lora import LoraSpec, parse_target_modules
@@ -117,6 +117,8 @@ class TrainerService:
             return False
         with Heartbeat(self.queue, job.id, self.worker, self.config.lease_s):
             self.run_job(job)
+        if self.queue.get_any(job.id).status in TERMINAL:  # nothing will resume it: drop its checkpoints
+            shutil.rmtree(self.config.jobs.work / job.id, ignore_errors=True)
         return True
 
     def run_job(self, job: JobRecord) -> None:
@@ -164,7 +166,8 @@ class TrainerService:
         return path
 
     def _train_and_publish(self, job: JobRecord) -> None:
-        work = self.config.jobs.work / job.id
+        # One folder per attempt: a sidecar wrongly declared dead can never overwrite its successor's files.
+        work = self.config.jobs.work / job.id / self.worker
         out = work / "adapter"
         recipe = JobRecipe(self.train_config(job, out), self.queue, job.id, self.worker, work,
                            log=lambda message: log.info("%s: %s", job.id, message), should_stop=self._stop.is_set)
@@ -179,7 +182,6 @@ class TrainerService:
             raise JobStopped()
         recipe.save(result)
         self.publish(job, out, result.tokens_seen)
-        shutil.rmtree(work, ignore_errors=True)  # published: the server's store holds the adapter now
 
     def publish(self, job: JobRecord, adapter_dir: Path, trained_tokens: int) -> None:
         """Upload through the server's service route; it marks the job succeeded."""

@@ -126,6 +126,7 @@ def test_openai_client_fine_tunes_then_chats_with_the_model(live):
     assert len(_terminal(events)) == 1
     checkpoints = list(client.fine_tuning.jobs.checkpoints.list(job.id))
     assert [c.step_number for c in checkpoints] == [8, 6, 4, 2] and checkpoints[0].metrics.train_loss > 0
+    assert not (live.jobs.work / job.id).exists()  # published: its checkpoints are gone
 
     # the published adapter is in alice's namespace, with provenance, and serves like PEFT
     record = live.state.store.get("alice", done.fine_tuned_model)
@@ -259,3 +260,4 @@ def test_a_sidecar_killed_mid_job_is_resumed_by_another_and_the_job_ends_once(li
     after = [e.data["step"] for e in events[resumed:] if e.type == "metrics" and not e.message.startswith("Check")]
     assert after == list(range(checkpoint.step_number + 1, 49))  # continued, not restarted
     assert len(live.state.store.versions("alice", done.fine_tuned_model)) == 1  # published once
+    assert not (live.jobs.work / job.id).exists()  # the dead sidecar's folder too
