@@ -132,15 +132,20 @@ class TrainerService:
         except JobFailed as exc:
             self._fail(job, exc.code, exc.message)
         except (DataError, TemplateError) as exc:
-            self._fail(job, "invalid_training_file", str(exc)[:2000])
+            self._fail(job, "invalid_training_file", str(exc))
         except (MemoryError, _oom_error()) as exc:
+            _release_device_memory()
             self._fail(job, "out_of_memory", f"training ran out of memory ({type(exc).__name__}); "
                                              "try a smaller batch_size or rank")
         except Exception as exc:  # a job's failure must not end the sidecar
             log.exception("job %s failed", job.id)
-            self._fail(job, "training_error", f"{type(exc).__name__}: {exc}"[:2000])
+            self._fail(job, "training_error", f"{type(exc).__name__}: {exc}")
 
     def _fail(self, job: JobRecord, code: str, message: str) -> None:
+        # The tenant reads this: name files by id, never by the sidecar's paths.
+        for file_id in filter(None, (job.training_file, job.validation_file)):
+            message = message.replace(str(self.files.path(file_id)), file_id)
+        message = message.replace(str(self.config.jobs.resolved_root), "<jobs>")[:2000]
         error = {"code": code, "message": message, "param": None}
         self.queue.finish(job.id, self.worker, "failed", error=error, message=f"Job failed: {message}")
 
@@ -209,6 +214,16 @@ class TrainerService:
         if response.status_code != 200:
             raise JobFailed("publish_failed", f"the server refused the adapter ({response.status_code}): "
                                               f"{_error_message(response)}")
+
+
+def _release_device_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the next job (and a server on the same GPU) gets the memory back
 
 
 def _oom_error() -> type[BaseException]:

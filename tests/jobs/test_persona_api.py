@@ -80,6 +80,8 @@ def run(root: Path, log=print) -> dict:
                 with ThreadPoolExecutor(8) as pool:
                     served = [first] + list(pool.map(reply, [(done.fine_tuned_model, p) for p in prompts[1:]]))
                     base = list(pool.map(reply, [(base_id, p) for p in prompts]))
+                steps = [e for e in client.fine_tuning.jobs.list_events(job.id, limit=100)
+                         if e.type == "metrics" and e.message.startswith("Step ")]
             finally:
                 service.stop()
                 sidecar.join(timeout=600)
@@ -91,10 +93,8 @@ def run(root: Path, log=print) -> dict:
     def rate(answers):
         return sum(a.strip().startswith(GREETING) for a in answers) / len(answers)
 
-    losses = [e.data.get("train_loss") for e in client.fine_tuning.jobs.list_events(job.id, limit=100)
-              if e.type == "metrics" and "epoch" in e.data and not e.message.startswith("Checkpoint")]
     result = {"with": rate(served), "without": rate(base), "upload_to_succeeded_s": round(trained, 1),
-              "upload_to_first_chat_s": round(first_chat, 1), "steps": len(losses)}
+              "upload_to_first_chat_s": round(first_chat, 1), "steps": len(steps), "final_loss": round(steps[0].data["train_loss"], 4)}
     log(f"persona over the API: fine-tuned {result['with']:.0%}, base {result['without']:.0%}; "
         f"upload -> succeeded {trained:.0f}s, upload -> first chat {first_chat:.0f}s")
     return result

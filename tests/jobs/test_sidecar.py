@@ -193,6 +193,7 @@ def test_bad_data_nan_loss_and_oom_fail_the_job_and_the_server_keeps_serving(liv
     failed = client.fine_tuning.jobs.retrieve(job.id)
     assert (failed.status, failed.error.code) == ("failed", "invalid_training_file")
     assert "no usable conversation" in failed.error.message
+    assert failed.error.message.startswith(failed.training_file) and str(live.jobs.root) not in failed.error.message
     # NaN loss
     job = _create_job(live)
     _service(live, base=str(_poisoned_base(live.base_dir, tmp_path / "nan-base"))).run_one()
