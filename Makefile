@@ -23,7 +23,7 @@ base: install
 	$(VENV)/bin/loraswap base
 
 serve: install
-	$(VENV)/bin/loraswap serve --host 127.0.0.1 --port 8000
+	$(VENV)/bin/loraswap serve --host 127.0.0.1 --port 8000 --train-in-process
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -17,7 +17,7 @@ from adapters.base import BaseInfo, resolve_base
 from adapters.chat_template import ChatTemplate
 from adapters.store import AdapterStore
 from server.admission import Admission
-from server.api import adapters, chat, health, merge, models, tokenize
+from server.api import adapters, chat, files, fine_tuning, health, merge, models, tokenize, trainer_service
 from server.api.errors import install_error_handlers
 from server.engine.types import EngineClient
 from server.metrics import ServerMetrics
@@ -70,6 +70,6 @@ def create_app(config: ServerConfig, engine: EngineClient, store: AdapterStore, 
     app = FastAPI(title="loraswap", version="0.1.0", lifespan=lifespan)
     app.state.loraswap = state
     install_error_handlers(app)
-    for module in (chat, models, merge, adapters, tokenize, health):
+    for module in (chat, models, merge, adapters, tokenize, health, files, fine_tuning, trainer_service):
         app.include_router(module.router)
     return app

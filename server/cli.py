@@ -73,7 +73,14 @@ def main(argv: list[str]) -> int:
     base_dir = resolve_base(config.base)
     base_info = BaseInfo.from_dir(base_dir)
     engine = build_engine(config, base_dir)
-    app = create_app(config, engine, build_store(config), base_info=base_info)
+    store = build_store(config)
+    child = None
+    if config.train_in_process:
+        from server import trainer_child
+
+        config = trainer_child.prepare(config, store.root)
+        child = trainer_child.start(config)
+    app = create_app(config, engine, store, base_info=base_info)
     server = _DrainingServer(uvicorn.Config(
         app, host=config.host, port=config.port, log_level="info",
         timeout_graceful_shutdown=max(1, int(config.drain_timeout_s)),
@@ -83,4 +90,6 @@ def main(argv: list[str]) -> int:
         server.run()
     finally:
         engine.close()  # the app's lifespan stopped the loop; release the loader threads
+        if child is not None:
+            trainer_child.stop(child)
     return 0

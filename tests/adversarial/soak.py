@@ -26,7 +26,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.adversarial.clients import QUESTION, assert_clean, chat_body, client, stream_chat, upload
+from tests.adversarial.clients import assert_clean, chat_body, client, stream_chat, upload
 from tests.adversarial.server_process import ADMIN_KEY, ServerProcess
 
 TENANTS = ("alice", "bob", "carol")
@@ -238,7 +238,7 @@ def report(soak: Soak, outcome: dict, alive: bool, log_tail: str) -> int:
           f"{counts['disconnects']} disconnects, {counts['churn_404']} churn 404s, "
           f"hostile: {', '.join(f'{k[8:]}x{v}' for k, v in sorted(counts.items()) if k.startswith('hostile_')) or '0'})")
     print(f"  churns          {counts['churns']} delete+re-upload, {counts['pin_cycles']} pin/unpin cycles")
-    print(f"  leaks           " + ", ".join(f"{k}={v if v is not None else 'not exposed'}" for k, v in leaks.items()))
+    print("  leaks           " + ", ".join(f"{k}={v if v is not None else 'not exposed'}" for k, v in leaks.items()))
     print(f"  rss             warm {outcome['rss_warm'] / 2**20:.1f} MiB -> end {outcome['rss_end'] / 2**20:.1f} MiB "
           f"({growth / 2**20:+.1f} MiB, {'flat' if rss_ok else 'GROWING'})")
     print(f"  failures        {len(soak.failures)}")
