@@ -9,8 +9,9 @@ over `max_scaling`, an |A| or |B| entry over `max_abs_value`, and a relative upd
 
 Why these defaults: PEFT initialises B to zero, so a freshly initialised adapter has ratio 0
 whatever its alpha (tests/adapters/test_bounds.py checks alpha 1024 at r=1 and rsLoRA 8192 at
-r=64); the persona adapter the trainer makes is published through this validation by
-tests/trainer/test_persona.py; even the random adapters the tests build (A ~ N(0, 1/in),
+r=64); the persona adapter the trainer makes on the default base (r=8, alpha=16, lr 1e-3, two
+epochs; tests/trainer/test_persona.py) measures at most 0.014 over its 210 modules, with
+|A| <= 0.053 and |B| <= 0.014; even the random adapters the tests build (A ~ N(0, 1/in),
 B ~ N(0, 1/r)) measure about 1 to 4.6 on the tiny base, whose weights are scaled up. A ratio
 of 8 is an update eight times the size of the weight itself (a replacement, not an adaptation);
 scaling 1024 admits alpha 1024 at r=1 (or rsLoRA alpha 8192 at r=64); 1e4 per entry is orders
