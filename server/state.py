@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from adapters.base import BaseInfo
@@ -60,14 +60,13 @@ class ServerState:
     created: int = field(default_factory=lambda: int(time.time()))
     ready: bool = False
     # (tenant, name) -> adapter id of names being deleted: hidden at once, until the store's
-    # tombstone (or, with a store that collects blobs inside `delete`, the removal) is durable.
+    # tombstone is durable.
     deleting: dict[tuple[str, str], str] = field(default_factory=dict)
     # adapter id -> record of deleted content the engine may still cache, until its blob is gone.
     forget_pending: dict[str, AdapterRecord] = field(default_factory=dict)
     gc_wanted: bool = False  # a delete or publish may have left garbage that in-flight users hold
     _gc_task: Any = None
     _gc_again: bool = False
-    _background: set = field(default_factory=set)  # tasks kept referenced until done
 
     def __post_init__(self):
         self.inflight.on_leave = self._after_leave
@@ -110,42 +109,18 @@ class ServerState:
     async def delete_adapter(self, tenant: str, name: str) -> AdapterRecord:
         """Hide `name` now and delete it from the store; returns the deleted record.
 
-        With a store that tombstones (`collect_garbage` present) the tombstone is durable before
-        this returns and blobs are collected later, skipping those in use. COMPAT (the store on
-        this branch removes unreferenced blobs inside `delete`): the removal waits, in the
-        background, for every request still on any version of the name, not only the current one.
+        The store's tombstone is durable before this returns; blobs are collected later
+        (`collect_garbage(in_use)`), skipping those a request or merge still reads on any version.
         """
         record = self.get_adapter(tenant, name)
         self.deleting[(tenant, name)] = record.id
         try:
             versions = await self.pools.run(self.pools.store, self.store.versions, tenant, name)
-        except BaseException:
-            self.deleting.pop((tenant, name), None)
-            raise
-        if _store_tombstones(self.store):
-            try:
-                await self.pools.run(self.pools.store, self.store.delete, tenant, name)
-            finally:
-                self.deleting.pop((tenant, name), None)
-            self._deleted(tenant, versions)
-        else:
-            keys = {(tenant, version.id) for version in versions}
-            self._background.add(asyncio.ensure_future(self._delete_when_idle(tenant, name, keys, versions)))
-        return record
-
-    async def _delete_when_idle(
-        self, tenant: str, name: str, keys: set[tuple[str, str]], versions: list[AdapterRecord]
-    ) -> None:
-        """COMPAT: delete once no request uses any version of the name."""
-        try:
-            await self.inflight.idle(keys)
-            await self.pools.run(self.pools.store, self.store.delete, tenant, name)
-            self._deleted(tenant, versions)
-        except Exception:
-            log.exception("deleting %s/%s failed", tenant, name)
+            await self.pools.run(self.pools.store, partial(self.store.delete, tenant, name, collect=False))
         finally:
             self.deleting.pop((tenant, name), None)
-            self._background = {task for task in self._background if not task.done()}
+        self._deleted(tenant, versions)
+        return record
 
     def _deleted(self, tenant: str, versions: list[AdapterRecord]) -> None:
         self.pins.forget(tenant, {version.id for version in versions})
@@ -173,12 +148,10 @@ class ServerState:
         while True:
             self._gc_again = False
             in_use = self.inflight.in_use()
-            collect = _garbage_collector(self.store)
-            if collect is not None:
-                try:
-                    await self.pools.run(self.pools.store, collect, in_use)
-                except Exception:
-                    log.exception("garbage collection of the adapter store failed")
+            try:
+                await self.pools.run(self.pools.store, self.store.collect_garbage, in_use)
+            except Exception:
+                log.exception("garbage collection of the adapter store failed")
             # What was in use may hold garbage back: collect again when its users leave.
             self.gc_wanted = bool(in_use)
             self._forget_collected()
@@ -245,13 +218,3 @@ class ServerState:
             )
         return rendered, wanted
 
-
-def _garbage_collector(store: AdapterStore) -> Callable[[set[str]], object] | None:
-    """COMPAT: `store.collect_garbage` for a store whose `delete` only tombstones (iso-adapters)."""
-    collect = getattr(store, "collect_garbage", None)
-    return collect if callable(collect) else None
-
-
-def _store_tombstones(store: AdapterStore) -> bool:
-    """True for a store whose `delete` only tombstones and `collect_garbage(in_use)` collects."""
-    return _garbage_collector(store) is not None

@@ -113,7 +113,7 @@ def main(argv: list[str]) -> int:
 def _without_nproc(argv: list[str]) -> list[str]:
     """`argv` less `--nproc N` / `--nproc=N` (the launched processes are already N)."""
     out, skip = [], False
-    for i, arg in enumerate(argv):
+    for arg in argv:
         if skip:
             skip = False
         elif arg == "--nproc":

@@ -172,16 +172,26 @@ class SFTRecipe:
             shuffle=shuffle, seed=seed,
         )
 
-    def train(self) -> TrainResult:
+    # Hooks for the job service (trainer/job_recipe.py): events, cancel, checkpoints, resume.
+    start_epoch = 0
+
+    def on_step(self, epoch: int, result: "TrainResult") -> None:
+        """Called after every optimizer step (`result.step_losses[-1]` is its loss)."""
+
+    def on_epoch_end(self, epoch: int, result: "TrainResult") -> None:
+        """Called after every epoch, once its eval loss (if any) is in `result`."""
+
+    def train(self, result: TrainResult | None = None) -> TrainResult:
+        """Run epochs `start_epoch..epochs-1`, continuing `result` when resuming."""
         from tqdm.auto import tqdm
 
         cfg, model = self.config, self.trainable.model
         params = self.trainable.trainable_parameters()
-        result = TrainResult()
-        bar = tqdm(total=self.total_steps, desc="train", unit="step", disable=not (cfg.progress and self.dist.is_main),
-                   dynamic_ncols=True, mininterval=1.0)
-        start = time.perf_counter()
-        for epoch in range(cfg.epochs):
+        result = result if result is not None else TrainResult()
+        bar = tqdm(total=self.total_steps, initial=len(result.step_losses), desc="train", unit="step",
+                   disable=not (cfg.progress and self.dist.is_main), dynamic_ncols=True, mininterval=1.0)
+        start = time.perf_counter() - result.seconds
+        for epoch in range(self.start_epoch, cfg.epochs):
             model.train()
             groups = micro_batch_groups(self.train_data.examples, cfg.batch_size, shuffle=True, seed=cfg.seed + epoch)
             epoch_loss = epoch_targets = 0.0
@@ -194,11 +204,14 @@ class SFTRecipe:
                 rate = result.tokens_seen / (time.perf_counter() - start)
                 bar.set_postfix(epoch=epoch + 1, loss=f"{loss_sum / targets:.4f}", tok_s=f"{rate:.0f}")
                 bar.update(1)
+                self.on_step(epoch, result)
             result.epoch_train_losses.append(epoch_loss / epoch_targets)
             if self.eval_data is not None:
                 result.eval_losses.append(self.evaluate(self.eval_data))
                 bar.write(f"epoch {epoch + 1}: train loss {result.epoch_train_losses[-1]:.4f}, "
                           f"eval loss {result.eval_losses[-1]:.4f}")
+            result.seconds = time.perf_counter() - start
+            self.on_epoch_end(epoch, result)
         bar.close()
         result.seconds = time.perf_counter() - start
         self.log(f"done: {result.tokens_seen} tokens in {result.seconds:.1f}s ({result.tokens_per_second:.0f} tok/s), "

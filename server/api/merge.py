@@ -8,8 +8,7 @@ upload: validation against the base, then an atomic publish (201 new, 200 same c
 Merges are CPU-heavy, so they run in their own bounded pool behind their own gate (one per tenant
 at a time, `max_concurrent_merges` overall; 429 / 503 beyond), apart from uploads and from
 Starlette's pool. The sources are held while they are read: they count as in use (a DELETE or a
-version pruning never collects their blobs mid-read) and, with a store that has `hold`, the store
-holds them too.
+version pruning never collects their blobs mid-read) and the store holds them too.
 """
 
 from __future__ import annotations
@@ -55,11 +54,9 @@ class MergeRequest(BaseModel):
 
 def _merge_into(state: ServerState, sources: list[tuple], body: MergeRequest, staging: Path):
     """Blocking: read the sources, merge, write and validate the result (run in a thread)."""
-    hold = getattr(state.store, "hold", None)  # the store's own hold, where it has one (iso-adapters)
     with ExitStack() as held:
-        if hold is not None:
-            for _, record, _ in sources:
-                held.enter_context(hold(record))
+        for _, record, _ in sources:
+            held.enter_context(state.store.hold(record))  # pruning or a delete meanwhile keeps the blob
         inputs = [
             MergeInput(weights=read_peft(directory), weight=source.weight,
                        provenance=read_provenance(directory), name=source.name)

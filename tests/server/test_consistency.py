@@ -5,7 +5,6 @@ when their users leave; the engine forgets content only once its blob is gone.""
 
 from __future__ import annotations
 
-import shutil
 import threading
 
 from adapters.store import AdapterStore
@@ -75,38 +74,23 @@ def test_a_merge_holds_its_sources_while_it_reads_them(fake_server, peft_adapter
     assert wait_until(lambda: not blob.exists())
 
 
-class _TombstoneStore(AdapterStore):
-    """The contract's store shape (iso-adapters): `delete` only tombstones (durably removes the
-    name, keeps blobs) and `collect_garbage(in_use)` collects blobs no pointer and no in-use
-    request references. Built over this branch's store to test the server's side of it."""
+class _RecordingStore(AdapterStore):
+    """The store (whose `delete` only tombstones), recording each `collect_garbage(in_use)` the
+    server asks for."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.collections: list[set[str]] = []
 
-    def delete(self, tenant, name):
-        collect, self._collect_garbage = self._collect_garbage, lambda: []
-        try:
-            return super().delete(tenant, name)
-        finally:
-            self._collect_garbage = collect
-
-    def collect_garbage(self, in_use: set[str]) -> list[str]:
+    def collect_garbage(self, in_use: set[str] | frozenset[str] = frozenset()) -> list[str]:
         self.collections.append(set(in_use))
-        with self._locked():
-            referenced = self._referenced() | set(in_use)
-            removed = []
-            for blob in (self.root / "blobs").iterdir():
-                if blob.name not in referenced:
-                    shutil.rmtree(blob)
-                    removed.append(blob.name)
-            return removed
+        return super().collect_garbage(in_use)
 
 
 def test_with_a_tombstoning_store_delete_answers_at_once_and_collection_skips_blobs_in_use(
         tiny_tokenizer, tiny_base_info, tmp_path, peft_adapters):
     engine = FakeEngine(tiny_tokenizer)
-    store = _TombstoneStore(tmp_path / "store")
+    store = _RecordingStore(tmp_path / "store")
     app = create_app(ServerConfig(max_model_len=256, api_keys=tuple(KEYS.items()), admin_key=ADMIN_KEY),
                      engine, store, base_info=tiny_base_info)
     with LiveServer(app) as live:
@@ -120,7 +104,8 @@ def test_with_a_tombstoning_store_delete_answers_at_once_and_collection_skips_bl
             stream = http.send(http.build_request("POST", "/v1/chat/completions", json=body), stream=True)
             assert wait_until(lambda: len(engine.running) == 1)
             assert http.delete("/v1/adapters/doomed").status_code == 200
-            assert not (store.root / "tenants" / "alice" / "doomed.json").exists()  # durable before the answer
+            pointer = store._read_pointer("alice", "doomed")  # read back from disk
+            assert pointer is not None and not pointer.live  # the tombstone is durable before the answer
             assert wait_until(lambda: store.collections and card["sha256"] in store.collections[-1])
             assert blob.is_dir() and card["id"] not in engine.forgotten
             engine.gate.set()

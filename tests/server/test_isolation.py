@@ -100,7 +100,7 @@ def test_metrics_carry_no_adapter_names_or_ids(fake_server, peft_adapters):
     alice.post("/v1/chat/completions", json={"model": "secret-project", "messages": USER, "max_tokens": 2})
     text = fake_server.client("admin").get("/metrics").text
     assert "secret-project" not in text and adapter_id not in text
-    assert "loraswap_adapters_pinned 1.0" in text
+    assert "loraswap_engine_pinned_adapters 1.0" in text
 
 
 def test_an_unexpected_error_shows_no_path_or_repr_and_names_the_request_id(fake_server, caplog):
