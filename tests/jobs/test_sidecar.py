@@ -206,7 +206,7 @@ def test_bad_data_nan_loss_and_oom_fail_the_job_and_the_server_keeps_serving(liv
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(JobRecipe, "step", out_of_memory)
+    monkeypatch.setattr(JobRecipe, "global_step", out_of_memory)  # every optimizer step goes through it
     job = _create_job(live)
     _service(live).run_one()
     failed = client.fine_tuning.jobs.retrieve(job.id)
