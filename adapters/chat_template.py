@@ -26,12 +26,19 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from adapters.errors import LoraswapError
+
 ROLES = ("system", "user", "assistant")
 ROLE_ALIASES = {"developer": "system"}  # OpenAI's newer name for the system role (coding agents send it)
 
 
-class TemplateError(ValueError):
+class TemplateError(LoraswapError, ValueError):
     """The messages do not fit the template's contract (or the template itself refused them)."""
+
+    status, code = 400, "invalid_messages"
+
+    def __init__(self, message: str, *, param: str | None = "messages"):
+        super().__init__(message, param=param)
 
 
 @dataclass(frozen=True)

@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     _, tok_cpu, _ = _timed(cache._tokenizer)
     report.add(Measure("tok", "llguidance tokenizer build (once per server)", tok_cpu * 1e3, "ms", "CPU time"))
     for name, (schema, _) in SCHEMAS.items():
-        _, cpu, _ = _timed(lambda: cache.compile("bench", GrammarSpec.json_schema(schema)))
+        _, cpu, _ = _timed(lambda schema=schema: cache.compile("bench", GrammarSpec.json_schema(schema)))
         report.add(Measure(f"compile_{name}", f"first compile, {name} schema", cpu * 1e3, "ms", "CPU time"))
     grammar = cache.compile("bench", GrammarSpec.json_schema(LONG_SCHEMA))
     half = args.requests // 2
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     engine.generate(prompts[:2], sampling=free)  # warm-up
     for key, params in (("free", [free] * len(prompts)),
                         ("mixed", [constrained if i % 2 == 0 else free for i in range(len(prompts))])):
-        outputs, cpu, wall = _timed(lambda: engine.generate(prompts, sampling=params))
+        outputs, cpu, wall = _timed(lambda params=params: engine.generate(prompts, sampling=params))
         tokens = sum(len(o) for o in outputs)
         assert tokens == len(prompts) * n, f"{key}: {tokens} tokens, expected {len(prompts) * n}"
         label = "unconstrained batch" if key == "free" else "half schema-constrained"

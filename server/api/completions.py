@@ -12,6 +12,7 @@ import asyncio
 import json
 import time
 import uuid
+from contextlib import ExitStack
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
@@ -20,7 +21,8 @@ from server.api.completion_protocol import (MAX_PROMPTS, Completion, CompletionC
                                             CompletionRequest)
 from server.api.decoding import decoding_controls
 from server.api.deps import get_state, get_tenant
-from server.api.errors import BadRequest, EngineFailure, Overloaded, PromptTooLong, envelope
+from server.api.abort import abort_error
+from server.api.errors import BadRequest, PromptTooLong
 from server.api.protocol import Usage
 from server.api.request_fields import COMPLETION_FIELDS, check_fields
 from server.engine.types import SamplingParams
@@ -79,26 +81,28 @@ async def create_completion(body: CompletionRequest, request: Request, tenant: s
     if body.echo and body.logprobs is not None:
         raise BadRequest("echo with logprobs is not supported: prompt logprobs are not computed", param="echo")
     prompts = plain_prompts(body.prompt)
-    model = state.resolve_model(tenant, body.model)
+    state.resolve_model(tenant, body.model)  # 404 before any tokenizing
     encoded = [tokenize_plain(state, p, body.max_tokens) for p in prompts]
     controls = await decoding_controls(body, state, tenant)
+    samplings = [_sampling(body, max_tokens, controls) for _, max_tokens in encoded]
+    # Again after the grammar compile's await (the adapter may have changed); nothing awaits from here on.
+    model = state.resolve_model(tenant, body.model)
     request_id = f"cmpl-{uuid.uuid4().hex}"
     generations: list[Generation] = []
-    try:
-        for i, (ids, max_tokens) in enumerate(encoded):
+    with ExitStack() as starting:  # a refused start releases the generations already started
+        for i, ((ids, _), sampling) in enumerate(zip(encoded, samplings)):
             ticket = state.admission.acquire(tenant)
-            generation = Generation(state, request_id=f"{request_id}-{i}", tenant=tenant, model=model,
-                                    prompt_ids=ids, sampling=_sampling(body, max_tokens, controls), ticket=ticket)
+            generation = starting.enter_context(Generation(state, request_id=f"{request_id}-{i}", tenant=tenant,
+                                                           model=model, prompt_ids=ids, sampling=sampling,
+                                                           ticket=ticket))
             generations.append(generation)
             generation.start()
-    except BaseException:
-        for generation in generations:
-            generation.close()
-        raise
+        owned = starting.pop_all()  # from here the response (or the plain wait below) owns them
     view = _View(state, body, request_id, prompts, generations)
     if body.stream:
-        return _ClosingStream(view.sse(), generations)
-    return await _unless_disconnected(view.collect(), generations, request)
+        return _EventStream(view.sse(), owned)
+    with owned:
+        return await _unless_disconnected(view.collect(), request)
 
 
 class _View:
@@ -110,7 +114,7 @@ class _View:
         self.created = int(time.time())
 
     async def events(self):
-        """(prompt index, event) from every generation as they arrive; closes them all at the end."""
+        """(prompt index, event) from every generation as they arrive."""
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(index: int, generation: Generation):
@@ -132,8 +136,6 @@ class _View:
         finally:
             for task in tasks:
                 task.cancel()
-            for generation in self.generations:
-                generation.close()
 
     def _logprobs(self, entries: list, offset: int) -> CompletionLogprobs:
         out = CompletionLogprobs()
@@ -150,9 +152,7 @@ class _View:
     def _failure(self):
         for generation in self.generations:
             if generation.finish_reason == "abort":
-                if generation.error:
-                    return EngineFailure(f"the request could not be served: {generation.error}")
-                return Overloaded("the request was aborted by the server (shutting down)", code="request_aborted")
+                return abort_error(generation)
         return None
 
     def usage(self) -> Usage:
@@ -201,13 +201,13 @@ class _View:
                                                     finish_reason=reason)])
         failure = self._failure()
         if failure is not None:
-            yield f"data: {json.dumps(envelope(failure.message, failure.type, failure.code))}\n\n"
+            yield f"data: {json.dumps(failure.envelope())}\n\n"
         elif self.body.stream_options and self.body.stream_options.include_usage:
             yield self._chunk([], usage=self.usage())
         yield "data: [DONE]\n\n"
 
 
-async def _unless_disconnected(collect, generations: list[Generation], request: Request):
+async def _unless_disconnected(collect, request: Request):
     async def disconnected():
         while (await request.receive())["type"] != "http.disconnect":
             pass
@@ -218,25 +218,21 @@ async def _unless_disconnected(collect, generations: list[Generation], request: 
     finally:
         watch.cancel()
         if not task.done():
-            task.cancel()
-            for generation in generations:
-                generation.close()
+            task.cancel()  # the client left (or we are being cancelled); the caller's `with` aborts them
     if task not in done:
         return Response(status_code=499)  # nobody is listening
     return task.result()
 
 
-class _ClosingStream(StreamingResponse):
-    """SSE that closes its generations however the response ends (even unstarted)."""
+class _EventStream(StreamingResponse):
+    """SSE that owns its generations while it sends (as chat's `_EventStream`): however the send
+    ends, even never started, leaving the block releases them all."""
 
-    def __init__(self, content, generations: list[Generation]):
+    def __init__(self, content, owned: ExitStack):
         super().__init__(content, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self._generations = generations
+        self._owned = owned
 
     async def __call__(self, scope, receive, send) -> None:
-        try:
+        with self._owned:
             await super().__call__(scope, receive, send)
-        finally:
-            for generation in self._generations:
-                generation.close()

@@ -12,7 +12,7 @@ import json
 import time
 import uuid
 
-from server.api.errors import EngineFailure, Overloaded, envelope
+from server.api.abort import abort_error
 from server.api.protocol import ChatCompletionChunk, ChunkChoice, Delta, FunctionCall, ToolCall, Usage
 from server.api.tools import ToolPlan, tool_calls
 
@@ -27,7 +27,7 @@ def _line(chunk: ChatCompletionChunk, include_usage: bool) -> str:
 
 
 async def tool_sse(body, generation, include_usage: bool, plan: ToolPlan):
-    """The SSE lines of a tool-call reply; closes `generation` however it ends."""
+    """The SSE lines of a tool-call reply; the response sending them owns `generation` (`chat._EventStream`)."""
     created = int(time.time())
 
     def chunk(delta: Delta, finish_reason=None) -> str:
@@ -38,38 +38,33 @@ async def tool_sse(body, generation, include_usage: bool, plan: ToolPlan):
     def call_delta(index: int, **fields) -> Delta:
         return Delta(tool_calls=[ToolCall(index=index, **fields)])
 
-    try:
-        yield chunk(Delta(role="assistant"))
-        text = []
-        if plan.named:
-            yield chunk(call_delta(0, id=f"call_{uuid.uuid4().hex[:24]}", type="function",
-                                   function=FunctionCall(name=plan.named, arguments="")))
-        async for event in generation.events():
-            text.append(event.text)
-            if plan.named and event.text:
-                yield chunk(call_delta(0, function=FunctionCall(arguments=event.text)))
-        reason = generation.finish_reason
-        if reason == "abort":
-            error = (EngineFailure(f"the request could not be served: {generation.error}") if generation.error
-                     else Overloaded("the request was aborted by the server (shutting down)", code="request_aborted"))
-            yield f"data: {json.dumps(envelope(error.message, error.type, error.code))}\n\n"
-            yield "data: [DONE]\n\n"
-            return
-        calls = tool_calls(plan, "".join(text)) if reason == "stop" else None
-        if not plan.named:
-            if calls is None:  # cut short: the partial text, as content
-                yield chunk(Delta(content="".join(text)))
-            for call in calls or ():
-                yield chunk(call_delta(call.index, id=call.id, type="function",
-                                       function=FunctionCall(name=call.function.name, arguments="")))
-                yield chunk(call_delta(call.index, function=FunctionCall(arguments=call.function.arguments)))
-        yield chunk(Delta(), finish_reason="tool_calls" if calls is not None else reason)
-        if include_usage:
-            prompt = len(generation.prompt_ids)
-            usage = Usage(prompt_tokens=prompt, completion_tokens=generation.completion_tokens,
-                          total_tokens=prompt + generation.completion_tokens)
-            yield _line(ChatCompletionChunk(id=generation.request_id, created=created, model=body.model,
-                                            choices=[], usage=usage), include_usage)
+    yield chunk(Delta(role="assistant"))
+    text = []
+    if plan.named:
+        yield chunk(call_delta(0, id=f"call_{uuid.uuid4().hex[:24]}", type="function",
+                               function=FunctionCall(name=plan.named, arguments="")))
+    async for event in generation.events():
+        text.append(event.text)
+        if plan.named and event.text:
+            yield chunk(call_delta(0, function=FunctionCall(arguments=event.text)))
+    reason = generation.finish_reason
+    if reason == "abort":
+        yield f"data: {json.dumps(abort_error(generation).envelope())}\n\n"
         yield "data: [DONE]\n\n"
-    finally:
-        generation.close()
+        return
+    calls = tool_calls(plan, "".join(text)) if reason == "stop" else None
+    if not plan.named:
+        if calls is None:  # cut short: the partial text, as content
+            yield chunk(Delta(content="".join(text)))
+        for call in calls or ():
+            yield chunk(call_delta(call.index or 0, id=call.id, type="function",
+                                   function=FunctionCall(name=call.function.name, arguments="")))
+            yield chunk(call_delta(call.index or 0, function=FunctionCall(arguments=call.function.arguments)))
+    yield chunk(Delta(), finish_reason="tool_calls" if calls is not None else reason)
+    if include_usage:
+        prompt = len(generation.prompt_ids)
+        usage = Usage(prompt_tokens=prompt, completion_tokens=generation.completion_tokens,
+                      total_tokens=prompt + generation.completion_tokens)
+        yield _line(ChatCompletionChunk(id=generation.request_id, created=created, model=body.model,
+                                        choices=[], usage=usage), include_usage)
+    yield "data: [DONE]\n\n"

@@ -23,17 +23,26 @@ import threading
 from collections import Counter, OrderedDict
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+from adapters.errors import LoraswapError
+
+if TYPE_CHECKING:  # the stub's TypedDict; not importable at run time
+    from llguidance._lib import JsonCompileOptions
 
 MAX_SCHEMA_BYTES = 32 * 1024
 log = logging.getLogger(__name__)
 CACHE_PER_TENANT = 32
-_COMPILE_OPTIONS = {"whitespace_flexible": False}
+_COMPILE_OPTIONS: JsonCompileOptions = {"whitespace_flexible": False}
 
 
-class GrammarError(ValueError):
-    """The schema is invalid, uses an unsupported feature, or is too large (-> 400)."""
+class GrammarError(LoraswapError):
+    """The schema is invalid, uses an unsupported feature, or is too large (-> 400). The API
+    re-raises it as a `BadRequest` naming the field that carried the schema."""
+
+    status, code = 400, "invalid_schema"
 
 
 @dataclass(frozen=True)
@@ -130,7 +139,7 @@ class GrammarCache:
         self.tokenizer = tokenizer
         self.end_ids = list(end_ids)
         self.per_tenant = per_tenant
-        self._lltok = None
+        self._lltok: Any = None  # llguidance.LLTokenizer, built on first use
         self._lock = threading.Lock()  # the entries; held only briefly (get() runs on the event loop)
         self._tokenizer_lock = threading.Lock()  # building the llguidance tokenizer takes ~1 s
         self._entries: dict[str, OrderedDict[str, CompiledGrammar]] = {}

@@ -49,7 +49,7 @@ class ModelRunner:
             sin=self.sin[pos].unsqueeze(1),
             attn=build_attn_step([(e.seq.block_table, e.start, e.num_new) for e in entries],
                                  self.block_size, num_decodes, self.device),
-            lora=build_lora_step(token_slots, self.slot_table.generation, self.device, self.dtype,
+            lora=build_lora_step(token_slots, self.slot_table.version, self.device, self.dtype,
                                  fold_slot),
         )
         if not logit_rows:
