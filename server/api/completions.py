@@ -25,6 +25,7 @@ from server.api.abort import abort_error
 from server.api.errors import BadRequest, PromptTooLong
 from server.api.protocol import Usage
 from server.api.request_fields import COMPLETION_FIELDS, check_fields
+from server.bounds import check_lengths
 from server.engine.types import SamplingParams
 from server.generation import Generation
 from server.state import ServerState
@@ -81,8 +82,11 @@ async def create_completion(body: CompletionRequest, request: Request, tenant: s
     if body.echo and body.logprobs is not None:
         raise BadRequest("echo with logprobs is not supported: prompt logprobs are not computed", param="echo")
     prompts = plain_prompts(body.prompt)
+    check_lengths(body.max_tokens, None, body.min_tokens, state.max_model_len)
     state.resolve_model(tenant, body.model)  # 404 before any tokenizing
-    encoded = [tokenize_plain(state, p, body.max_tokens) for p in prompts]
+    # Tokenizing costs time linear in the prompts: in the render pool, as chat's rendering.
+    encoded = await state.pools.run(state.pools.render,
+                                    lambda: [tokenize_plain(state, p, body.max_tokens) for p in prompts])
     controls = await decoding_controls(body, state, tenant)
     samplings = [_sampling(body, max_tokens, controls) for _, max_tokens in encoded]
     # Again after the grammar compile's await (the adapter may have changed); nothing awaits from here on.
