@@ -26,6 +26,7 @@ the directory it accepted).
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import fcntl
 import os
@@ -36,6 +37,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from pydantic import BaseModel
 
@@ -476,3 +478,27 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class Store(Protocol):
+    """What the server needs of an adapter store: `AdapterStore` on one machine, and
+    `server.cluster.store.RemoteStore` (the same calls over the single-writer Ray actor) on a cluster.
+    `create_app` and `ServerState` are typed against this, never against one implementation."""
+
+    def get(self, tenant: str, name: str, version: int | None = None) -> AdapterRecord: ...
+
+    def list(self, tenant: str) -> builtins.list[AdapterRecord]: ...
+
+    def versions(self, tenant: str, name: str) -> builtins.list[AdapterRecord]: ...
+
+    def adapter_dir(self, record: AdapterRecord) -> Path: ...
+
+    def hold(self, record: AdapterRecord) -> contextlib.AbstractContextManager[Path]: ...
+
+    def publish(
+        self, tenant: str, name: str, adapter: ValidatedAdapter | Path | str
+    ) -> tuple[AdapterRecord, bool]: ...
+
+    def delete(self, tenant: str, name: str, *, collect: bool = True) -> AdapterRecord: ...
+
+    def collect_garbage(self, in_use: set[str] | frozenset[str] = frozenset()) -> builtins.list[str]: ...

@@ -18,7 +18,7 @@ from fastapi import FastAPI
 
 from adapters.base import BaseInfo, resolve_base
 from adapters.chat_template import ChatTemplate
-from adapters.store import AdapterStore
+from adapters.store import Store
 from server.admission import Admission
 from server.api import (
     adapters,
@@ -44,7 +44,7 @@ from server.tenancy import TenantPins
 log = logging.getLogger("loraswap.server")
 
 
-def create_app(config: ServerConfig, engine: EngineClient, store: AdapterStore, base_info: BaseInfo | None = None) -> FastAPI:
+def create_app(config: ServerConfig, engine: EngineClient, store: Store, base_info: BaseInfo | None = None) -> FastAPI:
     """Build the app.
 
     Args:

@@ -21,7 +21,7 @@ from adapters.base import BaseInfo
 from adapters.chat_template import ChatTemplate, RenderedPrompt
 from server.admission import Admission, InFlight
 from adapters.errors import AdapterNotFound, InvalidName
-from adapters.store import AdapterRecord, AdapterStore
+from adapters.store import AdapterRecord, Store
 from server.bounds import check_messages
 from server.engine.types import AdapterRef, AdapterResidency, EngineClient
 from server.errors import PromptTooLong
@@ -48,7 +48,7 @@ class ServerState:
 
     config: ServerConfig
     engine: EngineClient
-    store: AdapterStore
+    store: Store
     base_info: BaseInfo
     template: ChatTemplate
     base_id: str

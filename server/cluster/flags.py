@@ -29,9 +29,10 @@ def split_cluster_flags(argv: list[str]) -> tuple[list[str], ClusterFlags]:
         key, eq, value = arg.partition("=")
         if key in ("--replicas", "--ray-address"):
             if not eq:
-                value = next(args, None)
-                if value is None:
+                following = next(args, None)
+                if following is None:
                     raise ValueError(f"{key} needs a value")
+                value = following
             found[key] = value
         else:
             rest.append(arg)

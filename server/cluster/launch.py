@@ -24,7 +24,7 @@ def ingress_config(config, replicas: int):
     return config.model_copy(update={"max_queue": total - config.max_num_seqs})
 
 
-def start_store(root: Path):
+def start_store(root: Path, quotas: dict | None = None):
     """The single-writer `StoreService` actor on this node, restarted by Ray if its process dies."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -35,7 +35,7 @@ def start_store(root: Path):
     return ray.remote(StoreService).options(
         name=STORE_ACTOR, max_restarts=-1, max_task_retries=0, num_cpus=0,
         scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
-    ).remote(str(root))
+    ).remote(str(root), quotas)
 
 
 def deploy(config, base_dir: Path, replicas: int, store_root: Path, *, replica_cpus: float = 1.0,
@@ -53,7 +53,7 @@ def deploy(config, base_dir: Path, replicas: int, store_root: Path, *, replica_c
     if replica_gpus is None:  # one GPU per replica when the cluster has enough and the config allows
         gpus = ray.cluster_resources().get("GPU", 0)
         replica_gpus = 1.0 if config.device != "cpu" and gpus >= replicas else 0.0
-    store = start_store(store_root)
+    store = start_store(store_root, config.limits.store_quotas())
     app = build_application(config, base_dir, replicas, store, ingress_config=ingress_config(config, replicas),
                             replica_cpus=replica_cpus, replica_gpus=replica_gpus, ingress_cpus=ingress_cpus)
     serve.run(app, name=APP_NAME, route_prefix="/")

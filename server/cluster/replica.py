@@ -18,6 +18,7 @@ from ray import serve
 
 from server.cluster.store import RemoteStore
 from server.engine.types import AdapterRef, SamplingParams
+from server.tenancy import TenantPins, submit
 
 # Serve's replica-local LRU of model ids; the engine's own slots and host cache bound memory.
 MODELS_PER_REPLICA = int(os.environ.get("LORASWAP_MODELS_PER_REPLICA", "8"))
@@ -26,7 +27,7 @@ MODELS_PER_REPLICA = int(os.environ.get("LORASWAP_MODELS_PER_REPLICA", "8"))
 def replica_name() -> str:
     context = serve.get_replica_context()
     replica_id = getattr(context, "replica_id", None)
-    return getattr(replica_id, "unique_id", None) or getattr(context, "replica_tag", "replica")
+    return str(getattr(replica_id, "unique_id", None) or getattr(context, "replica_tag", None) or "replica")
 
 
 class EngineReplica:
@@ -38,6 +39,7 @@ class EngineReplica:
         self.name = replica_name()
         self.engine = build_engine(config, Path(base_dir))
         self.store = RemoteStore(store_actor, Path(tempfile.mkdtemp(prefix="loraswap-replica-")))
+        self.pins = TenantPins(self.engine)  # per (tenant, content id), whatever this engine supports
         self._started: asyncio.Task | None = None
 
     async def _ensure_started(self) -> None:
@@ -50,11 +52,12 @@ class EngineReplica:
         path = await asyncio.to_thread(self.store.materialize, content_id)
         return AdapterRef(id=content_id, path=path)
 
-    async def generate(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams):
+    async def generate(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams,
+                       tenant: str = "default"):
         await self._ensure_started()
         content_id = serve.get_multiplexed_model_id()
         adapter = await self.get_adapter(content_id) if content_id else None
-        stream = self.engine.add_request(request_id, prompt_ids, adapter, sampling)
+        stream = submit(self.engine, request_id, prompt_ids, adapter, sampling, tenant)
         try:
             async for event in stream:
                 final = event.finish_reason is not None
@@ -64,14 +67,14 @@ class EngineReplica:
         finally:
             await stream.aclose()
 
-    async def pin(self, adapter_id: str) -> str:
+    async def pin(self, adapter_id: str, tenant: str = "default") -> str:
         await self._ensure_started()
         adapter = await self.get_adapter(adapter_id)
-        self.engine.pin(adapter)
+        self.pins.pin(tenant, adapter)
         return self.name
 
-    async def unpin(self, adapter_id: str) -> None:
-        self.engine.unpin(adapter_id)
+    async def unpin(self, adapter_id: str, tenant: str = "default") -> None:
+        self.pins.unpin(tenant, adapter_id)
 
     async def forget_adapter(self, adapter_id: str) -> None:
         self.engine.forget_adapter(adapter_id)

@@ -16,11 +16,19 @@ replicas keep serving adapters they already hold. The head node's death ends the
 
 from __future__ import annotations
 
+import builtins
+import contextlib
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from adapters.errors import AdapterNotFound
+
+if TYPE_CHECKING:
+    from adapters.store import AdapterRecord
+    from adapters.validate import ValidatedAdapter
 
 _FILES = ("adapter_config.json", "adapter_model.safetensors", "loraswap.json")
 
@@ -28,10 +36,11 @@ _FILES = ("adapter_config.json", "adapter_model.safetensors", "loraswap.json")
 class StoreService:
     """The actor: an `AdapterStore` at `root`, plus blob reads by content id. One writer by construction."""
 
-    def __init__(self, root: str):
+    def __init__(self, root: str, quotas: dict | None = None):
         from adapters.store import AdapterStore
+        from adapters.store_limits import StoreLimits
 
-        self.store = AdapterStore(root)
+        self.store = AdapterStore(root, limits=StoreLimits(**(quotas or {})))
 
     def get(self, tenant: str, name: str, version: int | None = None):
         return self.store.get(tenant, name, version)
@@ -42,8 +51,11 @@ class StoreService:
     def versions(self, tenant: str, name: str):
         return self.store.versions(tenant, name)
 
-    def delete(self, tenant: str, name: str):
-        return self.store.delete(tenant, name)
+    def delete(self, tenant: str, name: str, collect: bool = True):
+        return self.store.delete(tenant, name, collect=collect)
+
+    def collect_garbage(self, in_use: frozenset[str] = frozenset()) -> builtins.list[str]:
+        return self.store.collect_garbage(in_use)
 
     def publish(self, tenant: str, name: str, adapter):
         """Publish a `ValidatedAdapter` the ingress checked against the base (weights travel by Ray)."""
@@ -72,28 +84,57 @@ class RemoteStore:
         self.actor = actor
         self.cache = Path(cache)
         self.cache.mkdir(parents=True, exist_ok=True)
+        self._held: dict[str, int] = {}  # sha256 -> open `hold` blocks on its local copy
 
     def _call(self, method: str, *args):
         import ray
 
         return ray.get(getattr(self.actor, method).remote(*args))
 
-    def get(self, tenant: str, name: str, version: int | None = None):
+    def get(self, tenant: str, name: str, version: int | None = None) -> AdapterRecord:
         return self._call("get", tenant, name, version)
 
-    def list(self, tenant: str):
+    def list(self, tenant: str) -> builtins.list[AdapterRecord]:
         return self._call("list", tenant)
 
-    def versions(self, tenant: str, name: str):
+    def versions(self, tenant: str, name: str) -> builtins.list[AdapterRecord]:
         return self._call("versions", tenant, name)
 
-    def delete(self, tenant: str, name: str):
-        return self._call("delete", tenant, name)
+    def delete(self, tenant: str, name: str, *, collect: bool = True) -> AdapterRecord:
+        return self._call("delete", tenant, name, collect)
 
-    def publish(self, tenant: str, name: str, adapter):
+    def collect_garbage(self, in_use: set[str] | frozenset[str] = frozenset()) -> builtins.list[str]:
+        """Collection runs in the actor; blobs this process fetched stay in its cache (immutable,
+        and `adapter_dir` drops a local copy once the store no longer has the blob)."""
+        return self._call("collect_garbage", frozenset(in_use))
+
+    def publish(self, tenant: str, name: str, adapter: ValidatedAdapter | Path | str) -> tuple[AdapterRecord, bool]:
         return self._call("publish", tenant, name, adapter)
 
-    def adapter_dir(self, record) -> Path:
+    @contextlib.contextmanager
+    def hold(self, record: AdapterRecord) -> Iterator[Path]:
+        """A local copy of the blob for the block (a merge reads its sources from it).
+
+        The copy is this process's own and immutable, so the store collecting the blob meanwhile
+        cannot take it away; `adapter_dir` leaves held copies alone.
+
+        Raises:
+            AdapterNotFound: the store no longer has the blob.
+        """
+        if not self._call("has_blob", record.sha256):
+            raise AdapterNotFound(record.name)
+        local = self.cache / record.sha256
+        if not local.is_dir():
+            self.materialize(record.id, local)
+        self._held[record.sha256] = self._held.get(record.sha256, 0) + 1
+        try:
+            yield local
+        finally:
+            self._held[record.sha256] -= 1
+            if not self._held[record.sha256]:
+                del self._held[record.sha256]
+
+    def adapter_dir(self, record: AdapterRecord) -> Path:
         """A local copy of the record's blob (fetched on first use); absent once the store dropped it.
 
         Callers use the path's existence to learn whether the content is still stored (see
@@ -101,7 +142,8 @@ class RemoteStore:
         """
         local = self.cache / record.sha256
         if not self._call("has_blob", record.sha256):
-            shutil.rmtree(local, ignore_errors=True)
+            if record.sha256 not in self._held:
+                shutil.rmtree(local, ignore_errors=True)
             return local
         if not local.is_dir():
             self.materialize(record.id, local)

@@ -13,6 +13,7 @@ import time
 import httpx
 import pytest
 
+from server.limits import Limits
 from server.settings import ServerConfig
 
 KEYS = {"alice": "key-alice", "bob": "key-bob"}
@@ -69,7 +70,9 @@ def ray_served(tiny_base_dir, tmp_path_factory):
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         config = ServerConfig(quant="none", dtype="float32", device="cpu", max_loras=2, max_cpu_loras=4,
                               max_model_len=256, max_num_seqs=2, max_queue=0, fold="off",
-                              kv_cache_bytes=8 * 1024 * 1024, api_keys=tuple(KEYS.items()))
+                              kv_cache_bytes=8 * 1024 * 1024, api_keys=tuple(KEYS.items()),
+                              # one tenant fills both replicas here (routing tests, not fairness ones)
+                              limits=Limits(tenant_queue_share=1.0))
         store = deploy(config, tiny_base_dir, 2, tmp_path_factory.mktemp("ray-store"), replica_cpus=1.0,
                        replica_gpus=0.0, ingress_cpus=0.5)
         served = RayServed(f"http://127.0.0.1:{port}", store)

@@ -10,8 +10,9 @@ import inspect
 
 import pytest
 
+from server.cluster.client import ReplicaEngineClient, as_stats, merge_stats
 from server.engine.engine import Engine
-from server.engine.types import EngineClient, EngineStats
+from server.engine.types import EngineClient, EngineStats, FoldView
 from tests.server.fake_engine import FakeEngine
 
 METHODS = sorted(name for name, value in vars(EngineClient).items()
@@ -32,14 +33,14 @@ def test_the_protocol_names_the_members_the_server_uses():
     assert ATTRIBUTES == ["max_model_len", "tokenizer"]
 
 
-@pytest.mark.parametrize("implementation", [Engine, FakeEngine])
+@pytest.mark.parametrize("implementation", [Engine, FakeEngine, ReplicaEngineClient])
 def test_implementations_declare_the_protocol_attributes(implementation):
     declared = implementation.__annotations__
     assert {name: declared.get(name) for name in ATTRIBUTES} == {name: EngineClient.__annotations__[name]
                                                                  for name in ATTRIBUTES}
 
 
-@pytest.mark.parametrize("implementation", [Engine, FakeEngine])
+@pytest.mark.parametrize("implementation", [Engine, FakeEngine, ReplicaEngineClient])
 @pytest.mark.parametrize("name", METHODS)
 def test_implementations_match_the_protocol(implementation, name):
     assert _shape(getattr(implementation, name)) == _shape(getattr(EngineClient, name))
@@ -58,3 +59,25 @@ def test_a_drifted_fake_fails_the_check():
             pass
 
     assert _shape(Drifted.pin) != _shape(EngineClient.pin)
+
+
+def test_the_replica_client_is_an_engine_client_with_typed_stats(tiny_tokenizer):
+    client = ReplicaEngineClient(handle=None, tokenizer=tiny_tokenizer, max_model_len=64)
+    assert isinstance(client, EngineClient)
+    assert client.stats() == EngineStats()
+    one = EngineStats(running=1, adapters={"a": "host", "b": "device"}, slots={1: "b"},
+                      fold=FoldView(folded="b", pinned=("b",)), slot_loads=2)
+    two = as_stats({"waiting": 3, "adapters": {"a": "device"}, "slots": {1: None, 2: "a"},
+                    "fold": {"pinned": ["a"], "folds": 1}, "slot_loads": 1})
+    client._stats = {"r1": one, "r2": two}
+    merged = client.stats()
+    assert isinstance(merged, EngineStats)
+    assert (merged.running, merged.waiting, merged.slot_loads) == (1, 3, 3)
+    assert merged.adapters == {"a": "device", "b": "device"}
+    assert merged.slots == {1: "b", 2: None, 3: "a"}
+    assert merged.fold == FoldView(folded="b", pinned=("a", "b"), folds=1)
+    assert merge_stats([]) == EngineStats()
+    client._used["alice"].add("a")
+    client._pins["a"].add("bob")
+    assert {aid: (r.tier, r.pinned) for aid, r in client.tenant_residency("alice").items()} == {"a": ("device", False)}
+    assert client.tenant_residency("bob") == {}
