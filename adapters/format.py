@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,7 +36,7 @@ class Patterns:
     module names before any pattern is compiled).
     """
 
-    def __init__(self, patterns: dict[str, float | int] | None):
+    def __init__(self, patterns: Mapping[str, float | int] | None):
         self._compiled = [(key, re.compile(rf"(.*\.)?({key})$"), value) for key, value in (patterns or {}).items()]
 
     def key_for(self, module: str) -> str | None:

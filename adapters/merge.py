@@ -238,10 +238,10 @@ def shared_identity(inputs: list[MergeInput]) -> dict:
     """
     shared, problems = {}, []
     for key, what in ((FINGERPRINT_KEY, "base model fingerprint"), (TEMPLATE_KEY, "chat-template sha256")):
-        seen = [
+        provided = [
             (item.name or f"input {i}", _as_dict(item.provenance).get(key)) for i, item in enumerate(inputs)
         ]
-        seen = [(name, value) for name, value in seen if value is not None]
+        seen = [(name, value) for name, value in provided if value is not None]
         if len({value for _, value in seen}) > 1:
             listed = ", ".join(f"{name}={value[:12]}" for name, value in seen)
             problems.append(f"different {what} ({key}): {listed}")

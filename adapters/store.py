@@ -168,14 +168,14 @@ class AdapterStore:
 
     def list(self, tenant: str) -> list[AdapterRecord]:
         """Current versions of all of `tenant`'s adapters, sorted by name."""
-        return [p.record() for p in self._tenant_pointers(check_name(tenant, "tenant")) if p.live]
+        return [_known(p.record()) for p in self._tenant_pointers(check_name(tenant, "tenant")) if p.live]
 
-    def versions(self, tenant: str, name: str) -> list[AdapterRecord]:
+    def versions(self, tenant: str, name: str) -> builtins.list[AdapterRecord]:
         """Every kept version of a name, oldest first."""
         pointer = self._read_pointer(check_name(tenant, "tenant"), check_name(name))
         if pointer is None or not pointer.live:
             raise AdapterNotFound(name)
-        return [pointer.record(v.version) for v in pointer.versions]
+        return [_known(pointer.record(v.version)) for v in pointer.versions]
 
     def adapter_dir(self, record: AdapterRecord) -> Path:
         """The blob directory of a record: PEFT files `read_peft` and PEFT itself load.
@@ -256,7 +256,9 @@ class AdapterStore:
             self._write_blob(adapter)
             self._write_pointer(new)
             self._on_step("published")
-            return new.record(), True
+            record = new.record()
+            assert record is not None  # `new` is live and its current version is in `versions`
+            return record, True
 
     def delete(self, tenant: str, name: str, *, collect: bool = True) -> AdapterRecord:
         """Delete a name durably (a fsynced tombstone) and return its current record.
@@ -275,6 +277,7 @@ class AdapterStore:
             if pointer is None or not pointer.live:
                 raise AdapterNotFound(name)
             record = pointer.record()
+            assert record is not None  # live pointer: its current version is kept
             tombstone = _Pointer(
                 tenant=tenant, name=name, current=None, versions=[], deleted=True,
                 last_version=pointer.next_version() - 1,
@@ -286,7 +289,7 @@ class AdapterStore:
                 self._collect_garbage(set(), retired_too=True)
             return record
 
-    def collect_garbage(self, in_use: set[str] | frozenset[str] = frozenset()) -> list[str]:
+    def collect_garbage(self, in_use: set[str] | frozenset[str] = frozenset()) -> builtins.list[str]:
         """Remove blobs nothing needs any more, and tombstones nothing can still be using.
 
         A blob stays while a live pointer references it (any kept version), while `in_use`
@@ -298,7 +301,7 @@ class AdapterStore:
         with self._locked():
             return self._collect_garbage(set(in_use), retired_too=True)
 
-    def cleanup(self) -> list[str]:
+    def cleanup(self) -> builtins.list[str]:
         """Remove crash leftovers: anything in tmp/, stale holds, blobs no pointer mentions.
 
         Runs when a store is opened. It never removes retired contents: another process
@@ -329,7 +332,7 @@ class AdapterStore:
             return None
         return _Pointer.model_validate_json(text)
 
-    def _tenant_pointers(self, tenant: str) -> list[_Pointer]:
+    def _tenant_pointers(self, tenant: str) -> builtins.list[_Pointer]:
         folder = self.root / "tenants" / tenant
         if not folder.is_dir():
             return []
@@ -388,7 +391,7 @@ class AdapterStore:
         os.replace(temp, target)
         _fsync_dir(target.parent)
 
-    def _collect_garbage(self, in_use: set[str], retired_too: bool) -> list[str]:
+    def _collect_garbage(self, in_use: set[str], retired_too: bool) -> builtins.list[str]:
         """Move unneeded blobs out of blobs/ (atomically) and delete them; then (with
         `retired_too`) drop the retired contents nobody uses from their pointers."""
         pointers = [
@@ -414,7 +417,7 @@ class AdapterStore:
             removed += self._drop_retired(pointers, busy)
         return removed
 
-    def _drop_retired(self, pointers: list[tuple[Path, _Pointer]], busy: Callable[[str], bool]) -> list[str]:
+    def _drop_retired(self, pointers: builtins.list[tuple[Path, _Pointer]], busy: Callable[[str], bool]) -> builtins.list[str]:
         """Forget retired contents nobody uses; a tombstone with nothing left goes entirely."""
         removed = []
         for path, pointer in pointers:
@@ -430,12 +433,18 @@ class AdapterStore:
                 self._write_pointer(pointer.model_copy(update={"retired_sha256": still}))
         return removed
 
-    def _clear_tmp(self) -> list[str]:
+    def _clear_tmp(self) -> builtins.list[str]:
         removed = []
         for leftover in (self.root / "tmp").iterdir():
             _remove(leftover)
             removed.append(f"tmp/{leftover.name}")
         return removed
+
+
+def _known(record: AdapterRecord | None) -> AdapterRecord:
+    """A record read from a live pointer's kept version, which exists by the pointer's invariant."""
+    assert record is not None, "live pointer without a record for a kept version"
+    return record
 
 
 def _charged(pointers: list[_Pointer], blob_bytes: Callable[[str], int] | None = None) -> int:

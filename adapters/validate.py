@@ -219,6 +219,7 @@ def _check_against_base(config: AdapterConfig, shapes: dict[str, tuple[tuple, tu
     `shapes` maps each module path in the file to (lora_A shape, lora_B shape), read from the header.
     """
     base_paths = base.all_module_paths()
+    assert config.target_modules is not None  # parse_config refuses a missing/empty target_modules
     for target in config.target_modules:
         if not any(path == target or path.endswith("." + target) for path in base_paths):
             _refuse_unknown_module(target, base, what="target module")

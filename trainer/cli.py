@@ -101,6 +101,7 @@ def main(argv: list[str]) -> int:
     if args.publish and dist.is_main:
         from trainer.publish import PublishError, publish
 
+        assert result.out is not None  # rank 0 wrote the adapter in run() (Trainer.save)
         try:
             info = publish(result.out, args.publish, args.name, api_key=args.api_key)
         except PublishError as exc:
