@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from server.engine.block_manager import BlockManager
+from server.engine.containment import run_isolated
 from server.engine.config import EngineConfig
 from server.engine.detokenizer import IncrementalText
 from server.engine.errors import AdapterLoadError, DuplicateRequest, EngineStopped, PromptTooLong
@@ -29,8 +30,9 @@ from server.engine.runner import ModelRunner
 from server.engine.sampler import Sampler
 from server.engine.scheduler import Scheduler, StepOutput
 from server.engine.sequence import Sequence
-from server.engine.slots import AdapterSlots
-from server.engine.types import AdapterRef, SamplingParams, TokenEvent
+from server.engine.slots import LOAD_FAILED, AdapterSlots
+from server.engine.tenants import TenantState
+from server.engine.types import AdapterRef, Residency, SamplingParams, TokenEvent
 
 Sink = Callable[[TokenEvent], None]
 logger = logging.getLogger(__name__)
@@ -55,9 +57,13 @@ class Engine:
         self.fold = FoldManager(layers, config.fold, config.fold_window, config.fold_budget,
                                 fold_dtype(config.quant, self.device, self.dtype))
         self.slots = AdapterSlots(self.model.lora_targets(), config.max_loras, config.max_cpu_loras, config.max_lora_rank,
-                                  self.dtype, on_slot_change=self.fold.on_slot_change)
+                                  self.dtype, on_slot_change=self.fold.on_slot_change,
+                                  max_cpu_bytes=config.max_cpu_lora_bytes, loader_threads=config.loader_threads,
+                                  load_timeout_s=config.adapter_load_timeout_s)
         self.blocks = BlockManager(num_blocks, config.block_size)
-        self.scheduler = Scheduler(self.blocks, self.slots, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.blocks, self.slots, config.max_num_seqs, config.max_num_batched_tokens,
+                                   max_loras=config.max_loras)
+        self.tenants = TenantState()
         self.runner = ModelRunner(self.model, config.block_size, self.max_model_len, self.device, self.dtype,
                                   Sampler(), self.slots.table)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -72,18 +78,19 @@ class Engine:
 
     # -- public API (any thread) ----------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], adapter: AdapterRef | None,
-                    sampling: SamplingParams) -> AsyncIterator[TokenEvent]:
+                    sampling: SamplingParams, tenant: str = "default") -> AsyncIterator[TokenEvent]:
         """Queue a request; returns its stream of events (call from inside the event loop).
 
         Raises PromptTooLong / DuplicateRequest / EngineStopped at once. Closing the iterator
-        early (a client disconnect) aborts the request.
+        early (a client disconnect) aborts the request. `tenant` decides the fair share of slots
+        and admission, and which adapters `tenant_residency(tenant)` shows.
         """
         if self._thread is None or not self._thread.is_alive():
             raise EngineStopped("the engine loop is not running; await engine.start() first")
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[TokenEvent] = asyncio.Queue()
         self._submit(request_id, prompt_ids, adapter, sampling,
-                     lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+                     lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev), tenant)
         return self._stream(request_id, events)
 
     async def _stream(self, request_id: str, events: asyncio.Queue) -> AsyncIterator[TokenEvent]:
@@ -101,16 +108,36 @@ class Engine:
         """Stop a request; its KV blocks and slot pin are freed before the next step."""
         self._command(("abort", request_id))
 
-    def pin(self, adapter: AdapterRef) -> None:
-        """Keep `adapter` folded whenever it owns the traffic (and prefetch it)."""
+    def pin(self, adapter: AdapterRef, tenant: str = "default") -> None:
+        """`tenant` pins `adapter`: kept folded whenever it owns the traffic while any tenant pins it
+        (and prefetched). Pins are per (tenant, adapter id)."""
+        self.tenants.pin(tenant, adapter.id)
         self._command(("pin", adapter))
 
-    def unpin(self, adapter_id: str) -> None:
+    def unpin(self, adapter_id: str, tenant: str = "default") -> None:
+        """Remove `tenant`'s own pin; another tenant's pin on the same content stays."""
+        self.tenants.unpin(tenant, adapter_id)
         self._command(("unpin", adapter_id))
 
-    def forget_adapter(self, adapter_id: str) -> None:
-        """After a delete: drop it from the host cache and its slot once no running sequence uses it."""
-        self._command(("forget", adapter_id))
+    def tenant_residency(self, tenant: str) -> dict[str, Residency]:
+        """Residency of the adapters `tenant` itself used or pinned since they became resident.
+
+        `pinned` is the tenant's own pin. Identical content used only by another tenant is not
+        shown, so residency reveals nothing across tenants; operator-wide views are in `stats()`.
+        """
+        tiers = self.slots.residency()
+        return self.tenants.residency(tenant, tiers, self.slots.epoch, self.fold.folded_id)
+
+    def forget_adapter(self, adapter_id: str, tenant: str | None = None) -> None:
+        """After a delete: drop it from the host cache and its slot once no running sequence uses it.
+
+        With `tenant`, only that tenant's pin and view go (the content may still be another
+        tenant's); without, the adapter is forgotten for everyone."""
+        self.tenants.forget(adapter_id, tenant)
+        if tenant is None:
+            self._command(("forget", adapter_id))
+        else:
+            self._command(("unpin", adapter_id))
 
     def stats(self) -> dict:
         sched = self.scheduler
@@ -121,6 +148,8 @@ class Engine:
             "slot_evictions": self.slots.stats.evictions,
             "disk_loads": self.slots.stats.disk_loads,
             "adapter_load_errors": self.slots.stats.load_errors,
+            "adapter_load_timeouts": self.slots.stats.load_timeouts,
+            "host_cache_bytes": self.slots.host_bytes,
             "fold": {"folded": self.fold.folded_id, "pinned": sorted(self.fold.pinned),
                      "bytes": self.fold.folded_bytes, "folds": self.fold.stats.folds,
                      "unfolds": self.fold.stats.unfolds},
@@ -157,9 +186,11 @@ class Engine:
 
     # -- synchronous convenience ------------------------------------------------------------
     def generate(self, prompts: list[list[int]], adapters: list[AdapterRef | None] | None = None,
-                 sampling: SamplingParams | list[SamplingParams] | None = None) -> list[list[int]]:
+                 sampling: SamplingParams | list[SamplingParams] | None = None,
+                 tenants: list[str] | None = None) -> list[list[int]]:
         """Run prompts to completion through the same loop; returns each completion's token ids."""
         adapters = adapters if adapters is not None else [None] * len(prompts)
+        tenants = tenants if tenants is not None else ["default"] * len(prompts)
         sampling = sampling if sampling is not None else SamplingParams(temperature=0)
         params = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
         done = threading.Event()
@@ -179,9 +210,9 @@ class Engine:
             return put
 
         ids = [f"generate-{id(done)}-{i}" for i in range(len(prompts))]
-        for rid, prompt, adapter, sp in zip(ids, prompts, adapters, params):
+        for rid, prompt, adapter, sp, tenant in zip(ids, prompts, adapters, params, tenants):
             tokens[rid] = []
-            self._submit(rid, prompt, adapter, sp, sink(rid))
+            self._submit(rid, prompt, adapter, sp, sink(rid), tenant)
         if self._thread is not None and self._thread.is_alive():
             done.wait()
         else:
@@ -191,7 +222,7 @@ class Engine:
         return [tokens[rid] for rid in ids]
 
     # -- the loop ---------------------------------------------------------------------------
-    def _submit(self, request_id, prompt_ids, adapter, sampling, sink: Sink) -> None:
+    def _submit(self, request_id, prompt_ids, adapter, sampling, sink: Sink, tenant: str = "default") -> None:
         prompt_ids = [int(t) for t in prompt_ids]
         if not prompt_ids:
             raise PromptTooLong("the prompt is empty")
@@ -207,7 +238,7 @@ class Engine:
             self._live.add(request_id)
         seq = Sequence(request_id, prompt_ids, sampling, adapter=adapter, eos_ids=self.eos_ids,
                        max_model_len=self.max_model_len,
-                       text=IncrementalText(self.tokenizer, prompt_ids, sampling.stop))
+                       text=IncrementalText(self.tokenizer, prompt_ids, sampling.stop), tenant=tenant)
         self._command(("add", seq, sink))
 
     def _command(self, command: tuple) -> None:
@@ -223,9 +254,9 @@ class Engine:
             if self.scheduler.has_work():
                 try:
                     self.step()
-                except Exception as exc:  # noqa: BLE001 - a bug must not kill the loop silently
-                    logger.exception("engine step failed; failing the requests in flight")
-                    self._fail_all(f"internal engine error: {exc!r}")
+                except Exception:  # noqa: BLE001 - a bug outside the run must not kill the loop
+                    logger.exception("engine step failed outside the model run; failing the requests in flight")
+                    self._fail_all("internal engine error")
         self._drain_inbox()
         for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
             self._abort(seq.request_id)
@@ -240,16 +271,29 @@ class Engine:
             if kind == "add":
                 self._sinks[arg.request_id] = command[2]
                 self.scheduler.add(arg)
+                if arg.adapter is not None:
+                    self.slots.request(arg.adapter)  # starts its residency epoch if it had none
+                    self.tenants.used(arg.tenant, arg.adapter_id, self.slots.epoch.get(arg.adapter_id))
             elif kind == "abort":
                 self._abort(arg)
             elif kind == "pin":
-                self.fold.pin(arg.id)
                 self.slots.request(arg)
+                self._sync_pin(arg.id)
             elif kind == "unpin":
-                self.fold.unpin(arg)
+                self._sync_pin(arg)
             elif kind == "forget":
+                self._sync_pin(arg)
                 self.fold.pinned.discard(arg)
                 self.slots.forget(arg)
+
+    def _sync_pin(self, adapter_id: str) -> None:
+        """The fold manager's pin follows the tenants' pins: pinned while any tenant pins it."""
+        for tenant in self.tenants.pinners(adapter_id):
+            self.tenants.used(tenant, adapter_id, self.slots.epoch.get(adapter_id))
+        if self.tenants.pinners(adapter_id):
+            self.fold.pin(adapter_id)
+        elif adapter_id in self.fold.pinned:
+            self.fold.unpin(adapter_id)
 
     def _abort(self, request_id: str) -> None:
         seq = self.scheduler.abort(request_id)
@@ -266,10 +310,10 @@ class Engine:
             self.slots.wait_for_loads(timeout=0.05)  # nothing runnable until an adapter arrives
             return
         fold_slot = self.fold.update({e.seq.adapter_id: e.seq.slot for e in batch.entries})
-        tokens = self.runner.run(batch, fold_slot)
+        tokens = run_isolated(self.runner.run, batch, fold_slot)
         outputs = self.scheduler.postprocess(batch, tokens)
         self.num_steps += 1
-        self.num_generated += len(outputs)
+        self.num_generated += sum(1 for out in outputs if out.token_id is not None)
         for out in outputs:
             self._emit(out)
 
@@ -277,25 +321,28 @@ class Engine:
         for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
             self.scheduler.finish(seq, "abort")
             self._send(seq, TokenEvent(seq.request_id, None, "", "abort", error=error,
+                                       error_code="engine_error", error_status=500,
                                        prompt_tokens=seq.num_prompt_tokens,
                                        completion_tokens=len(seq.output_ids)))
 
     def _fail_unloadable(self) -> None:
         if not self.slots.failed:
             return
+        failed = self.slots.take_failed()
         for seq in list(self.scheduler.waiting):
-            error = self.slots.failed.get(seq.adapter_id)
+            error = failed.get(seq.adapter_id)
             if error is not None:
                 self.scheduler.finish(seq, "abort")
                 self._send(seq, TokenEvent(seq.request_id, None, "", "abort", error=error,
+                                           error_code=LOAD_FAILED, error_status=503,
                                            prompt_tokens=seq.num_prompt_tokens))
-        self.slots.failed.clear()
 
     def _emit(self, out: StepOutput) -> None:
         seq = out.seq
         self._send(seq, TokenEvent(seq.request_id, out.token_id, out.text, out.finish_reason,
                                    logprob=out.logprob, top_logprobs=out.top_logprobs,
-                                   prompt_tokens=seq.num_prompt_tokens, completion_tokens=len(seq.output_ids)))
+                                   prompt_tokens=seq.num_prompt_tokens, completion_tokens=len(seq.output_ids),
+                                   error=out.error, error_code=out.error_code, error_status=out.error_status))
 
     def _send(self, seq: Sequence, event: TokenEvent) -> None:
         sink = self._sinks.get(seq.request_id)
