@@ -309,13 +309,22 @@ class Engine:
         if not batch:
             self.slots.wait_for_loads(timeout=0.05)  # nothing runnable until an adapter arrives
             return
-        fold_slot = self.fold.update({e.seq.adapter_id: e.seq.slot for e in batch.entries})
+        fold_slot = self._fold_for(batch)
         tokens = run_isolated(self.runner.run, batch, fold_slot)
         outputs = self.scheduler.postprocess(batch, tokens)
         self.num_steps += 1
         self.num_generated += sum(1 for out in outputs if out.token_id is not None)
         for out in outputs:
             self._emit(out)
+
+    def _fold_for(self, batch) -> int | None:
+        """The folded slot for this batch; a fold that fails (e.g. out of memory) runs unfolded."""
+        try:
+            return self.fold.update({e.seq.adapter_id: e.seq.slot for e in batch.entries})
+        except Exception:  # noqa: BLE001 - folding is an optimisation, never a reason to fail
+            logger.exception("fold failed; running unfolded")
+            self.fold.unfold()
+            return None
 
     def _fail_all(self, error: str) -> None:
         for seq in list(self.scheduler.running) + list(self.scheduler.waiting):

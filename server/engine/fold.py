@@ -78,9 +78,14 @@ class FoldManager:
         if needed > self.budget:
             self.stats.over_budget += 1
             return False
-        for layer in self.layers.values():
-            if layer.slot_rank[slot]:
-                layer.folded_weight, layer.folded_slot = layer.dense_weight(slot, self.dtype), slot
+        try:
+            for layer in self.layers.values():
+                if layer.slot_rank[slot]:
+                    layer.folded_weight, layer.folded_slot = layer.dense_weight(slot, self.dtype), slot
+        except BaseException:
+            for layer in self.layers.values():  # never leave a half-folded model behind
+                layer.folded_weight, layer.folded_slot = None, None
+            raise
         self.folded_id, self.folded_slot, self.folded_bytes = adapter_id, slot, needed
         self.stats.folds += 1
         return True

@@ -13,6 +13,7 @@ already holding `ceil(max_loras / active tenants)` slots gets no further one.
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -20,6 +21,8 @@ from typing import Protocol
 from server.engine.block_manager import BlockManager
 from server.engine.fair_share import SlotShare, round_robin
 from server.engine.sequence import Sequence, SeqStatus
+
+logger = logging.getLogger(__name__)
 
 
 class AdapterGate(Protocol):
@@ -193,7 +196,14 @@ class Scheduler:
             if sample is None:
                 continue
             token = sample if isinstance(sample, int) else sample.token_id
-            text, reason = seq.append_token(token)
+            try:
+                text, reason = seq.append_token(token)
+            except Exception:  # noqa: BLE001 - e.g. detokenizing; ends this sequence only
+                logger.exception("recording a token failed for request %s", seq.request_id)
+                outputs.append(StepOutput(seq, None, "", "abort", error="internal engine error",
+                                          error_code="engine_error", error_status=500))
+                self._finish(seq, "abort")
+                continue
             out = StepOutput(seq, token, text, reason)
             if not isinstance(sample, int):
                 out.logprob, out.top_logprobs = sample.logprob, sample.top_logprobs

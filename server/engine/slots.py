@@ -114,6 +114,7 @@ class AdapterSlots:
         self.host_bytes = 0
         self.loading: dict[str, Future] = {}
         self._started: dict[str, float] = {}  # adapter id -> when its read began in a loader thread
+        self._abandoned: dict[str, Future] = {}  # loads past their deadline, still holding a thread
         self.failed: dict[str, str] = {}
         self._epochs = 0
         self.epoch: dict[str, int] = {}  # adapter id -> which residency it is in (see Engine.tenant_residency)
@@ -161,6 +162,13 @@ class AdapterSlots:
         """Start reading `ref` from disk unless it is resident, loading or failed."""
         if ref.id in self.host or ref.id in self.loading or ref.id in self.failed:
             return
+        stuck = self._abandoned.get(ref.id)
+        if stuck is not None:
+            if not stuck.done():
+                # retrying would only tie up another loader thread with the same slow adapter
+                self.failed[ref.id] = f"adapter {ref.id}: an earlier load of it has not finished"
+                return
+            del self._abandoned[ref.id]
         self.forgotten.discard(ref.id)
         if ref.id not in self.epoch:
             self._epochs += 1
@@ -180,7 +188,7 @@ class AdapterSlots:
                 started = self._started.get(aid)
                 if self.load_timeout_s is not None and started is not None and now - started > self.load_timeout_s:
                     # The thread cannot be interrupted; its result is dropped when it ends.
-                    del self.loading[aid]
+                    self._abandoned[aid] = self.loading.pop(aid)
                     self._started.pop(aid, None)
                     self.failed[aid] = f"adapter {aid}: loading took longer than {self.load_timeout_s:g} s"
                     self.stats.load_timeouts += 1

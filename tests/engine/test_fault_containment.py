@@ -126,3 +126,39 @@ def test_lora_rows_are_bit_identical_with_and_without_a_poisoned_adapter():
     others = [i for i, s in enumerate(slots) if s != 2]
     assert torch.equal(got[others], want[others])
     assert not torch.isfinite(got[4]).all()  # the poisoned adapter's own token
+
+
+def test_a_failing_fold_runs_unfolded(tiny_base_dir, refs, monkeypatch):
+    good, _ = refs
+    want = tiny_engine(tiny_base_dir).generate(PROMPTS[:2], [good, good], GREEDY)
+    engine = tiny_engine(tiny_base_dir, fold="pinned")
+    engine.pin(good)
+
+    def no_memory(slot, dtype=None):
+        raise MemoryError("no room for dense copies")
+
+    for layer in engine.fold.layers.values():
+        monkeypatch.setattr(layer, "dense_weight", no_memory)
+    assert engine.generate(PROMPTS[:2], [good, good], GREEDY) == want
+    assert engine.fold.folded_id is None
+    assert all(layer.folded_weight is None for layer in engine.fold.layers.values())
+    assert_released(engine)
+
+
+def test_a_failure_recording_one_token_ends_only_that_sequence(tiny_base_dir, monkeypatch):
+    solo = tiny_engine(tiny_base_dir).generate(PROMPTS[:2], sampling=GREEDY)
+    engine = tiny_engine(tiny_base_dir)
+    events: dict[str, list] = {"a": [], "b": []}
+    for rid, prompt in zip(events, PROMPTS[:2]):
+        engine._submit(rid, prompt, None, GREEDY, events[rid].append)
+    engine._drain_inbox()
+    victim = next(s for s in engine.scheduler.waiting if s.request_id == "b")
+
+    def broken(token_id):
+        raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "a tokenizer surprise")
+
+    monkeypatch.setattr(victim.text, "append", broken)
+    drive(engine, events)
+    assert [e.token_id for e in events["a"]] == solo[0]
+    assert (events["b"][-1].finish_reason, events["b"][-1].error_code) == ("abort", "engine_error")
+    assert_released(engine)

@@ -83,6 +83,12 @@ def test_a_slow_load_fails_alone_and_does_not_block_other_loads(tiny_base_dir, r
             engine.step()
         assert not events["victim"]  # the other tenant's load went ahead of the stuck one
         drive(engine, events)
+        # asking again while the stuck read still holds its thread fails at once, taking no thread
+        events["again"] = []
+        engine._submit("again", PROMPTS[1], slow, GREEDY, events["again"].append, tenant="victim")
+        drive(engine, events)
+        assert events["again"][-1].error_code == "adapter_load_failed"
+        assert len(engine.slots.loading) == 0
     finally:
         release.set()
     last = events["victim"][-1]
