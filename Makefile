@@ -1,11 +1,12 @@
 # Two commands: `make serve` and `make test`. Each installs into .venv when needed.
+# `make test` runs `make lint` (ruff, ruff format --check, mypy; seconds) before pytest.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: install serve test test-gpu bench base clean
+.PHONY: install serve lint test test-gpu bench base clean fuzz soak
 
 install: $(STAMP)
 
@@ -22,9 +23,14 @@ base: install
 	$(VENV)/bin/loraswap base
 
 serve: install
-	$(VENV)/bin/loraswap serve --host 127.0.0.1 --port 8000
+	$(VENV)/bin/loraswap serve --host 127.0.0.1 --port 8000 --train-in-process
 
-test: install
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+test: install lint
 	$(VENV)/bin/loraswap base >/dev/null
 	$(PY) -m pytest -q -m "not gpu"
 
@@ -34,6 +40,13 @@ test-gpu: install
 bench: install
 	$(VENV)/bin/loraswap base >/dev/null
 	$(PY) -m bench.run_all
+
+# issue 9: a long schemathesis run (no 5xx, server alive) and a bounded chaos run over loopback.
+fuzz: install
+	LORASWAP_FUZZ_EXAMPLES=$${LORASWAP_FUZZ_EXAMPLES:-150} $(PY) -m pytest -q -s tests/adversarial/test_fuzz.py
+
+soak: install
+	$(PY) -m tests.adversarial.soak --duration $${SOAK_SECONDS:-180}
 
 clean:
 	rm -rf $(VENV) .pytest_cache bench/results

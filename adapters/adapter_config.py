@@ -22,6 +22,10 @@ from adapters.format import CONFIG_FILE
 from adapters.strict_json import loads_strict
 
 MAX_CONFIG_BYTES = 1 << 20
+# Default cap on the entries of each list/dict field below; validation passes one derived from
+# the base (its module count), since no config needs more entries than there are modules.
+MAX_CONFIG_ENTRIES = 4096
+COUNTED_FIELDS = ("target_modules", "rank_pattern", "alpha_pattern", "exclude_modules", "layers_to_transform")
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_.]{1,200}")
 _LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
 # Keys a loader would use to import or run code.
@@ -94,8 +98,13 @@ def _matches(path: str, target: str) -> bool:
     return path == target or path.endswith("." + target)
 
 
-def parse_config(data: bytes) -> tuple[dict, AdapterConfig]:
+def parse_config(data: bytes, *, max_entries: int = MAX_CONFIG_ENTRIES) -> tuple[dict, AdapterConfig]:
     """Parse and police `adapter_config.json`; returns the raw dict and its typed view.
+
+    Args:
+        data: the file's bytes.
+        max_entries: cap on the entries of each of `COUNTED_FIELDS`, checked before typing the
+            config (422 `too_many_entries`).
 
     Raises:
         InvalidAdapter: naming the key at fault (400 for malformed input, 422 for refused
@@ -110,6 +119,11 @@ def parse_config(data: bytes) -> tuple[dict, AdapterConfig]:
     for key in CODE_LOADING_KEYS:
         if key in raw:
             raise _invalid(f"key '{key}' would make a loader run code; it is not allowed", "code_loading_key")
+    for key in COUNTED_FIELDS:
+        value = raw.get(key)
+        if isinstance(value, (list, dict)) and len(value) > max_entries:
+            message = f"{key} has {len(value)} entries; at most {max_entries} (the base's module count) are allowed"
+            raise _invalid(message, "too_many_entries", 422)
     try:
         config = AdapterConfig.model_validate(raw)
     except ValidationError as exc:

@@ -158,6 +158,8 @@ class BaseInfo:
     linear_shapes: dict[str, tuple[int, int]] = field(default_factory=dict)
     chat_template: str | None = None
     fingerprint: str = ""
+    # Filled on first use by `weight_norms()`; not part of the base's identity.
+    _norms: dict[str, float] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def template_sha256(self) -> str | None:
@@ -175,6 +177,14 @@ class BaseInfo:
             for layer in range(self.num_layers)
             for proj, shape in self.linear_shapes.items()
         }
+
+    def weight_norms(self) -> dict[str, float]:
+        """module path -> Frobenius norm of its base weight, read once from the fp weights on disk."""
+        if not self._norms:
+            from adapters.base_norms import read_weight_norms
+
+            self._norms.update(read_weight_norms(self.path, self.all_module_paths(), self.fingerprint))
+        return self._norms
 
     @classmethod
     def from_dir(cls, model_dir: Path, with_fingerprint: bool = True) -> "BaseInfo":

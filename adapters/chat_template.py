@@ -26,11 +26,19 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from adapters.errors import LoraswapError
+
 ROLES = ("system", "user", "assistant")
+ROLE_ALIASES = {"developer": "system"}  # OpenAI's newer name for the system role (coding agents send it)
 
 
-class TemplateError(ValueError):
+class TemplateError(LoraswapError, ValueError):
     """The messages do not fit the template's contract (or the template itself refused them)."""
+
+    status, code = 400, "invalid_messages"
+
+    def __init__(self, message: str, *, param: str | None = "messages"):
+        super().__init__(message, param=param)
 
 
 @dataclass(frozen=True)
@@ -130,8 +138,9 @@ class ChatTemplate:
             if not isinstance(message, dict):
                 raise TemplateError(f"messages[{index}] must be an object with role and content")
             role = message.get("role")
+            role = ROLE_ALIASES.get(role, role) if isinstance(role, str) else role
             if role not in ROLES:
-                raise TemplateError(f"messages[{index}].role {role!r} is not one of {', '.join(ROLES)}")
+                raise TemplateError(f"messages[{index}].role {role!r} is not one of {', '.join(ROLES)}, developer")
             if role == "system" and index != 0:
                 raise TemplateError(f"messages[{index}]: a system message may only come first")
             text = message_text(message, index)

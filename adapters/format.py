@@ -26,15 +26,34 @@ KEY_PREFIX = "base_model.model."
 _KEY_RE = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
 
 
+class Patterns:
+    """A `rank_pattern` / `alpha_pattern` dict with its keys compiled once.
+
+    PEFT's rule: a key applies when the module path ends with it (after a dot); the first key
+    in the dict's order that matches wins. Compiling once matters because validation asks for
+    every module of the base; the keys are trusted here (`adapter_config` refuses all but plain
+    module names before any pattern is compiled).
+    """
+
+    def __init__(self, patterns: dict[str, float | int] | None):
+        self._compiled = [(key, re.compile(rf"(.*\.)?({key})$"), value) for key, value in (patterns or {}).items()]
+
+    def key_for(self, module: str) -> str | None:
+        """The first key that applies to `module`, or None."""
+        return next((key for key, regex, _ in self._compiled if regex.match(module)), None)
+
+    def value(self, module: str, default):
+        return next((value for _, regex, value in self._compiled if regex.match(module)), default)
+
+
 def pattern_value(patterns: dict[str, float | int], module: str, default):
-    """PEFT's rule: a pattern key applies when the module path ends with it (after a dot)."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
+    """PEFT's rule for one lookup (compiles the keys; use `Patterns` for many lookups)."""
+    return Patterns(patterns).value(module, default)
 
 
 def lora_scaling(alpha: float, rank: int, use_rslora: bool) -> float:
+    if rank < 1:  # a zero-rank tensor must never reach a division
+        raise ValueError(f"LoRA rank must be at least 1, got {rank}")
     return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
 
@@ -79,30 +98,48 @@ class LoraWeights:
         return sum(m.A.numel() + m.B.numel() for m in self.modules.values())
 
 
-def module_scaling(config: dict, module: str, rank: int) -> float:
-    """The scaling PEFT applies to `module`, honouring alpha_pattern and use_rslora."""
-    alpha = pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8))
+def module_scaling(config: dict, module: str, rank: int, alphas: Patterns | None = None) -> float:
+    """The scaling PEFT applies to `module`, honouring alpha_pattern and use_rslora.
+
+    `alphas` is the config's alpha_pattern already compiled, when the caller asks for many modules.
+    """
+    alphas = alphas or Patterns(config.get("alpha_pattern"))
+    alpha = alphas.value(module, config.get("lora_alpha", 8))
     return lora_scaling(float(alpha), rank, bool(config.get("use_rslora", False)))
 
 
-def tensors_to_modules(config: dict, tensors: dict[str, torch.Tensor]) -> dict[str, LoraModule]:
-    """Pair `lora_A` / `lora_B` tensors by module path; raises ValueError on a stray or lone key."""
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
+def pair_keys(keys) -> dict[str, dict[str, str]]:
+    """module path -> {"A": key, "B": key} for PEFT tensor keys; ValueError on a stray or lone key.
+
+    Works on names alone, so validation can check a file's structure from its header before
+    any tensor is loaded.
+    """
+    pairs: dict[str, dict[str, str]] = {}
+    for key in keys:
         match = _KEY_RE.match(key)
         if not match:
             raise ValueError(f"unexpected tensor key {key!r} (want base_model.model.<module>.lora_A/B.weight)")
         pair = pairs.setdefault(match["module"], {})
         if match["which"] in pair:  # e.g. `lora_A.weight` and `lora_A.default.weight` together
             raise ValueError(f"module {match['module']!r} has more than one lora_{match['which']} tensor")
-        pair[match["which"]] = tensor
-    modules = {}
-    for path, pair in sorted(pairs.items()):
+        pair[match["which"]] = key
+    for path, pair in pairs.items():
         if set(pair) != {"A", "B"}:
             missing = ({"A", "B"} - set(pair)).pop()
             raise ValueError(f"module {path!r} has no lora_{missing} tensor")
+    return dict(sorted(pairs.items()))
+
+
+def tensors_to_modules(config: dict, tensors: dict[str, torch.Tensor]) -> dict[str, LoraModule]:
+    """Pair `lora_A` / `lora_B` tensors by module path; raises ValueError on a stray or lone key."""
+    modules = {}
+    alphas = Patterns(config.get("alpha_pattern"))
+    for path, keys in pair_keys(tensors).items():
+        pair = {which: tensors[key] for which, key in keys.items()}
+        if pair["A"].dim() != 2 or pair["B"].dim() != 2:
+            raise ValueError(f"module {path!r}: lora_A and lora_B must be matrices")
         rank = pair["A"].shape[0]
-        modules[path] = LoraModule(A=pair["A"], B=pair["B"], scaling=module_scaling(config, path, rank))
+        modules[path] = LoraModule(A=pair["A"], B=pair["B"], scaling=module_scaling(config, path, rank, alphas))
     return modules
 
 

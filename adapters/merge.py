@@ -21,12 +21,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from adapters.errors import AdapterError
+from adapters.bounds import AdapterBounds, check_bounds
+from adapters.errors import AdapterError, AdapterOutOfRange
 from adapters.format import LoraModule, LoraWeights, peft_config
 from adapters.provenance import Provenance
 
 METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "cat")
 DEFAULT_MAX_RANK = 64
+# |weight| of one input. Real merges use weights around [-2, 2]; the bound keeps every sum of
+# bounded inputs (`adapters.bounds`) far inside float32, so no merge of valid inputs overflows.
+MAX_MERGE_WEIGHT = 100.0
 # Provenance keys that identify what an adapter was trained against (see adapters/provenance.py).
 FINGERPRINT_KEY = "base_fingerprint"
 TEMPLATE_KEY = "chat_template_sha256"
@@ -299,7 +303,10 @@ def _svd_merge_module(
         deltas = torch.stack(
             [item.weights.modules[path].delta() if path in item.weights.modules else zero for item in inputs]
         )  # (n, out, in)
-        A, B, error = svd_refactor(_combine(method, deltas, weights, density, seed), rank)
+        combined = _combine(method, deltas, weights, density, seed)
+        if not bool(torch.isfinite(combined).all()):  # e.g. DARE's 1/density rescale of a tiny density
+            raise AdapterOutOfRange(f"{path}: the merged update is not finite")
+        A, B, error = svd_refactor(combined, rank)
     return LoraModule(A=A, B=B, scaling=1.0), error
 
 
@@ -332,8 +339,13 @@ def _check_request(inputs, method, density, rank, max_rank) -> None:
         raise MergeError(f"density must be in (0, 1], got {density}")
     if max_rank < 1 or (rank is not None and not 1 <= rank <= max_rank):
         raise MergeError(f"rank must be between 1 and max_rank={max_rank}, got {rank}")
-    if not all(math.isfinite(item.weight) for item in inputs):
-        raise MergeError("every adapter weight must be a finite number")
+    for item in inputs:
+        if not (math.isfinite(item.weight) and abs(item.weight) <= MAX_MERGE_WEIGHT):
+            raise MergeError(
+                f"the weight of {item.name or 'an input'} is {item.weight:.3g}; weights must be finite "
+                f"numbers in [-{MAX_MERGE_WEIGHT:g}, {MAX_MERGE_WEIGHT:g}]",
+                param="adapters",
+            )
     if not any(item.weights.modules for item in inputs):
         raise MergeError("the inputs adapt no modules")
 
@@ -346,6 +358,8 @@ def merge_adapters(
     rank: int | None = None,
     seed: int = 0,
     max_rank: int = DEFAULT_MAX_RANK,
+    bounds: AdapterBounds | None = None,
+    base_norms: dict[str, float] | None = None,
 ) -> MergeResult:
     """Merge adapters into one LoRA adapter.
 
@@ -357,12 +371,20 @@ def merge_adapters(
             the inputs adapting it, capped by `max_rank` (and by the module's smaller dimension).
         seed: seeds DARE's drop; each module draws from its own generator (`module_seed`).
         max_rank: the largest rank the result may have; `cat` is refused if it needs more.
+        bounds: numeric bounds every input and the result must meet; None means the defaults.
+        base_norms: module path -> ||W||_F of the base (`BaseInfo.weight_norms()`), so the
+            result's update is also bounded relative to the base; None checks magnitudes only.
 
     Raises:
-        MergeError: bad method / density / rank, or shapes that disagree between inputs.
+        MergeError: bad method / density / rank / weight, or shapes that disagree between inputs.
+        AdapterOutOfRange: an input or the result out of `bounds` (422 `adapter_out_of_range`).
         IncompatibleAdapters: provenance records different base fingerprints or chat templates.
     """
     _check_request(inputs, method, density, rank, max_rank)
+    bounds = bounds or AdapterBounds()
+    for item in inputs:  # bounded inputs and weights keep every intermediate finite
+        _check_finite_input(item)
+        check_bounds(item.weights, {}, bounds)
     identity = shared_identity(inputs)
     weights = torch.tensor([float(item.weight) for item in inputs])  # (n,)
     modules, errors = {}, {}
@@ -381,6 +403,8 @@ def merge_adapters(
             inputs, path, shape, method, weights, density, module_seed(seed, path), target_rank
         )
     config = _unit_scaling_config(modules, inputs[0].weights.config)
+    merged = LoraWeights(config=config, modules=modules)
+    check_bounds(merged, base_norms or {}, bounds)
     provenance = Provenance.model_validate({
         **identity,
         "merge": {
@@ -396,4 +420,10 @@ def merge_adapters(
             "svd_error_max": max(errors.values(), default=0.0),
         },
     }).to_json_dict()
-    return MergeResult(weights=LoraWeights(config=config, modules=modules), provenance=provenance, svd_errors=errors)
+    return MergeResult(weights=merged, provenance=provenance, svd_errors=errors)
+
+
+def _check_finite_input(item: MergeInput) -> None:
+    for path, module in item.weights.modules.items():
+        if not (math.isfinite(module.scaling) and torch.isfinite(module.A).all() and torch.isfinite(module.B).all()):
+            raise AdapterOutOfRange(f"{item.name or 'an input'}: {path} holds NaN or Inf values")

@@ -5,8 +5,13 @@ to `{"dtype", "shape", "data_offsets": [begin, end]}` plus an optional `__metada
 strings), then the data buffer. Offsets are relative to the buffer. We refuse anything the
 format does not allow: short files, a header length past the file or past a cap, non-UTF-8 or
 non-JSON or duplicate-key headers, unknown dtypes, negative shapes, byte lengths that disagree
-with dtype x shape, offsets out of range, overlapping, leaving gaps or trailing bytes. Dtype
-policy (which dtypes an adapter may use) is the caller's business.
+with dtype x shape, offsets out of range, overlapping, leaving gaps or trailing bytes. Cheap
+structural caps come first: the header's byte length and its tensor count (counted in the raw
+bytes, before the JSON is parsed) are bounded by the caller, so a 240,000-entry header costs a
+byte scan, not a parse. Every dimension must lie in 1..MAX_DIM and every offset inside the file,
+so nothing the parser accepts can overflow a library's int64 arithmetic; `ndim` lets the caller
+insist on a rank (an adapter's tensors are matrices). Dtype policy (which dtypes an adapter may
+use) is the caller's business.
 """
 
 from __future__ import annotations
@@ -19,6 +24,9 @@ from adapters.errors import InvalidAdapter
 from adapters.strict_json import loads_strict
 
 MAX_HEADER_BYTES = 16 << 20
+MAX_TENSORS = 65536
+MAX_DIM = (1 << 31) - 1  # no real tensor dimension comes near; keeps every product inside int64
+_ENTRY_MARK = b'"data_offsets"'  # one per tensor entry (more only if metadata strings repeat it)
 # Every dtype the format defines, with its size in bytes.
 DTYPE_SIZES = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1,
@@ -43,25 +51,46 @@ def _malformed(filename: str, problem: str) -> InvalidAdapter:
     return InvalidAdapter(f"{filename} is not a valid safetensors file: {problem}", "malformed_safetensors")
 
 
-def parse_header(data: bytes, filename: str = "adapter_model.safetensors") -> list[TensorInfo]:
+def parse_header(
+    data: bytes,
+    filename: str = "adapter_model.safetensors",
+    *,
+    max_header_bytes: int = MAX_HEADER_BYTES,
+    max_tensors: int = MAX_TENSORS,
+    ndim: int | None = None,
+) -> list[TensorInfo]:
     """Check the container structure of `data` and return its tensors sorted by offset.
 
+    Args:
+        data: the whole file.
+        filename: named in error messages.
+        max_header_bytes: cap on the JSON header's length.
+        max_tensors: cap on the number of tensor entries, checked before the JSON is parsed.
+        ndim: when given, every tensor must have exactly this many dimensions.
+
     Raises:
-        InvalidAdapter: code `malformed_safetensors` (400) naming the first problem found.
+        InvalidAdapter: code `malformed_safetensors` (400) naming the first problem found, or
+            `too_many_tensors` (413) when the header holds more than `max_tensors` entries.
     """
     if len(data) == 0:
         raise _malformed(filename, "the file is empty")
     if len(data) < 8:
         raise _malformed(filename, f"truncated: {len(data)} bytes, shorter than the 8-byte header length")
     (header_len,) = struct.unpack("<Q", data[:8])
-    if header_len > MAX_HEADER_BYTES:
-        raise _malformed(filename, f"header length {header_len} overflows the {MAX_HEADER_BYTES}-byte cap")
+    if header_len > max_header_bytes:
+        raise _malformed(filename, f"header length {header_len} overflows the {max_header_bytes}-byte cap")
     if 8 + header_len > len(data):
         raise _malformed(
             filename, f"header length {header_len} overflows the file ({len(data) - 8} bytes after the length)"
         )
+    raw = data[8 : 8 + header_len]
+    if raw.count(_ENTRY_MARK) > max_tensors:  # a byte scan: refuse before parsing any entry
+        raise InvalidAdapter(
+            f"{filename}: the header lists more than {max_tensors} tensors, the most this base allows",
+            "too_many_tensors", 413,
+        )
     try:
-        header = loads_strict(data[8 : 8 + header_len])
+        header = loads_strict(raw)
     except (UnicodeDecodeError, ValueError) as exc:
         raise _malformed(filename, f"the header is not JSON ({exc})") from exc
     if not isinstance(header, dict):
@@ -71,14 +100,16 @@ def parse_header(data: bytes, filename: str = "adapter_model.safetensors") -> li
         isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())
     ):
         raise _malformed(filename, "__metadata__ must map strings to strings")
+    if len(header) > max_tensors:  # the byte scan cannot be fooled into a smaller count, but be sure
+        raise InvalidAdapter(f"{filename}: more than {max_tensors} tensors", "too_many_tensors", 413)
     buffer_start = 8 + header_len
-    tensors = [_entry(filename, name, entry, buffer_start) for name, entry in header.items()]
+    tensors = [_entry(filename, name, entry, buffer_start, len(data), ndim) for name, entry in header.items()]
     tensors.sort(key=lambda t: (t.begin, t.end))
     _check_layout(filename, tensors, buffer_start, len(data))
     return tensors
 
 
-def _entry(filename: str, name: str, entry, buffer_start: int) -> TensorInfo:
+def _entry(filename: str, name: str, entry, buffer_start: int, size: int, ndim: int | None) -> TensorInfo:
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
         raise _malformed(filename, f"tensor {name!r} must have exactly dtype, shape and data_offsets")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
@@ -91,6 +122,14 @@ def _entry(filename: str, name: str, entry, buffer_start: int) -> TensorInfo:
     begin, end = offsets
     if begin > end:
         raise _malformed(filename, f"tensor {name!r} has data_offsets [{begin}, {end}] that run backwards")
+    if buffer_start + end > size:
+        raise _malformed(filename, f"tensor {name!r} data_offsets run past the end of the file (out of range)")
+    if any(d > MAX_DIM for d in shape):
+        raise _malformed(filename, f"tensor {name!r} has a dimension over {MAX_DIM} in shape {shape!r}")
+    if ndim is not None and len(shape) != ndim:
+        raise _malformed(filename, f"tensor {name!r} has {len(shape)} dimensions {shape!r}; {ndim} are required")
+    if ndim is not None and 0 in shape:
+        raise _malformed(filename, f"tensor {name!r} has a zero-size dimension in shape {shape!r}")
     expected = math.prod(shape) * DTYPE_SIZES[dtype]
     if end - begin != expected:
         raise _malformed(

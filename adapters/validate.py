@@ -5,8 +5,11 @@ files that are not the known ones (pickles, code, tokenizer or chat-template fil
 folders), size caps, a missing or invalid `adapter_config.json`, refused PEFT features, ranks
 outside 1..max_rank, malformed safetensors, unsupported dtypes, tensors for modules the base
 does not have (or the config does not target), shapes that disagree with the base and the rank,
-and NaN/Inf values. Files are read only as JSON and as a safetensors container whose header we
-parse ourselves first; nothing is unpickled and no model is loaded. The result carries the
+NaN/Inf values, and numbers out of proportion to the base (`adapters.bounds`). Structural caps
+derived from the base (config entries, header bytes, tensor count) come before any parse, and
+the whole structure is checked from the safetensors header before any tensor is read. Files
+are read only as JSON and as a safetensors container whose header we parse ourselves first;
+nothing is unpickled and no model is loaded. The result carries the
 content sha256 the store files the adapter under. `check_template` is the separate
 chat-template contract the server applies at upload.
 """
@@ -25,8 +28,11 @@ from safetensors.torch import load as load_safetensors
 
 from adapters.adapter_config import AdapterConfig, check_ranks, parse_config
 from adapters.base import BaseInfo
+from adapters.bounds import AdapterBounds, check_bounds
 from adapters.errors import InvalidAdapter
-from adapters.format import CONFIG_FILE, PROVENANCE_FILE, WEIGHTS_FILE, LoraWeights, tensors_to_modules
+from adapters.format import (
+    CONFIG_FILE, PROVENANCE_FILE, WEIGHTS_FILE, LoraWeights, Patterns, pair_keys, tensors_to_modules,
+)
 from adapters.provenance import Provenance, parse_provenance
 from adapters.safetensors_header import parse_header
 
@@ -42,6 +48,9 @@ TOKENIZER_FILES = (
     "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model",
     "chat_template.jinja", "chat_template.json", "generation_config.json",
 )  # fmt: skip
+TENSOR_SLACK = 16  # room beyond two tensors per module, for nothing legitimate but harmless
+HEADER_BYTES_PER_TENSOR = 512  # a PEFT entry is ~130 bytes: key, dtype, shape, offsets
+HEADER_SLACK_BYTES = 64 << 10  # __metadata__ and alignment padding
 _LAYER_PATH = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.([a-z_]+)$")
 
 
@@ -63,41 +72,84 @@ class ValidatedAdapter:
 
 
 def validate_adapter_dir(
-    directory: Path | str, base: BaseInfo, *, max_rank: int = 64, max_bytes: int = DEFAULT_MAX_BYTES
+    directory: Path | str,
+    base: BaseInfo,
+    *,
+    max_rank: int = 64,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    bounds: AdapterBounds | None = None,
 ) -> ValidatedAdapter:
     """Validate a PEFT LoRA directory against `base`.
+
+    Cheapest first: files and sizes, the config (with entry counts capped by the base's module
+    count), the safetensors header (byte length and tensor count capped the same way, every tensor
+    2-D with dimensions in range), then the structure (keys, modules, shapes) from the header
+    alone; only then are tensors loaded, checked finite and checked against `bounds`.
 
     Args:
         directory: holds `adapter_config.json`, `adapter_model.safetensors` and optionally
             `loraswap.json` and `README.md` (which is ignored); nothing else.
-        base: the loaded base's description (depth and linear shapes).
+        base: the loaded base's description (depth, linear shapes, weight norms).
         max_rank: the largest `r` (and `rank_pattern` value) accepted.
         max_bytes: cap on the directory's total size.
+        bounds: numeric bounds (scaling, |A|, |B|, update vs base norm); None means the defaults.
 
     Raises:
-        InvalidAdapter: the first problem found, with its code and HTTP status.
+        InvalidAdapter: the first problem found, with its code and HTTP status
+            (`AdapterOutOfRange`, 422 `adapter_out_of_range`, for the numeric bounds).
     """
     directory = Path(directory)
+    caps = StructuralCaps.for_base(base)
     sizes = _check_files(directory, max_bytes)
-    config_raw, config = parse_config(_read_small(directory, CONFIG_FILE))
+    config_raw, config = parse_config(_read_small(directory, CONFIG_FILE), max_entries=caps.max_entries)
     check_ranks(config, max_rank)
     data = (directory / WEIGHTS_FILE).read_bytes()
     if len(data) != sizes[WEIGHTS_FILE]:
         raise InvalidAdapter(f"{WEIGHTS_FILE} changed while it was being validated", "malformed_safetensors")
-    for info in parse_header(data, WEIGHTS_FILE):
+    infos = parse_header(
+        data, WEIGHTS_FILE, max_header_bytes=caps.max_header_bytes, max_tensors=caps.max_tensors, ndim=2
+    )
+    for info in infos:
         if info.dtype not in ACCEPTED_DTYPES:
             accepted = ", ".join(ACCEPTED_DTYPES)
             message = f"{WEIGHTS_FILE}: tensor {info.name!r} has dtype {info.dtype}; accepted: {accepted}"
             raise InvalidAdapter(message, "unsupported_dtype", 422)
     try:
-        modules = tensors_to_modules(config_raw, load_safetensors(data))
+        pairs = pair_keys(info.name for info in infos)
     except ValueError as exc:
         raise InvalidAdapter(f"{WEIGHTS_FILE}: {exc}", "unexpected_tensor", 422) from exc
+    shapes = {info.name: info.shape for info in infos}
+    _check_against_base(config, {path: (shapes[k["A"]], shapes[k["B"]]) for path, k in pairs.items()}, base)
+    # Structure is sound: from here on tensors are read.
+    modules = tensors_to_modules(config_raw, load_safetensors(data))
     weights = LoraWeights(config=config_raw, modules=modules)
-    _check_against_base(config, weights, base)
     _check_finite(weights)
+    check_bounds(weights, base.weight_norms(), bounds or AdapterBounds())
     provenance = parse_provenance(_read_small(directory, PROVENANCE_FILE)) if PROVENANCE_FILE in sizes else None
     return ValidatedAdapter(weights=weights, provenance=provenance, sha256=content_sha256(weights, provenance))
+
+
+@dataclass(frozen=True)
+class StructuralCaps:
+    """Counts no valid adapter for a base can exceed, checked before anything is parsed fully.
+
+    A PEFT adapter has two tensors per adapted module and its config lists at most one entry per
+    module (or projection name), so the caps follow from the base's module count.
+    """
+
+    max_entries: int
+    max_tensors: int
+    max_header_bytes: int
+
+    @classmethod
+    def for_base(cls, base: BaseInfo) -> "StructuralCaps":
+        modules = base.num_layers * len(base.linear_shapes)
+        max_tensors = 2 * modules + TENSOR_SLACK
+        return cls(
+            max_entries=modules + len(base.linear_shapes) + base.num_layers,
+            max_tensors=max_tensors,
+            max_header_bytes=max_tensors * HEADER_BYTES_PER_TENSOR + HEADER_SLACK_BYTES,
+        )
 
 
 def _check_files(directory: Path, max_bytes: int) -> dict[str, int]:
@@ -123,20 +175,34 @@ def _check_files(directory: Path, max_bytes: int) -> dict[str, int]:
     return sizes
 
 
-def _check_entry(name: str, mode: int) -> None:
+def refuse_forbidden_name(name: str, param: str | None = None) -> None:
+    """Refuse, by name alone, files an adapter never holds: pickles, code, tokenizer/template files.
+
+    The server applies it to a client's file names before staging anything, `validate_adapter_dir`
+    to the staged files: one set of codes and statuses for both.
+    """
     lowered = name.lower()
     if lowered.endswith(PICKLE_SUFFIXES):
-        raise InvalidAdapter(f"{name}: pickle-based files are refused; weights must be {WEIGHTS_FILE}", "pickle_file", 415)
+        message = f"{name}: pickle-based files are refused; weights must be {WEIGHTS_FILE}"
+        raise InvalidAdapter(message, "pickle_file", 415, param=param)
     if lowered.endswith(CODE_SUFFIXES):
-        raise InvalidAdapter(f"{name}: code files are refused in an adapter", "code_file", 415)
+        raise InvalidAdapter(f"{name}: code files are refused in an adapter", "code_file", 415, param=param)
     if lowered in TOKENIZER_FILES:
         message = f"{name}: an adapter cannot change the tokenizer or the chat template; remove it"
-        raise InvalidAdapter(message, "tokenizer_file", 422)
+        raise InvalidAdapter(message, "tokenizer_file", 422, param=param)
+
+
+def unknown_file(name: str, param: str | None = None) -> InvalidAdapter:
+    message = f"{name}: unexpected file; an adapter holds only {', '.join(ALLOWED_FILES)}"
+    return InvalidAdapter(message, "unknown_file", 415, param=param)
+
+
+def _check_entry(name: str, mode: int) -> None:
+    refuse_forbidden_name(name)
     if stat.S_ISLNK(mode):
         raise InvalidAdapter(f"{name} is a symbolic link; upload plain files", "symlink", 415)
     if name not in ALLOWED_FILES or not stat.S_ISREG(mode):
-        message = f"{name}: unexpected file; an adapter holds only {', '.join(ALLOWED_FILES)}"
-        raise InvalidAdapter(message, "unknown_file", 415)
+        raise unknown_file(name)
 
 
 def _read_small(directory: Path, name: str) -> bytes:
@@ -147,8 +213,11 @@ def _read_small(directory: Path, name: str) -> bytes:
     return data
 
 
-def _check_against_base(config: AdapterConfig, weights: LoraWeights, base: BaseInfo) -> None:
-    """Targets exist in the base, every tensor belongs to a targeted module, shapes fit."""
+def _check_against_base(config: AdapterConfig, shapes: dict[str, tuple[tuple, tuple]], base: BaseInfo) -> None:
+    """Targets exist in the base, every tensor belongs to a targeted module, shapes fit.
+
+    `shapes` maps each module path in the file to (lora_A shape, lora_B shape), read from the header.
+    """
     base_paths = base.all_module_paths()
     for target in config.target_modules:
         if not any(path == target or path.endswith("." + target) for path in base_paths):
@@ -158,9 +227,10 @@ def _check_against_base(config: AdapterConfig, weights: LoraWeights, base: BaseI
             f"{CONFIG_FILE}: no module of the base matches target_modules {config.target_modules}",
             "nothing_matched", 422,
         )
-    if not weights.modules:
+    if not shapes:
         raise InvalidAdapter(f"{WEIGHTS_FILE} holds no LoRA tensors", "no_modules", 422)
-    for path, module in weights.modules.items():
+    ranks = Patterns(config.rank_pattern)
+    for path, (got_a, got_b) in shapes.items():
         if path not in base_paths:
             _refuse_unknown_module(path, base, what="tensor for module")
         if not config.targets(path):
@@ -170,20 +240,14 @@ def _check_against_base(config: AdapterConfig, weights: LoraWeights, base: BaseI
                 "untargeted_module", 422,
             )
         in_features, out_features = base_paths[path]
-        rank = config.rank_pattern.get(_pattern_hit(config.rank_pattern, path), config.r)
+        rank = ranks.value(path, config.r)
         want_a, want_b = (rank, in_features), (out_features, rank)
-        got_a, got_b = tuple(module.A.shape), tuple(module.B.shape)
         if got_a != want_a or got_b != want_b:
             raise InvalidAdapter(
                 f"{path}: lora_A is {list(got_a)} and lora_B is {list(got_b)}, but r={rank} on this base "
                 f"needs lora_A {list(want_a)} and lora_B {list(want_b)}",
                 "shape_mismatch", 422,
             )
-
-
-def _pattern_hit(patterns: dict, path: str) -> str | None:
-    """The rank_pattern key PEFT would apply to `path` (same rule as `format.pattern_value`)."""
-    return next((key for key in patterns if re.match(rf"(.*\.)?({key})$", path)), None)
 
 
 def _refuse_unknown_module(name: str, base: BaseInfo, what: str) -> None:

@@ -91,11 +91,11 @@ def measure_baselines(args, report: Report, base_dir: Path, dirs: list[Path], pr
         return min(timings, key=lambda pair: pair[0])
 
     log(f"(c) PEFT mixed-batch generate, {args.hf_new_tokens} tokens per row")
-    seconds, peft_out = fastest(lambda: hf_baseline.peft_generate(peft, rows, adapters, args.hf_new_tokens, pad))
+    seconds, peft_out = fastest(lambda: hf_baseline.peft_generate(peft, rows, adapters, args.hf_new_tokens, pad))  # noqa: F821 - `del peft` below confuses ruff
     report.add(Measure("c", "transformers+PEFT mixed batch", len(rows) * args.hf_new_tokens / seconds, "tok/s", hf_note))
     log("(c0) transformers generate, base only")
     with peft.disable_adapter():
-        seconds, _ = fastest(lambda: hf_baseline.peft_generate(peft, rows, None, args.hf_new_tokens, pad))
+        seconds, _ = fastest(lambda: hf_baseline.peft_generate(peft, rows, None, args.hf_new_tokens, pad))  # noqa: F821
     report.add(Measure("c0", "transformers base only", len(rows) * args.hf_new_tokens / seconds, "tok/s", hf_note))
     log("(d) matmul bound")
     seconds = min(hf_baseline.matmul_bound(peft, len(rows), args.new_tokens, args.quant) for _ in range(args.repeats))
@@ -143,7 +143,7 @@ def measure_engine(args, report: Report, base_dir: Path, dirs: list[Path], workl
                            "(g)'s ceiling: one running sequence per slot"))
         log("(f) engine, one adapter pinned (fold)")
         run = engine_runs.fold_run(engine, workloads["single"], refs, n, args.repeats)
-        folded = run.stats["fold"]["folded"] == refs[0].id
+        folded = run.stats.fold.folded == refs[0].id
         report.add(Measure("f", "engine, 1 adapter folded", run.tok_s, "tok/s",
                            "folded" if folded else "WARNING: not folded"))
         outputs["f"] = run.outputs
@@ -151,8 +151,8 @@ def measure_engine(args, report: Report, base_dir: Path, dirs: list[Path], workl
             log(f"({key}) engine, {args.many_adapters} adapters over {args.slots} slots, {label}")
             before = engine.stats()
             run = engine_runs.run_requests(engine, workloads["many"], refs, n)
-            swaps = run.stats["slot_loads"] - before["slot_loads"]
-            disk = run.stats["disk_loads"] - before["disk_loads"]
+            swaps = run.stats.slot_loads - before.slot_loads
+            disk = run.stats.disk_loads - before.disk_loads
             report.add(Measure(key, f"engine, {args.many_adapters} adapters / {args.slots} slots, {label}",
                                run.tok_s, "tok/s", f"{swaps} slot writes, {disk} disk reads"))
             outputs[key] = run.outputs

@@ -18,7 +18,7 @@ from pathlib import Path
 from server.engine.config import EngineConfig
 from server.engine.engine import Engine
 from server.engine.sequence import Sequence
-from server.engine.types import AdapterRef, SamplingParams
+from server.engine.types import AdapterRef, EngineStats, SamplingParams
 
 from bench.workload import Request
 
@@ -29,7 +29,7 @@ class Run:
 
     seconds: float
     outputs: list[list[int]]
-    stats: dict
+    stats: EngineStats
 
     @property
     def tokens(self) -> int:

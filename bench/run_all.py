@@ -1,4 +1,4 @@
-"""`make bench`: the engine benchmark in fp32 and NF4, then the trainer benchmark when it exists.
+"""`make bench`: the engine benchmark in fp32 and NF4, structured outputs, then the trainer benchmark.
 
 Each benchmark runs in its own child process (`python -m bench.<name> ...`), so one's memory and
 thread state never colours the next one's figures, and one failing does not hide the others.
@@ -19,6 +19,7 @@ ENGINE_RUNS = (["--quant", "none", "--dtype", "float32"], ["--quant", "nf4"])
 def plan(extra: list[str]) -> list[list[str]]:
     """The child commands, in order."""
     commands = [[sys.executable, "-m", "bench.engine_bench", *flags, *extra] for flags in ENGINE_RUNS]
+    commands.append([sys.executable, "-m", "bench.structured_bench", *extra])  # issue 10: constrained batch
     if (BENCH_DIR / "train_bench.py").is_file():
         commands.append([sys.executable, "-m", "bench.train_bench"])
     return commands

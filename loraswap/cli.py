@@ -15,12 +15,13 @@ SUBCOMMANDS = {
     "serve": ("server.cli", "run the OpenAI-compatible multi-adapter server"),
     "train": ("trainer.cli", "SFT a LoRA / QLoRA adapter on chat data"),
     "merge": ("trainer.merge_cli", "merge adapters (linear, task_arithmetic, ties, dare_*, cat)"),
+    "trainer-service": ("trainer.service_cli", "the training sidecar: run fine-tuning jobs queued over the API"),
 }
 
 
 def _usage() -> str:
     lines = ["usage: loraswap <command> [options]", "", "commands:"]
-    lines += [f"  {name:<8}{help_}" for name, (_, help_) in SUBCOMMANDS.items()]
+    lines += [f"  {name:<16}{help_}" for name, (_, help_) in SUBCOMMANDS.items()]
     return "\n".join(lines)
 
 

@@ -1,11 +1,14 @@
 """Admission control: who may start a generation now, and which adapters are still in use.
 
 `Admission` bounds requests in flight twice: per tenant (over the limit -> 429) and overall
-(running + queued beyond the capacity -> 503), both with `Retry-After`. A `Ticket` is held for
-the whole life of a request, streaming included, and released exactly once.
+(running + queued beyond the capacity -> 503), both with `Retry-After`. `create_app` caps the
+per-tenant limit by the tenant's share of the capacity (`Limits.tenant_queue_share`), so one
+tenant can never fill the global queue and lock every other tenant out with 503s. A `Ticket` is
+held for the whole life of a request, streaming included, and released exactly once.
 
-`InFlight` counts requests per adapter id so that a deleted adapter is forgotten by the engine
-only after the requests already using it have finished.
+`InFlight` counts requests per (tenant, adapter id) — every version, not only the current one —
+so that a delete (or a re-upload's pruning) never takes content from under a request that is
+still queued on it, and so that garbage collection knows which blobs are in use.
 
 Everything here runs on the event loop thread, so plain counters need no locks.
 """
@@ -15,8 +18,9 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from collections.abc import Callable
+from functools import partial
 
-from server.api.errors import Overloaded, RateLimited
+from server.errors import Overloaded, RateLimited
 
 
 class Ticket:
@@ -79,27 +83,57 @@ class Admission:
         return self.total == 0
 
 
+Key = tuple[str, str]  # (tenant, adapter id)
+
+
 class InFlight:
-    """Requests in flight per adapter id, with callbacks to run once an id is idle."""
+    """Users in flight (requests, merges reading sources) per (tenant, adapter id).
+
+    `blobs` maps each adapter id in use to its content's sha256, for garbage collection.
+    """
 
     def __init__(self):
-        self.counts: Counter[str] = Counter()
-        self._when_idle: dict[str, list[Callable[[], None]]] = {}
+        self.counts: Counter[Key] = Counter()
+        self.blobs: dict[str, str] = {}
+        self._when_idle: dict[Key, list[Callable[[], object]]] = {}
+        self.on_leave: Callable[[], None] = lambda: None  # e.g. schedule a garbage collection
 
-    def enter(self, adapter_id: str) -> None:
-        self.counts[adapter_id] += 1
+    def enter(self, tenant: str, adapter_id: str, sha256: str | None = None) -> None:
+        self.counts[(tenant, adapter_id)] += 1
+        if sha256 is not None:
+            self.blobs[adapter_id] = sha256
 
-    def leave(self, adapter_id: str) -> None:
-        self.counts[adapter_id] -= 1
-        if self.counts[adapter_id] <= 0:
-            del self.counts[adapter_id]
-            for callback in self._when_idle.pop(adapter_id, []):
+    def leave(self, tenant: str, adapter_id: str) -> None:
+        key = (tenant, adapter_id)
+        self.counts[key] -= 1
+        if self.counts[key] <= 0:
+            del self.counts[key]
+            if not any(aid == adapter_id for _, aid in self.counts):
+                self.blobs.pop(adapter_id, None)
+            for callback in self._when_idle.pop(key, []):
                 callback()
+        self.on_leave()
 
-    def when_idle(self, adapter_id: str, callback: Callable[[], None]) -> None:
-        """Run `callback` now if `adapter_id` has no request in flight, else after the last one."""
-        if self.counts[adapter_id] <= 0:
-            self.counts.pop(adapter_id, None)
+    def in_use(self) -> set[str]:
+        """sha256 of every blob some request or merge still reads."""
+        return {self.blobs[aid] for _, aid in self.counts if aid in self.blobs}
+
+    def when_idle(self, key: Key, callback: Callable[[], object]) -> None:
+        """Run `callback` now if `key` has no user in flight, else after the last one."""
+        if self.counts[key] <= 0:
+            self.counts.pop(key, None)
             callback()
         else:
-            self._when_idle.setdefault(adapter_id, []).append(callback)
+            self._when_idle.setdefault(key, []).append(callback)
+
+    async def idle(self, keys: set[Key]) -> None:
+        """Wait until none of `keys` has a user in flight."""
+        for key in keys:
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self.when_idle(key, partial(_resolve, done))
+            await done
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

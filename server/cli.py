@@ -1,6 +1,7 @@
 """`loraswap serve`: flags and `LORASWAP_*` environment -> engine + store + app -> uvicorn.
 
-Flags win over the environment, which wins over defaults (pydantic-settings does the merge).
+Flags win over the environment, which wins over defaults: pydantic-settings generates the flags from
+`ServerConfig`'s fields and does the merge.
 SIGTERM / Ctrl-C: uvicorn stops accepting connections and waits up to `--drain-timeout` for the
 open ones (streams included) to finish; our handler also makes the app refuse new requests on
 kept-alive connections (503) and drop out of `/ready` at once; the lifespan then stops the engine.
@@ -8,46 +9,27 @@ kept-alive connections (503) and drop out of `/ready` at once; the lifespan then
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 
 import uvicorn
+from pydantic_settings import CliApp, CliSettingsSource
 
+from adapters.store import AdapterStore, default_store_root
+from adapters.store_limits import StoreLimits
 from server.settings import ServerConfig, ServerSettings
-
-_FLAGS = {
-    # flag: (type, help)
-    "host": (str, "bind address (default 127.0.0.1)"),
-    "port": (int, "port (default 8000)"),
-    "base": (str, "'default' (embedded SmolLM2-135M-Instruct) or a local HF model directory"),
-    "served-model-name": (str, "the base's id in /v1/models (default: its directory name)"),
-    "quant": (str, "nf4 (bitsandbytes, default) or none"),
-    "dtype": (str, "auto, float32, bfloat16 or float16"),
-    "device": (str, "auto, cpu or cuda"),
-    "store": (str, "adapter store directory (default: under the user's data directory)"),
-    "max-loras": (int, "adapter slots on the device (default 8)"),
-    "max-cpu-loras": (int, "adapters cached in host memory (default 64)"),
-    "max-rank": (int, "largest adapter rank accepted and served (default 64)"),
-    "max-model-len": (int, "prompt + completion tokens per request (default 2048)"),
-    "max-num-seqs": (int, "requests in the running batch (default 32)"),
-    "fold": (str, "off, pinned or auto: when to fold an adapter into dense weights (default auto)"),
-    "kv-cache-mb": (int, "memory for the paged KV cache in MiB (default 512)"),
-    "api-keys-file": (str, "file of tenant:key lines (LORASWAP_API_KEYS='tenant:key,...' also works)"),
-    "max-concurrent-per-tenant": (int, "requests in flight per tenant before 429 (default 16)"),
-    "max-queue": (int, "requests queued beyond max-num-seqs before 503 (default 64)"),
-    "max-upload-mb": (int, "largest adapter upload in MiB (default 512)"),
-    "drain-timeout-s": (float, "seconds to let requests in flight finish on SIGTERM (default 30)"),
-}
 
 
 def parse_args(argv: list[str]) -> ServerConfig:
-    parser = argparse.ArgumentParser(prog="loraswap serve", description="Run the OpenAI-compatible server.")
-    for flag, (type_, help_) in _FLAGS.items():
-        parser.add_argument(f"--{flag}", type=type_, default=None, help=help_)
-    args = parser.parse_args(argv)
-    overrides = {key: value for key, value in vars(args).items() if value is not None}
-    return ServerSettings(**overrides).to_config()
+    """Flags (generated from `ServerConfig`'s fields, kebab-case) over `LORASWAP_*` over defaults.
+
+    Raises ValueError (a pydantic ValidationError) naming the setting on a bad value; argparse
+    exits on an unknown flag or `--help`.
+    """
+    cli: CliSettingsSource[ServerSettings] = CliSettingsSource(
+        ServerSettings, cli_prog_name="loraswap serve", cli_kebab_case=True, cli_implicit_flags=False
+    )
+    return CliApp.run(ServerSettings, cli_args=argv, cli_settings_source=cli)
 
 
 class _DrainingServer(uvicorn.Server):
@@ -62,22 +44,15 @@ class _DrainingServer(uvicorn.Server):
 
 
 def build_engine(config: ServerConfig, base_dir):
-    """The engine for `config`, on the resolved base directory (loads the model in `start()`)."""
-    from server.engine.config import EngineConfig
+    """The engine for `config`, on the resolved base directory."""
     from server.engine.engine import Engine
 
-    return Engine(EngineConfig(
-        base=base_dir, quant=config.quant, dtype=config.dtype, device=config.device,
-        max_loras=config.max_loras, max_cpu_loras=config.max_cpu_loras, max_lora_rank=config.max_rank,
-        max_model_len=config.max_model_len, max_num_seqs=config.max_num_seqs, fold=config.fold,
-        kv_cache_bytes=config.kv_cache_bytes,
-    ))
+    return Engine(config.to_engine_config(base_dir))
 
 
-def build_store(config: ServerConfig):
-    from adapters.store import AdapterStore, default_store_root
-
-    return AdapterStore(config.store if config.store is not None else default_store_root())
+def build_store(config: ServerConfig) -> AdapterStore:
+    root = config.store if config.store is not None else default_store_root()
+    return AdapterStore(root, limits=StoreLimits(**config.limits.store_quotas()))
 
 
 def main(argv: list[str]) -> int:
@@ -85,15 +60,29 @@ def main(argv: list[str]) -> int:
     from server.app import create_app
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from server.cluster.flags import split_cluster_flags
+
     try:
+        argv, cluster = split_cluster_flags(argv)  # --replicas N, --ray-address ADDR (Ray Serve)
         config = parse_args(argv)
     except ValueError as exc:
         print(f"loraswap serve: {exc}", file=sys.stderr)
         return 2
+    if cluster.replicas is not None:
+        from server.cluster.launch import main as serve_on_ray
+
+        return serve_on_ray(config, cluster.replicas, cluster.ray_address)
     base_dir = resolve_base(config.base)
     base_info = BaseInfo.from_dir(base_dir)
     engine = build_engine(config, base_dir)
-    app = create_app(config, engine, build_store(config), base_info=base_info)
+    store = build_store(config)
+    child = None
+    if config.train_in_process:
+        from server import trainer_child
+
+        config = trainer_child.prepare(config, store.root)
+        child = trainer_child.start(config)
+    app = create_app(config, engine, store, base_info=base_info)
     server = _DrainingServer(uvicorn.Config(
         app, host=config.host, port=config.port, log_level="info",
         timeout_graceful_shutdown=max(1, int(config.drain_timeout_s)),
@@ -103,4 +92,6 @@ def main(argv: list[str]) -> int:
         server.run()
     finally:
         engine.close()  # the app's lifespan stopped the loop; release the loader threads
+        if child is not None:
+            trainer_child.stop(child)
     return 0

@@ -1,11 +1,13 @@
-"""`Generation`: one admitted request's run through the engine, with its bookkeeping.
+"""`Generation`: one admitted request's run through the engine, and the one owner of its lifetime.
 
-`start()` submits the engine request (so the engine's refusals are still plain HTTP errors),
-`events()` relays its token events while recording latency and token metrics as
-events arrive, and `close()` releases everything exactly once: the admission ticket, the
-adapter's in-flight count and, if the engine has not finished the request, an `engine.abort`.
-`close()` is synchronous so it is safe in any `finally`, including one running under
-cancellation (a client disconnect cancels the task that consumes the events).
+From construction it holds the admission ticket and the adapter's in-flight count. `start()`
+submits the engine request (so the engine's refusals are still plain HTTP errors; a refused start
+releases everything before it raises). `events()` relays its token events while recording latency
+and token metrics. The request ends when the `with generation:` block that owns it exits: the plain
+path wraps its wait in that block, the streaming path wraps the response's whole send in it
+(`chat._EventStream`). The exit (`close()`) releases everything exactly once: the ticket, the
+in-flight count and, if the engine has not finished the request, an `engine.abort`. It is
+synchronous, so it is safe under cancellation (a client disconnect cancels the consuming task).
 """
 
 from __future__ import annotations
@@ -16,19 +18,20 @@ from collections.abc import AsyncIterator
 from server.admission import Ticket
 from server.engine.types import SamplingParams, TokenEvent
 from server.state import ResolvedModel, ServerState
+from server.tenancy import submit
 
 
 class Generation:
-    """A request admitted to the engine; iterate `events()`, then (always) `close()`.
+    """A request admitted to the engine: `start()`, then iterate `events()` inside `with generation:`.
 
     Args:
         state: the app's state (engine, metrics, in-flight counts).
         request_id: unique id, also the engine's request id.
-        tenant: the caller (for metrics).
+        tenant: the caller (the engine's fair share, in-use accounting, metrics).
         model: the resolved model (adapter or base).
         prompt_ids: the rendered prompt.
         sampling: decoding settings.
-        ticket: the admission ticket this request holds until `close()`.
+        ticket: the admission ticket this request holds until it is closed.
     """
 
     def __init__(
@@ -53,53 +56,70 @@ class Generation:
         self.finish_reason: str | None = None
         self.completion_tokens = 0
         self.error: str | None = None  # the engine's reason when it aborted on its own
+        self.error_code: str | None = None  # the contract's code for it, e.g. "non_finite_output"
+        self.error_status: int | None = None  # the HTTP status the engine says it deserves
         self._closed = False
         self._stream: AsyncIterator[TokenEvent] | None = None
         self._started_at = 0.0
         # Counted from construction (no await since the model was resolved), so a DELETE
         # arriving before the first step still waits for this request.
         if self._adapter_id is not None:
-            state.inflight.enter(self._adapter_id)
+            state.inflight.enter(tenant, self._adapter_id, getattr(model.record, "sha256", None))
+
+    @property
+    def _kind(self) -> str:
+        """The metrics label for the model: never an adapter's name (other tenants' secrets)."""
+        return "adapter" if self.model.adapter is not None else "base"
 
     @property
     def _adapter_id(self) -> str | None:
         return self.model.adapter.id if self.model.adapter is not None else None
 
+    def __enter__(self) -> Generation:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
     def start(self) -> None:
         """Submit the request to the engine now, so its refusals become HTTP errors before any
-        response starts (raises the engine's typed errors, e.g. PromptTooLong, EngineStopped)."""
-        self._stream = self.state.engine.add_request(
-            self.request_id, self.prompt_ids, self.model.adapter, self.sampling
-        )
+        response starts (raises the engine's typed errors, e.g. PromptTooLong, EngineStopped,
+        after releasing the ticket and in-flight count)."""
+        try:
+            self._stream = submit(self.state.engine, self.request_id, self.prompt_ids, self.model.adapter,
+                                  self.sampling, self.tenant)
+        except BaseException:
+            self.close()  # refused: nobody will own a request that never ran
+            raise
         self.started = True
         self._started_at = time.perf_counter()
-        self.state.metrics.prompt_tokens.labels(self.tenant, self.model.name).inc(len(self.prompt_ids))
+        self.state.metrics.prompt_tokens.labels(self.tenant, self._kind).inc(len(self.prompt_ids))
 
     async def events(self) -> AsyncIterator[TokenEvent]:
         """The engine's events for this request, up to and including the one with a finish_reason."""
-        if self._closed or not self.started:
+        if self._closed or self._stream is None:
             return
-        metrics, labels = self.state.metrics, (self.tenant, self.model.name)
+        metrics, labels = self.state.metrics, (self.tenant, self._kind)
         last = self._started_at  # TTFT counts from submission; ITL from the previous token
-        try:
-            async for event in self._stream:
-                now = time.perf_counter()
-                if event.token_id is not None:
-                    histogram = metrics.inter_token_latency if self.completion_tokens else metrics.time_to_first_token
-                    histogram.labels(self.model.name).observe(now - last)
-                    last = now
-                    self.completion_tokens += 1
-                    metrics.generation_tokens.labels(*labels).inc()
-                if event.finish_reason is not None:
-                    self.finish_reason = event.finish_reason
-                    self.error = event.error
-                yield event
-                if event.finish_reason is not None:
-                    break
-            if self.finish_reason is None:
-                self.finish_reason = "stop"  # the engine ended the stream without saying why
-        finally:
-            self.close()
+        async for event in self._stream:
+            now = time.perf_counter()
+            if event.token_id is not None:
+                histogram = metrics.inter_token_latency if self.completion_tokens else metrics.time_to_first_token
+                histogram.labels(self._kind).observe(now - last)
+                last = now
+                self.completion_tokens += 1
+                metrics.generation_tokens.labels(*labels).inc()
+            if event.finish_reason is not None:
+                self.finish_reason = event.finish_reason
+                self.error = event.error
+                # COMPAT: `error_code` / `error_status` are TokenEvent fields once iso-engine is merged.
+                self.error_code = event.error_code
+                self.error_status = event.error_status
+            yield event
+            if event.finish_reason is not None:
+                break
+        if self.finish_reason is None:
+            self.finish_reason = "stop"  # the engine ended the stream without saying why
 
     def close(self) -> None:
         """Release the ticket and in-flight count; abort the engine request if still running."""
@@ -111,7 +131,7 @@ class Generation:
                 self.state.engine.abort(self.request_id)
         finally:
             if self._adapter_id is not None:
-                self.state.inflight.leave(self._adapter_id)
+                self.state.inflight.leave(self.tenant, self._adapter_id)
             self.ticket.release()
             status = self.finish_reason or "aborted"
-            self.state.metrics.requests.labels(self.tenant, self.model.name, status).inc()
+            self.state.metrics.requests.labels(self.tenant, self._kind, status).inc()

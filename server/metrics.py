@@ -1,19 +1,24 @@
 """Prometheus metrics, one `CollectorRegistry` per app (no global state, so tests build many apps).
 
-Counted by the HTTP layer as requests run: requests and tokens per tenant and model, time to first
-token, inter-token latency. Read from the engine at scrape time (`EngineCollector`): queue depth,
-running requests, resident adapters per tier, slot loads and evictions, fold state.
+Counted by the HTTP layer as requests run: requests and tokens per tenant and kind of model
+(`base` or `adapter`), time to first token, inter-token latency. Read from the engine at scrape
+time (`EngineCollector`): queue depth, running requests, resident adapters per tier, slot loads
+and evictions, how many adapters are folded or pinned.
+
+No label ever carries an adapter's name or id: names are tenants' own data, and ids are content
+hashes another tenant could match against its own uploads. Tenant names appear only as labels of
+counts, and `/metrics` answers only to the admin key (`server.edge`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from server.residency import adapter_residency
+from server.engine.types import EngineStats
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -22,9 +27,9 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.
 class ServerMetrics:
     """The HTTP layer's own counters and histograms, registered in a fresh registry."""
 
-    def __init__(self, engine_stats: Callable[[], Mapping] | None = None):
+    def __init__(self, engine_stats: Callable[[], EngineStats] | None = None):
         self.registry = CollectorRegistry()
-        labels = ("tenant", "model")
+        labels = ("tenant", "kind")
         self.requests = Counter(
             "loraswap_requests", "Chat completion requests by outcome", labels + ("status",), registry=self.registry
         )
@@ -33,11 +38,11 @@ class ServerMetrics:
             "loraswap_generation_tokens", "Generated tokens", labels, registry=self.registry
         )
         self.time_to_first_token = Histogram(
-            "loraswap_time_to_first_token_seconds", "Time to first token", ("model",),
+            "loraswap_time_to_first_token_seconds", "Time to first token", ("kind",),
             buckets=_LATENCY_BUCKETS, registry=self.registry,
         )
         self.inter_token_latency = Histogram(
-            "loraswap_inter_token_latency_seconds", "Time between tokens of one request", ("model",),
+            "loraswap_inter_token_latency_seconds", "Time between tokens of one request", ("kind",),
             buckets=_LATENCY_BUCKETS, registry=self.registry,
         )
         self.uploads = Counter("loraswap_adapter_uploads", "Adapter uploads by outcome", ("status",),
@@ -50,36 +55,37 @@ class ServerMetrics:
 
 
 class EngineCollector(Collector):
-    """Reads `engine.stats()` at scrape time and exposes it as gauges and counters.
+    """Reads `engine.stats()` at scrape time and exposes it as gauges and counters."""
 
-    Known keys (others are ignored): `waiting`, `running` (ints); `slot_loads`, `slot_evictions`
-    (monotonic ints); `adapters` and `fold` as `server.residency` reads them.
-    """
-
-    def __init__(self, stats: Callable[[], Mapping]):
+    def __init__(self, stats: Callable[[], EngineStats]):
         self._stats = stats
 
     def collect(self):
-        stats = self._stats() or {}
-        for key, help_ in (("waiting", "Requests waiting in the engine queue"),
-                           ("running", "Requests running in the engine batch")):
+        stats = self._stats()
+        for key, value, help_ in (("waiting", stats.waiting, "Requests waiting in the engine queue"),
+                                  ("running", stats.running, "Requests running in the engine batch"),
+                                  ("kv_blocks_used", stats.kv_blocks_used,
+                                   "KV cache blocks in use (0 when idle: the soak's leak check)")):
             gauge = GaugeMetricFamily(f"loraswap_engine_{key}", help_)
-            gauge.add_metric([], float(stats.get(key, 0) or 0))
+            gauge.add_metric([], float(value))
             yield gauge
-        for key, help_ in (("slot_loads", "Adapter loads into device slots"),
-                           ("slot_evictions", "Adapter evictions from device slots")):
+        for key, value, help_ in (("slot_loads", stats.slot_loads, "Adapter loads into device slots"),
+                                  ("slot_evictions", stats.slot_evictions, "Adapter evictions from device slots")):
             counter = CounterMetricFamily(f"loraswap_engine_{key}", help_)
-            counter.add_metric([], float(stats.get(key, 0) or 0))
+            counter.add_metric([], float(value))
             yield counter
         resident = GaugeMetricFamily("loraswap_resident_adapters", "Adapters per residency tier", labels=["tier"])
-        folded = GaugeMetricFamily("loraswap_adapter_folded", "1 while an adapter is folded", labels=["adapter"])
         tiers = {"device": 0, "host": 0, "loading": 0}
-        for adapter_id, where in adapter_residency(stats).items():
+        folded = pinned = 0
+        for where in stats.residency().values():
             if where.tier in tiers:
                 tiers[where.tier] += 1
-            if where.folded or where.pinned:
-                folded.add_metric([adapter_id], 1.0 if where.folded else 0.0)
+            folded += where.folded
+            pinned += where.pinned
         for tier, count in tiers.items():
             resident.add_metric([tier], float(count))
         yield resident
-        yield folded
+        yield GaugeMetricFamily("loraswap_adapters_folded", "Adapters folded into dense weights", value=folded)
+        # A count, never per adapter; the adversarial soak reads this name.
+        yield GaugeMetricFamily("loraswap_engine_pinned_adapters", "Adapters pinned by any tenant (a count)",
+                                value=pinned)

@@ -2,24 +2,35 @@
 
 It maps an OpenAI `model` string to what the engine runs (the base, or a tenant's adapter) and
 turns messages into a checked prompt along the one path that chat completions and `/tokenize`
-share: validate -> render -> length check. No module-level state: each app owns one of these.
+share: structural bounds -> (in the render pool) validate -> render -> length check. It owns the
+consistency of deletes: a name is hidden at once, tombstoned durably in the store before DELETE
+answers, and its blobs are collected only once no request or merge in flight still reads them.
+No module-level state: each app owns one of these.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
+from adapters.base import BaseInfo
 from adapters.chat_template import ChatTemplate, RenderedPrompt
 from server.admission import Admission, InFlight
 from adapters.errors import AdapterNotFound, InvalidName
-from server.api.errors import PromptTooLong
-from server.engine.types import AdapterRef
+from adapters.store import AdapterRecord, Store
+from server.bounds import check_messages
+from server.engine.types import AdapterRef, AdapterResidency, EngineClient
+from server.errors import PromptTooLong
 from server.metrics import ServerMetrics
-from server.residency import Residency, adapter_residency
+from server.pools import WorkerPools
 from server.settings import ServerConfig
+from server.tenancy import TenantPins
+
+log = logging.getLogger("loraswap.server")
 
 
 @dataclass(frozen=True)
@@ -28,32 +39,43 @@ class ResolvedModel:
 
     name: str
     adapter: AdapterRef | None
-    record: Any = None  # the store's AdapterRecord for adapters
+    record: AdapterRecord | None = None  # the store's record, for adapters
 
 
 @dataclass
 class ServerState:
-    """The per-app services. `engine` follows the engine interface; `store` is an `AdapterStore`."""
+    """The per-app services, built once by `create_app`."""
 
     config: ServerConfig
-    engine: Any
-    store: Any
-    base_info: Any
+    engine: EngineClient
+    store: Store
+    base_info: BaseInfo
     template: ChatTemplate
     base_id: str
     metrics: ServerMetrics
     admission: Admission
+    pools: WorkerPools
+    pins: TenantPins
     inflight: InFlight = field(default_factory=InFlight)
     created: int = field(default_factory=lambda: int(time.time()))
     ready: bool = False
-    # (tenant, name) -> adapter id of names deleted while requests still use them: hidden at
-    # once, removed from the store when the last of those requests finishes.
+    # (tenant, name) -> adapter id of names being deleted: hidden at once, until the store's
+    # tombstone is durable.
     deleting: dict[tuple[str, str], str] = field(default_factory=dict)
+    grammars: Any = None  # GrammarCache, made on the first structured-output request (api/decoding.py)
+    # adapter id -> record of deleted content the engine may still cache, until its blob is gone.
+    forget_pending: dict[str, AdapterRecord] = field(default_factory=dict)
+    gc_wanted: bool = False  # a delete or publish may have left garbage that in-flight users hold
+    _gc_task: Any = None
+    _gc_again: bool = False
+
+    def __post_init__(self):
+        self.inflight.on_leave = self._after_leave
 
     @property
     def max_model_len(self) -> int:
         """The configured length, capped by what the engine's model supports."""
-        return min(self.config.max_model_len, getattr(self.engine, "max_model_len", self.config.max_model_len))
+        return min(self.config.max_model_len, self.engine.max_model_len)
 
     @property
     def tokenizer(self):
@@ -76,40 +98,96 @@ class ServerState:
     def is_deleting(self, tenant: str, name: str) -> bool:
         return (tenant, name) in self.deleting
 
-    def get_adapter(self, tenant: str, name: str):
+    def get_adapter(self, tenant: str, name: str) -> AdapterRecord:
         """The store's record of `tenant`'s `name`; AdapterNotFound also while it is being deleted."""
         if self.is_deleting(tenant, name):
             raise AdapterNotFound(name, param="name")
         return self.store.get(tenant, name)
 
-    def list_adapters(self, tenant: str) -> list:
+    def list_adapters(self, tenant: str) -> list[AdapterRecord]:
         return [record for record in self.store.list(tenant) if not self.is_deleting(tenant, record.name)]
 
-    async def delete_adapter(self, tenant: str, name: str):
-        """Hide `name` now; delete it from the store (and the engine) once its requests finish.
+    async def delete_adapter(self, tenant: str, name: str) -> AdapterRecord:
+        """Hide `name` now and delete it from the store; returns the deleted record.
 
-        The store removes the files of content no other name uses, so it must wait for requests
-        that may still load them. Returns the deleted record.
+        The store's tombstone is durable before this returns; blobs are collected later
+        (`collect_garbage(in_use)`), skipping those a request or merge still reads on any version.
         """
         record = self.get_adapter(tenant, name)
         self.deleting[(tenant, name)] = record.id
-        if self.inflight.counts.get(record.id, 0) == 0:
-            await self._finish_delete(tenant, name, record)
-        else:
-            self.inflight.when_idle(record.id, lambda: asyncio.ensure_future(self._finish_delete(tenant, name, record)))
-        return record
-
-    async def _finish_delete(self, tenant: str, name: str, record) -> None:
         try:
-            await asyncio.to_thread(self.store.delete, tenant, name)
+            versions = await self.pools.run(self.pools.store, self.store.versions, tenant, name)
+            await self.pools.run(self.pools.store, partial(self.store.delete, tenant, name, collect=False))
         finally:
             self.deleting.pop((tenant, name), None)
-        if not self.store.adapter_dir(record).is_dir():  # no other name holds the same content
-            self.engine.forget_adapter(record.id)
+        self._deleted(tenant, versions)
+        return record
 
-    def residency(self) -> dict[str, Residency]:
-        """adapter id -> where it lives now (tier, folded, pinned); absent means on disk only."""
-        return adapter_residency(self.engine.stats() or {})
+    def _deleted(self, tenant: str, versions: list[AdapterRecord]) -> None:
+        self.pins.forget(tenant, {version.id for version in versions})
+        self.forget_pending.update({version.id: version for version in versions})
+        self.gc_wanted = True
+        self.collect_garbage_soon()
+
+    def published(self) -> None:
+        """A new version was published: the store may have pruned old ones; collect their blobs."""
+        self.gc_wanted = True
+        self.collect_garbage_soon()
+
+    def _after_leave(self) -> None:
+        if self.gc_wanted:
+            self.collect_garbage_soon()
+
+    def collect_garbage_soon(self) -> None:
+        """Collect unreferenced blobs in the store's thread (one run at a time, re-run if asked)."""
+        if self._gc_task is not None and not self._gc_task.done():
+            self._gc_again = True
+            return
+        self._gc_task = asyncio.ensure_future(self._collect_garbage())
+
+    async def _collect_garbage(self) -> None:
+        while True:
+            self._gc_again = False
+            in_use = self.inflight.in_use()
+            try:
+                await self.pools.run(self.pools.store, self.store.collect_garbage, in_use)
+            except Exception:
+                log.exception("garbage collection of the adapter store failed")
+            # What was in use may hold garbage back: collect again when its users leave.
+            self.gc_wanted = bool(in_use)
+            self._forget_collected()
+            if not self._gc_again:
+                return
+
+    def _forget_collected(self) -> None:
+        """The engine drops deleted content once no blob of it is left (no tenant holds it)."""
+        for adapter_id, record in list(self.forget_pending.items()):
+            if not self.store.adapter_dir(record).is_dir():
+                del self.forget_pending[adapter_id]
+                self.engine.forget_adapter(adapter_id)
+
+    def residency(self, tenant: str) -> dict[str, AdapterResidency]:
+        """adapter id -> where it lives now as `tenant` may see it; absent means on disk only."""
+        return self.pins.residency(tenant)
+
+    async def render_prompt(
+        self,
+        messages: list[dict],
+        *,
+        max_tokens: int | None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+    ) -> tuple[RenderedPrompt, int]:
+        """`prepare_prompt` in the render pool, after the cheap structural bounds (400 `messages`).
+
+        Rendering and tokenizing cost time linear in the prompt; run on the event loop they
+        would stall every other tenant's requests and `/health`.
+        """
+        check_messages(messages, self.config.limits)
+        return await self.pools.run(
+            self.pools.render, self.prepare_prompt, messages, max_tokens=max_tokens,
+            add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message,
+        )
 
     def prepare_prompt(
         self,
@@ -140,3 +218,4 @@ class ServerState:
                 param="messages",
             )
         return rendered, wanted
+

@@ -99,6 +99,7 @@ def choose_layout(lengths: list[int], token_cost: float) -> tuple[int, list[list
         cost = len(rows) * used * (token_cost + used)
         if best is None or cost < best[0]:
             best = (cost, used, rows)
+    assert best is not None  # `candidates` always holds at least `total`
     return best[1], best[2]
 
 
@@ -144,13 +145,20 @@ def micro_batches(
     seed: int = 0,
 ) -> list[PackedBatch]:
     """Split `examples` (shuffled with `seed` when asked) into packed micro-batches of `batch_size`."""
+    groups = micro_batch_groups(examples, batch_size, shuffle=shuffle, seed=seed)
+    return [pack(group, token_cost, pad_id) for group in groups]
+
+
+def micro_batch_groups(
+    examples: tuple[Example, ...] | list[Example], batch_size: int, *, shuffle: bool = False, seed: int = 0
+) -> list[list[Example]]:
+    """The examples of each micro-batch, unpacked: data-parallel ranks split each group between them."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     order = list(range(len(examples)))
     if shuffle:
         random.Random(seed).shuffle(order)
-    groups = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    return [pack([examples[i] for i in group], token_cost, pad_id) for group in groups]
+    return [[examples[i] for i in order[j : j + batch_size]] for j in range(0, len(order), batch_size)]
 
 
 def token_cost_for(linear_shapes: dict[str, tuple[int, int]]) -> float:

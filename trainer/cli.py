@@ -2,11 +2,15 @@
 
 Exit status: 0 on success, 2 for bad flags or data, 1 when publishing fails (the adapter
 directory is still on disk and can be uploaded again).
+
+`--nproc N` re-runs this module under torchrun (`python -m torch.distributed.run --nproc-per-node N
+-m trainer.cli ...`), which can also be called directly; under torchrun only rank 0 publishes.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -37,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-ratio", type=float, default=0.03)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="dense base / compute dtype")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="data-parallel processes (DDP: gloo on CPU, nccl on CUDA); --batch-size stays global")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--publish", metavar="URL", default=None, help="server base URL to upload the adapter to")
     p.add_argument("--name", default=None, help="adapter name on the server (with --publish)")
@@ -71,18 +77,28 @@ def main(argv: list[str]) -> int:
         parser.error(f"--data {args.data} is not a file")
     if args.eval_data is not None and not args.eval_data.is_file():
         parser.error(f"--eval-data {args.eval_data} is not a file")
+    if args.nproc < 1:
+        parser.error(f"--nproc must be >= 1, got {args.nproc}")
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from trainer.distributed import launch
+
+        return launch(_without_nproc(argv), args.nproc)
     try:
         config = config_from_args(args)  # LoraConfigError / ValueError name the bad setting
     except ValueError as exc:
         parser.error(str(exc))
+    from trainer.distributed import DistContext
     from trainer.sft import run
 
+    dist = DistContext.from_env(args.device)
     try:
-        _, result = run(config)
+        _, result = run(config, dist=dist)
     except (DataError, BaseNotFound, TemplateError) as exc:
         print(f"loraswap train: {exc}", file=sys.stderr)
         return 2
-    if args.publish:
+    finally:
+        dist.close()
+    if args.publish and dist.is_main:
         from trainer.publish import PublishError, publish
 
         try:
@@ -92,3 +108,20 @@ def main(argv: list[str]) -> int:
             return 1
         print(f"published {info.get('name', args.name)} version {info.get('version')} (id {info.get('id')})")
     return 0
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    """`argv` less `--nproc N` / `--nproc=N` (the launched processes are already N)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
+
+
+if __name__ == "__main__":  # what torchrun runs: python -m trainer.cli ...
+    sys.exit(main(sys.argv[1:]))

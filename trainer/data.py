@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adapters.chat_template import ChatTemplate, TemplateError
+from jobs.data_format import MAX_REPORTED_ERRORS, row_messages  # shared with the files API
 
-MAX_REPORTED_ERRORS = 20
+__all__ = ["DataError", "Dataset", "Example", "encode_messages", "load_jsonl", "row_messages"]
 
 
 class DataError(ValueError):
@@ -70,21 +71,6 @@ class Dataset:
             f"{self.trained_share:.1%} trained; {self.truncated} truncated, {self.dropped} dropped "
             f"(no assistant token left after truncation)"
         )
-
-
-def row_messages(row: object) -> list:
-    """The messages of a parsed JSONL row, or a TemplateError saying what is wrong with it."""
-    if not isinstance(row, dict):
-        raise TemplateError(f"expected a JSON object, got {type(row).__name__}")
-    if "messages" in row:
-        return row["messages"]
-    if "prompt" in row or "completion" in row:
-        prompt, completion = row.get("prompt"), row.get("completion")
-        for key, value in (("prompt", prompt), ("completion", completion)):
-            if not isinstance(value, str):
-                raise TemplateError(f"{key!r} must be a string, got {type(value).__name__}")
-        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
-    raise TemplateError('expected "messages" or "prompt" + "completion"')
 
 
 def encode_messages(template: ChatTemplate, messages: list, max_length: int, line: int = 0) -> tuple[Example, bool]:

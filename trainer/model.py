@@ -17,17 +17,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from adapters import quant
 from adapters.base import LINEAR_MODULES, BaseInfo
+from adapters.quant import nf4_linear
 from trainer.lora import LoraLinear, LoraSpec, inject_lora, lora_parameters
 
-NF4_BLOCKSIZE = 64
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+TRAIN_DTYPES = ("float32", "bfloat16")  # the dense base / compute dtypes training supports
 
 
 def parse_dtype(name: str) -> torch.dtype:
-    if name not in _DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {name!r}")
-    return _DTYPES[name]
+    """A training dtype name (float32 / bfloat16, or fp32 / bf16) -> the torch dtype."""
+    return quant.parse_dtype(name, TRAIN_DTYPES)
 
 
 def quantize_nf4(model: nn.Module, compute_dtype: torch.dtype = torch.float32) -> int:
@@ -36,8 +36,6 @@ def quantize_nf4(model: nn.Module, compute_dtype: torch.dtype = torch.float32) -
     Returns how many layers were quantized. The quantization happens on the module's current
     device (CPU here; bitsandbytes quantizes on `.to(device)`).
     """
-    import bitsandbytes as bnb
-
     count = 0
     for layer in model.get_decoder().layers:
         for parent in (layer.self_attn, layer.mlp):
@@ -45,27 +43,8 @@ def quantize_nf4(model: nn.Module, compute_dtype: torch.dtype = torch.float32) -
                 linear = getattr(parent, name, None)
                 if not isinstance(linear, nn.Linear):
                     continue
-                device = linear.weight.device
-                q = bnb.nn.Linear4bit(
-                    linear.in_features,
-                    linear.out_features,
-                    bias=linear.bias is not None,
-                    compute_dtype=compute_dtype,
-                    compress_statistics=False,
-                    quant_type="nf4",
-                    device="meta",
-                )
-                q.weight = bnb.nn.Params4bit(
-                    linear.weight.data.to(compute_dtype).contiguous(),
-                    requires_grad=False,
-                    blocksize=NF4_BLOCKSIZE,
-                    compress_statistics=False,
-                    quant_type="nf4",
-                    module=q,
-                )
-                if linear.bias is not None:
-                    q.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
-                setattr(parent, name, q.to(device))  # quantizes here
+                bias = None if linear.bias is None else linear.bias.data.clone()
+                setattr(parent, name, nf4_linear(linear.weight.data, bias, compute_dtype, linear.weight.device))
                 count += 1
     return count
 

@@ -38,7 +38,8 @@ def build_provenance(recipe: "SFTRecipe", result: "TrainResult") -> dict:
         chat_template_sha256=recipe.template.sha256,
         tokenizer_vocab_size=len(recipe.tokenizer),
         training_data_sha256=train.sha256,
-        hyperparameters=recipe.config.hyperparameters(),
+        # world_size: how many data-parallel processes shared each (global) micro-batch.
+        hyperparameters={**recipe.config.hyperparameters(), "world_size": recipe.dist.world_size},
         metrics={k: v for k, v in metrics.items() if v is not None},
         producer="loraswap train",
         eval_data_sha256=evaluation.sha256 if evaluation is not None else None,

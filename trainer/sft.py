@@ -5,22 +5,30 @@
 packed micro-batches with gradient accumulation and clipping, shows loss, tokens/s and ETA in
 a tqdm bar, and computes the eval loss after every epoch when eval data is given. `save`
 writes the PEFT directory, `loraswap.json` provenance and a loss-curve PNG.
+
+Under torchrun (a `DistContext` with world_size N) the same recipe runs data-parallel: every rank
+builds the same global micro-batches, trains on its share of each (`distributed.shard`) through
+DDP, and only rank 0 logs and writes. `batch_size` and `grad_accum` stay global, so an N-process
+run takes the same optimizer steps as a 1-process run on the same flags.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from adapters.base import BaseInfo, resolve_base
 from adapters.chat_template import ChatTemplate
 from adapters.format import write_peft
-from trainer.batching import PackedBatch, micro_batches, token_cost_for
-from trainer.data import Dataset, load_jsonl
+from trainer.batching import PackedBatch, micro_batch_groups, micro_batches, pack, token_cost_for
+from trainer.data import Dataset, Example, load_jsonl
+from trainer.distributed import DistContext, shard
 from trainer.lora import LoraSpec, export_lora
 from trainer.loss import token_losses
 from trainer.model import TrainableModel, load_trainable, parse_dtype
@@ -103,9 +111,10 @@ def _pick_device(name: str) -> torch.device:
 class SFTRecipe:
     """One training run. Call `setup()`, `train()`, then `save(result)` (or just `run`)."""
 
-    def __init__(self, config: TrainConfig, log=print):
+    def __init__(self, config: TrainConfig, log=print, dist: DistContext | None = None):
         self.config = config
-        self.log = log
+        self.dist = dist or DistContext()
+        self.log = log if self.dist.is_main else (lambda *args, **kwargs: None)
 
     # ---------------------------------------------------------------- setup
 
@@ -114,7 +123,7 @@ class SFTRecipe:
         from transformers import AutoTokenizer
 
         torch.manual_seed(cfg.seed)
-        self.device = _pick_device(cfg.device)
+        self.device = self.dist.device(cfg.device) if self.dist.distributed else _pick_device(cfg.device)
         self.base_dir = resolve_base(cfg.base)
         self.info = BaseInfo.from_dir(self.base_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.base_dir))
@@ -130,6 +139,7 @@ class SFTRecipe:
         )
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.token_cost = token_cost_for(self.info.linear_shapes)
+        self.loss_module = self._data_parallel(_LossModule(self.trainable.model))
         params = self.trainable.trainable_parameters()
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         micro = math.ceil(len(self.train_data.examples) / cfg.batch_size)
@@ -139,7 +149,20 @@ class SFTRecipe:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _warmup_then_linear(warmup, self.total_steps))
         n_params = sum(p.numel() for p in params)
         self.log(f"{'QLoRA (NF4 base)' if cfg.qlora else 'LoRA'}: {n_params:,} trainable parameters in "
-                 f"{len(self.trainable.wrappers)} modules; {self.total_steps} optimizer steps on {self.device}")
+                 f"{len(self.trainable.wrappers)} modules; {self.total_steps} optimizer steps on {self.device}"
+                 + (f" x {self.dist.world_size} processes ({self.dist.backend})" if self.dist.distributed else ""))
+
+    def _data_parallel(self, module: nn.Module) -> nn.Module:
+        """DDP over the LoRA parameters only: the frozen base is identical on every rank by construction."""
+        if not self.dist.distributed:
+            return module
+        from torch.nn.parallel import DistributedDataParallel
+
+        frozen = [name for name, p in module.named_parameters() if not p.requires_grad]
+        # Skipping the frozen base keeps DDP from broadcasting it (NF4 weights included) at start-up.
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, frozen)
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False)
 
     # ---------------------------------------------------------------- train
 
@@ -149,34 +172,46 @@ class SFTRecipe:
             shuffle=shuffle, seed=seed,
         )
 
-    def train(self) -> TrainResult:
+    # Hooks for the job service (trainer/job_recipe.py): events, cancel, checkpoints, resume.
+    start_epoch = 0
+
+    def on_step(self, epoch: int, result: "TrainResult") -> None:
+        """Called after every optimizer step (`result.step_losses[-1]` is its loss)."""
+
+    def on_epoch_end(self, epoch: int, result: "TrainResult") -> None:
+        """Called after every epoch, once its eval loss (if any) is in `result`."""
+
+    def train(self, result: TrainResult | None = None) -> TrainResult:
+        """Run epochs `start_epoch..epochs-1`, continuing `result` when resuming."""
         from tqdm.auto import tqdm
 
         cfg, model = self.config, self.trainable.model
         params = self.trainable.trainable_parameters()
-        result = TrainResult()
-        bar = tqdm(total=self.total_steps, desc="train", unit="step", disable=not cfg.progress,
-                   dynamic_ncols=True, mininterval=1.0)
-        start = time.perf_counter()
-        for epoch in range(cfg.epochs):
+        result = result if result is not None else TrainResult()
+        bar = tqdm(total=self.total_steps, initial=len(result.step_losses), desc="train", unit="step",
+                   disable=not (cfg.progress and self.dist.is_main), dynamic_ncols=True, mininterval=1.0)
+        start = time.perf_counter() - result.seconds
+        for epoch in range(self.start_epoch, cfg.epochs):
             model.train()
-            batches = self.batches(self.train_data, shuffle=True, seed=cfg.seed + epoch)
+            groups = micro_batch_groups(self.train_data.examples, cfg.batch_size, shuffle=True, seed=cfg.seed + epoch)
             epoch_loss = epoch_targets = 0.0
-            for first in range(0, len(batches), cfg.grad_accum):
-                step = batches[first : first + cfg.grad_accum]
-                loss_sum, targets = self.step(model, params, step)
+            for first in range(0, len(groups), cfg.grad_accum):
+                loss_sum, targets, tokens = self.global_step(params, groups[first : first + cfg.grad_accum])
                 result.step_losses.append(loss_sum / targets)
-                result.tokens_seen += sum(b.num_tokens for b in step)
+                result.tokens_seen += tokens
                 result.targets_seen += targets
                 epoch_loss, epoch_targets = epoch_loss + loss_sum, epoch_targets + targets
                 rate = result.tokens_seen / (time.perf_counter() - start)
                 bar.set_postfix(epoch=epoch + 1, loss=f"{loss_sum / targets:.4f}", tok_s=f"{rate:.0f}")
                 bar.update(1)
+                self.on_step(epoch, result)
             result.epoch_train_losses.append(epoch_loss / epoch_targets)
             if self.eval_data is not None:
                 result.eval_losses.append(self.evaluate(self.eval_data))
                 bar.write(f"epoch {epoch + 1}: train loss {result.epoch_train_losses[-1]:.4f}, "
                           f"eval loss {result.eval_losses[-1]:.4f}")
+            result.seconds = time.perf_counter() - start
+            self.on_epoch_end(epoch, result)
         bar.close()
         result.seconds = time.perf_counter() - start
         self.log(f"done: {result.tokens_seen} tokens in {result.seconds:.1f}s ({result.tokens_per_second:.0f} tok/s), "
@@ -185,37 +220,67 @@ class SFTRecipe:
         return result
 
     def step(self, model, params, step: list[PackedBatch]) -> tuple[float, int]:
-        """One optimizer step over `step`'s micro-batches; the loss is the mean over all their targets."""
+        """One single-process optimizer step over packed micro-batches (the benchmark's entry point)."""
         targets = sum(b.num_targets for b in step)
         loss_sum = 0.0
         for batch in step:
             losses = token_losses(model, batch.to(self.device))
             (losses.sum() / targets).backward()
             loss_sum += float(losses.detach().sum())
+        self._optimizer_step(params)
+        return loss_sum, targets
+
+    def global_step(self, params, groups: list[list[Example]]) -> tuple[float, int, int]:
+        """One optimizer step over the global micro-batches `groups`: (loss sum, targets, tokens), all ranks.
+
+        The loss is the mean over every target of every group on every rank. DDP averages gradients
+        over ranks, so each rank scales its share by world_size; a rank whose share of a group is
+        empty runs one example at weight 0, because every rank must join every all-reduce.
+        """
+        world, rank = self.dist.world_size, self.dist.rank
+        targets = sum(e.num_targets for group in groups for e in group)
+        loss_sum = tokens = 0.0
+        for i, group in enumerate(groups):
+            mine = shard(group, rank, world)
+            weight = float(world) if mine else 0.0
+            batch = pack(mine or group[:1], self.token_cost, self.pad_id).to(self.device)
+            last = i == len(groups) - 1
+            with contextlib.nullcontext() if last or not self.dist.distributed else self.loss_module.no_sync():
+                losses = self.loss_module(batch)
+                (losses.sum() * (weight / targets)).backward()
+            if mine:
+                loss_sum, tokens = loss_sum + float(losses.detach().sum()), tokens + batch.num_tokens
+        loss_sum, tokens = self.dist.all_reduce_sum([loss_sum, tokens], self.device)
+        self._optimizer_step(params)
+        return loss_sum, targets, int(tokens)
+
+    def _optimizer_step(self, params) -> None:
         if self.config.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_sum, targets
 
     @torch.no_grad()
     def evaluate(self, data: Dataset) -> float:
-        """Token-weighted mean loss over `data` (dropout off)."""
+        """Token-weighted mean loss over `data` (dropout off); ranks split the micro-batches."""
         model = self.trainable.model
         model.eval()
         total = count = 0.0
-        for batch in self.batches(data, shuffle=False):
+        for batch in shard(self.batches(data, shuffle=False), self.dist.rank, self.dist.world_size):
             losses = token_losses(model, batch.to(self.device))
             total, count = total + float(losses.sum()), count + losses.numel()
         model.train()
+        total, count = self.dist.all_reduce_sum([total, count], self.device)
         return total / count
 
     # ---------------------------------------------------------------- save
 
     def save(self, result: TrainResult) -> Path:
-        """Write the PEFT adapter, `loraswap.json` and `loss_curve.png` into `config.out`."""
+        """Write the PEFT adapter, `loraswap.json` and `loss_curve.png` into `config.out` (rank 0 only)."""
         cfg = self.config
+        if not self.dist.is_main:
+            return cfg.out
         weights = export_lora(self.trainable.wrappers, cfg.lora, base_name=str(self.base_dir))
         provenance = build_provenance(self, result)
         out = write_peft(weights, cfg.out, provenance=provenance)
@@ -223,6 +288,17 @@ class SFTRecipe:
         result.out = out
         self.log(f"adapter written to {out}")
         return out
+
+
+class _LossModule(nn.Module):
+    """`token_losses` as a module's forward, so DDP sees (and hooks) the pass that makes the gradients."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: PackedBatch) -> torch.Tensor:
+        return token_losses(self.model, batch)
 
 
 def _warmup_then_linear(warmup: int, total: int):
@@ -234,9 +310,13 @@ def _warmup_then_linear(warmup: int, total: int):
     return factor
 
 
-def run(config: TrainConfig, log=print) -> tuple[SFTRecipe, TrainResult]:
-    """Set up, train and save; returns the recipe (holding the trained model) and the result."""
-    recipe = SFTRecipe(config, log=log)
+def run(config: TrainConfig, log=print, dist: DistContext | None = None) -> tuple[SFTRecipe, TrainResult]:
+    """Set up, train and save; returns the recipe (holding the trained model) and the result.
+
+    Args:
+        dist: this process's rank under torchrun (`DistContext.from_env()`); None for one process.
+    """
+    recipe = SFTRecipe(config, log=log, dist=dist)
     recipe.setup()
     result = recipe.train()
     recipe.save(result)

@@ -7,6 +7,14 @@ only selects one of the known names; anything else is refused), validated agains
 base off the event loop, checked against the template contract, then published to the store,
 which renames atomically. Any rejection leaves the store as it was.
 
+Uploads are bounded before their body is read: `server.edge` caps the body at
+`max_upload_bytes` while it streams (chunked too) and gives it a read deadline, and the upload
+gate admits a few at a time (429 per tenant, 503 overall). Staging, validation and publishing
+run in the upload pool, never on the event loop or in the pool merges use.
+
+The card an upload answers with shows only the caller's own residency and pins, so uploading
+bytes another tenant already has answers exactly like fresh bytes (201, on disk, not pinned).
+
 Every lookup is inside the caller's namespace, so another tenant's adapter answers exactly like a
 missing one.
 """
@@ -19,24 +27,15 @@ from pathlib import Path, PurePosixPath
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
-from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
 
 from adapters.errors import InvalidAdapter
-from adapters.store import check_name
-from adapters.validate import (
-    ALLOWED_FILES,
-    CODE_SUFFIXES,
-    PICKLE_SUFFIXES,
-    TOKENIZER_FILES,
-    check_template,
-    validate_adapter_dir,
-)
+from adapters.store import AdapterRecord, check_name
+from adapters.validate import ALLOWED_FILES, check_template, refuse_forbidden_name, unknown_file, validate_adapter_dir
 from server.api.deps import get_state, get_tenant
 from server.api.errors import Conflict, UploadRejected
 from server.api.protocol import AdapterCard, AdapterDeleted, AdapterList
-from server.engine.types import AdapterRef
-from server.residency import Residency
+from server.engine.types import AdapterRef, AdapterResidency
 from server.state import ServerState
 
 router = APIRouter()
@@ -45,8 +44,8 @@ _TRUE = ("1", "true", "yes", "on")
 _CHUNK = 1 << 20
 
 
-def adapter_card(record, residency: dict[str, Residency] | None = None) -> AdapterCard:
-    where = (residency or {}).get(record.id, Residency())
+def adapter_card(record: AdapterRecord, residency: dict[str, AdapterResidency] | None = None) -> AdapterCard:
+    where = (residency or {}).get(record.id, AdapterResidency())
     return AdapterCard(
         id=record.id, name=record.name, version=record.version, sha256=record.sha256, rank=record.rank,
         target_modules=sorted(record.target_modules), template=record.template_sha256 or "unknown",
@@ -57,23 +56,14 @@ def adapter_card(record, residency: dict[str, Residency] | None = None) -> Adapt
 def staged_name(upload: UploadFile) -> str:
     """The known file name a client's upload stands for; anything else is refused.
 
-    The refusals mirror `validate_adapter_dir`'s (same codes and statuses), decided from the
+    The refusals are `validate_adapter_dir`'s own (same codes and statuses), decided from the
     client's base name alone: no client-named file is ever written.
     """
     client_name = PurePosixPath((upload.filename or "").replace("\\", "/")).name
     if client_name in ALLOWED_FILES:
         return next(known for known in ALLOWED_FILES if known == client_name)
-    lowered = client_name.lower()
-    if lowered.endswith(PICKLE_SUFFIXES):
-        raise InvalidAdapter(f"{client_name}: pickle-based files are refused; weights must be safetensors",
-                             "pickle_file", 415, param="files")
-    if lowered.endswith(CODE_SUFFIXES):
-        raise InvalidAdapter(f"{client_name}: code files are refused in an adapter", "code_file", 415, param="files")
-    if lowered in TOKENIZER_FILES:
-        raise InvalidAdapter(f"{client_name}: an adapter cannot change the tokenizer or the chat template; remove it",
-                             "tokenizer_file", 422, param="files")
-    raise InvalidAdapter(f"{client_name or '(unnamed file)'}: unexpected file; an adapter holds only "
-                         f"{', '.join(ALLOWED_FILES)}", "unknown_file", 415, param="files")
+    refuse_forbidden_name(client_name, param="files")
+    raise unknown_file(client_name or "(unnamed file)", param="files")
 
 
 def _stage(files: list[tuple[str, UploadFile]], directory: Path, limit: int) -> None:
@@ -90,10 +80,8 @@ def _stage(files: list[tuple[str, UploadFile]], directory: Path, limit: int) -> 
                 out.write(chunk)
 
 
-def _check_request(request: Request, limit: int) -> None:
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit + _CHUNK:  # a little room for form overhead
-        raise InvalidAdapter(f"the upload is over the {limit}-byte cap", "adapter_too_large", 413)
+def _check_request(request: Request) -> None:
+    # The body's size was capped by server.edge before this handler ran.
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise UploadRejected("upload adapters as multipart/form-data (fields: name, files)", status=415,
                              code="unsupported_media_type")
@@ -128,44 +116,56 @@ def _validate(state: ServerState, staging: Path, allow_template_mismatch: bool):
 @router.post("/v1/adapters")
 async def upload_adapter(request: Request, tenant: str = Depends(get_tenant),
                          state: ServerState = Depends(get_state)):
-    staging = Path(tempfile.mkdtemp(prefix="loraswap-upload-"))
+    try:
+        with state.pools.uploads.hold(tenant):  # before the body is read: 429 / 503 cost nothing
+            record, created = await _upload(request, tenant, state)
+    except Exception as exc:
+        state.metrics.uploads.labels(str(getattr(exc, "status", getattr(exc, "status_code", 400)))).inc()
+        raise
+    status = 201 if created else 200
+    state.metrics.uploads.labels(str(status)).inc()
+    if created:
+        state.published()
+    return JSONResponse(adapter_card(record, state.residency(tenant)).model_dump(), status_code=status)
+
+
+async def _upload(request: Request, tenant: str, state: ServerState):
+    pools = state.pools
+    staging = Path(await pools.run(pools.upload, tempfile.mkdtemp, prefix="loraswap-upload-"))
     form = None
     try:
-        _check_request(request, state.config.max_upload_bytes)
+        _check_request(request)
         form = await request.form(max_files=8, max_fields=8)
         name, files, allow = _read_form(form)
-        await run_in_threadpool(_stage, files, staging, state.config.max_upload_bytes)
-        validated = await run_in_threadpool(_validate, state, staging, allow)
+        await pools.run(pools.upload, _stage, files, staging, state.config.max_upload_bytes)
+        validated = await pools.run(pools.upload, _validate, state, staging, allow)
         if state.is_deleting(tenant, name):
             raise Conflict(f"the adapter '{name}' is being deleted; retry once its requests have finished",
                            headers={"Retry-After": str(state.config.retry_after_s)})
-        record, created = await run_in_threadpool(state.store.publish, tenant, name, validated)
-    except Exception as exc:
-        state.metrics.uploads.labels(str(getattr(exc, "status", 400))).inc()
-        raise
+        return await pools.run(pools.upload, state.store.publish, tenant, name, validated)
     finally:
         if form is not None:
             await form.close()
-        shutil.rmtree(staging, ignore_errors=True)
-    status = 201 if created else 200
-    state.metrics.uploads.labels(str(status)).inc()
-    return JSONResponse(adapter_card(record, state.residency()).model_dump(), status_code=status)
+        await pools.run(pools.upload, shutil.rmtree, staging, ignore_errors=True)
 
 
 @router.get("/v1/adapters", response_model=AdapterList)
 async def list_adapters(tenant: str = Depends(get_tenant), state: ServerState = Depends(get_state)):
-    residency = state.residency()
+    residency = state.residency(tenant)
     return AdapterList(data=[adapter_card(record, residency) for record in state.list_adapters(tenant)])
 
 
 @router.get("/v1/adapters/{name}", response_model=AdapterCard)
 async def get_adapter(name: str, tenant: str = Depends(get_tenant), state: ServerState = Depends(get_state)):
-    return adapter_card(state.get_adapter(tenant, name), state.residency())
+    return adapter_card(state.get_adapter(tenant, name), state.residency(tenant))
 
 
 @router.delete("/v1/adapters/{name}", response_model=AdapterDeleted)
 async def delete_adapter(name: str, tenant: str = Depends(get_tenant), state: ServerState = Depends(get_state)):
-    """New requests get 404 at once; the engine forgets the adapter once those in flight finish."""
+    """New requests get 404 at once; answers once the deletion is durable in the store.
+
+    Requests already in flight (on any version) finish; the blobs go once none reads them.
+    """
     record = await state.delete_adapter(tenant, name)
     return AdapterDeleted(id=record.id, name=record.name)
 
@@ -173,10 +173,10 @@ async def delete_adapter(name: str, tenant: str = Depends(get_tenant), state: Se
 async def _set_pin(name: str, tenant: str, state: ServerState, pinned: bool) -> AdapterCard:
     record = state.get_adapter(tenant, name)
     if pinned:
-        state.engine.pin(AdapterRef(id=record.id, path=state.store.adapter_dir(record)))
+        state.pins.pin(tenant, AdapterRef(id=record.id, path=state.store.adapter_dir(record)))
     else:
-        state.engine.unpin(record.id)
-    card = adapter_card(record, state.residency())
+        state.pins.unpin(tenant, record.id)
+    card = adapter_card(record, state.residency(tenant))
     card.pinned = pinned  # the engine applies the command between steps; report what was asked
     return card
 

@@ -1,18 +1,18 @@
 """FastAPI dependencies shared by the routers: the app's state and the caller's tenant.
 
-Auth maps `Authorization: Bearer <key>` to a tenant by comparing the key with every configured
-key in constant time (`hmac.compare_digest`, no early exit), so response timing does not reveal
-how much of a key matched or which tenant it belongs to. With no keys configured, auth is off and
+Auth (done first by `server.edge.Edge`, before the body) maps `Authorization: Bearer <key>` to a
+tenant by comparing the key with every configured key in constant time (`hmac.compare_digest`,
+no early exit), so response timing does not reveal how much of a key matched or which tenant it
+belongs to. With no keys configured, auth is off and
 every caller is tenant `default`.
 """
 
 from __future__ import annotations
 
-import hmac
-
 from fastapi import Request
 
 from server.api.errors import Unauthorized
+from server.edge import tenant_for_key
 from server.settings import DEFAULT_TENANT
 from server.state import ServerState
 
@@ -21,18 +21,15 @@ def get_state(request: Request) -> ServerState:
     return request.app.state.loraswap
 
 
-def tenant_for_key(api_keys: tuple[tuple[str, str], ...], presented: str) -> str | None:
-    """The tenant whose key equals `presented`, checking every key in constant time."""
-    found = None
-    candidate = presented.encode("utf-8")
-    for tenant, key in api_keys:
-        if hmac.compare_digest(candidate, key.encode("utf-8")):
-            found = tenant
-    return found
-
-
 def get_tenant(request: Request) -> str:
-    """The calling tenant; 401 in OpenAI's envelope for a missing or unknown key."""
+    """The calling tenant; 401 in OpenAI's envelope for a missing or unknown key.
+
+    `server.edge.Edge` has normally authenticated the request before its body was read; this
+    check stays for an app mounted without it.
+    """
+    tenant = getattr(request.state, "tenant", None)
+    if tenant is not None:
+        return tenant
     state = get_state(request)
     if not state.config.auth_enabled:
         return DEFAULT_TENANT

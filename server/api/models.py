@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends
 
 from server.api.deps import get_state, get_tenant
 from server.api.protocol import ModelCard, ModelList
-from server.residency import Residency
+from server.engine.types import AdapterResidency
 from server.state import ServerState
 
 router = APIRouter()
@@ -27,9 +27,9 @@ def _created(record) -> int:
 def _cards(state: ServerState, tenant: str) -> list[ModelCard]:
     cards = [ModelCard(id=state.base_id, created=state.created, owned_by="loraswap", root=state.base_id,
                        max_model_len=state.max_model_len)]
-    residency = state.residency()
+    residency = state.residency(tenant)
     for record in state.list_adapters(tenant):
-        where = residency.get(record.id, Residency())
+        where = residency.get(record.id, AdapterResidency())
         cards.append(ModelCard(
             id=record.name, created=_created(record), owned_by=tenant, root=state.base_id, parent=state.base_id,
             max_model_len=state.max_model_len, residency=where.tier, folded=where.folded, pinned=where.pinned,

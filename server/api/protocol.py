@@ -7,9 +7,14 @@ plain dicts: the chat template is the one judge of their structure.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from server.limits import MAX_SEED, MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_TOP_K, MAX_TOP_LOGPROBS, MIN_SEED
+
+# A stop string as the contract bounds it: 1..256 characters, at most 16 of them.
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 
 
 class StreamOptions(BaseModel):
@@ -28,15 +33,15 @@ class ChatCompletionRequest(BaseModel):
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     n: int = 1
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    seed: int | None = Field(default=None, ge=MIN_SEED, le=MAX_SEED)
     stream: bool = False
     stream_options: StreamOptions | None = None
     logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     user: str | None = None
     # vLLM-compatible extensions
-    top_k: int | None = Field(default=None, ge=-1)
+    top_k: int | None = Field(default=None, ge=-1, le=MAX_TOP_K)
     min_tokens: int = Field(default=0, ge=0)
     ignore_eos: bool = False
     return_tokens_as_token_ids: bool = False  # logprobs name tokens "token_id:<id>" (vLLM)
@@ -45,6 +50,13 @@ class ChatCompletionRequest(BaseModel):
     # Refused when set (a request may not bring its own template); declared so we can say so.
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    # Sampling controls and structured outputs (request_fields.py: every OpenAI field's policy)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(default=None, ge=0.01, le=2)  # vLLM's
+    min_p: float | None = Field(default=None, ge=0, le=1)  # vLLM's
+    logit_bias: dict[str, float] | None = None  # bounds and ids checked against the vocabulary
+    response_format: dict[str, Any] | None = None  # parsed by server/api/response_format.py
 
 
 class TokenizeRequest(BaseModel):
@@ -66,10 +78,28 @@ class TokenizeResponse(BaseModel):
     tokens: list[int]
 
 
+class PromptTokensDetails(BaseModel):
+    """Known exactly: no prefix cache (every prompt token is computed) and no audio input."""
+
+    cached_tokens: int = 0
+    audio_tokens: int = 0
+
+
+class CompletionTokensDetails(BaseModel):
+    """Known exactly: no reasoning models, predictions are refused, no audio output."""
+
+    reasoning_tokens: int = 0
+    accepted_prediction_tokens: int = 0
+    rejected_prediction_tokens: int = 0
+    audio_tokens: int = 0
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
+    completion_tokens_details: CompletionTokensDetails = Field(default_factory=CompletionTokensDetails)
 
 
 class TopLogprob(BaseModel):
@@ -86,9 +116,24 @@ class ChoiceLogprobs(BaseModel):
     content: list[TokenLogprob] | None = None
 
 
+class FunctionCall(BaseModel):
+    name: str | None = None
+    arguments: str | None = None  # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    """A tool call in a reply; in a stream delta `index` says which call a fragment extends."""
+
+    index: int | None = None
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCall
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class Choice(BaseModel):
@@ -110,6 +155,7 @@ class ChatCompletion(BaseModel):
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChunkChoice(BaseModel):

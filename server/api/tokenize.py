@@ -1,7 +1,8 @@
 """`POST /tokenize` (vLLM-compatible): the prompt ids chat completions would send to the engine.
 
 It runs exactly the chat path up to the engine: resolve `model`, refuse a request template,
-validate -> render -> length check (with `max_tokens` when given).
+structural bounds, then validate -> render -> length check off the event loop (with
+`max_tokens` when given).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from fastapi import APIRouter, Depends
 from server.api.deps import get_state, get_tenant
 from server.api.errors import BadRequest
 from server.api.protocol import TokenizeRequest, TokenizeResponse
+from server.bounds import check_lengths
 from server.state import ServerState
 
 router = APIRouter()
@@ -22,7 +24,9 @@ async def tokenize(body: TokenizeRequest, tenant: str = Depends(get_tenant), sta
         raise BadRequest("a request may not supply its own chat template; the base's is used",
                          param="chat_template")
     state.resolve_model(tenant, body.model)
-    prompt, _ = state.prepare_prompt(
+    if body.max_tokens is not None:
+        check_lengths(body.max_tokens, None, 0, state.max_model_len)
+    prompt, _ = await state.render_prompt(
         body.messages,
         max_tokens=body.max_tokens,
         add_generation_prompt=body.add_generation_prompt,

@@ -1,6 +1,7 @@
 """EngineConfig: every knob of the serving engine, validated once, frozen afterwards.
 
-The HTTP layer's pydantic settings map onto this dataclass; tests build one in a line
+The server's settings (`server.settings.ServerConfig.to_engine_config`) map onto this dataclass
+and take their defaults from it; tests build one in a line
 (`EngineConfig(base=path, quant="none")`). It knows nothing about models or tensors beyond
 dtype names.
 """
@@ -9,10 +10,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
-QUANT_CHOICES = ("nf4", "none")
-DTYPE_CHOICES = ("float32", "bfloat16", "float16", "auto")
-FOLD_CHOICES = ("off", "auto", "pinned")
+Quant = Literal["nf4", "none"]
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+Device = Literal["auto", "cpu", "cuda"]
+Fold = Literal["off", "auto", "pinned"]
+QUANT_CHOICES = get_args(Quant)
+DTYPE_CHOICES = get_args(DType)
+DEVICE_CHOICES = get_args(Device)
+FOLD_CHOICES = get_args(Fold)
 
 
 @dataclass(frozen=True)
@@ -27,7 +34,7 @@ class EngineConfig:
     max_cpu_lora_bytes: bytes the host cache may hold (LRU; the newest adapter always stays).
     loader_threads: adapters read from disk in parallel, so one slow load does not hold the rest.
     adapter_load_timeout_s: a load running longer fails only that adapter's requests (503).
-    max_lora_rank: the largest adapter rank a slot can hold.
+    max_rank: the largest adapter rank a slot can hold (the server also refuses larger uploads).
     max_model_len: prompt + completion tokens per sequence.
     max_num_seqs: sequences in the running batch.
     max_num_batched_tokens: tokens per step (prefill chunks + decodes).
@@ -41,22 +48,22 @@ class EngineConfig:
     """
 
     base: Path | str
-    quant: str = "nf4"
-    dtype: str = "auto"
-    device: str = "auto"
+    quant: Quant = "nf4"
+    dtype: DType = "auto"
+    device: Device = "auto"
     max_loras: int = 8
     max_cpu_loras: int = 64
     max_cpu_lora_bytes: int = 4 * 2**30
     loader_threads: int = 4
     adapter_load_timeout_s: float = 60.0
-    max_lora_rank: int = 64
+    max_rank: int = 64
     max_model_len: int = 2048
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 2048
     block_size: int = 16
     num_kv_blocks: int | None = None
     kv_cache_bytes: int = 512 * 2**20
-    fold: str = "auto"
+    fold: Fold = "auto"
     fold_window: int = 32  # steps; a dense build costs ~1 s on a CPU, so do not flap
     fold_budget: int = 1 * 2**30
 
@@ -65,12 +72,12 @@ class EngineConfig:
             raise ValueError(f"quant must be one of {QUANT_CHOICES}, got {self.quant!r}")
         if self.dtype not in DTYPE_CHOICES:
             raise ValueError(f"dtype must be one of {DTYPE_CHOICES}, got {self.dtype!r}")
-        if self.device not in ("cpu", "cuda", "auto"):
-            raise ValueError(f"device must be cpu, cuda or auto, got {self.device!r}")
+        if self.device not in DEVICE_CHOICES:
+            raise ValueError(f"device must be one of {DEVICE_CHOICES}, got {self.device!r}")
         if self.fold not in FOLD_CHOICES:
             raise ValueError(f"fold must be one of {FOLD_CHOICES}, got {self.fold!r}")
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
-                     "max_lora_rank", "fold_window", "loader_threads"):
+                     "max_rank", "fold_window", "loader_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.adapter_load_timeout_s > 0:

@@ -61,7 +61,7 @@ class SlotShare:
         for s in running:
             tenants.add(s.tenant)
             if s.adapter is not None:
-                self.held.setdefault(s.tenant, set()).add(s.adapter_id)
+                self.held.setdefault(s.tenant, set()).add(s.adapter.id)
         self.wanting: dict[str, int] = {}  # tenant -> waiting sequences that need an adapter
         for s in waiting:
             tenants.add(s.tenant)
@@ -80,5 +80,5 @@ class SlotShare:
 
     def admitted(self, seq: Sequence) -> None:
         if seq.adapter is not None:
-            self.held.setdefault(seq.tenant, set()).add(seq.adapter_id)
+            self.held.setdefault(seq.tenant, set()).add(seq.adapter.id)
             self.wanting[seq.tenant] -= 1

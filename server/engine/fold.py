@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from server.engine.lora import LoraLinear
+from server.engine.lora import MultiLoraLinear
 
 
 @dataclass
@@ -37,7 +37,7 @@ def fold_dtype(quant: str, device: torch.device, compute_dtype: torch.dtype) -> 
 
 
 class FoldManager:
-    def __init__(self, layers: dict[str, LoraLinear], mode: str, window: int, budget: int,
+    def __init__(self, layers: dict[str, MultiLoraLinear], mode: str, window: int, budget: int,
                  dtype: torch.dtype = torch.float32):
         self.layers = layers
         self.dtype = dtype
@@ -81,10 +81,10 @@ class FoldManager:
         try:
             for layer in self.layers.values():
                 if layer.slot_rank[slot]:
-                    layer.folded_weight, layer.folded_slot = layer.dense_weight(slot, self.dtype), slot
+                    layer.fold(slot, self.dtype)
         except BaseException:
             for layer in self.layers.values():  # never leave a half-folded model behind
-                layer.folded_weight, layer.folded_slot = None, None
+                layer.unfold()
             raise
         self.folded_id, self.folded_slot, self.folded_bytes = adapter_id, slot, needed
         self.stats.folds += 1
@@ -94,7 +94,7 @@ class FoldManager:
         if self.folded_id is None:
             return
         for layer in self.layers.values():
-            layer.folded_weight, layer.folded_slot = None, None
+            layer.unfold()
         self.folded_id, self.folded_slot, self.folded_bytes = None, None, 0
         self.stats.unfolds += 1
 
@@ -110,3 +110,7 @@ class FoldManager:
         self.pinned.discard(adapter_id)
         if self.folded_id == adapter_id and self.mode != "auto":
             self.unfold()
+
+    def forget(self, adapter_id: str) -> None:
+        """A deleted adapter: drop its pin (its slot's change unfolds it, see `on_slot_change`)."""
+        self.pinned.discard(adapter_id)

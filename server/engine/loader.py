@@ -1,9 +1,10 @@
 """Build the engine's model from a Hugging Face directory: config -> `CausalLM`, safetensors -> weights.
 
-Projections become `LoraLinear` wrappers around either a plain `nn.Linear` (`quant="none"`) or a
+Projections become `MultiLoraLinear` wrappers around either a plain `nn.Linear` (`quant="none"`) or a
 bitsandbytes `Linear4bit` quantized to NF4 from the checkpoint's weights at load time, exactly as
 transformers' `BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")` does (no double
-quantization, uint8 storage; embeddings, norms and the LM head stay unquantized). Only
+quantization, uint8 storage; embeddings, norms and the LM head stay unquantized), through
+`adapters.quant.nf4_linear`, the construction the trainer's QLoRA uses too. Only
 safetensors are read; nothing is unpickled.
 """
 
@@ -17,11 +18,10 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from adapters.quant import DTYPES, nf4_linear
 from server.engine.errors import UnsupportedModel
-from server.engine.lora import LoraLinear
+from server.engine.lora import MultiLoraLinear
 from server.engine.model import CausalLM, ModelSpec
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
@@ -53,19 +53,11 @@ def _make_base_linear(weight: torch.Tensor, bias: torch.Tensor | None, quant: st
         if bias is not None:
             layer.bias = nn.Parameter(bias.to(device=device, dtype=dtype), requires_grad=False)
         return layer
-    import bitsandbytes as bnb
-
-    layer = bnb.nn.Linear4bit(in_features, out_features, bias=bias is not None, compute_dtype=dtype,
-                              compress_statistics=False, quant_type="nf4", quant_storage=torch.uint8,
-                              device="meta")
-    params = dict(layer.weight.__dict__)
-    layer.weight = bnb.nn.Params4bit(weight.to(dtype), requires_grad=False, **params).to(device)
+    layer = nf4_linear(weight, None if bias is None else bias.to(dtype), dtype, device)
     if device.type == "cpu":
         # The first CPU forward repacks weight and quant state in place (AVX512-BF16 kernels);
         # fold needs the original NF4 blocks to dequantize, so keep a private copy.
         layer.nf4_source = (layer.weight.data.clone(), copy.deepcopy(layer.weight.quant_state))
-    if bias is not None:
-        layer.bias = nn.Parameter(bias.to(device=device, dtype=dtype), requires_grad=False)
     return layer.eval()
 
 
@@ -74,13 +66,13 @@ def load_model(model_dir: Path, quant: str, dtype: torch.dtype, device: torch.de
     """Args:
     model_dir: Hugging Face directory with config.json and *.safetensors.
     quant: "nf4" or "none".
-    num_slots, max_rank: the adapter slot layout of every `LoraLinear`.
+    num_slots, max_rank: the adapter slot layout of every `MultiLoraLinear`.
     """
     model_dir = Path(model_dir)
     spec = ModelSpec.from_config(json.loads((model_dir / "config.json").read_text()))
 
-    def make_linear(in_features: int, parts: list[tuple[str, int]], bias: bool) -> LoraLinear:
-        layer = LoraLinear(nn.Identity(), in_features, parts, num_slots, max_rank, dtype, device)
+    def make_linear(in_features: int, parts: list[tuple[str, int]], bias: bool) -> MultiLoraLinear:
+        layer = MultiLoraLinear(nn.Identity(), in_features, parts, num_slots, max_rank, dtype, device)
         layer.expects_bias = bias
         return layer
 
@@ -88,7 +80,7 @@ def load_model(model_dir: Path, quant: str, dtype: torch.dtype, device: torch.de
         model = CausalLM(spec, make_linear, dtype, "meta")
     tensors = _read_tensors(model_dir)
     # Embeddings and norms first: the projections' base layers are still empty placeholders.
-    for name, param in list(model.named_parameters()):
+    for name, _ in list(model.named_parameters()):
         if name not in tensors:
             raise UnsupportedModel(f"checkpoint has no tensor {name!r}")
         owner, _, attr = name.rpartition(".")

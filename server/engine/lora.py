@@ -1,6 +1,6 @@
 """The multi-LoRA linear layer: a wrapped base Linear / Linear4bit plus stacked slot tensors.
 
-Each `LoraLinear` holds every slot's A and B in layouts the `bmm`s read directly
+Each `MultiLoraLinear` holds every slot's A and B in layouts the `bmm`s read directly
 (`A (num_slots + 1, parts, r, in)`, `Bt (num_slots + 1, parts, r, out)`), where slot 0 stays all
 zeros (the base alone) and B is stored pre-multiplied by the adapter's scaling. Routing
 is an index built once per step (`LoraStep`, shared by all layers): the step's tokens grouped by
@@ -43,11 +43,11 @@ class LoraStep:
         return self._part_gathers[parts]
 
 
-def build_lora_step(token_slots: list[int], generation: int, device, dtype,
+def build_lora_step(token_slots: list[int], version: int, device, dtype,
                     fold_slot: int | None = None) -> LoraStep | None:
     """Args:
     token_slots: the slot of every token of the step, in row order.
-    generation: bumps whenever any slot's contents change (invalidates layer caches).
+    version: `SlotTable.version`; bumps whenever any slot's contents change (invalidates layer caches).
     fold_slot: a slot whose dense folded weights are ready; used if it owns every token.
     """
     active = sorted(set(token_slots) - {0})
@@ -56,7 +56,7 @@ def build_lora_step(token_slots: list[int], generation: int, device, dtype,
     if len(active) == 1 and 0 not in token_slots:
         mode = "fold" if fold_slot == active[0] else "single"
         return LoraStep(mode, slot=active[0], active=torch.tensor(active, device=device),
-                        key=(tuple(active), generation))
+                        key=(tuple(active), version))
     rows: dict[int, list[int]] = {s: [] for s in active}
     for i, s in enumerate(token_slots):
         if s:
@@ -73,14 +73,14 @@ def build_lora_step(token_slots: list[int], generation: int, device, dtype,
     return LoraStep(
         "grouped",
         active=torch.tensor(active, dtype=torch.long, device=device),
-        key=(tuple(active), generation),
+        key=(tuple(active), version),
         gather=torch.tensor(gather, dtype=torch.long, device=device),
         pad=None if even else torch.tensor(pad_flags, device=device).view(len(active), max_tokens, 1),
         max_tokens=max_tokens,
     )
 
 
-class LoraLinear(nn.Module):
+class MultiLoraLinear(nn.Module):
     """Wraps a base linear layer; `forward(x, lora)` adds each token's slot's `B @ A @ x`.
 
     A layer may fuse P projections of equal output size that read the same input (k/v,
@@ -167,6 +167,13 @@ class LoraLinear(nn.Module):
             delta = torch.bmm(B, A)  # (P, out_p, in)
             w = w + delta.reshape(self.out_features, self.in_features)
         return w.to(dtype or self.dtype)
+
+    def fold(self, slot: int, dtype: torch.dtype) -> None:
+        """Run `slot`'s tokens through a dense copy `dense_weight(slot)` from now on."""
+        self.folded_weight, self.folded_slot = self.dense_weight(slot, dtype), slot
+
+    def unfold(self) -> None:
+        self.folded_weight, self.folded_slot = None, None
 
     def forward(self, x: torch.Tensor, lora: LoraStep | None = None) -> torch.Tensor:
         """x (T, in) -> (T, out)."""

@@ -3,7 +3,7 @@
 Module and parameter names mirror Hugging Face's (`model.layers.N.input_layernorm`, ...), except
 that projections reading the same input with one output size are fused (`kv_proj`,
 `gate_up_proj`: fewer, larger matmuls and one LoRA gather each); `lora_targets()` maps HF/PEFT projection paths to a fused
-layer and its part. Every projection is a `LoraLinear` wrapping the base layer. Activations are 2-D `(num_tokens, hidden)`: the step's
+layer and its part. Every projection is a `MultiLoraLinear` wrapping the base layer. Activations are 2-D `(num_tokens, hidden)`: the step's
 sequences are packed back to back, and `StepContext` (built once per step by the runner) carries
 positions, rotary tables, paged-attention indices and LoRA routing to every layer.
 """
@@ -19,7 +19,7 @@ from torch import nn
 
 from server.engine.attention import AttnStep, paged_attention
 from server.engine.errors import UnsupportedModel
-from server.engine.lora import LoraLinear, LoraStep
+from server.engine.lora import MultiLoraLinear, LoraStep
 
 
 @dataclass(frozen=True)
@@ -131,7 +131,7 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, kv, d
         self.q_size, self.kv_size = spec.num_heads * d, kv * d
         self.q_proj = make_linear(h, [("q_proj", self.q_size)], spec.attention_bias)
-        # k and v read the same input and have one size: one fused projection (see LoraLinear)
+        # k and v read the same input and have one size: one fused projection (see MultiLoraLinear)
         self.kv_proj = make_linear(h, [("k_proj", self.kv_size), ("v_proj", self.kv_size)], spec.attention_bias)
         self.o_proj = make_linear(spec.num_heads * d, [("o_proj", h)], False)
         self.k_cache: torch.Tensor | None = None  # (num_blocks * block_size, kv_heads, head_dim)
@@ -196,11 +196,11 @@ class CausalLM(nn.Module):
         x = self.model.norm(x.index_select(0, logit_rows))  # only rows that sample
         return F.linear(x, self.lm_head_weight).float()
 
-    def lora_layers(self) -> dict[str, LoraLinear]:
+    def lora_layers(self) -> dict[str, MultiLoraLinear]:
         """Our module path (fused names like `...self_attn.kv_proj`) -> wrapped layer."""
-        return {name: m for name, m in self.named_modules() if isinstance(m, LoraLinear)}
+        return {name: m for name, m in self.named_modules() if isinstance(m, MultiLoraLinear)}
 
-    def lora_targets(self) -> dict[str, tuple[LoraLinear, str]]:
+    def lora_targets(self) -> dict[str, tuple[MultiLoraLinear, str]]:
         """Hugging Face / PEFT module path (`...self_attn.q_proj`) -> (wrapped layer, part name)."""
         targets = {}
         for name, layer in self.lora_layers().items():

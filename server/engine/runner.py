@@ -51,13 +51,14 @@ class ModelRunner:
             sin=self.sin[pos].unsqueeze(1),
             attn=build_attn_step([(e.seq.block_table, e.start, e.num_new) for e in entries],
                                  self.block_size, num_decodes, self.device),
-            lora=build_lora_step(token_slots, self.slot_table.generation, self.device, self.dtype,
+            lora=build_lora_step(token_slots, self.slot_table.version, self.device, self.dtype,
                                  fold_slot),
         )
         if not logit_rows:
             self.model(torch.tensor(ids, device=self.device), ctx,
                        torch.tensor([0], device=self.device))  # fills the KV cache only
             return [None] * len(entries)
+        self.sampler.prefetch([e.seq for e in entries if e.samples])  # grammar masks overlap the forward
         logits = self.model(torch.tensor(ids, device=self.device), ctx,
                             torch.tensor(logit_rows, device=self.device))
         sampled = self.sampler.sample(logits, [e.seq for e in entries if e.samples])

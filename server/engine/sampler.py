@@ -14,10 +14,12 @@ with `engine_error` (500). Nothing a sequence brings can make `sample` raise for
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 
+from server.engine import logits as logits_processors
 from server.engine.sequence import Sequence
 
 logger = logging.getLogger(__name__)
@@ -45,13 +47,19 @@ class Sampler:
     def __init__(self, seed: int | None = None):
         self._shared = torch.Generator()
         self._shared.manual_seed(seed if seed is not None else torch.seed())
+        self._masks = ThreadPoolExecutor(max_workers=2, thread_name_prefix="grammar-mask")
+
+    def prefetch(self, seqs: list[Sequence]) -> None:
+        """Before the forward: start the grammar masks of the sequences about to sample."""
+        logits_processors.prefetch(seqs, self._masks)
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[SampledToken]:
         """logits (S, vocab) float32 on any device; one row per sequence."""
         logits = logits.cpu()
         raw = logits
         vocab = logits.shape[-1]
-        finite = torch.isfinite(logits).all(dim=-1).tolist()  # one reduction; (S,)
+        finite = torch.isfinite(raw).all(dim=-1).tolist()  # one reduction on the model's own output; (S,)
+        logits = logits_processors.process(logits, seqs)  # penalties, logit_bias, grammar, min_p
         masked = [i for i, s in enumerate(seqs) if s.below_min_tokens]
         if masked:
             logits = logits.clone()
@@ -71,6 +79,8 @@ class Sampler:
                     logger.exception("sampling failed for request %s", seqs[i].request_id)
                     failed[i] = ENGINE_ERROR
         out = [SampledToken.failed(failed[i]) if i in failed else SampledToken(t) for i, t in enumerate(tokens)]
+        ok = [i for i in range(len(seqs)) if i not in failed]
+        logits_processors.accept([seqs[i] for i in ok], [tokens[i] for i in ok])
         wants = [i for i, s in enumerate(seqs) if s.sampling.logprobs is not None and i not in failed]
         if wants:
             logprobs = torch.log_softmax(raw[wants], dim=-1)

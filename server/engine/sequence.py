@@ -54,6 +54,7 @@ class Sequence:
     num_preemptions: int = 0
     generator: object = None  # the sampler's per-request torch.Generator (seeded requests)
     tenant: str = "default"  # whose request: fair slot share and per-tenant state key on it
+    grammar_state: object = None  # the grammar matcher of a constrained request (engine/logits.py)
 
     @property
     def adapter_id(self) -> str | None:

@@ -26,7 +26,7 @@ import torch
 
 from adapters.format import read_peft
 from server.engine.errors import AdapterLoadError
-from server.engine.lora import LoraLinear
+from server.engine.lora import MultiLoraLinear
 from server.engine.sequence import NO_SLOT, Sequence
 from server.engine.types import AdapterRef
 
@@ -38,7 +38,7 @@ class SlotTable:
     """What the runner needs per step: each slot's max rank and a version of all slot contents."""
 
     ranks: list[int]
-    generation: int = 0
+    version: int = 0  # bumps whenever any slot's contents change
 
 
 @dataclass
@@ -55,7 +55,7 @@ class HostAdapter:
     nbytes: int = 0
 
 
-def read_host_adapter(ref: AdapterRef, targets: dict[str, tuple[LoraLinear, str]], max_rank: int,
+def read_host_adapter(ref: AdapterRef, targets: dict[str, tuple[MultiLoraLinear, str]], max_rank: int,
                       dtype: torch.dtype) -> HostAdapter:
     """Read a PEFT directory and shape it for the slots (runs in the loader thread)."""
     try:
@@ -70,7 +70,7 @@ def read_host_adapter(ref: AdapterRef, targets: dict[str, tuple[LoraLinear, str]
         layer, part = targets[path]
         out_features = layer.part_out
         if module.rank > max_rank:
-            raise AdapterLoadError(f"adapter {ref.id}: rank {module.rank} > max_lora_rank {max_rank}")
+            raise AdapterLoadError(f"adapter {ref.id}: rank {module.rank} > max_rank {max_rank}")
         if tuple(module.A.shape) != (module.rank, layer.in_features) or \
                 tuple(module.B.shape) != (out_features, module.rank):
             raise AdapterLoadError(f"adapter {ref.id}: {path} has shapes A{tuple(module.A.shape)} "
@@ -92,7 +92,7 @@ class SlotStats:
 
 
 class AdapterSlots:
-    def __init__(self, targets: dict[str, tuple[LoraLinear, str]], num_slots: int, max_cpu: int,
+    def __init__(self, targets: dict[str, tuple[MultiLoraLinear, str]], num_slots: int, max_cpu: int,
                  max_rank: int, dtype: torch.dtype, on_slot_change=None, *, max_cpu_bytes: int | None = None,
                  loader_threads: int = 1, load_timeout_s: float | None = None):
         """Args:
@@ -102,7 +102,7 @@ class AdapterSlots:
         load_timeout_s: a load running longer fails its adapter's requests; None = no deadline.
         """
         self.targets = targets
-        self.layers: dict[int, LoraLinear] = {id(layer): layer for layer, _ in targets.values()}
+        self.layers: dict[int, MultiLoraLinear] = {id(layer): layer for layer, _ in targets.values()}
         self.num_slots, self.max_cpu, self.max_rank, self.dtype = num_slots, max_cpu, max_rank, dtype
         self.table = SlotTable(ranks=[0] * (num_slots + 1))
         self.owner: list[str | None] = [None] * (num_slots + 1)  # slot -> adapter id
@@ -269,7 +269,7 @@ class AdapterSlots:
         self.owner[slot] = host.id
         self.slot_of[host.id] = slot
         self.table.ranks[slot] = host.max_rank
-        self.table.generation += 1
+        self.table.version += 1
         self.stats.loads += 1
         if evicted is not None:
             self._maybe_gone(evicted)
@@ -286,7 +286,7 @@ class AdapterSlots:
         if aid is not None:
             self._maybe_gone(aid)
         self.table.ranks[slot] = 0
-        self.table.generation += 1
+        self.table.version += 1
         if self.on_slot_change:
             self.on_slot_change(slot)
 

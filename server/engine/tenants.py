@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 
-from server.engine.types import Residency
+from server.engine.types import AdapterResidency
 
 
 class TenantState:
@@ -53,10 +53,10 @@ class TenantState:
                     del self._pins[adapter_id]
 
     def residency(self, tenant: str, tiers: dict[str, str], epochs: dict[str, int],
-                  folded_id: str | None) -> dict[str, Residency]:
+                  folded_id: str | None) -> dict[str, AdapterResidency]:
         """What `tenant` may see: its own uses in the current residency, and its own pins
         ("disk" until the pinned adapter is resident for this tenant)."""
-        out: dict[str, Residency] = {}
+        out: dict[str, AdapterResidency] = {}
         with self._lock:
             seen = self._seen.get(tenant, {})
             for aid, epoch in list(seen.items()):
@@ -64,8 +64,8 @@ class TenantState:
                 if tier is None or epoch is None or epochs.get(aid) != epoch:
                     del seen[aid]  # that residency ended (or never began for this tenant)
                     continue
-                out[aid] = Residency(tier, folded=folded_id == aid, pinned=tenant in self._pins.get(aid, ()))
+                out[aid] = AdapterResidency(tier, folded=folded_id == aid, pinned=tenant in self._pins.get(aid, ()))
             for aid, tenants in self._pins.items():
                 if tenant in tenants and aid not in out:
-                    out[aid] = Residency("disk", folded=False, pinned=True)
+                    out[aid] = AdapterResidency("disk", folded=False, pinned=True)
         return out

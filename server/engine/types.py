@@ -1,13 +1,16 @@
-"""The engine's contract with its callers: what goes in (a prompt, an adapter, sampling) and what comes out.
+"""The engine's contract with its callers: what goes in (a prompt, an adapter, sampling), what comes
+out (token events, a stats snapshot) and the `EngineClient` protocol the server is typed against.
 
-The HTTP layer builds these and never sees sequences, blocks or slots. The engine owns
+The HTTP layer builds and reads these and never sees sequences, blocks or slots. The engine owns
 everything behind `add_request` / `abort`.
 """
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,13 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # None: off; k >= 0: the chosen token's logprob and the top k
+    # Logits processors (server/engine/logits.py checks their bounds)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_p: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    grammar: object = field(default=None, compare=False)  # a compiled grammar (server/engine/grammar.py)
 
     def __post_init__(self):
         _check_int("max_tokens", self.max_tokens, 1, None)
@@ -79,6 +89,9 @@ class SamplingParams:
             object.__setattr__(self, "seed", self.seed % 2**64)
         object.__setattr__(self, "stop", stop)
         object.__setattr__(self, "stop_token_ids", ids)
+        from server.engine.logits import check_bounds  # one place for the processors' bounds
+
+        check_bounds(self)
 
     @property
     def greedy(self) -> bool:
@@ -98,19 +111,6 @@ def _check_float(name: str, value, low: float, high: float) -> float:
     if not low <= value <= high:  # also refuses NaN
         raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
     return float(value)
-
-
-@dataclass(frozen=True)
-class Residency:
-    """Where an adapter lives, as one tenant may see it (`Engine.tenant_residency`).
-
-    tier: "device" | "host" | "loading" | "failed" | "disk"; folded: its traffic runs through
-    dense weights; pinned: this tenant's own pin (never another tenant's).
-    """
-
-    tier: str
-    folded: bool = False
-    pinned: bool = False
 
 
 @dataclass
@@ -137,3 +137,113 @@ class TokenEvent:
     error: str | None = None  # set with finish_reason "abort" when the engine could not serve it
     error_code: str | None = None
     error_status: int | None = None
+
+
+# -- what the engine reports (read by /v1/models, /v1/adapters and /metrics) --------------------
+
+DISK = "disk"  # the tier of an adapter the engine does not hold: it is only in the store
+TIERS = ("device", "host", "loading", "failed")  # the tiers the engine itself reports
+
+
+@dataclass(frozen=True)
+class AdapterResidency:
+    """Where one adapter lives now: its tier and whether it is folded or pinned."""
+
+    tier: str = DISK  # device | host | loading | failed | disk
+    folded: bool = False
+    pinned: bool = False
+
+
+@dataclass(frozen=True)
+class FoldView:
+    """The fold state: the folded adapter (at most one), the pinned ones and the counters."""
+
+    folded: str | None = None
+    pinned: tuple[str, ...] = ()
+    bytes: int = 0  # dense copies held for the folded adapter
+    folds: int = 0
+    unfolds: int = 0
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the engine, taken between steps; every field has a zero value.
+
+    `adapters` maps adapter id -> tier ("device" | "host" | "loading" | "failed"); an adapter it
+    does not name is only on disk. `slots` maps each adapter slot (1..max_loras; slot 0 is the
+    base) to the adapter id it holds, or None.
+    """
+
+    waiting: int = 0
+    running: int = 0
+    adapters: Mapping[str, str] = field(default_factory=dict)
+    slots: Mapping[int, str | None] = field(default_factory=dict)
+    fold: FoldView = FoldView()
+    slot_loads: int = 0  # host -> slot writes (monotonic)
+    slot_evictions: int = 0  # slots overwritten while holding another adapter (monotonic)
+    disk_loads: int = 0
+    adapter_load_errors: int = 0
+    adapter_load_timeouts: int = 0  # loads that ran past adapter_load_timeout_s (monotonic)
+    host_cache_bytes: int = 0  # bytes the host adapter cache holds now
+    preemptions: int = 0
+    kv_blocks_total: int = 0
+    kv_blocks_used: int = 0
+    steps: int = 0
+    generated_tokens: int = 0
+
+    @property
+    def kv_usage(self) -> float:
+        return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
+
+    def residency(self) -> dict[str, AdapterResidency]:
+        """adapter id -> AdapterResidency for every adapter the engine holds, folds or pins."""
+        pinned = set(self.fold.pinned)
+        folded = self.fold.folded
+        ids = set(self.adapters) | pinned | ({folded} if folded else set())
+        return {aid: AdapterResidency(self.adapters.get(aid, DISK), aid == folded, aid in pinned) for aid in ids}
+
+
+# -- the contract ----------------------------------------------------------------------------
+
+
+@runtime_checkable
+class EngineClient(Protocol):
+    """What the server needs of an engine: `Engine`, the tests' `FakeEngine` and, later, a remote
+    replica all satisfy it (tests/server/test_engine_contract.py compares their signatures).
+
+    `add_request` raises the engine's typed errors (`PromptTooLong`, `EngineStopped`, ...) at once;
+    closing the returned iterator early aborts the request. `abort`, `pin`, `unpin` and
+    `forget_adapter` are commands applied between steps, safe from any thread.
+
+    Per-tenant state is keyed by (tenant, content id) (issue 9): `add_request` carries the tenant,
+    `pin`/`unpin` pin for one tenant and never remove another's pin, and `tenant_residency`
+    shows only the adapters that tenant used or pinned, with `pinned` meaning its own pin.
+    """
+
+    tokenizer: Any  # a Hugging Face tokenizer (the server renders and counts with it)
+    max_model_len: int  # prompt + completion tokens the engine's model supports
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        adapter: AdapterRef | None,
+        sampling: SamplingParams,
+        tenant: str = "default",
+    ) -> AsyncIterator[TokenEvent]: ...
+
+    def abort(self, request_id: str) -> None: ...
+
+    def pin(self, adapter: AdapterRef, tenant: str = "default") -> None: ...
+
+    def unpin(self, adapter_id: str, tenant: str = "default") -> None: ...
+
+    def forget_adapter(self, adapter_id: str, tenant: str | None = None) -> None: ...
+
+    def stats(self) -> EngineStats: ...
+
+    def tenant_residency(self, tenant: str) -> dict[str, AdapterResidency]: ...

@@ -132,7 +132,7 @@ def test_linear_at_default_rank_is_lossless(inputs):
 
 def test_requested_rank_and_its_eckart_young_error(inputs):
     result = merge_adapters(inputs, "ties", rank=3, density=0.5)
-    for path, module in result.weights.modules.items():
+    for module in result.weights.modules.values():
         assert module.rank == 3
     path = attn(1, "q_proj")
     full = merge_adapters(inputs, "ties", rank=64, density=0.5).weights.modules[path].delta()

@@ -113,7 +113,7 @@ def test_invalid_names_are_refused_everywhere(store, adapters, name):
         with pytest.raises(InvalidName) as caught:
             call()
         assert caught.value.code == "invalid_name" and caught.value.status == 400
-    assert snapshot(store.root) == {"blobs": "dir", "tenants": "dir", "tmp": "dir"}
+    assert snapshot(store.root) == {"blobs": "dir", "holds": "dir", "tenants": "dir", "tmp": "dir"}
 
 
 @pytest.mark.parametrize("name", ["a", "x" * 64, "Model_v1.2-final", "-dash", "_under", "3"])

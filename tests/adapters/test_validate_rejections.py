@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from adapters.base import BaseInfo
+from adapters.bounds import AdapterBounds
 from adapters.errors import InvalidAdapter
 from adapters.format import CONFIG_FILE, PROVENANCE_FILE, WEIGHTS_FILE, write_peft
 from adapters.store import AdapterStore
@@ -184,9 +185,29 @@ CASES = [
     Case("st_unknown_dtype", write(WEIGHTS_FILE, raw_safetensors({key(Q0, "A"): entry("F12", [4, 4], 0, 64)}, bytes(64))), "malformed_safetensors", 400, "unknown dtype 'F12'"),
     Case("st_bad_shape", write(WEIGHTS_FILE, raw_safetensors({key(Q0, "A"): entry("F32", [-4, 4], 0, 64)}, bytes(64))), "malformed_safetensors", 400, "invalid shape"),
     Case("st_duplicate_tensor", write(WEIGHTS_FILE, _duplicate_key_file()), "malformed_safetensors", 400, "duplicate key 'a'"),
-    Case("st_deep_header", write(WEIGHTS_FILE, raw_safetensors({}, header_len=100_000)[:8] + b"[" * 100_000), "malformed_safetensors", 400, "nested too deeply"),
+    Case("st_deep_header", write(WEIGHTS_FILE, raw_safetensors({}, header_len=60_000)[:8] + b"[" * 60_000), "malformed_safetensors", 400, "nested too deeply"),
     Case("st_metadata_not_strings", write(WEIGHTS_FILE, raw_safetensors({"__metadata__": {"format": 1}})), "malformed_safetensors", 400, "__metadata__"),
     Case("st_pickle_bytes", write(WEIGHTS_FILE, b"\x80\x04\x95" + bytes(64)), "malformed_safetensors", 400, "overflows"),
+    # -- numeric bounds (adapters/bounds.py, defaults) --------------------------------------------
+    Case("alpha_1e300", edit_config(lora_alpha=1e300), "adapter_out_of_range", 422, "model.layers.0.mlp.down_proj: scaling = 2.5e+299 exceeds 1024"),
+    Case("alpha_pattern_one_module", edit_config(alpha_pattern={"model.layers.1.self_attn.v_proj": 1e6}), "adapter_out_of_range", 422, "model.layers.1.self_attn.v_proj: scaling = 2.5e+05 exceeds 1024"),
+    Case("rslora_alpha", edit_config(use_rslora=True, lora_alpha=4096), "adapter_out_of_range", 422, "scaling = 2.05e+03 exceeds 1024"),
+    Case("a_near_float32_max", tensors(lambda s: s[key(Q0, "A")].__setitem__((0, 0), 3e38)), "adapter_out_of_range", 422, f"{Q0}: max |lora_A| = 3e+38 exceeds 10000"),
+    Case("b_over_magnitude", tensors(lambda s: s[key(Q0, "B")].__setitem__((1, 1), -2e4)), "adapter_out_of_range", 422, f"{Q0}: max |lora_B| = 2e+04 exceeds 10000"),
+    Case("update_ratio", tensors(lambda s: s[key(Q0, "B")].mul_(100)), "adapter_out_of_range", 422, f"{Q0}: ||scaling*B@A||/||W|| = "),
+    Case("update_ratio_custom_bound", lambda d: None, "adapter_out_of_range", 422, "exceeds 0.01", {"bounds": AdapterBounds(max_delta_ratio=0.01)}),
+    # -- shapes the library would choke on ---------------------------------------------------------
+    Case("zero_rank", tensors(lambda s: s.update({key(Q0, "A"): torch.ones(0, 64), key(Q0, "B"): torch.ones(64, 0)})), "malformed_safetensors", 400, "zero-size dimension"),
+    Case("zero_d_lora_a", write(WEIGHTS_FILE, raw_safetensors({key(Q0, "A"): entry("F32", [], 0, 4)}, bytes(4))), "malformed_safetensors", 400, "has 0 dimensions []; 2 are required"),
+    Case("one_d_lora_a", write(WEIGHTS_FILE, raw_safetensors({key(Q0, "A"): entry("F32", [4], 0, 16)}, bytes(16))), "malformed_safetensors", 400, "has 1 dimensions [4]"),
+    Case("dim_2_64_by_0", write(WEIGHTS_FILE, raw_safetensors({key(Q0, "A"): entry("F32", [2**64, 0], 0, 0)})), "malformed_safetensors", 400, "dimension over 2147483647"),
+    Case("dim_huge_product", write(WEIGHTS_FILE, raw_safetensors({key(Q0, "A"): entry("F32", [2**31 - 1, 2**31 - 1], 0, 2**66)})), "malformed_safetensors", 400, "run past the end of the file"),
+    # -- structural caps derived from the base ------------------------------------------------------
+    Case("too_many_tensors", write(WEIGHTS_FILE, raw_safetensors({f"t{i}": entry("F32", [1, 1], 4 * i, 4 * i + 4) for i in range(45)}, bytes(180))), "too_many_tensors", 413, "more than 44 tensors"),
+    Case("header_240k_tensors", write(WEIGHTS_FILE, raw_safetensors({f"t{i}": entry("F32", [1, 1], 4 * i, 4 * i + 4) for i in range(240_000)}, bytes(960_000))), "malformed_safetensors", 400, "overflows the 88064-byte cap"),
+    Case("alpha_pattern_70k", edit_config(alpha_pattern={f"m{i}": 1.0 for i in range(70_000)}), "too_many_entries", 422, "alpha_pattern has 70000 entries; at most 23"),
+    Case("rank_pattern_too_many", edit_config(rank_pattern={f"m{i}": 4 for i in range(24)}), "too_many_entries", 422, "rank_pattern has 24 entries"),
+    Case("target_modules_too_many", edit_config(target_modules=[f"q_proj{i}" for i in range(24)]), "too_many_entries", 422, "target_modules has 24 entries"),
     # -- provenance ------------------------------------------------------------------------------
     Case("provenance_not_json", write(PROVENANCE_FILE, "{"), "invalid_provenance", 400, "loraswap.json is not valid JSON"),
     Case("provenance_bad_sha", write(PROVENANCE_FILE, '{"chat_template_sha256": "abc"}'), "invalid_provenance", 400, "field 'chat_template_sha256'"),

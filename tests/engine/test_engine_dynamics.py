@@ -120,25 +120,25 @@ def test_fold_equals_unfolded_and_unfolds_for_other_traffic(tiny_base_dir, adapt
     engine = tiny_engine(tiny_base_dir, fold="auto", fold_window=2)
     engine.pin(a)
     got_a = engine.generate(PROMPTS, [a] * 4, GREEDY)
-    assert engine.fold.stats.folds == 1 and engine.stats()["fold"]["folded"] == a.id
+    assert engine.fold.stats.folds == 1 and engine.stats().fold.folded == a.id
     assert got_a == want_a
     assert engine.generate(PROMPTS[:2], [a, b], GREEDY) == want_mixed
     engine.unpin(a.id)
     engine.generate([PROMPTS[0]], [b], GREEDY)  # b alone for > fold_window steps: auto fold
-    assert engine.stats()["fold"]["folded"] == b.id
+    assert engine.stats().fold.folded == b.id
     assert engine.generate(PROMPTS[:2], [a, b], GREEDY) == want_mixed  # mixed traffic unfolds b
-    assert engine.stats()["fold"]["folded"] is None
+    assert engine.stats().fold.folded is None
     assert_released(engine)
 
 
 def test_forget_and_failed_adapter(tiny_base_dir, adapters, tmp_path):
     engine = tiny_engine(tiny_base_dir)
     engine.generate([PROMPTS[1]], [adapters[0]], GREEDY)
-    assert engine.stats()["adapters"][adapters[0].id] == "device"
+    assert engine.stats().adapters[adapters[0].id] == "device"
     engine.forget_adapter(adapters[0].id)
     engine._drain_inbox()
-    assert adapters[0].id not in engine.stats()["adapters"]
-    assert all(owner is None for owner in engine.stats()["slots"].values())
+    assert adapters[0].id not in engine.stats().adapters
+    assert all(owner is None for owner in engine.stats().slots.values())
     out: dict = {}
     submit(engine, "bad", PROMPTS[1], AdapterRef("missing", tmp_path / "nope"), GREEDY, out)
     submit(engine, "good", PROMPTS[1], None, GREEDY, out)

@@ -111,7 +111,7 @@ def test_same_adapter_needs_no_new_slot_and_the_base_is_never_limited():
 
 def test_admission_is_round_robin_across_tenants():
     sched, _ = scheduler(max_num_seqs=4)
-    for i in range(10):
+    for _ in range(10):
         sched.add(seq("alice"))  # a burst
     sched.add(seq("bob"))
     sched.add(seq("carol"))

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from adapters.format import LoraModule, LoraWeights, peft_config, write_peft
-from server.engine.lora import LoraLinear, build_lora_step
+from server.engine.lora import MultiLoraLinear, build_lora_step
 from server.engine.sequence import NO_SLOT, Sequence
 from server.engine.slots import AdapterSlots
 from server.engine.types import AdapterRef, SamplingParams
@@ -22,7 +22,7 @@ PARTS = [("q", 6), ("k", 6), ("v", 6)]  # a fused layer, out 18
 def make_layer(num_slots=4, ranks=(3, 8, 5, 1), seed=0):
     """Slot s adapts q and v with rank ranks[s-1]; slot 2 also adapts k with rank 2."""
     torch.manual_seed(seed)
-    layer = LoraLinear(nn.Linear(12, 18), 12, PARTS, num_slots, 16, torch.float32, "cpu")
+    layer = MultiLoraLinear(nn.Linear(12, 18), 12, PARTS, num_slots, 16, torch.float32, "cpu")
     mods = {}
     for slot, r in enumerate(ranks, start=1):
         parts = {"q": (torch.randn(r, 12), torch.randn(6, r), 0.5), "v": (torch.randn(r, 12), torch.randn(6, r), 1.0)}
@@ -53,7 +53,7 @@ def delta(parts, x):
 def test_lora_layer_equals_per_adapter_loop(slots):
     layer, mods = make_layer()
     x = torch.randn(len(slots), 12)
-    step = build_lora_step(slots, generation=1, device="cpu", dtype=torch.float32)
+    step = build_lora_step(slots, version=1, device="cpu", dtype=torch.float32)
     got = layer(x, step)
     want = layer.base(x)
     for i, s in enumerate(slots):  # the reference: a Python loop over tokens / adapters
@@ -84,7 +84,7 @@ class FakeModelLayers(dict):
     """PEFT module paths -> (a fused q/v layer, part), as `CausalLM.lora_targets()` gives."""
 
     def __init__(self, num_slots):
-        layer = LoraLinear(nn.Linear(8, 16), 8, [("q_proj", 8), ("v_proj", 8)], num_slots, 8, torch.float32, "cpu")
+        layer = MultiLoraLinear(nn.Linear(8, 16), 8, [("q_proj", 8), ("v_proj", 8)], num_slots, 8, torch.float32, "cpu")
         super().__init__({f"model.layers.0.self_attn.{p}": (layer, p) for p in ("q_proj", "v_proj")})
 
 

@@ -147,7 +147,7 @@ def test_randomised_invariants():
     gate = FakeGate()
     sched = Scheduler(bm, gate, max_num_seqs=4, max_num_batched_tokens=12)
     live = []
-    for step in range(400):
+    for _ in range(400):
         if rng.random() < 0.3:
             s = make_seq(rng.randint(1, 8), max_tokens=rng.randint(1, 6), adapter=rng.choice([None, "a", "b"]))
             sched.add(s)

@@ -8,7 +8,7 @@ import threading
 import pytest
 
 import server.engine.slots as slots_module
-from server.engine.types import AdapterRef, Residency
+from server.engine.types import AdapterRef, AdapterResidency
 from tests.engine.helpers import make_adapter
 from tests.engine.test_engine_dynamics import assert_released, drive
 from tests.engine.test_engine_parity import GREEDY, PROMPTS, tiny_engine
@@ -44,14 +44,14 @@ def test_residency_shows_only_the_tenants_own_use(tiny_base_dir, refs):
     engine = tiny_engine(tiny_base_dir, fold="pinned")
     a, shared = refs[1], refs[2]
     engine.generate([PROMPTS[1], PROMPTS[2]], [a, shared], GREEDY, tenants=["alice", "alice"])
-    assert engine.tenant_residency("alice") == {a.id: Residency("device"), shared.id: Residency("device")}
+    assert engine.tenant_residency("alice") == {a.id: AdapterResidency("device"), shared.id: AdapterResidency("device")}
     assert engine.tenant_residency("bob") == {}  # same bytes resident for alice: bob sees nothing
     engine.pin(shared, "bob")
     bob = engine.tenant_residency("bob")
     assert list(bob) == [shared.id] and bob[shared.id].pinned  # his own pin, nothing of alice's
     assert not engine.tenant_residency("alice")[shared.id].pinned
     engine._drain_inbox()
-    assert engine.tenant_residency("bob")[shared.id] == Residency("device", pinned=True)
+    assert engine.tenant_residency("bob")[shared.id] == AdapterResidency("device", pinned=True)
     engine.unpin(shared.id, "bob")
     engine.forget_adapter(shared.id)  # out of memory: that residency ends for everyone
     engine._drain_inbox()

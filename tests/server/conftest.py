@@ -14,6 +14,7 @@ from tests.server.fake_engine import FakeEngine
 from tests.server.live import LiveServer
 
 KEYS = {"alice": "sk-alice-0123456789", "bob": "sk-bob-9876543210"}
+ADMIN_KEY = "sk-admin-5555555555"
 
 
 def write_peft_adapter(base_dir: Path, out_dir: Path, seed: int = 0, rank: int = 4,
@@ -79,7 +80,9 @@ class FakeServer:
         self._clients: list[httpx.Client] = []
 
     def client(self, tenant: str | None = "alice", **kwargs) -> httpx.Client:
-        headers = {"Authorization": f"Bearer {KEYS[tenant]}"} if tenant else {}
+        """`tenant` "admin" gets the admin key (for /metrics); None sends no key."""
+        key = ADMIN_KEY if tenant == "admin" else KEYS.get(tenant)
+        headers = {"Authorization": f"Bearer {key}"} if tenant else {}
         client = httpx.Client(base_url=self.url, headers=headers, timeout=30, **kwargs)
         self._clients.append(client)
         return client
@@ -103,7 +106,7 @@ def make_fake_server(tiny_tokenizer, tiny_base_info, tmp_path):
     started = []
 
     def make(engine: FakeEngine | None = None, **overrides) -> FakeServer:
-        settings = dict(max_model_len=256, api_keys=tuple(KEYS.items()))
+        settings = dict(max_model_len=256, api_keys=tuple(KEYS.items()), admin_key=ADMIN_KEY)
         settings.update(overrides)
         engine = engine or FakeEngine(tiny_tokenizer)
         store = AdapterStore(tmp_path / f"store-{len(started)}")

@@ -1,19 +1,28 @@
-"""A small engine with the real engine's interface, for HTTP tests that do not check model output.
+"""A small `EngineClient` (the real engine's interface), for HTTP tests that do not check model output.
 
 It really runs: a background loop emits one token per step for every running request (the next
 token of a fixed reply, decoded incrementally with the real tokenizer), honours max_tokens,
 min_tokens, ignore_eos and stop token ids, and `abort` ends a request at the next step. It keeps
 the bookkeeping the tests inspect: running requests, aborted ids, pins, forgotten adapters, the
 adapter each request used, and a `gate` that holds every step while cleared.
+
+It follows the issue-9 engine contract: `add_request(..., tenant=)`, pins keyed by (tenant,
+content id) (`pin(adapter, tenant)`, `unpin(adapter_id, tenant)`), `tenant_residency(tenant)`
+showing only what that tenant used or pinned, and aborts that carry `error_code` / `error_status`
+(`fail_next[tenant]` ends that tenant's next stepped request that way).
+`tests/server/test_engine_contract.py` keeps its signatures equal to the protocol's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+from collections import defaultdict
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
-from server.engine.types import AdapterRef, SamplingParams, TokenEvent
+from server.engine.types import AdapterRef, AdapterResidency, EngineStats, FoldView, SamplingParams, TokenEvent
 
 REPLY = "Hello! How can I help you today?"
 
@@ -25,20 +34,28 @@ class _Running:
     adapter: AdapterRef | None
     sampling: SamplingParams
     queue: asyncio.Queue
+    tenant: str = "default"
     emitted: list[int] = field(default_factory=list)
     text: str = ""
 
 
 class FakeEngine:
-    def __init__(self, tokenizer, step_s: float = 0.002, reply: str = REPLY):
+    tokenizer: Any
+    max_model_len: int
+
+    def __init__(self, tokenizer: Any, step_s: float = 0.002, reply: str = REPLY, max_model_len: int = 1 << 20):
         self.tokenizer = tokenizer
+        self.max_model_len = max_model_len  # no positional limit of its own: the server's config decides
         self.step_s = step_s
         self.reply_ids = tokenizer(reply, add_special_tokens=False)["input_ids"]
         self.eos_id = tokenizer.eos_token_id
         self.running: dict[str, _Running] = {}
         self.aborted: list[str] = []
         self.finished: list[str] = []
-        self.pinned: set[str] = set()
+        self.pins: dict[str, set[str]] = defaultdict(set)  # adapter id -> tenants pinning it
+        self.used: dict[str, set[str]] = defaultdict(set)  # tenant -> adapter ids it ran or pinned
+        self.tenants: dict[str, str] = {}  # request id -> tenant
+        self.fail_next: dict[str, tuple[str, str, int]] = {}  # tenant -> (error, code, status), once
         self.forgotten: list[str] = []
         self.adapters_seen: dict[str, str | None] = {}
         self.prompts: dict[str, list[int]] = {}
@@ -47,19 +64,34 @@ class FakeEngine:
         self._task: asyncio.Task | None = None
         self.started = False
 
-    async def start(self):
+    async def start(self) -> None:
         self._task = asyncio.create_task(self._loop())
         self.started = True
 
-    async def stop(self):
+    async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
         self.started = False
 
-    def add_request(self, request_id, prompt_ids, adapter, sampling):
+    @property
+    def pinned(self) -> set[str]:
+        """Content ids some tenant pins (the operator-wide view)."""
+        return {adapter_id for adapter_id, tenants in self.pins.items() if tenants}
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        adapter: AdapterRef | None,
+        sampling: SamplingParams,
+        tenant: str = "default",
+    ) -> AsyncIterator[TokenEvent]:
         queue: asyncio.Queue = asyncio.Queue()
-        self.running[request_id] = _Running(request_id, list(prompt_ids), adapter, sampling, queue)
+        self.running[request_id] = _Running(request_id, list(prompt_ids), adapter, sampling, queue, tenant)
         self.adapters_seen[request_id] = adapter.id if adapter else None
+        self.tenants[request_id] = tenant
+        if adapter is not None:
+            self.used[tenant].add(adapter.id)
         self.prompts[request_id] = list(prompt_ids)
         return self._stream(queue)
 
@@ -70,28 +102,36 @@ class FakeEngine:
             if event.finish_reason is not None:
                 return
 
-    def abort(self, request_id):
+    def abort(self, request_id: str) -> None:
         seq = self.running.pop(request_id, None)
         if seq is not None:
             self.aborted.append(request_id)
             seq.queue.put_nowait(TokenEvent(request_id, None, "", finish_reason="abort"))
 
-    def pin(self, ref: AdapterRef):
-        self.pinned.add(ref.id)
+    def pin(self, adapter: AdapterRef, tenant: str = "default") -> None:
+        self.pins[adapter.id].add(tenant)
+        self.used[tenant].add(adapter.id)
 
-    def unpin(self, adapter_id: str):
-        self.pinned.discard(adapter_id)
+    def unpin(self, adapter_id: str, tenant: str = "default") -> None:
+        self.pins[adapter_id].discard(tenant)
 
-    def forget_adapter(self, adapter_id: str):
+    def tenant_residency(self, tenant: str) -> dict[str, AdapterResidency]:
+        """Only ids this tenant used or pinned; `pinned` is its own pin."""
+        stats = self.stats()
+        return {aid: AdapterResidency(stats.adapters.get(aid, "disk"), aid == stats.fold.folded,
+                                      tenant in self.pins.get(aid, ()))
+                for aid in self.used.get(tenant, ()) if aid in stats.adapters}
+
+    def forget_adapter(self, adapter_id: str, tenant: str | None = None) -> None:
         self.forgotten.append(adapter_id)
 
-    def stats(self):
-        """The real engine's shape: tiers per adapter id, fold state, queue sizes, slot counters."""
+    def stats(self) -> EngineStats:
+        """Running adapters and pins are "device"; the first pinned adapter counts as folded."""
         adapters = {seq.adapter.id: "device" for seq in self.running.values() if seq.adapter is not None}
         adapters.update({adapter_id: "device" for adapter_id in self.pinned})
-        return {"running": len(self.running), "waiting": 0, "adapters": adapters,
-                "fold": {"folded": next(iter(sorted(self.pinned)), None), "pinned": sorted(self.pinned)},
-                "slot_loads": 0, "slot_evictions": 0}
+        pinned = tuple(sorted(self.pinned))
+        return EngineStats(running=len(self.running), waiting=0, adapters=adapters,
+                           fold=FoldView(folded=next(iter(pinned), None), pinned=pinned))
 
     async def _loop(self):
         while True:
@@ -102,6 +142,13 @@ class FakeEngine:
                 self._step(seq)
 
     def _step(self, seq: _Running):
+        if seq.tenant in self.fail_next:  # this sequence's own fault ends it, and only it
+            error, code, status = self.fail_next.pop(seq.tenant)
+            del self.running[seq.request_id]
+            event = TokenEvent(seq.request_id, None, "", finish_reason="abort", error=error)
+            event.error_code, event.error_status = code, status  # the contract's fields (iso-engine)
+            seq.queue.put_nowait(event)
+            return
         n = len(seq.emitted)
         params = seq.sampling
         token = self.reply_ids[n] if n < len(self.reply_ids) else self.eos_id

@@ -127,9 +127,11 @@ def test_upload_then_chat_metrics_are_exposed(fake_server, peft_adapters):
     http = fake_server.client()
     upload(http, "counted", peft_adapters["a"])
     http.post("/v1/chat/completions", json={"model": "counted", "messages": USER, "max_tokens": 3})
-    text = http.get("/metrics").text
-    assert 'loraswap_requests_total{model="counted",status="length",tenant="alice"} 1.0' in text
-    assert 'loraswap_generation_tokens_total{model="counted",tenant="alice"} 3.0' in text
+    assert http.get("/metrics").status_code == 401  # a tenant's key is not the admin key
+    text = fake_server.client("admin").get("/metrics").text
+    assert 'loraswap_requests_total{kind="adapter",status="length",tenant="alice"} 1.0' in text
+    assert 'loraswap_generation_tokens_total{kind="adapter",tenant="alice"} 3.0' in text
+    assert "counted" not in text  # adapter names are the tenant's own: never a label
     assert 'loraswap_adapter_uploads_total{status="201"} 1.0' in text
     assert "loraswap_time_to_first_token_seconds_count" in text
     assert "loraswap_engine_running 0.0" in text

@@ -115,7 +115,7 @@ def test_unknown_model_is_404_model_not_found(fake_server):
 def test_openai_client_raises_typed_errors(fake_server):
     base = fake_server.state.base_id
     with pytest.raises(openai.BadRequestError) as info:
-        fake_server.openai().chat.completions.create(model=base, messages=USER, max_tokens=100_000)
+        fake_server.openai().chat.completions.create(model=base, messages=USER, max_tokens=256)  # fits alone, not with the prompt
     assert info.value.body["code"] == "context_length_exceeded"
     with pytest.raises(openai.BadRequestError) as info:
         fake_server.openai().chat.completions.create(model=base, messages=[{"role": "assistant", "content": "x"}])
@@ -133,7 +133,7 @@ def test_openai_client_raises_typed_errors(fake_server):
     ({"model": "BASE", "messages": USER, "top_p": 0}, "top_p"),
     ({"model": "BASE", "messages": USER, "n": 2}, "n"),
     ({"model": "BASE", "messages": USER, "chat_template": "{{ messages }}"}, "chat_template"),
-    ({"model": "BASE", "messages": USER, "min_tokens": 9, "max_tokens": 3}, None),
+    ({"model": "BASE", "messages": USER, "min_tokens": 9, "max_tokens": 3}, "min_tokens"),
     ({"model": "BASE", "messages": USER, "stop": [""]}, "stop"),
 ])
 def test_invalid_requests_are_400_in_the_openai_envelope(fake_server, body, param):

@@ -126,12 +126,12 @@ def test_disconnect_mid_stream_aborts_and_frees_blocks_and_pins(real_server, tin
             assert response.status_code == 200
             lines = response.iter_lines()
             assert next(lines).startswith("data: ")  # the role chunk
-            assert wait_until(lambda: engine.stats()["running"] == 1)
+            assert wait_until(lambda: engine.stats().running == 1)
     # the connection is closed: the request must be aborted, not run to max_tokens
     assert wait_until(lambda: _aborted_count(real_server) == aborted_before + 1)
-    assert wait_until(lambda: engine.stats()["running"] == 0 and engine.stats()["waiting"] == 0)
+    assert wait_until(lambda: engine.stats().running == 0 and engine.stats().waiting == 0)
     stats = engine.stats()
-    assert stats["kv_blocks_used"] == 0
+    assert stats.kv_blocks_used == 0
     assert all(pins == 0 for pins in engine.slots.pins)
     assert real_server.state.admission.total == 0 and not real_server.state.inflight.counts
 

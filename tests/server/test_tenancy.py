@@ -8,6 +8,7 @@ import threading
 import httpx
 import pytest
 
+from server.limits import Limits
 from server.api.deps import tenant_for_key
 from tests.server.conftest import KEYS, upload
 from tests.server.live import wait_until
@@ -106,7 +107,9 @@ def test_per_tenant_limit_is_429_with_retry_after(make_fake_server):
 
 
 def test_full_queue_is_503_with_retry_after(make_fake_server):
-    server = make_fake_server(max_num_seqs=1, max_queue=1, max_concurrent_per_tenant=10)
+    # Each tenant may hold the whole capacity here, so the global bound is what refuses.
+    server = make_fake_server(max_num_seqs=1, max_queue=1, max_concurrent_per_tenant=10,
+                              limits=Limits(tenant_queue_share=1.0))
     server.engine.gate.clear()
     streams = _start_streams(server, "alice", 1) + _start_streams(server, "bob", 1)
     body = {"model": server.state.base_id, "messages": USER, "max_tokens": 2}

@@ -111,7 +111,7 @@ CASES = {
     "dot_name": (lambda d: {"name": ".hidden", "files": _files(d)}, 400, "invalid_name"),
     "too_large": (lambda d: {"files": _files(d, adapter_model__safetensors=save(
         {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(64, 4096)}))},
-        413, "adapter_too_large"),
+        413, "request_too_large"),
 }
 
 
@@ -125,7 +125,13 @@ def _staging_dirs() -> set[str]:
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_rejected_upload_leaves_the_store_unchanged_and_serving_on(make_fake_server, peft_adapters, case):
+def test_rejected_upload_leaves_the_store_unchanged_and_serving_on(make_fake_server, peft_adapters, case, tmp_path,
+                                                                   monkeypatch):
+    # This process stages uploads in a temp directory of its own: the shared /tmp also holds the
+    # staging directories of other test runs' uploads in flight, which came and went between the
+    # two looks and failed this test under load.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
     server = make_fake_server(max_upload_bytes=512 * 1024)
     http = server.client()
     assert upload(http, "good", peft_adapters["a"]).status_code == 201
@@ -157,4 +163,4 @@ def test_declared_oversize_body_is_refused_before_reading(make_fake_server):
     body = io.BytesIO(b"x" * (3 << 20))
     response = server.client().post("/v1/adapters", content=body.getvalue(),
                                     headers={"content-type": "multipart/form-data; boundary=zz"})
-    assert response.status_code == 413 and response.json()["error"]["code"] == "adapter_too_large"
+    assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"

@@ -1,0 +1,1 @@
+"""Fine-tuning jobs shared by the server (API) and the trainer sidecar: files, queue, events, checkpoints."""

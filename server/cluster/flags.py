@@ -1,0 +1,44 @@
+"""`--replicas N` and `--ray-address ADDR`, taken off `loraswap serve`'s argv before the server's own flags.
+
+Kept apart (and free of Ray imports) so the single-process server's flag parsing is untouched and
+`loraswap serve` without `--replicas` never imports Ray.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ClusterFlags:
+    replicas: int | None = None  # None: the single-process server
+    ray_address: str | None = None  # None: start a local Ray instance
+
+    def __post_init__(self):
+        if self.replicas is not None and self.replicas < 1:
+            raise ValueError(f"--replicas must be >= 1, got {self.replicas}")
+        if self.ray_address is not None and self.replicas is None:
+            raise ValueError("--ray-address needs --replicas")
+
+
+def split_cluster_flags(argv: list[str]) -> tuple[list[str], ClusterFlags]:
+    """(argv without the cluster flags, the cluster flags). Raises ValueError naming a bad flag."""
+    rest, found = [], {}
+    args = iter(argv)
+    for arg in args:
+        key, eq, value = arg.partition("=")
+        if key in ("--replicas", "--ray-address"):
+            if not eq:
+                following = next(args, None)
+                if following is None:
+                    raise ValueError(f"{key} needs a value")
+                value = following
+            found[key] = value
+        else:
+            rest.append(arg)
+    replicas = found.get("--replicas")
+    try:
+        count = int(replicas) if replicas is not None else None
+    except ValueError:
+        raise ValueError(f"--replicas must be an integer, got {replicas!r}") from None
+    return rest, ClusterFlags(count, found.get("--ray-address"))

@@ -1,0 +1,91 @@
+"""`EngineReplica`: one Ray Serve replica running one `Engine`, adapters multiplexed by content id.
+
+The ingress sends each request with `multiplexed_model_id` = the adapter's content id (never its
+name: tenancy stays at the ingress, a new version is a new id, and identical bytes from two tenants
+share one load). Serve routes it to a replica that reports that id when one can take it; the
+replica fetches the blob from the store actor on first use and hands the engine an `AdapterRef`.
+Many adapters still share each engine step: Ray only chooses the replica, the engine batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+from pathlib import Path
+
+from ray import serve
+
+from server.cluster.store import RemoteStore
+from server.engine.types import AdapterRef, SamplingParams
+from server.tenancy import TenantPins, submit
+
+# Serve's replica-local LRU of model ids; the engine's own slots and host cache bound memory.
+MODELS_PER_REPLICA = int(os.environ.get("LORASWAP_MODELS_PER_REPLICA", "8"))
+
+
+def replica_name() -> str:
+    context = serve.get_replica_context()
+    replica_id = getattr(context, "replica_id", None)
+    return str(getattr(replica_id, "unique_id", None) or getattr(context, "replica_tag", None) or "replica")
+
+
+class EngineReplica:
+    """Runs one engine; `generate` streams `(replica, TokenEvent)` pairs, the last with the engine's stats."""
+
+    def __init__(self, config, base_dir: str, store_actor):
+        from server.cli import build_engine
+
+        self.name = replica_name()
+        self.engine = build_engine(config, Path(base_dir))
+        self.store = RemoteStore(store_actor, Path(tempfile.mkdtemp(prefix="loraswap-replica-")))
+        self.pins = TenantPins(self.engine)  # per (tenant, content id), whatever this engine supports
+        self._started: asyncio.Task | None = None
+
+    async def _ensure_started(self) -> None:
+        if self._started is None:
+            self._started = asyncio.ensure_future(self.engine.start())
+        await asyncio.shield(self._started)
+
+    @serve.multiplexed(max_num_models_per_replica=MODELS_PER_REPLICA)
+    async def get_adapter(self, content_id: str) -> AdapterRef:
+        path = await asyncio.to_thread(self.store.materialize, content_id)
+        return AdapterRef(id=content_id, path=path)
+
+    async def generate(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams,
+                       tenant: str = "default"):
+        await self._ensure_started()
+        content_id = serve.get_multiplexed_model_id()
+        adapter = await self.get_adapter(content_id) if content_id else None
+        stream = submit(self.engine, request_id, prompt_ids, adapter, sampling, tenant)
+        try:
+            async for event in stream:
+                final = event.finish_reason is not None
+                yield self.name, event, (self.engine.stats() if final else None)
+                if final:
+                    break
+        finally:
+            await stream.aclose()
+
+    async def pin(self, adapter_id: str, tenant: str = "default") -> str:
+        await self._ensure_started()
+        adapter = await self.get_adapter(adapter_id)
+        self.pins.pin(tenant, adapter)
+        return self.name
+
+    async def unpin(self, adapter_id: str, tenant: str = "default") -> None:
+        self.pins.unpin(tenant, adapter_id)
+
+    async def forget_adapter(self, adapter_id: str) -> None:
+        self.engine.forget_adapter(adapter_id)
+
+    async def ready(self) -> dict:
+        """Started and answering: its name and stats (the ingress's `/ready` and metrics ask this)."""
+        await self._ensure_started()
+        return {"replica": self.name, "stats": self.engine.stats()}
+
+    def check_health(self) -> None:
+        """Serve calls this periodically; a dead engine loop makes Serve replace the replica."""
+        thread = getattr(self.engine, "_thread", None)
+        if self._started is not None and self._started.done() and (thread is None or not thread.is_alive()):
+            raise RuntimeError("the engine loop is not running")
