@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from server.engine.lora import LoraLinear, build_lora_step
+from server.engine.lora import MultiLoraLinear, build_lora_step
 from server.engine.types import SamplingParams
 from tests.engine.helpers import make_adapter
 from tests.engine.test_engine_dynamics import assert_released, drive
@@ -109,7 +109,7 @@ def test_an_exception_for_one_sequence_ends_only_it(tiny_base_dir, monkeypatch):
 
 def test_lora_rows_are_bit_identical_with_and_without_a_poisoned_adapter():
     torch.manual_seed(0)
-    layer = LoraLinear(nn.Linear(12, 18), 12, [("q", 6), ("k", 6), ("v", 6)], 3, 8, torch.float32, "cpu")
+    layer = MultiLoraLinear(nn.Linear(12, 18), 12, [("q", 6), ("k", 6), ("v", 6)], 3, 8, torch.float32, "cpu")
 
     def parts(scale):
         return {p: (torch.randn(4, 12), torch.randn(4, 6) * scale, 1.0) for p in ("q", "v")}
