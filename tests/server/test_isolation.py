@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import json
 import threading
-from pathlib import Path
 
 import pytest
 
 from server.engine.types import AdapterRef, EngineStats, FoldView
-from server.tenancy import TenantPins
 from tests.server.conftest import upload
 from tests.server.live import wait_until
 
