@@ -93,8 +93,6 @@ class Generation:
             raise
         self.started = True
         self._started_at = time.perf_counter()
-        if self._adapter_id is not None:
-            self.state.pins.used(self.tenant, self._adapter_id)
         self.state.metrics.prompt_tokens.labels(self.tenant, self._kind).inc(len(self.prompt_ids))
 
     async def events(self) -> AsyncIterator[TokenEvent]:
@@ -115,8 +113,8 @@ class Generation:
                 self.finish_reason = event.finish_reason
                 self.error = event.error
                 # COMPAT: `error_code` / `error_status` are TokenEvent fields once iso-engine is merged.
-                self.error_code = getattr(event, "error_code", None)
-                self.error_status = getattr(event, "error_status", None)
+                self.error_code = event.error_code
+                self.error_status = event.error_status
             yield event
             if event.finish_reason is not None:
                 break

@@ -82,6 +82,10 @@ class ServerConfig(BaseSettings):
     store: Path | None = Field(None, description="adapter store directory (default: under the user's data directory)")
     max_loras: int = engine_knob("max_loras", "adapter slots on the device (0 serves the base only)")
     max_cpu_loras: int = engine_knob("max_cpu_loras", "adapters cached in host memory")
+    max_cpu_lora_bytes: int = engine_knob("max_cpu_lora_bytes", "bytes the host adapter cache may hold")
+    loader_threads: int = engine_knob("loader_threads", "adapters read from disk in parallel")
+    adapter_load_timeout_s: float = engine_knob("adapter_load_timeout_s",
+                                                "seconds a load may take before its requests fail (503)")
     max_rank: int = engine_knob("max_rank", "largest adapter rank accepted at upload and served")
     max_model_len: int = engine_knob("max_model_len", "prompt + completion tokens per request")
     max_num_seqs: int = engine_knob("max_num_seqs", "requests in the running batch")

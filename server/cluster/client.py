@@ -178,7 +178,7 @@ class ReplicaEngineClient:
             self._pins.pop(adapter_id, None)
         self._fire(self.handle.options(multiplexed_model_id=adapter_id).unpin.remote(adapter_id, tenant))
 
-    def forget_adapter(self, adapter_id: str) -> None:
+    def forget_adapter(self, adapter_id: str, tenant: str | None = None) -> None:
         # Best effort: requests resolve names through the store, so a deleted name is never routed
         # again; this only frees the memory of the replica Serve picks (the others' LRUs age it out).
         self._pins.pop(adapter_id, None)

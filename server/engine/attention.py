@@ -21,7 +21,7 @@ class AttnGroup:
 
     row_start: int
     row_end: int
-    kv_index: torch.Tensor  # (num_seqs, max_blocks) block ids; padding points at block 0
+    kv_index: torch.Tensor  # (num_seqs, max_blocks) block ids; padding repeats the sequence's own first block
     mask: torch.Tensor | None  # (num_seqs, 1, max_q, max_kv) bool, True = attend; None = causal
     q_index: torch.Tensor | None  # (num_seqs * max_q,) token rows (padded), None for decodes / one seq
     out_index: torch.Tensor | None  # (row_end - row_start,) padded rows holding the real tokens
@@ -41,9 +41,11 @@ def _block_index(block_tables: list[list[int]], lengths: list[int], block_size: 
                  device) -> tuple[torch.Tensor, int]:
     """(num_seqs, max_blocks) padded block tables covering each sequence's first `length` tokens,
     and the padded key length max_blocks * block_size. Keys are gathered whole blocks at a time
-    (far fewer, larger copies than per-token rows); masks hide the positions past each length."""
+    (far fewer, larger copies than per-token rows); masks hide the positions past each length.
+    Padding repeats the sequence's own first block, never another sequence's: a masked score is
+    still multiplied into the PV product, and 0 * NaN would carry another row's values in."""
     max_blocks = -(-max(lengths) // block_size)
-    table = [bt[:max_blocks] + [0] * (max_blocks - len(bt[:max_blocks])) for bt in block_tables]
+    table = [bt[:max_blocks] + bt[:1] * (max_blocks - len(bt[:max_blocks])) for bt in block_tables]
     return torch.tensor(table, dtype=torch.long, device=device), max_blocks * block_size
 
 

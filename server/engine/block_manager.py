@@ -4,6 +4,12 @@ A block is `block_size` token positions in every layer's K and V cache. Sequence
 block tables; a block may be shared (reference count > 1), and returns to the free list when
 its last holder lets go. This module holds no tensors: the model runner turns block tables into
 slot mappings and gather indices.
+
+Every block handed out is recorded as fresh; the runner zeroes fresh blocks before the step that
+first writes them, so no sequence ever holds another's stale (possibly non-finite) K/V in the
+unwritten tail of a block. Zeroing on allocation costs one small write per block per sequence
+lifetime; masking stale values in attention instead would cost a select over every gathered key
+and value in every layer of every step.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ class BlockManager:
         self.block_size = block_size
         self._free: deque[int] = deque(range(num_blocks))
         self._refcount = [0] * num_blocks
+        self._fresh: list[int] = []  # allocated since the last take_fresh(); the runner zeroes them
 
     @property
     def num_free(self) -> int:
@@ -53,6 +60,12 @@ class BlockManager:
             block = self._free.popleft()
             self._refcount[block] = 1
             seq.block_table.append(block)
+            self._fresh.append(block)
+
+    def take_fresh(self) -> list[int]:
+        """Blocks allocated since the last call (to be zeroed before they are written)."""
+        fresh, self._fresh = self._fresh, []
+        return fresh
 
     def share(self, src: Sequence, dst: Sequence) -> None:
         """Let `dst` start with `src`'s blocks (a shared prefix); each gains a reference."""

@@ -30,16 +30,19 @@ class Abort:
 @dataclass(frozen=True)
 class Pin:
     adapter: AdapterRef
+    tenant: str = "default"
 
 
 @dataclass(frozen=True)
 class Unpin:
     adapter_id: str
+    tenant: str = "default"
 
 
 @dataclass(frozen=True)
 class Forget:
     adapter_id: str
+    tenant: str | None = None  # None: forgotten for everyone; a tenant: only its pin and view go
 
 
 Command = AddRequest | Abort | Pin | Unpin | Forget

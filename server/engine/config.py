@@ -31,6 +31,9 @@ class EngineConfig:
     device: "cpu", "cuda" or "auto".
     max_loras: device slots for adapters (slot 0, the base, is extra).
     max_cpu_loras: adapters kept in the host cache (LRU).
+    max_cpu_lora_bytes: bytes the host cache may hold (LRU; the newest adapter always stays).
+    loader_threads: adapters read from disk in parallel, so one slow load does not hold the rest.
+    adapter_load_timeout_s: a load running longer fails only that adapter's requests (503).
     max_rank: the largest adapter rank a slot can hold (the server also refuses larger uploads).
     max_model_len: prompt + completion tokens per sequence.
     max_num_seqs: sequences in the running batch.
@@ -50,6 +53,9 @@ class EngineConfig:
     device: Device = "auto"
     max_loras: int = 8
     max_cpu_loras: int = 64
+    max_cpu_lora_bytes: int = 4 * 2**30
+    loader_threads: int = 4
+    adapter_load_timeout_s: float = 60.0
     max_rank: int = 64
     max_model_len: int = 2048
     max_num_seqs: int = 32
@@ -71,10 +77,12 @@ class EngineConfig:
         if self.fold not in FOLD_CHOICES:
             raise ValueError(f"fold must be one of {FOLD_CHOICES}, got {self.fold!r}")
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
-                     "max_rank", "fold_window"):
+                     "max_rank", "fold_window", "loader_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_loras", "max_cpu_loras", "fold_budget", "kv_cache_bytes"):
+        if not self.adapter_load_timeout_s > 0:
+            raise ValueError(f"adapter_load_timeout_s must be > 0, got {self.adapter_load_timeout_s}")
+        for name in ("max_loras", "max_cpu_loras", "max_cpu_lora_bytes", "fold_budget", "kv_cache_bytes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.max_cpu_loras < self.max_loras:

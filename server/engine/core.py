@@ -21,6 +21,7 @@ from typing import Any
 from server.engine.block_manager import BlockManager
 from server.engine.commands import Abort, AddRequest, Command, Forget, Pin, Sink, Unpin
 from server.engine.config import EngineConfig
+from server.engine.containment import run_isolated
 from server.engine.detokenizer import IncrementalText
 from server.engine.errors import AdapterLoadError, DuplicateRequest, PromptTooLong
 from server.engine.fold import FoldManager, fold_dtype
@@ -30,8 +31,9 @@ from server.engine.runner import ModelRunner
 from server.engine.sampler import Sampler
 from server.engine.scheduler import Scheduler, StepOutput
 from server.engine.sequence import Sequence
-from server.engine.slots import AdapterSlots
-from server.engine.types import AdapterRef, EngineStats, FoldView, SamplingParams, TokenEvent
+from server.engine.slots import LOAD_FAILED, AdapterSlots
+from server.engine.tenants import TenantState
+from server.engine.types import AdapterRef, AdapterResidency, EngineStats, FoldView, SamplingParams, TokenEvent
 
 logger = logging.getLogger(__name__)
 
@@ -60,9 +62,13 @@ class EngineCore:
         self.fold = FoldManager(layers, config.fold, config.fold_window, config.fold_budget,
                                 fold_dtype(config.quant, self.device, self.dtype))
         self.slots = AdapterSlots(self.model.lora_targets(), config.max_loras, config.max_cpu_loras, config.max_rank,
-                                  self.dtype, on_slot_change=self.fold.on_slot_change)
+                                  self.dtype, on_slot_change=self.fold.on_slot_change,
+                                  max_cpu_bytes=config.max_cpu_lora_bytes, loader_threads=config.loader_threads,
+                                  load_timeout_s=config.adapter_load_timeout_s)
         self.blocks = BlockManager(num_blocks, config.block_size)
-        self.scheduler = Scheduler(self.blocks, self.slots, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.blocks, self.slots, config.max_num_seqs, config.max_num_batched_tokens,
+                                   max_loras=config.max_loras)
+        self.tenants = TenantState()
         self.runner = ModelRunner(self.model, config.block_size, self.max_model_len, self.device, self.dtype,
                                   Sampler(), self.slots.table)
         self._inbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
@@ -78,16 +84,32 @@ class EngineCore:
         """Stop a request; its KV blocks and slot pin are freed before the next step."""
         self.send(Abort(request_id))
 
-    def pin(self, adapter: AdapterRef) -> None:
-        """Keep `adapter` folded whenever it owns the traffic (and prefetch it)."""
-        self.send(Pin(adapter))
+    def pin(self, adapter: AdapterRef, tenant: str = "default") -> None:
+        """`tenant` pins `adapter`: kept folded whenever it owns the traffic while any tenant pins it
+        (and prefetched). Pins are per (tenant, adapter id)."""
+        self.tenants.pin(tenant, adapter.id)
+        self.send(Pin(adapter, tenant))
 
-    def unpin(self, adapter_id: str) -> None:
-        self.send(Unpin(adapter_id))
+    def unpin(self, adapter_id: str, tenant: str = "default") -> None:
+        """Remove `tenant`'s own pin; another tenant's pin on the same content stays."""
+        self.tenants.unpin(tenant, adapter_id)
+        self.send(Unpin(adapter_id, tenant))
 
-    def forget_adapter(self, adapter_id: str) -> None:
-        """After a delete: drop it from the host cache and its slot once no running sequence uses it."""
-        self.send(Forget(adapter_id))
+    def forget_adapter(self, adapter_id: str, tenant: str | None = None) -> None:
+        """After a delete: drop it from the host cache and its slot once no running sequence uses it.
+
+        With `tenant`, only that tenant's pin and view go (the content may still be another
+        tenant's); without, the adapter is forgotten for everyone."""
+        self.tenants.forget(adapter_id, tenant)
+        self.send(Forget(adapter_id, tenant))
+
+    def tenant_residency(self, tenant: str) -> dict[str, AdapterResidency]:
+        """Residency of the adapters `tenant` itself used or pinned since they became resident.
+
+        `pinned` is the tenant's own pin. Identical content used only by another tenant is not
+        shown, so residency reveals nothing across tenants; operator-wide views are in `stats()`.
+        """
+        return self.tenants.residency(tenant, self.slots.residency(), self.slots.epoch, self.fold.folded_id)
 
     def send(self, command: Command) -> None:
         self._inbox.put(command)
@@ -107,6 +129,8 @@ class EngineCore:
             slot_evictions=slots.stats.evictions,
             disk_loads=slots.stats.disk_loads,
             adapter_load_errors=slots.stats.load_errors,
+            adapter_load_timeouts=slots.stats.load_timeouts,
+            host_cache_bytes=slots.host_bytes,
             preemptions=sched.num_preemptions,
             kv_blocks_total=self.blocks.num_blocks,
             kv_blocks_used=self.blocks.num_used,
@@ -119,9 +143,11 @@ class EngineCore:
 
     # -- synchronous use ----------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], adapters: list[AdapterRef | None] | None = None,
-                 sampling: SamplingParams | list[SamplingParams] | None = None) -> list[list[int]]:
+                 sampling: SamplingParams | list[SamplingParams] | None = None,
+                 tenants: list[str] | None = None) -> list[list[int]]:
         """Run prompts to completion through the loop; returns each completion's token ids."""
         adapters = adapters if adapters is not None else [None] * len(prompts)
+        tenants = tenants if tenants is not None else ["default"] * len(prompts)
         sampling = sampling if sampling is not None else SamplingParams(temperature=0)
         params = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
         done = threading.Event()
@@ -143,9 +169,9 @@ class EngineCore:
         if not prompts:
             return []
         ids = [f"generate-{id(done)}-{i}" for i in range(len(prompts))]
-        for rid, prompt, adapter, sp in zip(ids, prompts, adapters, params):
+        for rid, prompt, adapter, sp, tenant in zip(ids, prompts, adapters, params, tenants):
             tokens[rid] = []
-            self._submit(rid, prompt, adapter, sp, sink(rid))
+            self._submit(rid, prompt, adapter, sp, sink(rid), tenant)
         self._wait(done)
         return [tokens[rid] for rid in ids]
 
@@ -156,7 +182,7 @@ class EngineCore:
 
     # -- the loop ---------------------------------------------------------------------------
     def _submit(self, request_id: str, prompt_ids: list[int], adapter: AdapterRef | None,
-                sampling: SamplingParams, sink: Sink) -> None:
+                sampling: SamplingParams, sink: Sink, tenant: str = "default") -> None:
         """Check a request and queue it (raises PromptTooLong / AdapterLoadError / DuplicateRequest)."""
         prompt_ids = [int(t) for t in prompt_ids]
         if not prompt_ids:
@@ -173,7 +199,7 @@ class EngineCore:
             self._live.add(request_id)
         seq = Sequence(request_id, prompt_ids, sampling, adapter=adapter, eos_ids=self.eos_ids,
                        max_model_len=self.max_model_len,
-                       text=IncrementalText(self.tokenizer, prompt_ids, sampling.stop))
+                       text=IncrementalText(self.tokenizer, prompt_ids, sampling.stop), tenant=tenant)
         self.send(AddRequest(seq, sink))
 
     def run_until(self, finished: Callable[[], bool]) -> None:
@@ -189,9 +215,9 @@ class EngineCore:
             if self.scheduler.has_work():
                 try:
                     self.step()
-                except Exception as exc:  # noqa: BLE001 - a bug must not kill the loop silently
-                    logger.exception("engine step failed; failing the requests in flight")
-                    self._fail_all(f"internal engine error: {exc!r}")
+                except Exception:  # noqa: BLE001 - a bug outside the run must not kill the loop
+                    logger.exception("engine step failed outside the model run; failing the requests in flight")
+                    self._fail_all("internal engine error")
 
     def _drain_inbox(self) -> None:
         while True:
@@ -207,16 +233,31 @@ class EngineCore:
             case AddRequest(seq, sink):
                 self._sinks[seq.request_id] = sink
                 self.scheduler.add(seq)
+                if seq.adapter is not None:
+                    self.slots.request(seq.adapter)  # starts its residency epoch if it had none
+                    self.tenants.used(seq.tenant, seq.adapter.id, self.slots.epoch.get(seq.adapter.id))
             case Abort(request_id):
                 self._abort(request_id)
-            case Pin(adapter):
-                self.fold.pin(adapter.id)
+            case Pin(adapter, _tenant):
                 self.slots.request(adapter)
-            case Unpin(adapter_id):
-                self.fold.unpin(adapter_id)
-            case Forget(adapter_id):
+                self._sync_pin(adapter.id)
+            case Unpin(adapter_id, _tenant):
+                self._sync_pin(adapter_id)
+            case Forget(adapter_id, None):
+                self._sync_pin(adapter_id)
                 self.fold.forget(adapter_id)
                 self.slots.forget(adapter_id)
+            case Forget(adapter_id, _tenant):
+                self._sync_pin(adapter_id)
+
+    def _sync_pin(self, adapter_id: str) -> None:
+        """The fold manager's pin follows the tenants' pins: pinned while any tenant pins it."""
+        for tenant in self.tenants.pinners(adapter_id):
+            self.tenants.used(tenant, adapter_id, self.slots.epoch.get(adapter_id))
+        if self.tenants.pinners(adapter_id):
+            self.fold.pin(adapter_id)
+        elif adapter_id in self.fold.pinned:
+            self.fold.unpin(adapter_id)
 
     def abort_all(self) -> None:
         """End every request in flight with finish_reason "abort" (the loop is stopping)."""
@@ -238,18 +279,28 @@ class EngineCore:
         if not batch:
             self.slots.wait_for_loads(timeout=0.05)  # nothing runnable until an adapter arrives
             return
-        fold_slot = self.fold.update({e.seq.adapter_id: e.seq.slot for e in batch.entries})
-        tokens = self.runner.run(batch, fold_slot)
+        fold_slot = self._fold_for(batch)
+        tokens = run_isolated(self.runner.run, batch, fold_slot)
         outputs = self.scheduler.postprocess(batch, tokens)
         self.num_steps += 1
-        self.num_generated += len(outputs)
+        self.num_generated += sum(1 for out in outputs if out.token_id is not None)
         for out in outputs:
             self._emit(out)
+
+    def _fold_for(self, batch) -> int | None:
+        """The folded slot for this batch; a fold that fails (e.g. out of memory) runs unfolded."""
+        try:
+            return self.fold.update({e.seq.adapter_id: e.seq.slot for e in batch.entries})
+        except Exception:  # noqa: BLE001 - folding is an optimisation, never a reason to fail
+            logger.exception("fold failed; running unfolded")
+            self.fold.unfold()
+            return None
 
     def _fail_all(self, error: str) -> None:
         for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
             self.scheduler.finish(seq, "abort")
             self._send(seq, TokenEvent(seq.request_id, None, "", "abort", error=error,
+                                       error_code="engine_error", error_status=500,
                                        prompt_tokens=seq.num_prompt_tokens,
                                        completion_tokens=len(seq.output_ids)))
 
@@ -262,13 +313,15 @@ class EngineCore:
             if error is not None:
                 self.scheduler.finish(seq, "abort")
                 self._send(seq, TokenEvent(seq.request_id, None, "", "abort", error=error,
+                                           error_code=LOAD_FAILED, error_status=503,
                                            prompt_tokens=seq.num_prompt_tokens))
 
     def _emit(self, out: StepOutput) -> None:
         seq = out.seq
         self._send(seq, TokenEvent(seq.request_id, out.token_id, out.text, out.finish_reason,
                                    logprob=out.logprob, top_logprobs=out.top_logprobs,
-                                   prompt_tokens=seq.num_prompt_tokens, completion_tokens=len(seq.output_ids)))
+                                   prompt_tokens=seq.num_prompt_tokens, completion_tokens=len(seq.output_ids),
+                                   error=out.error, error_code=out.error_code, error_status=out.error_status))
 
     def _send(self, seq: Sequence, event: TokenEvent) -> None:
         sink = self._sinks.get(seq.request_id)

@@ -78,9 +78,14 @@ class FoldManager:
         if needed > self.budget:
             self.stats.over_budget += 1
             return False
-        for layer in self.layers.values():
-            if layer.slot_rank[slot]:
-                layer.fold(slot, self.dtype)
+        try:
+            for layer in self.layers.values():
+                if layer.slot_rank[slot]:
+                    layer.fold(slot, self.dtype)
+        except BaseException:
+            for layer in self.layers.values():  # never leave a half-folded model behind
+                layer.unfold()
+            raise
         self.folded_id, self.folded_slot, self.folded_bytes = adapter_id, slot, needed
         self.stats.folds += 1
         return True

@@ -27,8 +27,8 @@ class LoraStep:
     slot: int = 0  # the slot of "single" / "fold"
     active: torch.Tensor | None = None  # (num_active,) slot ids
     key: tuple = ()  # identifies (active slots, slot contents) for per-layer caches
-    gather: torch.Tensor | None = None  # (num_active * max_tokens,) token rows; pads -> row 0
-    mask: torch.Tensor | None = None  # (num_active, max_tokens, 1): 0 on pads; None if no pads
+    gather: torch.Tensor | None = None  # (num_active * max_tokens,) token rows; pads -> the group's first row
+    pad: torch.Tensor | None = None  # (num_active, max_tokens, 1) bool: True on pads; None if no pads
     max_tokens: int = 0
     _part_gathers: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -62,18 +62,20 @@ def build_lora_step(token_slots: list[int], version: int, device, dtype,
         if s:
             rows[s].append(i)
     max_tokens = max(len(r) for r in rows.values())
-    gather, mask = [], []
+    # Pads read and write a row of their own group (its first token), never another adapter's
+    # or the base's row: whatever this adapter makes of it (inf, NaN) stays within its own tokens.
+    gather, pad_flags = [], []
     for s in active:
         pad = max_tokens - len(rows[s])
-        gather += rows[s] + [0] * pad
-        mask += [1.0] * len(rows[s]) + [0.0] * pad
+        gather += rows[s] + [rows[s][0]] * pad
+        pad_flags += [False] * len(rows[s]) + [True] * pad
     even = all(len(r) == max_tokens for r in rows.values())
     return LoraStep(
         "grouped",
         active=torch.tensor(active, dtype=torch.long, device=device),
         key=(tuple(active), version),
         gather=torch.tensor(gather, dtype=torch.long, device=device),
-        mask=None if even else torch.tensor(mask, dtype=dtype, device=device).view(len(active), max_tokens, 1),
+        pad=None if even else torch.tensor(pad_flags, device=device).view(len(active), max_tokens, 1),
         max_tokens=max_tokens,
     )
 
@@ -192,8 +194,9 @@ class MultiLoraLinear(nn.Module):
             return y
         xs = x.index_select(0, lora.gather).view(-1, lora.max_tokens, self.in_features)  # (S, M, in)
         h = torch.bmm(xs, At)  # (S, M, P*r)
-        if lora.mask is not None:
-            h.mul_(lora.mask)  # padded rows contribute exactly zero to row 0
+        if lora.pad is not None:
+            # Replace (not multiply: 0 * inf = NaN) so a pad adds exactly B @ 0 to its group's row.
+            h.masked_fill_(lora.pad, 0.0)
         delta = self._expand(h, Bt)  # (S*P, M, out_part)
         # y viewed as (T*P, out_part): token t's part p is row t*P + p
         y.view(T * P, self.part_out).index_add_(0, lora.part_gather(P), delta.view(-1, self.part_out))

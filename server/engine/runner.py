@@ -33,6 +33,8 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: Batch, fold_slot: int | None = None) -> list[SampledToken | None]:
         """Returns, per batch entry, the sampled token (None for a prefill chunk that does not end)."""
+        if batch.fresh_blocks:
+            self.zero_blocks(batch.fresh_blocks)
         order = sorted(range(len(batch.entries)), key=lambda i: batch.entries[i].num_new != 1)
         entries = [batch.entries[i] for i in order]
         num_decodes = sum(1 for e in entries if e.num_new == 1)
@@ -66,3 +68,11 @@ class ModelRunner:
             if e.samples:
                 out[order[j]] = next(it)
         return out
+
+    def zero_blocks(self, blocks: list[int]) -> None:
+        """Clear newly allocated KV blocks in every layer, so no stale value is ever read."""
+        index = torch.tensor(blocks, dtype=torch.long, device=self.device)
+        for layer in self.model.model.layers:
+            attn = layer.self_attn
+            for cache in (attn.k_cache, attn.v_cache):
+                cache.view(-1, self.block_size, *cache.shape[1:]).index_fill_(0, index, 0)

@@ -5,16 +5,24 @@ next chunk of an unfinished prefill), preempting the most recent arrivals by rec
 blocks run out, then admits waiting sequences while the limits on running sequences and tokens
 per step allow and their adapter holds a device slot. `postprocess` records the sampled tokens
 and releases everything a finished sequence held. No tensors live here.
+
+Tenants share fairly (see fair_share.py): the waiting queue is admitted round-robin across
+tenants (FIFO within a tenant), and while another tenant waits for an adapter slot, a tenant
+already holding `ceil(max_loras / active tenants)` slots gets no further one.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from server.engine.block_manager import BlockManager
+from server.engine.fair_share import SlotShare, round_robin
 from server.engine.sequence import Sequence, SeqStatus
+
+logger = logging.getLogger(__name__)
 
 
 class AdapterGate(Protocol):
@@ -42,6 +50,7 @@ class ScheduledSeq:
 @dataclass
 class Batch:
     entries: list[ScheduledSeq] = field(default_factory=list)
+    fresh_blocks: list[int] = field(default_factory=list)  # newly allocated: zeroed before the run
 
     def __bool__(self) -> bool:
         return bool(self.entries)
@@ -54,17 +63,25 @@ class Batch:
 @dataclass
 class StepOutput:
     seq: Sequence
-    token_id: int
+    token_id: int | None
     text: str
     finish_reason: str | None
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] = field(default_factory=list)
+    error: str | None = None  # with finish_reason "abort": this sequence alone failed
+    error_code: str | None = None
+    error_status: int | None = None
 
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, gate: AdapterGate, max_num_seqs: int,
-                 max_num_batched_tokens: int):
+                 max_num_batched_tokens: int, max_loras: int | None = None):
+        """Args:
+        max_loras: device slots shared by the tenants; None turns the per-tenant slot share off.
+        """
         self.blocks = blocks
+        self.max_loras = max_loras
+        self._last_tenant: str | None = None  # round-robin position across steps
         self.gate = gate
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -86,6 +103,7 @@ class Scheduler:
         budget -= batch.num_tokens
         if not preempted:
             self._admit_waiting(batch, budget)
+        batch.fresh_blocks = self.blocks.take_fresh()
         return batch
 
     def _continue_running(self, batch: Batch, budget: int) -> bool:
@@ -117,24 +135,30 @@ class Scheduler:
         return preempted
 
     def _admit_waiting(self, batch: Batch, budget: int) -> None:
-        skipped: list[Sequence] = []
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting.popleft()
+        admitted: set[int] = set()
+        share = SlotShare(self.running, self.waiting, self.max_loras)
+        for seq in round_robin(self.waiting, self._last_tenant):
+            if budget <= 0 or len(self.running) >= self.max_num_seqs:
+                break
+            if not share.allows(seq):
+                continue  # its tenant holds its fair share of slots while another tenant waits
             if not self.gate.acquire(seq):
-                skipped.append(seq)  # adapter still loading or no free slot: others go ahead
-                continue
+                continue  # adapter still loading or no free slot: others go ahead
             num_new = min(seq.num_tokens - seq.num_computed, budget)
             end = seq.num_computed + num_new
             if not self.blocks.can_cover(seq, end):
                 self.gate.release(seq)
-                skipped.append(seq)
-                break  # out of KV memory: admit nobody else this step (first come, first served)
+                break  # out of KV memory: admit nobody else this step
             self.blocks.allocate(seq, end)
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             batch.entries.append(ScheduledSeq(seq, seq.num_computed, num_new))
             budget -= num_new
-        self.waiting.extendleft(reversed(skipped))
+            admitted.add(seq.seq_id)
+            share.admitted(seq)
+            self._last_tenant = seq.tenant
+        if admitted:
+            self.waiting = deque(s for s in self.waiting if s.seq_id not in admitted)
 
     def _preempt(self, seq: Sequence) -> None:
         """Recompute later: drop the cache and the slot pin, go back to the head of the queue."""
@@ -162,11 +186,24 @@ class Scheduler:
             seq = entry.seq
             if seq.status is not SeqStatus.RUNNING:
                 continue
+            if getattr(sample, "error_code", None) is not None:
+                # this sequence alone failed (non-finite logits, a failed run): end it, keep the rest
+                outputs.append(StepOutput(seq, None, "", "abort", error=sample.error,
+                                          error_code=sample.error_code, error_status=sample.error_status))
+                self._finish(seq, "abort")
+                continue
             seq.num_computed = entry.start + entry.num_new
             if sample is None:
                 continue
             token = sample if isinstance(sample, int) else sample.token_id
-            text, reason = seq.append_token(token)
+            try:
+                text, reason = seq.append_token(token)
+            except Exception:  # noqa: BLE001 - e.g. detokenizing; ends this sequence only
+                logger.exception("recording a token failed for request %s", seq.request_id)
+                outputs.append(StepOutput(seq, None, "", "abort", error="internal engine error",
+                                          error_code="engine_error", error_status=500))
+                self._finish(seq, "abort")
+                continue
             out = StepOutput(seq, token, text, reason)
             if not isinstance(sample, int):
                 out.logprob, out.top_logprobs = sample.logprob, sample.top_logprobs

@@ -53,6 +53,7 @@ class Sequence:
     finish_reason: str | None = None
     num_preemptions: int = 0
     generator: object = None  # the sampler's per-request torch.Generator (seeded requests)
+    tenant: str = "default"  # whose request: fair slot share and per-tenant state key on it
     grammar_state: object = None  # the grammar matcher of a constrained request (engine/logits.py)
 
     @property
@@ -80,6 +81,11 @@ class Sequence:
     def below_min_tokens(self) -> bool:
         """While true the sampler masks stop tokens (min_tokens)."""
         return len(self.output_ids) < self.sampling.min_tokens
+
+    def min_tokens_mask_ids(self) -> set[int]:
+        """Token ids masked while below min_tokens: the stop tokens and EOS, even with ignore_eos
+        (vLLM's semantics: ignore_eos only stops EOS from ending the sequence later)."""
+        return set(self.sampling.stop_token_ids) | self.eos_ids
 
     def stop_token_ids(self) -> set[int]:
         ids = set(self.sampling.stop_token_ids)

@@ -4,12 +4,20 @@
 the host cache into the slot tensors if needed, evicting the least recently used unpinned slot);
 when the adapter is only on disk it starts a background read and answers "not yet", so the rest
 of the batch keeps running. A slot pinned by a running sequence is never evicted. The host cache
-is LRU-bounded. Nothing here decides what runs; `SlotTable` is the little state the runner reads.
+is LRU-bounded in count and in bytes. Nothing here decides what runs; `SlotTable` is the little
+state the runner reads.
+
+Loads are isolated from each other: a small pool of loader threads reads adapters in parallel,
+and a load running longer than its deadline fails that adapter alone (its requests end with
+`adapter_load_failed`, 503) while the others keep loading. Failure messages name the adapter
+id only; paths and exception details go to the log.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections import OrderedDict
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -22,6 +30,8 @@ from server.engine.lora import MultiLoraLinear
 from server.engine.sequence import NO_SLOT, Sequence
 from server.engine.types import AdapterRef
 
+logger = logging.getLogger(__name__)
+LOAD_FAILED = "adapter_load_failed"
 
 @dataclass
 class SlotTable:
@@ -51,7 +61,8 @@ def read_host_adapter(ref: AdapterRef, targets: dict[str, tuple[MultiLoraLinear,
     try:
         weights = read_peft(ref.path)
     except (OSError, ValueError, KeyError) as exc:
-        raise AdapterLoadError(f"adapter {ref.id}: cannot read {ref.path}: {exc}") from exc
+        logger.warning("adapter %s: cannot read %s: %r", ref.id, ref.path, exc)
+        raise AdapterLoadError(f"adapter {ref.id}: its stored files cannot be read") from exc
     modules, nbytes = {}, 0
     for path, module in weights.modules.items():
         if path not in targets:
@@ -77,13 +88,18 @@ class SlotStats:
     evictions: int = 0  # slots overwritten while holding another adapter
     disk_loads: int = 0
     load_errors: int = 0
+    load_timeouts: int = 0
 
 
 class AdapterSlots:
     def __init__(self, targets: dict[str, tuple[MultiLoraLinear, str]], num_slots: int, max_cpu: int,
-                 max_rank: int, dtype: torch.dtype, on_slot_change=None):
+                 max_rank: int, dtype: torch.dtype, on_slot_change=None, *, max_cpu_bytes: int | None = None,
+                 loader_threads: int = 1, load_timeout_s: float | None = None):
         """Args:
         targets: PEFT module path -> (wrapped layer, part name), from `CausalLM.lora_targets()`.
+        max_cpu_bytes: bytes the host cache may hold (the newest entry always stays); None = no bound.
+        loader_threads: adapters read from disk in parallel.
+        load_timeout_s: a load running longer fails its adapter's requests; None = no deadline.
         """
         self.targets = targets
         self.layers: dict[int, MultiLoraLinear] = {id(layer): layer for layer, _ in targets.values()}
@@ -94,12 +110,18 @@ class AdapterSlots:
         self.slot_of: dict[str, int] = {}
         self.recency: OrderedDict[int, None] = OrderedDict((s, None) for s in range(1, num_slots + 1))
         self.host: OrderedDict[str, HostAdapter] = OrderedDict()
+        self.max_cpu_bytes, self.load_timeout_s = max_cpu_bytes, load_timeout_s
+        self.host_bytes = 0
         self.loading: dict[str, Future] = {}
+        self._started: dict[str, float] = {}  # adapter id -> when its read began in a loader thread
+        self._abandoned: dict[str, Future] = {}  # loads past their deadline, still holding a thread
         self.failed: dict[str, str] = {}
+        self._epochs = 0
+        self.epoch: dict[str, int] = {}  # adapter id -> which residency it is in (see Engine.tenant_residency)
         self.forgotten: set[str] = set()
         self.stats = SlotStats()
         self.on_slot_change = on_slot_change  # fold manager hook: slot contents changed
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-loader")
+        self._pool = ThreadPoolExecutor(max_workers=max(1, loader_threads), thread_name_prefix="adapter-loader")
         self._lock = threading.Lock()  # guards `host` against readers of stats()
 
     # -- AdapterGate ----------------------------------------------------------------------
@@ -140,33 +162,82 @@ class AdapterSlots:
         """Start reading `ref` from disk unless it is resident, loading or failed."""
         if ref.id in self.host or ref.id in self.loading or ref.id in self.failed:
             return
+        stuck = self._abandoned.get(ref.id)
+        if stuck is not None:
+            if not stuck.done():
+                # retrying would only tie up another loader thread with the same slow adapter
+                self.failed[ref.id] = f"adapter {ref.id}: an earlier load of it has not finished"
+                return
+            del self._abandoned[ref.id]
         self.forgotten.discard(ref.id)
-        self.loading[ref.id] = self._pool.submit(read_host_adapter, ref, self.targets, self.max_rank, self.dtype)
+        if ref.id not in self.epoch:
+            self._epochs += 1
+            self.epoch[ref.id] = self._epochs
+        self.loading[ref.id] = self._pool.submit(self._read, ref)
+
+    def _read(self, ref: AdapterRef) -> HostAdapter:
+        self._started[ref.id] = time.monotonic()  # the deadline counts from here, not from the queue
+        return read_host_adapter(ref, self.targets, self.max_rank, self.dtype)
 
     def poll(self) -> None:
-        """Move finished disk reads into the host cache (called by the engine loop each step)."""
+        """Move finished disk reads into the host cache (called by the engine loop each step);
+        fail loads that passed their deadline."""
+        now = time.monotonic()
         for aid, future in list(self.loading.items()):
             if not future.done():
+                started = self._started.get(aid)
+                if self.load_timeout_s is not None and started is not None and now - started > self.load_timeout_s:
+                    # The thread cannot be interrupted; its result is dropped when it ends.
+                    self._abandoned[aid] = self.loading.pop(aid)
+                    self._started.pop(aid, None)
+                    self.failed[aid] = f"adapter {aid}: loading took longer than {self.load_timeout_s:g} s"
+                    self.stats.load_timeouts += 1
+                    logger.warning("adapter %s: load passed its %s s deadline", aid, self.load_timeout_s)
                 continue
             del self.loading[aid]
+            self._started.pop(aid, None)
             if aid in self.forgotten:
                 self.forgotten.discard(aid)
+                self._maybe_gone(aid)
                 continue
             try:
                 host = future.result()
-            except Exception as exc:  # noqa: BLE001 - any failure becomes the request's error
-                self.failed[aid] = str(exc) if isinstance(exc, AdapterLoadError) else f"adapter {aid}: {exc!r}"
+            except AdapterLoadError as exc:
+                self.failed[aid] = str(exc)
+                self.stats.load_errors += 1
+                continue
+            except Exception:  # noqa: BLE001 - any failure becomes the request's error
+                logger.exception("adapter %s: load failed", aid)
+                self.failed[aid] = f"adapter {aid}: could not be loaded"
                 self.stats.load_errors += 1
                 continue
             self.stats.disk_loads += 1
-            with self._lock:
-                self.host[aid] = host
-                while len(self.host) > self.max_cpu:
-                    self.host.popitem(last=False)
+            self._cache(host)
+
+    def _cache(self, host: HostAdapter) -> None:
+        """Insert into the host cache, evicting LRU entries past the count or byte bound."""
+        evicted = []
+        with self._lock:
+            self.host[host.id] = host
+            self.host_bytes += host.nbytes
+            while len(self.host) > 1 and (len(self.host) > self.max_cpu or (
+                    self.max_cpu_bytes is not None and self.host_bytes > self.max_cpu_bytes)):
+                _, old = self.host.popitem(last=False)
+                self.host_bytes -= old.nbytes
+                evicted.append(old.id)
+        for aid in evicted:
+            self._maybe_gone(aid)
+
+    def _maybe_gone(self, aid: str) -> None:
+        """An adapter no longer held anywhere leaves its residency epoch."""
+        if aid not in self.host and aid not in self.slot_of and aid not in self.loading and aid not in self.failed:
+            self.epoch.pop(aid, None)
 
     def take_failed(self) -> dict[str, str]:
-        """Adapter id -> error of the loads that failed since the last call (then forgotten)."""
+        """The loads that failed since the last call (adapter id -> message); they may be retried."""
         failed, self.failed = self.failed, {}
+        for aid in failed:
+            self._maybe_gone(aid)
         return failed
 
     def wait_for_loads(self, timeout: float) -> None:
@@ -184,9 +255,10 @@ class AdapterSlots:
         return None
 
     def _write(self, slot: int, host: HostAdapter) -> None:
-        if self.owner[slot] is not None:
+        evicted = self.owner[slot]
+        if evicted is not None:
             self.stats.evictions += 1
-            del self.slot_of[self.owner[slot]]
+            del self.slot_of[evicted]
         per_layer: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor, float]]] = {}
         for path, pair in host.modules.items():
             layer, part = self.targets[path]
@@ -199,6 +271,8 @@ class AdapterSlots:
         self.table.ranks[slot] = host.max_rank
         self.table.version += 1
         self.stats.loads += 1
+        if evicted is not None:
+            self._maybe_gone(evicted)
         if self.on_slot_change:
             self.on_slot_change(slot)
 
@@ -206,8 +280,11 @@ class AdapterSlots:
         for layer in self.layers.values():
             if layer.slot_rank[slot]:
                 layer.load_slot(slot, {})
-        self.slot_of.pop(self.owner[slot], None)
+        aid = self.owner[slot]
+        self.slot_of.pop(aid, None)
         self.owner[slot] = None
+        if aid is not None:
+            self._maybe_gone(aid)
         self.table.ranks[slot] = 0
         self.table.version += 1
         if self.on_slot_change:
@@ -216,7 +293,9 @@ class AdapterSlots:
     def forget(self, adapter_id: str) -> None:
         """Drop an adapter everywhere once no running sequence uses it."""
         with self._lock:
-            self.host.pop(adapter_id, None)
+            host = self.host.pop(adapter_id, None)
+            if host is not None:
+                self.host_bytes -= host.nbytes
         self.failed.pop(adapter_id, None)
         if adapter_id in self.loading:
             self.forgotten.add(adapter_id)
@@ -226,6 +305,7 @@ class AdapterSlots:
                 self._clear(slot)
             else:
                 self.forgotten.add(adapter_id)
+        self._maybe_gone(adapter_id)
 
     def residency(self) -> dict[str, str]:
         """adapter id -> "device" | "host" | "loading" | "failed"."""

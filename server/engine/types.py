@@ -25,15 +25,29 @@ class AdapterRef:
     path: Path
 
 
+GREEDY_BELOW = 1e-5  # vLLM's rule: a smaller temperature is greedy (no division by tiny numbers)
+MAX_TOP_K = 2**31 - 1
+SEED_RANGE = (-2**63, 2**63 - 1)
+MAX_TOP_LOGPROBS = 20
+MAX_STOPS, MAX_STOP_CHARS = 16, 256
+MAX_STOP_TOKEN_IDS = 256
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """Per-request decoding settings (OpenAI names, vLLM-compatible extensions)."""
+    """Per-request decoding settings (OpenAI names, vLLM-compatible extensions).
+
+    The issue-9 bounds are checked here as a second line behind the HTTP edge (ValueError naming
+    the field), and values are normalised so the sampler never meets a hostile number:
+    temperature < 1e-5 becomes 0 (greedy), top_k -1 becomes 0 (off; the sampler clamps it to the
+    vocabulary), and seed becomes `seed % 2**64` (what `torch.Generator.manual_seed` accepts).
+    """
 
     max_tokens: int = 16
     min_tokens: int = 0
     temperature: float = 1.0  # 0 means greedy
     top_p: float = 1.0
-    top_k: int = 0  # 0 means off
+    top_k: int = 0  # 0 (or -1) means off
     seed: int | None = None
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
@@ -48,16 +62,33 @@ class SamplingParams:
     grammar: object = field(default=None, compare=False)  # a compiled grammar (server/engine/grammar.py)
 
     def __post_init__(self):
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if not 0 <= self.min_tokens <= self.max_tokens:
-            raise ValueError(f"min_tokens must be in 0..max_tokens, got {self.min_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
+        _check_int("max_tokens", self.max_tokens, 1, None)
+        _check_int("min_tokens", self.min_tokens, 0, self.max_tokens)
+        temperature = _check_float("temperature", self.temperature, 0.0, 2.0)
+        top_p = _check_float("top_p", self.top_p, 0.0, 1.0)
+        if top_p <= 0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        _check_int("top_k", self.top_k, -1, MAX_TOP_K)
+        if self.seed is not None:
+            _check_int("seed", self.seed, *SEED_RANGE)
+        if self.logprobs is not None:
+            _check_int("logprobs", self.logprobs, 0, MAX_TOP_LOGPROBS)
+        stop = tuple(self.stop)
+        if len(stop) > MAX_STOPS or not all(isinstance(s, str) and 1 <= len(s) <= MAX_STOP_CHARS for s in stop):
+            raise ValueError(f"stop must be at most {MAX_STOPS} strings of 1..{MAX_STOP_CHARS} characters")
+        ids = tuple(self.stop_token_ids)
+        if len(ids) > MAX_STOP_TOKEN_IDS:
+            raise ValueError(f"stop_token_ids must hold at most {MAX_STOP_TOKEN_IDS} ids, got {len(ids)}")
+        for t in ids:
+            _check_int("stop_token_ids", t, 0, MAX_TOP_K)
+        # normalise (frozen dataclass: set through object.__setattr__)
+        object.__setattr__(self, "temperature", 0.0 if temperature < GREEDY_BELOW else temperature)
+        object.__setattr__(self, "top_p", top_p)
+        object.__setattr__(self, "top_k", max(self.top_k, 0))
+        if self.seed is not None:
+            object.__setattr__(self, "seed", self.seed % 2**64)
+        object.__setattr__(self, "stop", stop)
+        object.__setattr__(self, "stop_token_ids", ids)
         from server.engine.logits import check_bounds  # one place for the processors' bounds
 
         check_bounds(self)
@@ -65,6 +96,21 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def _check_int(name: str, value, low: int, high: int | None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {type(value).__name__}")
+    if value < low or (high is not None and value > high):
+        raise ValueError(f"{name} must be in [{low}, {'inf' if high is None else high}], got {value}")
+
+
+def _check_float(name: str, value, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {type(value).__name__}")
+    if not low <= value <= high:  # also refuses NaN
+        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
+    return float(value)
 
 
 @dataclass
@@ -75,7 +121,9 @@ class TokenEvent:
     character is incomplete, and is cut before a matched stop string). `finish_reason` is set on
     the last event: "stop" (end-of-turn / stop token / stop string), "length" (max_tokens or the
     model length), or "abort" (`error` says why when it was not the caller's abort, e.g. an adapter
-    that failed to load).
+    that failed to load). An engine-side failure that ends only this sequence also sets
+    `error_code` ("non_finite_output", "adapter_load_failed", "engine_error") and `error_status`,
+    the HTTP status the API should answer with (422, 503, 500).
     """
 
     request_id: str
@@ -87,6 +135,8 @@ class TokenEvent:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None  # set with finish_reason "abort" when the engine could not serve it
+    error_code: str | None = None
+    error_status: int | None = None
 
 
 # -- what the engine reports (read by /v1/models, /v1/adapters and /metrics) --------------------
@@ -133,6 +183,8 @@ class EngineStats:
     slot_evictions: int = 0  # slots overwritten while holding another adapter (monotonic)
     disk_loads: int = 0
     adapter_load_errors: int = 0
+    adapter_load_timeouts: int = 0  # loads that ran past adapter_load_timeout_s (monotonic)
+    host_cache_bytes: int = 0  # bytes the host adapter cache holds now
     preemptions: int = 0
     kv_blocks_total: int = 0
     kv_blocks_used: int = 0
@@ -190,7 +242,7 @@ class EngineClient(Protocol):
 
     def unpin(self, adapter_id: str, tenant: str = "default") -> None: ...
 
-    def forget_adapter(self, adapter_id: str) -> None: ...
+    def forget_adapter(self, adapter_id: str, tenant: str | None = None) -> None: ...
 
     def stats(self) -> EngineStats: ...
 

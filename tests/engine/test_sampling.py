@@ -175,6 +175,7 @@ def test_a_failing_step_fails_its_requests_and_the_loop_survives(engine, monkeyp
             await engine.stop()
 
     failed, ok = asyncio.run(main())
-    assert failed[-1].finish_reason == "abort" and "boom" in failed[-1].error
+    assert failed[-1].finish_reason == "abort" and failed[-1].error_code == "engine_error"
+    assert failed[-1].error_status == 500 and "boom" not in failed[-1].error  # the detail goes to the log
     assert len(ok) == GREEDY.max_tokens and ok[-1].finish_reason == "length"
     assert engine.blocks.num_free == engine.blocks.num_blocks

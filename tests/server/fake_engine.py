@@ -122,7 +122,7 @@ class FakeEngine:
                                       tenant in self.pins.get(aid, ()))
                 for aid in self.used.get(tenant, ()) if aid in stats.adapters}
 
-    def forget_adapter(self, adapter_id: str) -> None:
+    def forget_adapter(self, adapter_id: str, tenant: str | None = None) -> None:
         self.forgotten.append(adapter_id)
 
     def stats(self) -> EngineStats:

@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import json
 import threading
-from pathlib import Path
 
 import pytest
 
 from server.engine.types import AdapterRef, EngineStats, FoldView
-from server.tenancy import TenantPins
 from tests.server.conftest import upload
 from tests.server.live import wait_until
 
@@ -76,21 +74,6 @@ class _LegacyEngine:
         pinned = tuple(sorted(self.pinned))
         return EngineStats(adapters={aid: "device" for aid in pinned},
                            fold=FoldView(folded=next(iter(pinned), None), pinned=pinned))
-
-
-def test_compat_pins_over_a_legacy_engine_are_counted_per_tenant():
-    engine = _LegacyEngine()
-    pins = TenantPins(engine)
-    ref = AdapterRef(id="c0ffee", path=Path("/nowhere"))
-    pins.pin("alice", ref)
-    pins.pin("bob", ref)
-    pins.unpin("bob", ref.id)
-    assert engine.pinned == {"c0ffee"}  # bob's unpin left alice's pin in place
-    assert pins.residency("alice")["c0ffee"].pinned and "c0ffee" not in pins.residency("mallory")
-    assert pins.residency("bob")["c0ffee"].pinned is False
-    pins.unpin("bob", ref.id)  # unpinning twice changes nothing
-    pins.unpin("alice", ref.id)
-    assert engine.pinned == set() and engine.calls == [("pin", "c0ffee"), ("unpin", "c0ffee")]
 
 
 def test_metrics_carry_no_adapter_names_or_ids(fake_server, peft_adapters):

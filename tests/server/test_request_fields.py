@@ -62,9 +62,9 @@ class RecordingEngine(FakeEngine):
         super().__init__(tokenizer)
         self.sampling: dict[str, object] = {}
 
-    def add_request(self, request_id, prompt_ids, adapter, sampling):
+    def add_request(self, request_id, prompt_ids, adapter, sampling, tenant="default"):
         self.sampling[request_id] = sampling
-        return super().add_request(request_id, prompt_ids, adapter, sampling)
+        return super().add_request(request_id, prompt_ids, adapter, sampling, tenant)
 
 
 @pytest.fixture
