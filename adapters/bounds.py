@@ -82,9 +82,7 @@ def check_bounds(weights: LoraWeights, base_norms: dict[str, float], bounds: Ada
             continue
         ratio = _ratio(delta_norm(module), base_norms[path])
         if not ratio <= bounds.max_delta_ratio:
-            raise AdapterOutOfRange(
-                f"{path}: ||scaling*B@A||/||W|| = {ratio:.2g} exceeds {bounds.max_delta_ratio:g}"
-            )
+            raise AdapterOutOfRange(f"{path}: ||scaling*B@A||/||W|| = {ratio:.2g} exceeds {bounds.max_delta_ratio:g}")
 
 
 def _ratio(update: float, base: float) -> float:

@@ -130,9 +130,7 @@ def dare_linear(
     return task_arithmetic(dropped, weights)
 
 
-def dare_ties(
-    deltas: torch.Tensor, weights: torch.Tensor, density: float, generator: torch.Generator
-) -> torch.Tensor:
+def dare_ties(deltas: torch.Tensor, weights: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
     """DARE's random drop + rescale in place of TIES' magnitude trim, then elect + disjoint mean."""
     dropped = torch.stack([drop_random(d, density, generator) for d in deltas])
     return disjoint_mean(dropped, weights)
@@ -238,9 +236,7 @@ def shared_identity(inputs: list[MergeInput]) -> dict:
     """
     shared, problems = {}, []
     for key, what in ((FINGERPRINT_KEY, "base model fingerprint"), (TEMPLATE_KEY, "chat-template sha256")):
-        provided = [
-            (item.name or f"input {i}", _as_dict(item.provenance).get(key)) for i, item in enumerate(inputs)
-        ]
+        provided = [(item.name or f"input {i}", _as_dict(item.provenance).get(key)) for i, item in enumerate(inputs)]
         seen = [(name, value) for name, value in provided if value is not None]
         if len({value for _, value in seen}) > 1:
             listed = ", ".join(f"{name}={value[:12]}" for name, value in seen)
@@ -290,8 +286,14 @@ def _combine(method: str, deltas: torch.Tensor, weights: torch.Tensor, density: 
 
 
 def _svd_merge_module(
-    inputs: list[MergeInput], path: str, shape: tuple[int, int], method: str,
-    weights: torch.Tensor, density: float, seed: int, rank: int,
+    inputs: list[MergeInput],
+    path: str,
+    shape: tuple[int, int],
+    method: str,
+    weights: torch.Tensor,
+    density: float,
+    seed: int,
+    rank: int,
 ) -> tuple[LoraModule, float]:
     """One module of an SVD method: combine the inputs' deltas, refactor to `rank`, report the error."""
     if method in ("linear", "task_arithmetic"):
@@ -405,21 +407,23 @@ def merge_adapters(
     config = _unit_scaling_config(modules, inputs[0].weights.config)
     merged = LoraWeights(config=config, modules=modules)
     check_bounds(merged, base_norms or {}, bounds)
-    provenance = Provenance.model_validate({
-        **identity,
-        "merge": {
-            "method": method,
-            "inputs": [
-                {"name": item.name, "weight": float(item.weight), "rank": item.weights.max_rank} for item in inputs
-            ],
-            "density": density,
-            "seed": seed,
-            "rank": rank,
-            "max_rank": max_rank,
-            "svd_errors": errors,
-            "svd_error_max": max(errors.values(), default=0.0),
-        },
-    }).to_json_dict()
+    provenance = Provenance.model_validate(
+        {
+            **identity,
+            "merge": {
+                "method": method,
+                "inputs": [
+                    {"name": item.name, "weight": float(item.weight), "rank": item.weights.max_rank} for item in inputs
+                ],
+                "density": density,
+                "seed": seed,
+                "rank": rank,
+                "max_rank": max_rank,
+                "svd_errors": errors,
+                "svd_error_max": max(errors.values(), default=0.0),
+            },
+        }
+    ).to_json_dict()
     return MergeResult(weights=merged, provenance=provenance, svd_errors=errors)
 
 

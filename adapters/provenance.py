@@ -63,9 +63,7 @@ def parse_provenance(data: bytes | str) -> Provenance:
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "(root)"
-        raise InvalidAdapter(
-            f"{PROVENANCE_FILE}: field '{where}': {first['msg']}", "invalid_provenance"
-        ) from exc
+        raise InvalidAdapter(f"{PROVENANCE_FILE}: field '{where}': {first['msg']}", "invalid_provenance") from exc
 
 
 def read_provenance(directory: Path | str) -> Provenance | None:
@@ -74,9 +72,7 @@ def read_provenance(directory: Path | str) -> Provenance | None:
     if not path.is_file():
         return None
     if path.stat().st_size > MAX_PROVENANCE_BYTES:
-        raise InvalidAdapter(
-            f"{PROVENANCE_FILE} is larger than {MAX_PROVENANCE_BYTES} bytes", "file_too_large", 413
-        )
+        raise InvalidAdapter(f"{PROVENANCE_FILE} is larger than {MAX_PROVENANCE_BYTES} bytes", "file_too_large", 413)
     return parse_provenance(path.read_bytes())
 
 
@@ -85,4 +81,3 @@ def write_provenance(provenance: Provenance, directory: Path | str) -> Path:
     path = Path(directory) / PROVENANCE_FILE
     path.write_text(json.dumps(provenance.to_json_dict(), indent=2, sort_keys=True))
     return path
-

@@ -26,8 +26,9 @@ def parse_dtype(name: str, allowed: tuple[str, ...] = tuple(DTYPES)) -> torch.dt
     return DTYPES[canonical]
 
 
-def nf4_linear(weight: torch.Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype,
-               device: torch.device | str) -> nn.Module:
+def nf4_linear(
+    weight: torch.Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype, device: torch.device | str
+) -> nn.Module:
     """A frozen NF4 `Linear4bit` holding `weight` (out, in), quantized on `device`.
 
     `bias`, when given, is kept dense as passed (the caller picks its dtype).
@@ -35,12 +36,24 @@ def nf4_linear(weight: torch.Tensor, bias: torch.Tensor | None, compute_dtype: t
     import bitsandbytes as bnb
 
     out_features, in_features = weight.shape
-    layer = bnb.nn.Linear4bit(in_features, out_features, bias=bias is not None, compute_dtype=compute_dtype,
-                              compress_statistics=False, quant_type="nf4", quant_storage=torch.uint8,
-                              device="meta")
+    layer = bnb.nn.Linear4bit(
+        in_features,
+        out_features,
+        bias=bias is not None,
+        compute_dtype=compute_dtype,
+        compress_statistics=False,
+        quant_type="nf4",
+        quant_storage=torch.uint8,
+        device="meta",
+    )
     layer.weight = bnb.nn.Params4bit(
-        weight.to(compute_dtype).contiguous(), requires_grad=False, blocksize=NF4_BLOCKSIZE,
-        compress_statistics=False, quant_type="nf4", quant_storage=torch.uint8, module=layer,
+        weight.to(compute_dtype).contiguous(),
+        requires_grad=False,
+        blocksize=NF4_BLOCKSIZE,
+        compress_statistics=False,
+        quant_type="nf4",
+        quant_storage=torch.uint8,
+        module=layer,
     ).to(device)  # bitsandbytes quantizes on the move
     if bias is not None:
         layer.bias = nn.Parameter(bias.to(device), requires_grad=False)

@@ -87,7 +87,8 @@ def parse_header(
     if raw.count(_ENTRY_MARK) > max_tensors:  # a byte scan: refuse before parsing any entry
         raise InvalidAdapter(
             f"{filename}: the header lists more than {max_tensors} tensors, the most this base allows",
-            "too_many_tensors", 413,
+            "too_many_tensors",
+            413,
         )
     try:
         header = loads_strict(raw)
@@ -96,9 +97,7 @@ def parse_header(
     if not isinstance(header, dict):
         raise _malformed(filename, "the header is not a JSON object")
     metadata = header.pop("__metadata__", None)
-    if metadata is not None and not (
-        isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())
-    ):
+    if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
         raise _malformed(filename, "__metadata__ must map strings to strings")
     if len(header) > max_tensors:  # the byte scan cannot be fooled into a smaller count, but be sure
         raise InvalidAdapter(f"{filename}: more than {max_tensors} tensors", "too_many_tensors", 413)

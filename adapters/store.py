@@ -208,9 +208,7 @@ class AdapterStore:
 
     # -- writing -------------------------------------------------------------------------
 
-    def publish(
-        self, tenant: str, name: str, adapter: ValidatedAdapter | Path | str
-    ) -> tuple[AdapterRecord, bool]:
+    def publish(self, tenant: str, name: str, adapter: ValidatedAdapter | Path | str) -> tuple[AdapterRecord, bool]:
         """Make `name` point to `adapter`'s content; returns (record, created).
 
         Same content as the current version: that record, created False. Otherwise a new
@@ -249,9 +247,14 @@ class AdapterStore:
             versions = (live.versions if live else []) + [entry]
             kept = versions[-self.limits.max_versions_kept :]
             retired = {*(pointer.retired_sha256 if pointer else []), *(v.sha256 for v in versions)}
-            new = _Pointer(tenant=tenant, name=name, current=entry.version, versions=kept,
-                           last_version=entry.version,
-                           retired_sha256=sorted(retired - {v.sha256 for v in kept}))
+            new = _Pointer(
+                tenant=tenant,
+                name=name,
+                current=entry.version,
+                versions=kept,
+                last_version=entry.version,
+                retired_sha256=sorted(retired - {v.sha256 for v in kept}),
+            )
             self._check_quota(tenant, name, new, is_new_name=live is None)
             self._write_blob(adapter)
             self._write_pointer(new)
@@ -279,7 +282,11 @@ class AdapterStore:
             record = pointer.record()
             assert record is not None  # live pointer: its current version is kept
             tombstone = _Pointer(
-                tenant=tenant, name=name, current=None, versions=[], deleted=True,
+                tenant=tenant,
+                name=name,
+                current=None,
+                versions=[],
+                deleted=True,
                 last_version=pointer.next_version() - 1,
                 retired_sha256=sorted({*pointer.retired_sha256, *(v.sha256 for v in pointer.versions)}),
             )
@@ -417,7 +424,9 @@ class AdapterStore:
             removed += self._drop_retired(pointers, busy)
         return removed
 
-    def _drop_retired(self, pointers: builtins.list[tuple[Path, _Pointer]], busy: Callable[[str], bool]) -> builtins.list[str]:
+    def _drop_retired(
+        self, pointers: builtins.list[tuple[Path, _Pointer]], busy: Callable[[str], bool]
+    ) -> builtins.list[str]:
         """Forget retired contents nobody uses; a tombstone with nothing left goes entirely."""
         removed = []
         for path, pointer in pointers:
@@ -504,9 +513,7 @@ class Store(Protocol):
 
     def hold(self, record: AdapterRecord) -> contextlib.AbstractContextManager[Path]: ...
 
-    def publish(
-        self, tenant: str, name: str, adapter: ValidatedAdapter | Path | str
-    ) -> tuple[AdapterRecord, bool]: ...
+    def publish(self, tenant: str, name: str, adapter: ValidatedAdapter | Path | str) -> tuple[AdapterRecord, bool]: ...
 
     def delete(self, tenant: str, name: str, *, collect: bool = True) -> AdapterRecord: ...
 

@@ -31,7 +31,13 @@ from adapters.base import BaseInfo
 from adapters.bounds import AdapterBounds, check_bounds
 from adapters.errors import InvalidAdapter
 from adapters.format import (
-    CONFIG_FILE, PROVENANCE_FILE, WEIGHTS_FILE, LoraWeights, Patterns, pair_keys, tensors_to_modules,
+    CONFIG_FILE,
+    PROVENANCE_FILE,
+    WEIGHTS_FILE,
+    LoraWeights,
+    Patterns,
+    pair_keys,
+    tensors_to_modules,
 )
 from adapters.provenance import Provenance, parse_provenance
 from adapters.safetensors_header import parse_header
@@ -226,7 +232,8 @@ def _check_against_base(config: AdapterConfig, shapes: dict[str, tuple[tuple, tu
     if not any(config.targets(path) for path in base_paths):
         raise InvalidAdapter(
             f"{CONFIG_FILE}: no module of the base matches target_modules {config.target_modules}",
-            "nothing_matched", 422,
+            "nothing_matched",
+            422,
         )
     if not shapes:
         raise InvalidAdapter(f"{WEIGHTS_FILE} holds no LoRA tensors", "no_modules", 422)
@@ -238,7 +245,8 @@ def _check_against_base(config: AdapterConfig, shapes: dict[str, tuple[tuple, tu
             raise InvalidAdapter(
                 f"{WEIGHTS_FILE} has tensors for {path!r}, which target_modules does not cover "
                 "(PEFT would ignore them)",
-                "untargeted_module", 422,
+                "untargeted_module",
+                422,
             )
         in_features, out_features = base_paths[path]
         rank = ranks.value(path, config.r)
@@ -247,7 +255,8 @@ def _check_against_base(config: AdapterConfig, shapes: dict[str, tuple[tuple, tu
             raise InvalidAdapter(
                 f"{path}: lora_A is {list(got_a)} and lora_B is {list(got_b)}, but r={rank} on this base "
                 f"needs lora_A {list(want_a)} and lora_B {list(want_b)}",
-                "shape_mismatch", 422,
+                "shape_mismatch",
+                422,
             )
 
 
@@ -259,7 +268,8 @@ def _refuse_unknown_module(name: str, base: BaseInfo, what: str) -> None:
         raise InvalidAdapter(message, "layer_out_of_range", 422)
     raise InvalidAdapter(
         f"{what} {name!r} is not a linear layer of the base; LoRA may target {', '.join(base.linear_shapes)}",
-        "unknown_target_module", 422,
+        "unknown_target_module",
+        422,
     )
 
 
@@ -315,5 +325,6 @@ def check_template(provenance: Provenance | None, base: BaseInfo, allow_mismatch
             f"the adapter was trained with chat template sha256 {provenance.chat_template_sha256}, "
             f"but the base serves chat template sha256 {base.template_sha256}; retrain on the base's "
             "template or allow the mismatch explicitly",
-            "template_mismatch", 422,
+            "template_mismatch",
+            422,
         )

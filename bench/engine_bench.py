@@ -50,11 +50,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--many-adapters", type=int, default=64, help="distinct adapters (and requests) in (g)")
     p.add_argument("--slots", type=int, default=8, help="engine device slots (--max-loras)")
     p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--hf-new-tokens", type=int, default=None,
-                   help="tokens per row for (c)/(c0) if transformers is too slow (default: --new-tokens)")
+    p.add_argument(
+        "--hf-new-tokens",
+        type=int,
+        default=None,
+        help="tokens per row for (c)/(c0) if transformers is too slow (default: --new-tokens)",
+    )
     p.add_argument("--load-repeats", type=int, default=5, help="samples for the (e) medians")
-    p.add_argument("--repeats", type=int, default=1,
-                   help="timed runs per figure, the fastest kept (not (g), not cold loads); >1 on busy machines")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="timed runs per figure, the fastest kept (not (g), not cold loads); >1 on busy machines",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     p.add_argument("--skip-hf", action="store_true", help="skip (c), (c0), (d) and PEFT's (e)")
     p.add_argument("--out", type=Path, default=RESULTS_DIR)
@@ -78,7 +86,11 @@ def measure_baselines(args, report: Report, base_dir: Path, dirs: list[Path], pr
     peft = hf_baseline.load_peft(model, dirs[: args.adapters])
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else model.config.eos_token_id
     rows, adapters = [list(r.prompt_ids) for r in mixed], [r.adapter for r in mixed]
-    hf_note = "" if args.hf_new_tokens == args.new_tokens else f"{args.hf_new_tokens} new tokens per row, not {args.new_tokens}"
+    hf_note = (
+        ""
+        if args.hf_new_tokens == args.new_tokens
+        else f"{args.hf_new_tokens} new tokens per row, not {args.new_tokens}"
+    )
     hf_baseline.peft_generate(peft, rows, adapters, 1, pad)  # warm-up
 
     def fastest(fn):
@@ -92,7 +104,9 @@ def measure_baselines(args, report: Report, base_dir: Path, dirs: list[Path], pr
 
     log(f"(c) PEFT mixed-batch generate, {args.hf_new_tokens} tokens per row")
     seconds, peft_out = fastest(lambda: hf_baseline.peft_generate(peft, rows, adapters, args.hf_new_tokens, pad))  # noqa: F821 - `del peft` below confuses ruff
-    report.add(Measure("c", "transformers+PEFT mixed batch", len(rows) * args.hf_new_tokens / seconds, "tok/s", hf_note))
+    report.add(
+        Measure("c", "transformers+PEFT mixed batch", len(rows) * args.hf_new_tokens / seconds, "tok/s", hf_note)
+    )
     log("(c0) transformers generate, base only")
     with peft.disable_adapter():
         seconds, _ = fastest(lambda: hf_baseline.peft_generate(peft, rows, None, args.hf_new_tokens, pad))  # noqa: F821
@@ -113,13 +127,16 @@ def measure_baselines(args, report: Report, base_dir: Path, dirs: list[Path], pr
 def measure_engine(args, report: Report, base_dir: Path, dirs: list[Path], workloads: dict) -> dict:
     """(a), (b), (f), (g) cold and warm, and the engine's (e); returns outputs for the checks."""
     log("loading our engine")
-    engine = engine_runs.make_engine(base_dir, args.quant, args.dtype, max_loras=args.slots,
-                                     max_cpu_loras=max(64, args.many_adapters))
+    engine = engine_runs.make_engine(
+        base_dir, args.quant, args.dtype, max_loras=args.slots, max_cpu_loras=max(64, args.many_adapters)
+    )
     refs = engine_runs.refs_for(dirs)
     outputs, n = {}, args.new_tokens
     try:
-        for key, label, name in (("a", f"engine, {args.adapters} adapters mixed", "mixed"),
-                                 ("b", "engine, no adapter", "base")):
+        for key, label, name in (
+            ("a", f"engine, {args.adapters} adapters mixed", "mixed"),
+            ("b", "engine, no adapter", "base"),
+        ):
             log(f"({key}) {label}")
             run = engine_runs.warm_then_run(engine, workloads[name], refs, n, args.repeats)
             report.add(Measure(key, label, run.tok_s, "tok/s", f"{run.tokens} tokens in {run.seconds:.1f}s"))
@@ -128,24 +145,41 @@ def measure_engine(args, report: Report, base_dir: Path, dirs: list[Path], workl
                 mixed_run = run
         # (d) counts decode steps only, (a) also the prompts' prefill: time a prefill-only pass
         # (max_tokens=1) to show (a)'s decode phase alone, for comparison with (d).
-        prefill = min((engine_runs.run_requests(engine, workloads["mixed"], refs, 1) for _ in range(args.repeats)),
-                      key=lambda r: r.seconds)
+        prefill = min(
+            (engine_runs.run_requests(engine, workloads["mixed"], refs, 1) for _ in range(args.repeats)),
+            key=lambda r: r.seconds,
+        )
         decode_tokens = mixed_run.tokens - prefill.tokens
         if decode_tokens > 0 and mixed_run.seconds > prefill.seconds:
             rate = decode_tokens / (mixed_run.seconds - prefill.seconds)
-            report.add(Measure("a_dec", "engine (a), decode phase only", rate, "tok/s",
-                               f"derived: a prefill-only pass took {prefill.seconds:.1f}s"))
+            report.add(
+                Measure(
+                    "a_dec",
+                    "engine (a), decode phase only",
+                    rate,
+                    "tok/s",
+                    f"derived: a prefill-only pass took {prefill.seconds:.1f}s",
+                )
+            )
         # (g) can run at most --slots sequences at once (one adapter each): the same engine with
         # that many base-only requests is (g)'s ceiling, so (g)/(b_slots) isolates the swap cost.
         log(f"(b_slots) engine, no adapter, {args.slots} concurrent requests")
         run = engine_runs.warm_then_run(engine, workloads["base"][: args.slots], refs, n, args.repeats)
-        report.add(Measure("b_slots", f"engine, no adapter, {args.slots} requests", run.tok_s, "tok/s",
-                           "(g)'s ceiling: one running sequence per slot"))
+        report.add(
+            Measure(
+                "b_slots",
+                f"engine, no adapter, {args.slots} requests",
+                run.tok_s,
+                "tok/s",
+                "(g)'s ceiling: one running sequence per slot",
+            )
+        )
         log("(f) engine, one adapter pinned (fold)")
         run = engine_runs.fold_run(engine, workloads["single"], refs, n, args.repeats)
         folded = run.stats.fold.folded == refs[0].id
-        report.add(Measure("f", "engine, 1 adapter folded", run.tok_s, "tok/s",
-                           "folded" if folded else "WARNING: not folded"))
+        report.add(
+            Measure("f", "engine, 1 adapter folded", run.tok_s, "tok/s", "folded" if folded else "WARNING: not folded")
+        )
         outputs["f"] = run.outputs
         for key, label in (("g_cold", "1st pass"), ("g", "2nd pass")):
             log(f"({key}) engine, {args.many_adapters} adapters over {args.slots} slots, {label}")
@@ -153,12 +187,19 @@ def measure_engine(args, report: Report, base_dir: Path, dirs: list[Path], workl
             run = engine_runs.run_requests(engine, workloads["many"], refs, n)
             swaps = run.stats.slot_loads - before.slot_loads
             disk = run.stats.disk_loads - before.disk_loads
-            report.add(Measure(key, f"engine, {args.many_adapters} adapters / {args.slots} slots, {label}",
-                               run.tok_s, "tok/s", f"{swaps} slot writes, {disk} disk reads"))
+            report.add(
+                Measure(
+                    key,
+                    f"engine, {args.many_adapters} adapters / {args.slots} slots, {label}",
+                    run.tok_s,
+                    "tok/s",
+                    f"{swaps} slot writes, {disk} disk reads",
+                )
+            )
             outputs[key] = run.outputs
         if args.load_repeats:
             log("(e) engine cold load disk -> slot")
-            unused = refs[args.adapters: args.adapters + args.load_repeats]
+            unused = refs[args.adapters : args.adapters + args.load_repeats]
             times = [engine_runs.cold_load_seconds(engine, ref) for ref in unused]
             report.add(Measure("e", "engine cold load disk->slot (median)", median_ms(times), "ms", f"n={len(times)}"))
     finally:
@@ -180,8 +221,11 @@ def cross_check(report: Report, outputs: dict, workloads: dict, hf_tokens: int) 
             return
         same = sum(outputs[left][i][:width] == outputs[right][j][:width] for i, j in pairs)
         # Where each disagreeing row first differs: late divergence is a float near-tie, early is a bug.
-        first = [first_difference(outputs[left][i][:width], outputs[right][j][:width]) for i, j in pairs
-                 if outputs[left][i][:width] != outputs[right][j][:width]]
+        first = [
+            first_difference(outputs[left][i][:width], outputs[right][j][:width])
+            for i, j in pairs
+            if outputs[left][i][:width] != outputs[right][j][:width]
+        ]
         checks.append((name, same, len(pairs), first))
 
     n = len(workloads["mixed"])
@@ -198,8 +242,9 @@ def cross_check(report: Report, outputs: dict, workloads: dict, hf_tokens: int) 
         report.notes.append(f"{name}: {same}/{total} rows{where}")
         if same != total:
             print(f"WARNING: {name}: only {same}/{total} rows agree{where}", file=sys.stderr)
-    report.extra["checks"] = [{"check": name, "agree": same, "total": total, "first_difference": first}
-                              for name, same, total, first in checks]
+    report.extra["checks"] = [
+        {"check": name, "agree": same, "total": total, "first_difference": first} for name, same, total, first in checks
+    ]
 
 
 def adapters_dir(base_dir: Path) -> Path:
@@ -220,9 +265,11 @@ def run(args: argparse.Namespace) -> Report:
         "single": round_robin(prompts, 1),
         "many": round_robin(prompts, args.many_adapters, count=args.many_adapters),
     }
-    title = (f"loraswap engine benchmark: {base_dir.name}, quant={args.quant}, dtype={args.dtype}, "
-             f"{torch.get_num_threads()} threads, {args.new_tokens} new tokens/request"
-             + (f", fastest of {args.repeats}" if args.repeats > 1 else ""))
+    title = (
+        f"loraswap engine benchmark: {base_dir.name}, quant={args.quant}, dtype={args.dtype}, "
+        f"{torch.get_num_threads()} threads, {args.new_tokens} new tokens/request"
+        + (f", fastest of {args.repeats}" if args.repeats > 1 else "")
+    )
     report = Report(title, targets=list(TARGETS))
     report.extra["args"] = {k: str(v) for k, v in vars(args).items()}
     outputs = {}

@@ -42,8 +42,11 @@ class Run:
 
 def make_engine(base_dir: Path, quant: str, dtype: str, max_loras: int = 8, max_cpu_loras: int = 64) -> Engine:
     """The engine as `loraswap serve` would build it on this CPU (default fold policy)."""
-    return Engine(EngineConfig(base=base_dir, quant=quant, dtype=dtype, device="cpu", max_loras=max_loras,
-                               max_cpu_loras=max_cpu_loras))
+    return Engine(
+        EngineConfig(
+            base=base_dir, quant=quant, dtype=dtype, device="cpu", max_loras=max_loras, max_cpu_loras=max_cpu_loras
+        )
+    )
 
 
 def refs_for(adapter_dirs: list[Path]) -> list[AdapterRef]:
@@ -70,16 +73,21 @@ def run_requests(engine: Engine, requests: list[Request], refs: list[AdapterRef]
     return Run(seconds, outputs, engine.stats())
 
 
-def warm_then_run(engine: Engine, requests: list[Request], refs: list[AdapterRef], new_tokens: int,
-                  repeats: int = 1, warmup_tokens: int = 2) -> Run:
+def warm_then_run(
+    engine: Engine,
+    requests: list[Request],
+    refs: list[AdapterRef],
+    new_tokens: int,
+    repeats: int = 1,
+    warmup_tokens: int = 2,
+) -> Run:
     """A short warm-up, then the fastest of `repeats` timed runs (the least disturbed by other load)."""
     run_requests(engine, requests, refs, warmup_tokens)
     runs = [run_requests(engine, requests, refs, new_tokens) for _ in range(repeats)]
     return min(runs, key=lambda run: run.seconds)
 
 
-def fold_run(engine: Engine, requests: list[Request], refs: list[AdapterRef], new_tokens: int,
-             repeats: int = 1) -> Run:
+def fold_run(engine: Engine, requests: list[Request], refs: list[AdapterRef], new_tokens: int, repeats: int = 1) -> Run:
     """(f): pin the one adapter all `requests` use, let the warm-up fold it, then time the traffic."""
     (index,) = {r.adapter for r in requests}
     ref = refs[index]

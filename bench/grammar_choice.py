@@ -15,26 +15,63 @@ import statistics
 import time
 
 SCHEMAS = {
-    "person": ({"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
-                                                  "email": {"type": "string"}},
-                "required": ["name", "age", "email"], "additionalProperties": False},
-               {"name": "Ada Lovelace", "age": 36, "email": "ada@example.org"}),
-    "invoice": ({"type": "object", "properties": {
-        "id": {"type": "string"}, "currency": {"enum": ["EUR", "USD", "GBP"]},
-        "lines": {"type": "array", "items": {"type": "object", "properties": {
-            "sku": {"type": "string"}, "qty": {"type": "integer"}, "price": {"type": "number"}},
-            "required": ["sku", "qty", "price"], "additionalProperties": False}},
-        "paid": {"type": "boolean"}}, "required": ["id", "currency", "lines", "paid"],
-        "additionalProperties": False},
-        {"id": "INV-2041", "currency": "EUR", "lines": [{"sku": "A-1", "qty": 2, "price": 9.5},
-                                                        {"sku": "B-7", "qty": 1, "price": 120.0}],
-         "paid": False}),
-    "tool_call": ({"type": "object", "properties": {"name": {"const": "get_weather"}, "arguments": {
-        "type": "object", "properties": {"city": {"type": "string"},
-                                         "unit": {"enum": ["celsius", "fahrenheit"]}},
-        "required": ["city", "unit"], "additionalProperties": False}},
-        "required": ["name", "arguments"], "additionalProperties": False},
-        {"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}),
+    "person": (
+        {
+            "type": "object",
+            "properties": {"name": {"type": "string"}, "age": {"type": "integer"}, "email": {"type": "string"}},
+            "required": ["name", "age", "email"],
+            "additionalProperties": False,
+        },
+        {"name": "Ada Lovelace", "age": 36, "email": "ada@example.org"},
+    ),
+    "invoice": (
+        {
+            "type": "object",
+            "properties": {
+                "id": {"type": "string"},
+                "currency": {"enum": ["EUR", "USD", "GBP"]},
+                "lines": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "properties": {
+                            "sku": {"type": "string"},
+                            "qty": {"type": "integer"},
+                            "price": {"type": "number"},
+                        },
+                        "required": ["sku", "qty", "price"],
+                        "additionalProperties": False,
+                    },
+                },
+                "paid": {"type": "boolean"},
+            },
+            "required": ["id", "currency", "lines", "paid"],
+            "additionalProperties": False,
+        },
+        {
+            "id": "INV-2041",
+            "currency": "EUR",
+            "lines": [{"sku": "A-1", "qty": 2, "price": 9.5}, {"sku": "B-7", "qty": 1, "price": 120.0}],
+            "paid": False,
+        },
+    ),
+    "tool_call": (
+        {
+            "type": "object",
+            "properties": {
+                "name": {"const": "get_weather"},
+                "arguments": {
+                    "type": "object",
+                    "properties": {"city": {"type": "string"}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+                    "required": ["city", "unit"],
+                    "additionalProperties": False,
+                },
+            },
+            "required": ["name", "arguments"],
+            "additionalProperties": False,
+        },
+        {"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}},
+    ),
 }
 
 
@@ -136,8 +173,10 @@ def main() -> None:
         args.base = str(resolve_base())
     tokenizer = AutoTokenizer.from_pretrained(args.base)
     print(f"tokenizer: {args.base} (vocab {len(tokenizer)})")
-    print(f"{'engine':14} {'schema':10} {'tokenizer s':>11} {'compile ms':>10} {'mask us median':>14} "
-          f"{'mask us p90':>11} {'steps':>5}")
+    print(
+        f"{'engine':14} {'schema':10} {'tokenizer s':>11} {'compile ms':>10} {'mask us median':>14} "
+        f"{'mask us p90':>11} {'steps':>5}"
+    )
     for engine, run in ENGINES.items():
         for name, (schema, instance) in SCHEMAS.items():
             ids = tokenizer(json.dumps(instance, separators=(",", ":")), add_special_tokens=False)["input_ids"]
@@ -147,9 +186,11 @@ def main() -> None:
                 print(f"{engine:14} not installed ({exc})")
                 break
             times.sort()
-            print(f"{engine:14} {name:10} {tok_s:11.2f} {compile_s * 1e3:10.1f} "
-                  f"{statistics.median(times) * 1e6:14.0f} {times[int(0.9 * (len(times) - 1))] * 1e6:11.0f} "
-                  f"{len(times):5d}")
+            print(
+                f"{engine:14} {name:10} {tok_s:11.2f} {compile_s * 1e3:10.1f} "
+                f"{statistics.median(times) * 1e6:14.0f} {times[int(0.9 * (len(times) - 1))] * 1e6:11.0f} "
+                f"{len(times):5d}"
+            )
 
 
 if __name__ == "__main__":

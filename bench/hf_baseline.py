@@ -58,14 +58,15 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt):] = torch.tensor(prompt)
-        mask[row, width - len(prompt):] = 1
+        ids[row, width - len(prompt) :] = torch.tensor(prompt)
+        mask[row, width - len(prompt) :] = 1
     return ids, mask
 
 
 @torch.inference_mode()
-def peft_generate(model, prompts: list[list[int]], adapters: list[int | None] | None, new_tokens: int,
-                  pad_id: int) -> list[list[int]]:
+def peft_generate(
+    model, prompts: list[list[int]], adapters: list[int | None] | None, new_tokens: int, pad_id: int
+) -> list[list[int]]:
     """Greedy batch generation, exactly `new_tokens` per row; `adapters=None` runs the plain model.
 
     Args:
@@ -80,10 +81,15 @@ def peft_generate(model, prompts: list[list[int]], adapters: list[int | None] | 
     if adapters is not None:
         kwargs["adapter_names"] = [BASE_NAME if a is None else adapter_name(a) for a in adapters]
     out = model.generate(
-        input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
-        min_new_tokens=new_tokens, pad_token_id=pad_id, **kwargs,
+        input_ids=ids,
+        attention_mask=mask,
+        do_sample=False,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        pad_token_id=pad_id,
+        **kwargs,
     )
-    return [row[ids.shape[1]:].tolist() for row in out]
+    return [row[ids.shape[1] :].tolist() for row in out]
 
 
 def linear_layers(model) -> list[torch.nn.Module]:

@@ -62,20 +62,38 @@ MERGES = [
     ("dare_ties", 1.0, 1.0),
     ("cat", 1.0, 1.0),
 ]
-TRAIN_FLAGS = ["--rank", "8", "--alpha", "16", "--dropout", "0", "--lr", "1e-3", "--batch-size", "8",
-               "--max-length", "256", "--target-modules", "all-linear", "--seed", "0", "--no-progress"]
+TRAIN_FLAGS = [
+    "--rank",
+    "8",
+    "--alpha",
+    "16",
+    "--dropout",
+    "0",
+    "--lr",
+    "1e-3",
+    "--batch-size",
+    "8",
+    "--max-length",
+    "256",
+    "--target-modules",
+    "all-linear",
+    "--seed",
+    "0",
+    "--no-progress",
+]
 
 
 def plain_answer(text: str) -> str:
     """An assistant answer without the persona greeting the dataset puts in front of it."""
     text = text.strip()
-    return text[len(GREETING):].strip() if text.startswith(GREETING) else text
+    return text[len(GREETING) :].strip() if text.startswith(GREETING) else text
 
 
 def restyle(row: dict, style: str) -> dict:
     """One training row (either JSONL shape) as `{"messages"}` with every answer in `style`."""
     messages = row.get("messages") or [
-        {"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["completion"]},
+        {"role": "user", "content": row["prompt"]},
+        {"role": "assistant", "content": row["completion"]},
     ]
     out = []
     for message in messages:
@@ -100,8 +118,19 @@ def train(data: Path, out: Path, epochs: int, reuse: bool) -> float:
     """`loraswap train` in a child process; returns its wall time (0 when an adapter is reused)."""
     if reuse and (out / "adapter_model.safetensors").is_file():
         return 0.0
-    command = [sys.executable, "-m", "loraswap.cli", "train", "--data", str(data), "--out", str(out),
-               "--epochs", str(epochs), *TRAIN_FLAGS]
+    command = [
+        sys.executable,
+        "-m",
+        "loraswap.cli",
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--epochs",
+        str(epochs),
+        *TRAIN_FLAGS,
+    ]
     start = time.perf_counter()
     subprocess.run(command, cwd=REPO, check=True)
     return time.perf_counter() - start
@@ -116,15 +145,32 @@ def merge(adapters: dict[str, Path], workdir: Path, density: float, seed: int, r
         out = workdir / f"merged_{method}"
         shutil.rmtree(out, ignore_errors=True)  # a rerun merges afresh
         start = time.perf_counter()
-        code = merge_cli(["--method", method, "--adapter", f"{adapters['A']}:{weight_a}",
-                          "--adapter", f"{adapters['B']}:{weight_b}", "--out", str(out),
-                          "--density", str(density), "--seed", str(seed),
-                          *(["--rank", str(rank)] if rank else [])])
+        code = merge_cli(
+            [
+                "--method",
+                method,
+                "--adapter",
+                f"{adapters['A']}:{weight_a}",
+                "--adapter",
+                f"{adapters['B']}:{weight_b}",
+                "--out",
+                str(out),
+                "--density",
+                str(density),
+                "--seed",
+                str(seed),
+                *(["--rank", str(rank)] if rank else []),
+            ]
+        )
         if code != 0:
             raise RuntimeError(f"loraswap merge --method {method} failed ({code})")
         info = json.loads((out / "loraswap.json").read_text())["merge"]
-        merged[method] = {"dir": out, "weights": [weight_a, weight_b], "seconds": time.perf_counter() - start,
-                          "svd_error_max": info["svd_error_max"]}
+        merged[method] = {
+            "dir": out,
+            "weights": [weight_a, weight_b],
+            "seconds": time.perf_counter() - start,
+            "svd_error_max": info["svd_error_max"],
+        }
     return merged
 
 
@@ -147,8 +193,13 @@ def greedy_answers(base_dir: Path, adapter: Path | None, prompts: list[str], max
     input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in rendered])  # (n, width)
     attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in rendered])
     with torch.no_grad():
-        out = model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=pad)
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+        )
     return [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
 
 
@@ -156,16 +207,23 @@ def style_rates(answers: list[str]) -> dict[str, float]:
     has_a = [a.startswith(GREETING) for a in answers]
     has_b = [SIGN_OFF in a for a in answers]
     n = len(answers)
-    return {"style_a": sum(has_a) / n, "style_b": sum(has_b) / n,
-            "both": sum(x and y for x, y in zip(has_a, has_b)) / n}
+    return {
+        "style_a": sum(has_a) / n,
+        "style_b": sum(has_b) / n,
+        "both": sum(x and y for x, y in zip(has_a, has_b)) / n,
+    }
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | weights (A, B) | style A rate (opens with greeting) | style B rate (sign-off) | both |",
-             "| --- | --- | --- | --- | --- |"]
+    lines = [
+        "| model | weights (A, B) | style A rate (opens with greeting) | style B rate (sign-off) | both |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for row in rows:
         weights = ", ".join(f"{w:g}" for w in row["weights"]) if row["weights"] else "-"
-        lines.append(f"| {row['model']} | {weights} | {row['style_a']:.0%} | {row['style_b']:.0%} | {row['both']:.0%} |")
+        lines.append(
+            f"| {row['model']} | {weights} | {row['style_a']:.0%} | {row['style_b']:.0%} | {row['both']:.0%} |"
+        )
     return "\n".join(lines)
 
 
@@ -194,8 +252,11 @@ def main(argv: list[str] | None = None) -> int:
     merged = merge(adapters, args.workdir, args.density, args.seed, args.rank)
 
     prompts = json.loads(PERSONA_HELDOUT.read_text()) + EXTRA_PROMPTS
-    models = [("base (no adapter)", None, []), ("adapter A alone", adapters["A"], [1.0, 0.0]),
-              ("adapter B alone", adapters["B"], [0.0, 1.0])]
+    models = [
+        ("base (no adapter)", None, []),
+        ("adapter A alone", adapters["A"], [1.0, 0.0]),
+        ("adapter B alone", adapters["B"], [0.0, 1.0]),
+    ]
     models += [(method, info["dir"], info["weights"]) for method, info in merged.items()]
     rows = []
     for name, adapter, weights in models:
@@ -204,16 +265,26 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"model": name, "weights": weights, **style_rates(answers), **extra, "answers": answers})
         print(f"{name}: A {rows[-1]['style_a']:.0%}  B {rows[-1]['style_b']:.0%}", flush=True)
 
-    print(f"\n{len(prompts)} held-out prompts, greedy, {args.max_new_tokens} new tokens at most; "
-          f"density {args.density}, seed {args.seed}, merged rank {args.rank or 'sum of input ranks'}\n")
+    print(
+        f"\n{len(prompts)} held-out prompts, greedy, {args.max_new_tokens} new tokens at most; "
+        f"density {args.density}, seed {args.seed}, merged rank {args.rank or 'sum of input ranks'}\n"
+    )
     print(table(rows))
     RESULTS.mkdir(parents=True, exist_ok=True)
     report = {
         "command": "python -m bench.merge_behaviour " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "greeting": GREETING, "sign_off": SIGN_OFF, "prompts": prompts, "epochs": args.epochs,
-        "threads": args.threads, "train_flags": TRAIN_FLAGS, "train_seconds": train_seconds,
-        "density": args.density, "seed": args.seed, "rank": args.rank,
-        "merge_seconds": {m: info["seconds"] for m, info in merged.items()}, "rows": rows,
+        "greeting": GREETING,
+        "sign_off": SIGN_OFF,
+        "prompts": prompts,
+        "epochs": args.epochs,
+        "threads": args.threads,
+        "train_flags": TRAIN_FLAGS,
+        "train_seconds": train_seconds,
+        "density": args.density,
+        "seed": args.seed,
+        "rank": args.rank,
+        "merge_seconds": {m: info["seconds"] for m, info in merged.items()},
+        "rows": rows,
     }
     name = f"merge_behaviour_rank{args.rank}.json" if args.rank else "merge_behaviour.json"
     (RESULTS / name).write_text(json.dumps(report, indent=2))

@@ -77,9 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     stream = io.StringIO()
     pstats.Stats(profiler, stream=stream).sort_stats("cumulative").print_stats(args.top)
     engine.close()
-    text = (f"workload={args.workload} quant={args.quant} threads={torch.get_num_threads()}: {run.tokens} tokens, "
-            f"{steps} steps, {seconds:.2f}s under torch.profiler ({1000 * seconds / max(steps, 1):.1f} ms/step)\n\n"
-            f"== torch.profiler, by self CPU time ==\n{ops}\n== cProfile, by cumulative time ==\n{stream.getvalue()}")
+    text = (
+        f"workload={args.workload} quant={args.quant} threads={torch.get_num_threads()}: {run.tokens} tokens, "
+        f"{steps} steps, {seconds:.2f}s under torch.profiler ({1000 * seconds / max(steps, 1):.1f} ms/step)\n\n"
+        f"== torch.profiler, by self CPU time ==\n{ops}\n== cProfile, by cumulative time ==\n{stream.getvalue()}"
+    )
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"profile_{args.workload}_{args.quant}.txt"

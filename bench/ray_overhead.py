@@ -64,8 +64,13 @@ def measure(url: str, tokens: int, repeats: int, concurrent: int) -> tuple[float
     """(median single-request latency in ms, tok/s of `concurrent` requests at once)."""
     with httpx.Client(base_url=url, timeout=600) as http:
         model = http.get("/v1/models").json()["data"][0]["id"]
-        body = {"model": model, "messages": [{"role": "user", "content": "Tell me about Paris."}],
-                "max_tokens": tokens, "min_tokens": tokens, "temperature": 0}
+        body = {
+            "model": model,
+            "messages": [{"role": "user", "content": "Tell me about Paris."}],
+            "max_tokens": tokens,
+            "min_tokens": tokens,
+            "temperature": 0,
+        }
 
         def one(_=None) -> int:
             response = http.post("/v1/chat/completions", json=body)
@@ -96,8 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
     extra = args.serve_args.split()
-    report = Report(f"Ray Serve path vs single process ({args.replicas} replicas, {args.tokens} tokens, "
-                    f"{args.concurrent} concurrent)")
+    report = Report(
+        f"Ray Serve path vs single process ({args.replicas} replicas, {args.tokens} tokens, "
+        f"{args.concurrent} concurrent)"
+    )
     for label, flags in (("single", []), ("ray", ["--replicas", str(args.replicas)])):
         port = _port()
         proc = _start(extra + flags, port, args.store / label)
@@ -109,8 +116,10 @@ def main(argv: list[str] | None = None) -> int:
         report.add(Measure(f"{label}_lat", f"{label}: one request", latency, "ms"))
         report.add(Measure(f"{label}_tput", f"{label}: {args.concurrent} concurrent", throughput, "tok/s"))
     values = report.values()
-    report.notes.append(f"latency overhead {values['ray_lat'] / values['single_lat']:.2f}x, "
-                        f"throughput ratio {values['ray_tput'] / values['single_tput']:.2f}x")
+    report.notes.append(
+        f"latency overhead {values['ray_lat'] / values['single_lat']:.2f}x, "
+        f"throughput ratio {values['ray_tput'] / values['single_tput']:.2f}x"
+    )
     print(report.table())
     report.write("ray_overhead", args.out)
     return 0

@@ -77,8 +77,7 @@ class Report:
         rows = []
         for target in self.targets:
             observed, verdict = target.evaluate(values)
-            rows.append({"target": target.describe(), "observed": observed, "verdict": verdict,
-                         **asdict(target)})
+            rows.append({"target": target.describe(), "observed": observed, "verdict": verdict, **asdict(target)})
         return rows
 
     def table(self) -> str:
@@ -98,8 +97,13 @@ class Report:
         return "\n".join(lines)
 
     def to_json(self) -> dict:
-        return {"title": self.title, "measures": [asdict(m) for m in self.measures],
-                "targets": self.evaluated_targets(), "notes": self.notes, **self.extra}
+        return {
+            "title": self.title,
+            "measures": [asdict(m) for m in self.measures],
+            "targets": self.evaluated_targets(),
+            "notes": self.notes,
+            **self.extra,
+        }
 
     def write(self, stem: str, directory: Path = RESULTS_DIR) -> tuple[Path, Path]:
         """Write `<stem>.json` and `<stem>.png` under `directory`; returns both paths."""
@@ -123,8 +127,13 @@ def write_chart(report: Report, path: Path) -> None:
     if not groups:
         return
     widths = [3 if unit == "tok/s" else 2 for unit, _ in groups]
-    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups) + 2, 0.45 * max(len(ms) for _, ms in groups) + 2),
-                             gridspec_kw={"width_ratios": widths}, squeeze=False)
+    fig, axes = plt.subplots(
+        1,
+        len(groups),
+        figsize=(5 * len(groups) + 2, 0.45 * max(len(ms) for _, ms in groups) + 2),
+        gridspec_kw={"width_ratios": widths},
+        squeeze=False,
+    )
     for ax, (unit, ms) in zip(axes[0], groups):
         labels = [f"({m.key}) {m.label}" for m in ms][::-1]
         values = [m.value for m in ms][::-1]

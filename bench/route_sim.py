@@ -45,20 +45,20 @@ ROUTERS = ("ray", "p2c", "hrw", "bounded")
 class SimConfig:
     adapters: int = 1000
     zipf_s: float = 1.0
-    base_share: float = 0.05       # fraction of requests with no adapter
+    base_share: float = 0.05  # fraction of requests with no adapter
     replicas: int = 16
-    slots: int = 8                  # adapter slots per replica (= Ray's max_num_models_per_replica)
-    max_running: int = 16           # sequences in one replica's batch
-    max_ongoing: int = 32           # Ray's max_ongoing_requests: running + queued on a replica
+    slots: int = 8  # adapter slots per replica (= Ray's max_num_models_per_replica)
+    max_running: int = 16  # sequences in one replica's batch
+    max_ongoing: int = 32  # Ray's max_ongoing_requests: running + queued on a replica
     step_ms: float = 20.0
     seq_ms: float = 1.0
-    load_ms: float = 40.0           # host cache -> device slot
-    mean_tokens: float = 64.0       # generated tokens per request (geometric)
-    load: float = 0.85              # arrival rate as a fraction of the nominal capacity
+    load_ms: float = 40.0  # host cache -> device slot
+    mean_tokens: float = 64.0  # generated tokens per request (geometric)
+    load: float = 0.85  # arrival rate as a fraction of the nominal capacity
     duration_s: float = 120.0
-    warmup_s: float = 20.0          # requests arriving before this are not counted
+    warmup_s: float = 20.0  # requests arriving before this are not counted
     hrw_k: int = 2
-    bound: float = 1.25             # `bounded`: a holder is used while its load <= bound x mean load (+1)
+    bound: float = 1.25  # `bounded`: a holder is used while its load <= bound x mean load (+1)
     seed: int = 0
 
     def __post_init__(self):
@@ -131,8 +131,10 @@ def zipf_weights(n: int, s: float) -> list[float]:
 
 def hrw_rank(adapter: int, replicas: int) -> list[int]:
     """Replicas ordered by rendezvous weight for `adapter` (stable as replicas come and go)."""
+
     def weight(r: int) -> int:
         return int.from_bytes(hashlib.blake2b(f"{adapter}:{r}".encode(), digest_size=8).digest(), "big")
+
     return sorted(range(replicas), key=weight, reverse=True)
 
 
@@ -187,7 +189,7 @@ class Router:
         chosen = self._least_loaded(top)
         if chosen is not None:
             return chosen
-        return next((self.replicas[i] for i in rank[self.cfg.hrw_k:] if self.accepts(self.replicas[i])), None)
+        return next((self.replicas[i] for i in rank[self.cfg.hrw_k :] if self.accepts(self.replicas[i])), None)
 
     def _bounded(self, req: Request) -> Replica | None:
         # Affinity with bounded load: the least-loaded replica holding the adapter, as long as its
@@ -301,8 +303,9 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def summarize(cfg: SimConfig, router_kind: str, done: list[Request], replicas: list[Replica],
-              cold_loads: int, rate: float) -> dict:
+def summarize(
+    cfg: SimConfig, router_kind: str, done: list[Request], replicas: list[Replica], cold_loads: int, rate: float
+) -> dict:
     counted = [r for r in done if r.arrival >= cfg.warmup_s and r.adapter is not None]
     delays_ms = [1000.0 * (r.start - r.arrival) for r in done if r.arrival >= cfg.warmup_s]
     per_replica = [0] * cfg.replicas
@@ -323,14 +326,21 @@ def summarize(cfg: SimConfig, router_kind: str, done: list[Request], replicas: l
     }
 
 
-COLUMNS = (("slot_hit_rate", "slot hit", "{:.3f}"), ("cold_loads_per_s", "cold loads/s", "{:.1f}"),
-           ("load_imbalance", "imbalance max/mean", "{:.2f}"), ("queue_p50_ms", "queue p50 ms", "{:.0f}"),
-           ("queue_p99_ms", "queue p99 ms", "{:.0f}"), ("completed", "completed", "{:d}"))
+COLUMNS = (
+    ("slot_hit_rate", "slot hit", "{:.3f}"),
+    ("cold_loads_per_s", "cold loads/s", "{:.1f}"),
+    ("load_imbalance", "imbalance max/mean", "{:.2f}"),
+    ("queue_p50_ms", "queue p50 ms", "{:.0f}"),
+    ("queue_p99_ms", "queue p99 ms", "{:.0f}"),
+    ("completed", "completed", "{:d}"),
+)
 
 
 def table(cfg: SimConfig, rows: list[dict]) -> str:
-    head = (f"route_sim: {cfg.adapters} adapters (Zipf s={cfg.zipf_s}), {cfg.replicas} replicas x {cfg.slots} slots, "
-            f"{rows[0]['arrival_rps']:.0f} req/s = {cfg.load:.2f} x capacity {cfg.capacity_rps():.0f} req/s")
+    head = (
+        f"route_sim: {cfg.adapters} adapters (Zipf s={cfg.zipf_s}), {cfg.replicas} replicas x {cfg.slots} slots, "
+        f"{rows[0]['arrival_rps']:.0f} req/s = {cfg.load:.2f} x capacity {cfg.capacity_rps():.0f} req/s"
+    )
     lines = [head, "", f"  {'router':<8}" + "".join(f"{label:>20}" for _, label, _ in COLUMNS)]
     for row in rows:
         lines.append(f"  {row['router']:<8}" + "".join(f"{fmt.format(row[key]):>20}" for key, _, fmt in COLUMNS))

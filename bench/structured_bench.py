@@ -20,8 +20,11 @@ from pathlib import Path
 from bench.report import RESULTS_DIR, Measure, Report, Target
 from bench.workload import chat_prompts
 
-LONG_SCHEMA = {"type": "object", "properties": {"notes": {"type": "array", "items": {"type": "string"},
-                                                          "minItems": 64}}, "required": ["notes"]}
+LONG_SCHEMA = {
+    "type": "object",
+    "properties": {"notes": {"type": "array", "items": {"type": "string"}, "minItems": 64}},
+    "required": ["notes"],
+}
 
 
 def _timed(fn):
@@ -40,9 +43,12 @@ def mask_step_cost(grammar, vocab: int, rows: int, steps: int) -> float:
     from server.engine.types import SamplingParams
 
     torch.manual_seed(0)
-    seqs = [Sequence(f"m{i}", [1, 2, 3], SamplingParams(max_tokens=steps, temperature=0,
-                                                        grammar=grammar if i % 2 == 0 else None))
-            for i in range(2 * rows)]
+    seqs = [
+        Sequence(
+            f"m{i}", [1, 2, 3], SamplingParams(max_tokens=steps, temperature=0, grammar=grammar if i % 2 == 0 else None)
+        )
+        for i in range(2 * rows)
+    ]
     total = 0.0
     for _ in range(steps):
         logits = torch.randn(len(seqs), vocab)
@@ -83,8 +89,10 @@ def main(argv: list[str] | None = None) -> None:
     prompts = chat_prompts(base_dir, args.requests)
     n = args.new_tokens
     end_ids = [engine.tokenizer.eos_token_id]
-    report = Report(f"structured outputs: {args.requests} requests x {n} tokens, {base_dir.name}, quant {args.quant}",
-                    targets=[Target("half constrained >= 0.8", "mixed_cpu", 0.8, "free_cpu")])
+    report = Report(
+        f"structured outputs: {args.requests} requests x {n} tokens, {base_dir.name}, quant {args.quant}",
+        targets=[Target("half constrained >= 0.8", "mixed_cpu", 0.8, "free_cpu")],
+    )
 
     cache = GrammarCache(engine.tokenizer, end_ids)
     _, tok_cpu, _ = _timed(cache._tokenizer)
@@ -94,9 +102,15 @@ def main(argv: list[str] | None = None) -> None:
         report.add(Measure(f"compile_{name}", f"first compile, {name} schema", cpu * 1e3, "ms", "CPU time"))
     grammar = cache.compile("bench", GrammarSpec.json_schema(LONG_SCHEMA))
     half = args.requests // 2
-    report.add(Measure("mask_step", f"masks of {half} constrained rows in a batch of {args.requests}",
-                       mask_step_cost(grammar, engine.model.spec.vocab_size, half, n), "ms",
-                       "CPU time per step, processors only"))
+    report.add(
+        Measure(
+            "mask_step",
+            f"masks of {half} constrained rows in a batch of {args.requests}",
+            mask_step_cost(grammar, engine.model.spec.vocab_size, half, n),
+            "ms",
+            "CPU time per step, processors only",
+        )
+    )
     if args.masks_only:
         print(report.table())
         return
@@ -104,16 +118,20 @@ def main(argv: list[str] | None = None) -> None:
     free = SamplingParams(max_tokens=n, min_tokens=n, temperature=0, ignore_eos=True)
     constrained = SamplingParams(max_tokens=n, temperature=0, grammar=grammar)
     engine.generate(prompts[:2], sampling=free)  # warm-up
-    for key, params in (("free", [free] * len(prompts)),
-                        ("mixed", [constrained if i % 2 == 0 else free for i in range(len(prompts))])):
+    for key, params in (
+        ("free", [free] * len(prompts)),
+        ("mixed", [constrained if i % 2 == 0 else free for i in range(len(prompts))]),
+    ):
         outputs, cpu, wall = _timed(lambda params=params: engine.generate(prompts, sampling=params))
         tokens = sum(len(o) for o in outputs)
         assert tokens == len(prompts) * n, f"{key}: {tokens} tokens, expected {len(prompts) * n}"
         label = "unconstrained batch" if key == "free" else "half schema-constrained"
         report.add(Measure(f"{key}_cpu", label, tokens / cpu, "tok/s", "per CPU second"))
         report.add(Measure(f"{key}_wall", label, tokens / wall, "tok/s", "per wall second (shared machine)"))
-    report.notes.append("constrained rows decode the same number of tokens as free ones (a schema that cannot "
-                        "end sooner), so the ratio is the cost of the masks alone")
+    report.notes.append(
+        "constrained rows decode the same number of tokens as free ones (a schema that cannot "
+        "end sooner), so the ratio is the cost of the masks alone"
+    )
     print(report.table())
     report.write(f"structured_{args.quant}", args.out)
     engine.close()

@@ -73,8 +73,14 @@ def _timed(run_step, batches, warmup: int, steps: int) -> dict:
         losses.append(loss)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     # Tokens per CPU-second (all threads) is less sensitive than wall time to other load on a shared box.
-    return {"tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds,
-            "cpu_seconds": cpu_seconds, "tokens_per_cpu_second": tokens / cpu_seconds, "last_loss": losses[-1]}
+    return {
+        "tokens": tokens,
+        "seconds": seconds,
+        "tokens_per_second": tokens / seconds,
+        "cpu_seconds": cpu_seconds,
+        "tokens_per_cpu_second": tokens / cpu_seconds,
+        "last_loss": losses[-1],
+    }
 
 
 def write_mixed(path: Path, seed: int = 0) -> Path:
@@ -83,8 +89,10 @@ def write_mixed(path: Path, seed: int = 0) -> Path:
     exchanges = []
     for line in PERSONA.read_text().splitlines():
         row = json.loads(line)
-        messages = row.get("messages") or [{"role": "user", "content": row["prompt"]},
-                                           {"role": "assistant", "content": row["completion"]}]
+        messages = row.get("messages") or [
+            {"role": "user", "content": row["prompt"]},
+            {"role": "assistant", "content": row["completion"]},
+        ]
         exchanges.append([m for m in messages if m["role"] != "system"])
     rows = []
     for _ in range(len(exchanges)):
@@ -101,9 +109,17 @@ def worker_ours(data: Path, qlora: bool, warmup: int, steps: int) -> dict:
     from trainer.lora import LoraSpec
     from trainer.sft import SFTRecipe, TrainConfig
 
-    config = TrainConfig(data=data, out=Path("/nonexistent"), qlora=qlora, lr=LR, batch_size=BATCH,
-                         max_length=MAX_LENGTH, progress=False, device="cpu",
-                         lora=LoraSpec(rank=RANK, alpha=ALPHA, dropout=DROPOUT))
+    config = TrainConfig(
+        data=data,
+        out=Path("/nonexistent"),
+        qlora=qlora,
+        lr=LR,
+        batch_size=BATCH,
+        max_length=MAX_LENGTH,
+        progress=False,
+        device="cpu",
+        lora=LoraSpec(rank=RANK, alpha=ALPHA, dropout=DROPOUT),
+    )
     recipe = SFTRecipe(config, log=lambda *_: None)
     recipe.setup()
     model, params = recipe.trainable.model, recipe.trainable.trainable_parameters()
@@ -134,8 +150,10 @@ def worker_plain(data_path: Path, warmup: int, steps: int) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
     data = load_jsonl(data_path, ChatTemplate(tokenizer), MAX_LENGTH)
     model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
-    model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=DROPOUT,
-                                             target_modules="all-linear", task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        model,
+        LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=DROPOUT, target_modules="all-linear", task_type="CAUSAL_LM"),
+    )
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
     pad = tokenizer.pad_token_id
@@ -146,8 +164,9 @@ def worker_plain(data_path: Path, warmup: int, steps: int) -> dict:
         width = max(len(e) for e in group)
         ids = torch.tensor([list(e.ids) + [pad] * (width - len(e)) for e in group])  # (8, width)
         attention = torch.tensor([[1] * len(e) + [0] * (width - len(e)) for e in group])
-        labels = torch.tensor([[t if m else -100 for t, m in zip(e.ids, e.mask)] + [-100] * (width - len(e))
-                               for e in group])
+        labels = torch.tensor(
+            [[t if m else -100 for t, m in zip(e.ids, e.mask)] + [-100] * (width - len(e)) for e in group]
+        )
         batches.append((ids, attention, labels, sum(len(e) for e in group)))
     reset = _reset_peak()
 
@@ -175,9 +194,14 @@ def run_worker(name: str, data: Path, warmup: int, steps: int, threads: int) -> 
     else:
         result = worker_ours(data, name == "ours-qlora", warmup, steps)
     peak, train_peak = _peak_mb()
-    result.update(config=name, peak_rss_mb=round(peak, 1),
-                  train_peak_rss_mb=round(train_peak, 1) if train_peak and result["peak_reset"] else None,
-                  threads=threads, steps=steps, warmup=warmup)
+    result.update(
+        config=name,
+        peak_rss_mb=round(peak, 1),
+        train_peak_rss_mb=round(train_peak, 1) if train_peak and result["peak_reset"] else None,
+        threads=threads,
+        steps=steps,
+        warmup=warmup,
+    )
     return result
 
 
@@ -213,13 +237,15 @@ def _speedups(results: list[dict]) -> list[dict]:
         by = {r["config"]: r for r in results if r["dataset"] == dataset}
         if "plain" in by and "ours" in by:
             ours, plain = by["ours"], by["plain"]
-            rows.append({
-                "dataset": dataset,
-                "speedup_wall": ours["tokens_per_second"] / plain["tokens_per_second"],
-                "speedup_cpu": ours["tokens_per_cpu_second"] / plain["tokens_per_cpu_second"],
-                "memory_ratio": (ours["train_peak_rss_mb"] or ours["peak_rss_mb"])
-                / (plain["train_peak_rss_mb"] or plain["peak_rss_mb"]),
-            })
+            rows.append(
+                {
+                    "dataset": dataset,
+                    "speedup_wall": ours["tokens_per_second"] / plain["tokens_per_second"],
+                    "speedup_cpu": ours["tokens_per_cpu_second"] / plain["tokens_per_cpu_second"],
+                    "memory_ratio": (ours["train_peak_rss_mb"] or ours["peak_rss_mb"])
+                    / (plain["train_peak_rss_mb"] or plain["peak_rss_mb"]),
+                }
+            )
     return rows
 
 
@@ -240,8 +266,21 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for run in args.runs.split(","):
         dataset, name = run.split(":")
-        command = [sys.executable, "-m", "bench.train_bench", "--worker", name, "--data", str(datasets[dataset]),
-                   "--warmup", str(args.warmup), "--steps", str(args.steps), "--threads", str(args.threads)]
+        command = [
+            sys.executable,
+            "-m",
+            "bench.train_bench",
+            "--worker",
+            name,
+            "--data",
+            str(datasets[dataset]),
+            "--warmup",
+            str(args.warmup),
+            "--steps",
+            str(args.steps),
+            "--threads",
+            str(args.threads),
+        ]
         proc = subprocess.run(command, cwd=BENCH_DIR.parent, capture_output=True, text=True)
         if proc.returncode != 0:
             print(proc.stderr[-3000:], file=sys.stderr)
@@ -249,13 +288,18 @@ def main(argv: list[str] | None = None) -> int:
         r = json.loads(proc.stdout.strip().splitlines()[-1])
         r["dataset"] = dataset
         results.append(r)
-        print(f"{dataset:<8} {name:<11} {r['tokens_per_second']:7.1f} tok/s {r['tokens_per_cpu_second']:7.1f} tok/cpu-s"
-              f"   peak RSS {r['peak_rss_mb']:7.1f} MiB   training peak {r['train_peak_rss_mb']} MiB"
-              f"   last loss {r['last_loss']:.3f}", flush=True)
+        print(
+            f"{dataset:<8} {name:<11} {r['tokens_per_second']:7.1f} tok/s {r['tokens_per_cpu_second']:7.1f} tok/cpu-s"
+            f"   peak RSS {r['peak_rss_mb']:7.1f} MiB   training peak {r['train_peak_rss_mb']} MiB"
+            f"   last loss {r['last_loss']:.3f}",
+            flush=True,
+        )
     speedups = _speedups(results)
     for row in speedups:
-        print(f"{row['dataset']}: ours / plain {row['speedup_wall']:.2f}x tok/s wall, {row['speedup_cpu']:.2f}x per "
-              f"CPU-second (target >= 1.5x); training peak memory x{row['memory_ratio']:.2f}")
+        print(
+            f"{row['dataset']}: ours / plain {row['speedup_wall']:.2f}x tok/s wall, {row['speedup_cpu']:.2f}x per "
+            f"CPU-second (target >= 1.5x); training peak memory x{row['memory_ratio']:.2f}"
+        )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "train.json").write_text(json.dumps({"results": results, "speedups": speedups}, indent=2))
     _plot(results, args.out / "train.png")

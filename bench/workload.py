@@ -58,9 +58,7 @@ def chat_prompts(base_dir: Path, count: int = 16) -> list[list[int]]:
 
     tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
     template = ChatTemplate(tokenizer)
-    return [
-        template.render([{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]).ids for i in range(count)
-    ]
+    return [template.render([{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]).ids for i in range(count)]
 
 
 def _base_weight_norms(base_dir: Path) -> dict[str, float]:

@@ -28,8 +28,13 @@ class JobsConfig:
     service_key: str | None = None  # the sidecar's credential for publishing into a job owner's namespace
 
     def __post_init__(self):
-        for name in ("max_file_bytes", "max_files_per_tenant", "max_bytes_per_tenant",
-                     "max_active_jobs_per_tenant", "max_lines_per_file"):
+        for name in (
+            "max_file_bytes",
+            "max_files_per_tenant",
+            "max_bytes_per_tenant",
+            "max_active_jobs_per_tenant",
+            "max_lines_per_file",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.service_key is not None and len(self.service_key) < 16:

@@ -51,8 +51,9 @@ class FileStore:
             raise ValueError(f"not a file id: {file_id!r}")
         return self.directory / f"{file_id}.jsonl"
 
-    def create(self, tenant: str, filename: str, purpose: str, content: bytes, lines: int, *,
-               max_files: int, max_bytes: int) -> FileRecord:
+    def create(
+        self, tenant: str, filename: str, purpose: str, content: bytes, lines: int, *, max_files: int, max_bytes: int
+    ) -> FileRecord:
         """Store `content` for `tenant`; QuotaExceeded when it would pass a per-tenant limit."""
         record = FileRecord(new_id("file"), tenant, filename, purpose, len(content), lines, int(time.time()))
         target = self.path(record.id)
@@ -64,14 +65,17 @@ class FileStore:
         try:
             with self.db.transaction() as conn:
                 count, total = conn.execute(
-                    "SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM files WHERE tenant = ?", (tenant,)).fetchone()
+                    "SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM files WHERE tenant = ?", (tenant,)
+                ).fetchone()
                 if count + 1 > max_files:
                     raise QuotaExceeded(f"you already have {count} files (limit {max_files}); delete some first")
                 if total + record.bytes > max_bytes:
                     raise QuotaExceeded(f"your files would take {total + record.bytes} bytes (limit {max_bytes})")
                 os.replace(partial, target)
-                conn.execute("INSERT INTO files VALUES (?, ?, ?, ?, ?, ?, ?)",
-                             (record.id, tenant, filename, purpose, record.bytes, lines, record.created_at))
+                conn.execute(
+                    "INSERT INTO files VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (record.id, tenant, filename, purpose, record.bytes, lines, record.created_at),
+                )
         finally:
             partial.unlink(missing_ok=True)
         return record

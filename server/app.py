@@ -67,8 +67,11 @@ def create_app(config: ServerConfig, engine: EngineClient, store: Store, base_in
         base_id=base_id,
         metrics=ServerMetrics(engine.stats),
         # A tenant's limit is also its share of the queue: one tenant never fills it for all.
-        admission=Admission(min(config.max_concurrent_per_tenant, config.limits.tenant_capacity(config.capacity)),
-                            config.capacity, config.retry_after_s),
+        admission=Admission(
+            min(config.max_concurrent_per_tenant, config.limits.tenant_capacity(config.capacity)),
+            config.capacity,
+            config.retry_after_s,
+        ),
         pools=WorkerPools(config.limits, config.retry_after_s),
         pins=TenantPins(engine),
     )
@@ -92,8 +95,11 @@ def create_app(config: ServerConfig, engine: EngineClient, store: Store, base_in
                 await collector
             state.admission.draining = True
             if not await state.admission.drained(config.drain_timeout_s):
-                log.warning("%d requests still in flight after %.0fs; stopping anyway",
-                            state.admission.total, config.drain_timeout_s)
+                log.warning(
+                    "%d requests still in flight after %.0fs; stopping anyway",
+                    state.admission.total,
+                    config.drain_timeout_s,
+                )
             state.ready = False
             await engine.stop()
             state.pools.shutdown()

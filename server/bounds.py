@@ -17,8 +17,9 @@ from server.limits import Limits
 def check_messages(messages: list[dict[str, Any]], limits: Limits) -> None:
     """At most `max_messages` messages and `max_prompt_chars` characters of strings in them."""
     if len(messages) > limits.max_messages:
-        raise BadRequest(f"a request may hold at most {limits.max_messages} messages, got {len(messages)}",
-                         param="messages")
+        raise BadRequest(
+            f"a request may hold at most {limits.max_messages} messages, got {len(messages)}", param="messages"
+        )
     total = 0
     pending: list[Any] = list(messages)
     while pending:  # a stack, not recursion: nesting depth is the client's choice
@@ -26,16 +27,18 @@ def check_messages(messages: list[dict[str, Any]], limits: Limits) -> None:
         if isinstance(item, str):
             total += len(item)
             if total > limits.max_prompt_chars:
-                raise BadRequest(f"the messages may hold at most {limits.max_prompt_chars} characters in total",
-                                 param="messages")
+                raise BadRequest(
+                    f"the messages may hold at most {limits.max_prompt_chars} characters in total", param="messages"
+                )
         elif isinstance(item, dict):
             pending.extend(item.values())
         elif isinstance(item, list):
             pending.extend(item)
 
 
-def check_lengths(max_tokens: int | None, max_completion_tokens: int | None, min_tokens: int,
-                  max_model_len: int) -> None:
+def check_lengths(
+    max_tokens: int | None, max_completion_tokens: int | None, min_tokens: int, max_model_len: int
+) -> None:
     """Completion lengths within [1, max_model_len] and `min_tokens` within [0, max_tokens]."""
     for name, value in (("max_tokens", max_tokens), ("max_completion_tokens", max_completion_tokens)):
         if value is not None and value > max_model_len:

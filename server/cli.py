@@ -83,10 +83,15 @@ def main(argv: list[str]) -> int:
         config = trainer_child.prepare(config, store.root)
         child = trainer_child.start(config)
     app = create_app(config, engine, store, base_info=base_info)
-    server = _DrainingServer(uvicorn.Config(
-        app, host=config.host, port=config.port, log_level="info",
-        timeout_graceful_shutdown=max(1, int(config.drain_timeout_s)),
-    ))
+    server = _DrainingServer(
+        uvicorn.Config(
+            app,
+            host=config.host,
+            port=config.port,
+            log_level="info",
+            timeout_graceful_shutdown=max(1, int(config.drain_timeout_s)),
+        )
+    )
     server.admission = app.state.loraswap.admission
     try:
         server.run()

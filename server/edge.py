@@ -146,11 +146,18 @@ class Edge:
                     raise BadRequest("Content-Length must be a non-negative integer")
                 raise too_large(limit, upload)
         except LoraswapError as rejection:
-            log.info("%s %s %s refused before the body: %d %s", request_id, scope["method"], scope["path"],
-                     rejection.status, rejection.code)
+            log.info(
+                "%s %s %s refused before the body: %d %s",
+                request_id,
+                scope["method"],
+                scope["path"],
+                rejection.status,
+                rejection.code,
+            )
             return await _answer(send, receive, rejection)
-        guard = _BodyGuard(receive, limit, limits.upload_read_timeout_s if upload else limits.body_read_timeout_s,
-                           upload)
+        guard = _BodyGuard(
+            receive, limit, limits.upload_read_timeout_s if upload else limits.body_read_timeout_s, upload
+        )
         started = False
 
         async def guarded_send(message):
@@ -168,8 +175,9 @@ class Edge:
                 raise
         if guard.failure is not None and not started:
             failure = guard.failure.error
-            log.info("%s %s %s body refused: %d %s", request_id, scope["method"], scope["path"],
-                     failure.status, failure.code)
+            log.info(
+                "%s %s %s body refused: %d %s", request_id, scope["method"], scope["path"], failure.status, failure.code
+            )
             await _answer(send, receive, failure)
 
     def _authenticate(self, path: str, headers: Headers) -> str | None:
@@ -214,8 +222,11 @@ def _with_header(send, name: bytes, value: bytes):
 async def _answer(send, receive, error: LoraswapError) -> None:
     """Send `error`'s envelope now, discard what the client still sends, then close."""
     body = json.dumps(error.envelope()).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-               (b"connection", b"close")]
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),
+    ]
     headers += [(name.lower().encode(), value.encode()) for name, value in error.headers.items()]
     if error.status == 401:
         headers.append((b"www-authenticate", b"Bearer"))

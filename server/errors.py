@@ -13,8 +13,16 @@ from adapters.errors import LoraswapError
 from server.engine.errors import PromptTooLong
 
 __all__ = [
-    "BadRequest", "Conflict", "EngineFailure", "Overloaded", "PromptTooLong", "RateLimited", "RequestTimeout",
-    "RequestTooLarge", "Unauthorized", "UploadRejected",
+    "BadRequest",
+    "Conflict",
+    "EngineFailure",
+    "Overloaded",
+    "PromptTooLong",
+    "RateLimited",
+    "RequestTimeout",
+    "RequestTooLarge",
+    "Unauthorized",
+    "UploadRejected",
 ]
 
 

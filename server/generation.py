@@ -86,8 +86,9 @@ class Generation:
         response starts (raises the engine's typed errors, e.g. PromptTooLong, EngineStopped,
         after releasing the ticket and in-flight count)."""
         try:
-            self._stream = submit(self.state.engine, self.request_id, self.prompt_ids, self.model.adapter,
-                                  self.sampling, self.tenant)
+            self._stream = submit(
+                self.state.engine, self.request_id, self.prompt_ids, self.model.adapter, self.sampling, self.tenant
+            )
         except BaseException:
             self.close()  # refused: nobody will own a request that never ran
             raise

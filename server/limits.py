@@ -31,26 +31,40 @@ class Limits(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    max_request_bytes: int = Field(4 * 1024 * 1024, gt=0, description="largest JSON request body in bytes (413 beyond, before it is read)")
+    max_request_bytes: int = Field(
+        4 * 1024 * 1024, gt=0, description="largest JSON request body in bytes (413 beyond, before it is read)"
+    )
     body_read_timeout_s: float = Field(30.0, gt=0, description="seconds a JSON body may take to arrive (408 beyond)")
-    upload_read_timeout_s: float = Field(300.0, gt=0, description="seconds an adapter upload's body may take to arrive (408 beyond)")
+    upload_read_timeout_s: float = Field(
+        300.0, gt=0, description="seconds an adapter upload's body may take to arrive (408 beyond)"
+    )
     max_messages: int = Field(512, gt=0, description="most messages in one chat request (400 'messages')")
-    max_prompt_chars: int = Field(262144, gt=0, description="most characters of message content in one request (400 'messages')")
+    max_prompt_chars: int = Field(
+        262144, gt=0, description="most characters of message content in one request (400 'messages')"
+    )
     render_threads: int = Field(4, gt=0, description="threads that render and tokenize prompts off the event loop")
-    max_concurrent_uploads: int = Field(4, gt=0, description="uploads read and validated at once, all tenants (503 beyond)")
+    max_concurrent_uploads: int = Field(
+        4, gt=0, description="uploads read and validated at once, all tenants (503 beyond)"
+    )
     max_concurrent_uploads_per_tenant: int = Field(2, gt=0, description="uploads at once per tenant (429 beyond)")
     max_concurrent_merges: int = Field(2, gt=0, description="merges computed at once in their own pool (503 beyond)")
     tenant_queue_share: float = Field(
-        0.5, gt=0, le=1,
+        0.5,
+        gt=0,
+        le=1,
         description="fraction of the admission capacity (running + queued) one tenant may hold (429 beyond)",
     )
     gc_interval_s: float = Field(60.0, gt=0, description="seconds between collections of unreferenced adapter blobs")
     # Store quotas: enforced by the store (adapters/store.py), configured here with the rest.
-    max_adapters_per_tenant: int = Field(64, gt=0, description="adapter names one tenant may store (403 quota_exceeded)")
+    max_adapters_per_tenant: int = Field(
+        64, gt=0, description="adapter names one tenant may store (403 quota_exceeded)"
+    )
     max_stored_bytes_per_tenant: int = Field(
         4 * 1024**3, gt=0, description="bytes of adapters one tenant may store (403 quota_exceeded)"
     )
-    max_versions_kept: int = Field(3, gt=0, description="versions kept per adapter name; older ones are pruned at publish")
+    max_versions_kept: int = Field(
+        3, gt=0, description="versions kept per adapter name; older ones are pruned at publish"
+    )
 
     @model_validator(mode="after")
     def _uploads_per_tenant_within_all(self) -> Limits:
@@ -59,9 +73,11 @@ class Limits(BaseModel):
         return self
 
     def store_quotas(self) -> dict[str, int]:
-        return {"max_adapters_per_tenant": self.max_adapters_per_tenant,
-                "max_stored_bytes_per_tenant": self.max_stored_bytes_per_tenant,
-                "max_versions_kept": self.max_versions_kept}
+        return {
+            "max_adapters_per_tenant": self.max_adapters_per_tenant,
+            "max_stored_bytes_per_tenant": self.max_stored_bytes_per_tenant,
+            "max_versions_kept": self.max_versions_kept,
+        }
 
     def tenant_capacity(self, capacity: int) -> int:
         """Requests one tenant may hold of `capacity` (at least 1)."""

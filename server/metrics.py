@@ -38,15 +38,22 @@ class ServerMetrics:
             "loraswap_generation_tokens", "Generated tokens", labels, registry=self.registry
         )
         self.time_to_first_token = Histogram(
-            "loraswap_time_to_first_token_seconds", "Time to first token", ("kind",),
-            buckets=_LATENCY_BUCKETS, registry=self.registry,
+            "loraswap_time_to_first_token_seconds",
+            "Time to first token",
+            ("kind",),
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
         )
         self.inter_token_latency = Histogram(
-            "loraswap_inter_token_latency_seconds", "Time between tokens of one request", ("kind",),
-            buckets=_LATENCY_BUCKETS, registry=self.registry,
+            "loraswap_inter_token_latency_seconds",
+            "Time between tokens of one request",
+            ("kind",),
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
         )
-        self.uploads = Counter("loraswap_adapter_uploads", "Adapter uploads by outcome", ("status",),
-                               registry=self.registry)
+        self.uploads = Counter(
+            "loraswap_adapter_uploads", "Adapter uploads by outcome", ("status",), registry=self.registry
+        )
         if engine_stats is not None:
             self.registry.register(EngineCollector(engine_stats))
 
@@ -62,15 +69,18 @@ class EngineCollector(Collector):
 
     def collect(self):
         stats = self._stats()
-        for key, value, help_ in (("waiting", stats.waiting, "Requests waiting in the engine queue"),
-                                  ("running", stats.running, "Requests running in the engine batch"),
-                                  ("kv_blocks_used", stats.kv_blocks_used,
-                                   "KV cache blocks in use (0 when idle: the soak's leak check)")):
+        for key, value, help_ in (
+            ("waiting", stats.waiting, "Requests waiting in the engine queue"),
+            ("running", stats.running, "Requests running in the engine batch"),
+            ("kv_blocks_used", stats.kv_blocks_used, "KV cache blocks in use (0 when idle: the soak's leak check)"),
+        ):
             gauge = GaugeMetricFamily(f"loraswap_engine_{key}", help_)
             gauge.add_metric([], float(value))
             yield gauge
-        for key, value, help_ in (("slot_loads", stats.slot_loads, "Adapter loads into device slots"),
-                                  ("slot_evictions", stats.slot_evictions, "Adapter evictions from device slots")):
+        for key, value, help_ in (
+            ("slot_loads", stats.slot_loads, "Adapter loads into device slots"),
+            ("slot_evictions", stats.slot_evictions, "Adapter evictions from device slots"),
+        ):
             counter = CounterMetricFamily(f"loraswap_engine_{key}", help_)
             counter.add_metric([], float(value))
             yield counter
@@ -87,5 +97,6 @@ class EngineCollector(Collector):
         yield resident
         yield GaugeMetricFamily("loraswap_adapters_folded", "Adapters folded into dense weights", value=folded)
         # A count, never per adapter; the adversarial soak reads this name.
-        yield GaugeMetricFamily("loraswap_engine_pinned_adapters", "Adapters pinned by any tenant (a count)",
-                                value=pinned)
+        yield GaugeMetricFamily(
+            "loraswap_engine_pinned_adapters", "Adapters pinned by any tenant (a count)", value=pinned
+        )

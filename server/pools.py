@@ -39,8 +39,9 @@ class Gate:
     def hold(self, tenant: str):
         headers = {"Retry-After": str(self.retry_after_s)}
         if self.by_tenant[tenant] >= self.per_tenant:
-            raise RateLimited(f"too many concurrent {self.what} for this API key (limit {self.per_tenant})",
-                              headers=headers)
+            raise RateLimited(
+                f"too many concurrent {self.what} for this API key (limit {self.per_tenant})", headers=headers
+            )
         if self.held >= self.total:
             raise Overloaded(f"too many concurrent {self.what} on the server (limit {self.total})", headers=headers)
         self.by_tenant[tenant] += 1
@@ -63,8 +64,9 @@ class WorkerPools:
         self.merge = ThreadPoolExecutor(limits.max_concurrent_merges, thread_name_prefix="loraswap-merge")
         # The store's own chores (garbage collection, deletes): one thread, never a request's.
         self.store = ThreadPoolExecutor(1, thread_name_prefix="loraswap-store")
-        self.uploads = Gate("uploads", limits.max_concurrent_uploads, limits.max_concurrent_uploads_per_tenant,
-                            retry_after_s)
+        self.uploads = Gate(
+            "uploads", limits.max_concurrent_uploads, limits.max_concurrent_uploads_per_tenant, retry_after_s
+        )
         # A merge is one tenant's CPU-heavy job: per tenant, one at a time.
         self.merges = Gate("merges", limits.max_concurrent_merges, 1, retry_after_s)
 

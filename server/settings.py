@@ -25,8 +25,14 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import Field, field_validator, model_validator
-from pydantic_settings import (CLI_SUPPRESS, BaseSettings, CliImplicitFlag, NoDecode, PydanticBaseSettingsSource,
-                               SettingsConfigDict)
+from pydantic_settings import (
+    CLI_SUPPRESS,
+    BaseSettings,
+    CliImplicitFlag,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 from jobs.config import JobsConfig
 from server.engine.config import DType, Device, EngineConfig, Fold, Quant
@@ -38,11 +44,17 @@ MiB = 1 << 20
 _ENGINE_DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
 _JOBS_DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(JobsConfig)}
 # JobsConfig field -> (ServerConfig knob, scale): the jobs knobs are flat flags here, `config.jobs` in code.
-_JOBS_KNOBS = {"root": ("jobs_dir", 1), "db_path": ("jobs_db", 1), "files_dir": ("files_dir", 1),
-               "max_file_bytes": ("max_file_mb", MiB), "max_files_per_tenant": ("max_files_per_tenant", 1),
-               "max_bytes_per_tenant": ("max_files_mb_per_tenant", MiB),
-               "max_active_jobs_per_tenant": ("max_active_jobs_per_tenant", 1),
-               "max_lines_per_file": ("max_lines_per_file", 1), "service_key": ("service_key", 1)}
+_JOBS_KNOBS = {
+    "root": ("jobs_dir", 1),
+    "db_path": ("jobs_db", 1),
+    "files_dir": ("files_dir", 1),
+    "max_file_bytes": ("max_file_mb", MiB),
+    "max_files_per_tenant": ("max_files_per_tenant", 1),
+    "max_bytes_per_tenant": ("max_files_mb_per_tenant", MiB),
+    "max_active_jobs_per_tenant": ("max_active_jobs_per_tenant", 1),
+    "max_lines_per_file": ("max_lines_per_file", 1),
+    "service_key": ("service_key", 1),
+}
 # Knobs kept in MiB for people (flags, environment); code and tests may also pass them in bytes.
 _BYTES_ALIASES = {"kv_cache_bytes": "kv_cache_mb", "max_upload_bytes": "max_upload_mb"}
 
@@ -56,8 +68,10 @@ def jobs_knob(name: str, description: str) -> Any:
 
 def jobs_fields(jobs: JobsConfig) -> dict[str, Any]:
     """`jobs` as the flat ServerConfig knobs (for `config.model_copy(update=...)` and code callers)."""
-    return {knob: (getattr(jobs, name) / scale if scale != 1 else getattr(jobs, name))
-            for name, (knob, scale) in _JOBS_KNOBS.items()}
+    return {
+        knob: (getattr(jobs, name) / scale if scale != 1 else getattr(jobs, name))
+        for name, (knob, scale) in _JOBS_KNOBS.items()
+    }
 
 
 def engine_knob(name: str, description: str, scale: int = 1) -> Any:
@@ -84,8 +98,9 @@ class ServerConfig(BaseSettings):
     max_cpu_loras: int = engine_knob("max_cpu_loras", "adapters cached in host memory")
     max_cpu_lora_bytes: int = engine_knob("max_cpu_lora_bytes", "bytes the host adapter cache may hold")
     loader_threads: int = engine_knob("loader_threads", "adapters read from disk in parallel")
-    adapter_load_timeout_s: float = engine_knob("adapter_load_timeout_s",
-                                                "seconds a load may take before its requests fail (503)")
+    adapter_load_timeout_s: float = engine_knob(
+        "adapter_load_timeout_s", "seconds a load may take before its requests fail (503)"
+    )
     max_rank: int = engine_knob("max_rank", "largest adapter rank accepted at upload and served")
     max_model_len: int = engine_knob("max_model_len", "prompt + completion tokens per request")
     max_num_seqs: int = engine_knob("max_num_seqs", "requests in the running batch")
@@ -110,19 +125,25 @@ class ServerConfig(BaseSettings):
         description="edge bounds, worker pools and store quotas (server/limits.py; README 'Security and isolation')",
     )
     # Fine-tuning jobs (jobs/): the database, uploaded training files and quotas; code reads `config.jobs`.
-    jobs_dir: Path | None = jobs_knob("root", "fine-tuning jobs: database, files and work folders (default: beside the store)")
+    jobs_dir: Path | None = jobs_knob(
+        "root", "fine-tuning jobs: database, files and work folders (default: beside the store)"
+    )
     jobs_db: Path | None = jobs_knob("db_path", "the jobs SQLite database (default: JOBS_DIR/jobs.db)")
     files_dir: Path | None = jobs_knob("files_dir", "uploaded training files (default: JOBS_DIR/files)")
     max_file_mb: float = jobs_knob("max_file_bytes", "largest training file upload in MiB")
     max_files_per_tenant: int = jobs_knob("max_files_per_tenant", "training files one tenant may keep")
     max_files_mb_per_tenant: float = jobs_knob("max_bytes_per_tenant", "training file MiB one tenant may keep")
-    max_active_jobs_per_tenant: int = jobs_knob("max_active_jobs_per_tenant", "queued + running fine-tuning jobs per tenant")
+    max_active_jobs_per_tenant: int = jobs_knob(
+        "max_active_jobs_per_tenant", "queued + running fine-tuning jobs per tenant"
+    )
     max_lines_per_file: int = jobs_knob("max_lines_per_file", "lines per training file")
     # Environment only (LORASWAP_SERVICE_KEY), like the API keys: flags show in `ps`.
     service_key: Annotated[str | None, CLI_SUPPRESS] = jobs_knob(
-        "service_key", "the trainer sidecar's credential for publishing into a job owner's namespace")
+        "service_key", "the trainer sidecar's credential for publishing into a job owner's namespace"
+    )
     train_in_process: CliImplicitFlag[bool] = Field(
-        False, description="also run the trainer sidecar as a child process (same jobs database)")
+        False, description="also run the trainer sidecar as a child process (same jobs database)"
+    )
 
     @classmethod
     def settings_customise_sources(
@@ -190,8 +211,10 @@ class ServerConfig(BaseSettings):
     @property
     def jobs(self) -> JobsConfig:
         """The fine-tuning jobs' settings, as the jobs package and the sidecar read them."""
-        values: dict[str, Any] = {name: (int(getattr(self, knob) * scale) if scale != 1 else getattr(self, knob))
-                                  for name, (knob, scale) in _JOBS_KNOBS.items()}
+        values: dict[str, Any] = {
+            name: (int(getattr(self, knob) * scale) if scale != 1 else getattr(self, knob))
+            for name, (knob, scale) in _JOBS_KNOBS.items()
+        }
         return JobsConfig(**values)
 
     @model_validator(mode="after")

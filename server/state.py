@@ -185,8 +185,12 @@ class ServerState:
         """
         check_messages(messages, self.config.limits)
         return await self.pools.run(
-            self.pools.render, self.prepare_prompt, messages, max_tokens=max_tokens,
-            add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message,
+            self.pools.render,
+            self.prepare_prompt,
+            messages,
+            max_tokens=max_tokens,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
         )
 
     def prepare_prompt(
@@ -218,4 +222,3 @@ class ServerState:
                 param="messages",
             )
         return rendered, wanted
-

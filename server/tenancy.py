@@ -17,8 +17,7 @@ from typing import Any
 from server.engine.types import AdapterRef, AdapterResidency
 
 
-def submit(engine: Any, request_id: str, prompt_ids: list[int], adapter: AdapterRef | None, sampling,
-           tenant: str):
+def submit(engine: Any, request_id: str, prompt_ids: list[int], adapter: AdapterRef | None, sampling, tenant: str):
     """`engine.add_request` with the tenant (the engine's fair share and per-tenant residency)."""
     return engine.add_request(request_id, prompt_ids, adapter, sampling, tenant=tenant)
 

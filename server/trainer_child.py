@@ -33,9 +33,24 @@ def start(config: ServerConfig, device: str | None = None) -> subprocess.Popen:
     """Start the sidecar for `config` (from `prepare`); it trains on the base the server serves."""
     host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
     jobs = config.jobs
-    argv = [sys.executable, "-m", "loraswap.cli", "trainer-service", "--jobs-dir", str(jobs.resolved_root),
-            "--jobs-db", str(jobs.database), "--files-dir", str(jobs.files), "--server-url",
-            f"http://{host}:{config.port}", "--base", config.base, "--device", device or config.device]
+    argv = [
+        sys.executable,
+        "-m",
+        "loraswap.cli",
+        "trainer-service",
+        "--jobs-dir",
+        str(jobs.resolved_root),
+        "--jobs-db",
+        str(jobs.database),
+        "--files-dir",
+        str(jobs.files),
+        "--server-url",
+        f"http://{host}:{config.port}",
+        "--base",
+        config.base,
+        "--device",
+        device or config.device,
+    ]
     env = dict(os.environ, LORASWAP_SERVICE_KEY=str(jobs.service_key))  # prepare() made one
     log.info("starting the trainer sidecar (jobs in %s)", jobs.resolved_root)
     return subprocess.Popen(argv, env=env)

@@ -41,8 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-ratio", type=float, default=0.03)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="dense base / compute dtype")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    p.add_argument("--nproc", type=int, default=1,
-                   help="data-parallel processes (DDP: gloo on CPU, nccl on CUDA); --batch-size stays global")
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="data-parallel processes (DDP: gloo on CPU, nccl on CUDA); --batch-size stays global",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--publish", metavar="URL", default=None, help="server base URL to upload the adapter to")
     p.add_argument("--name", default=None, help="adapter name on the server (with --publish)")
@@ -61,10 +65,22 @@ def config_from_args(args: argparse.Namespace):
         use_rslora=args.rslora,
     )
     return TrainConfig(
-        data=args.data, out=args.out, base=args.base, qlora=args.qlora, lora=spec, epochs=args.epochs,
-        lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum, max_length=args.max_length,
-        eval_data=args.eval_data, seed=args.seed, warmup_ratio=args.warmup_ratio, dtype=args.dtype,
-        device=args.device, progress=not args.no_progress,
+        data=args.data,
+        out=args.out,
+        base=args.base,
+        qlora=args.qlora,
+        lora=spec,
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        max_length=args.max_length,
+        eval_data=args.eval_data,
+        seed=args.seed,
+        warmup_ratio=args.warmup_ratio,
+        dtype=args.dtype,
+        device=args.device,
+        progress=not args.no_progress,
     )
 
 

@@ -99,8 +99,16 @@ def launch(argv: list[str], nproc: int) -> int:
         argv: the trainer's flags without `--nproc`.
         nproc: processes on this machine (one per GPU on CUDA; any number on CPU).
     """
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "trainer.cli", *argv]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "trainer.cli",
+        *argv,
+    ]
     env = dict(os.environ)
     # Each CPU process would otherwise start one thread per core and the N of them oversubscribe.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))

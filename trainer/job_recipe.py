@@ -50,8 +50,9 @@ class JobRecipe(SFTRecipe):
         should_stop: polled after every step; True hands the job back to the queue (shutdown).
     """
 
-    def __init__(self, config, queue: JobQueue, job_id: str, worker: str, work_dir: Path, log=print,
-                 should_stop=lambda: False):
+    def __init__(
+        self, config, queue: JobQueue, job_id: str, worker: str, work_dir: Path, log=print, should_stop=lambda: False
+    ):
         super().__init__(config, log=log)
         self.queue, self.job_id, self.worker, self.work_dir = queue, job_id, worker, Path(work_dir)
         self.should_stop = should_stop
@@ -59,11 +60,13 @@ class JobRecipe(SFTRecipe):
     def on_step(self, epoch: int, result: TrainResult) -> None:
         step, loss = len(result.step_losses), result.step_losses[-1]
         if not math.isfinite(loss):
-            raise JobFailed("nan_loss", f"the training loss became {loss} at step {step}; "
-                                        "try a lower learning_rate_multiplier")
+            raise JobFailed(
+                "nan_loss", f"the training loss became {loss} at step {step}; try a lower learning_rate_multiplier"
+            )
         data = {"step": step, "total_steps": self.total_steps, "epoch": epoch + 1, "train_loss": loss}
-        if not self.queue.event(self.job_id, self.worker, f"Step {step}/{self.total_steps}: training loss={loss:.4f}",
-                                "metrics", data):
+        if not self.queue.event(
+            self.job_id, self.worker, f"Step {step}/{self.total_steps}: training loss={loss:.4f}", "metrics", data
+        ):
             raise JobStopped()
         if self.should_stop():
             raise JobInterrupted()
@@ -75,8 +78,9 @@ class JobRecipe(SFTRecipe):
             if not math.isfinite(result.eval_losses[-1]):
                 raise JobFailed("nan_loss", f"the validation loss became {result.eval_losses[-1]} at epoch {epoch + 1}")
         path = self.save_checkpoint(epoch + 1, result)
-        if not self.queue.add_checkpoint(self.job_id, self.worker, epoch + 1, len(result.step_losses), str(path),
-                                         metrics):
+        if not self.queue.add_checkpoint(
+            self.job_id, self.worker, epoch + 1, len(result.step_losses), str(path), metrics
+        ):
             raise JobStopped()
 
     # -- checkpoints ---------------------------------------------------------------------------
@@ -93,10 +97,18 @@ class JobRecipe(SFTRecipe):
                 tensors[f"optim.{i}.{key}"] = torch.as_tensor(value).detach().to("cpu").contiguous()
         save_file(tensors, str(partial / STATE_FILE))
         scheduler = {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"}
-        meta = {"epochs_done": epochs_done, "scheduler": scheduler,
-                "result": {"step_losses": result.step_losses, "epoch_train_losses": result.epoch_train_losses,
-                           "eval_losses": result.eval_losses, "tokens_seen": result.tokens_seen,
-                           "targets_seen": result.targets_seen, "seconds": result.seconds}}
+        meta = {
+            "epochs_done": epochs_done,
+            "scheduler": scheduler,
+            "result": {
+                "step_losses": result.step_losses,
+                "epoch_train_losses": result.epoch_train_losses,
+                "eval_losses": result.eval_losses,
+                "tokens_seen": result.tokens_seen,
+                "targets_seen": result.targets_seen,
+                "seconds": result.seconds,
+            },
+        }
         (partial / META_FILE).write_text(json.dumps(meta))
         for file in partial.iterdir():
             with open(file, "rb") as handle:
@@ -117,8 +129,11 @@ class JobRecipe(SFTRecipe):
             for i, param in enumerate(self.trainable.trainable_parameters()):
                 param.copy_(tensors[f"param.{i}"].to(param.device))
                 # AdamW keeps `step` on the CPU unless capturable; the moments live beside the parameter.
-                state = {key.split(".", 2)[2]: value if key.endswith(".step") else value.to(param.device)
-                         for key, value in tensors.items() if key.startswith(f"optim.{i}.")}
+                state = {
+                    key.split(".", 2)[2]: value if key.endswith(".step") else value.to(param.device)
+                    for key, value in tensors.items()
+                    if key.startswith(f"optim.{i}.")
+                }
                 if state:
                     self.optimizer.state[param] = state
         scheduler = dict(meta["scheduler"], lr_lambdas=[None] * len(self.optimizer.param_groups))

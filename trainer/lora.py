@@ -45,9 +45,7 @@ class LoraSpec:
             raise LoraConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         unknown = sorted(set(self.target_modules) - set(LINEAR_MODULES))
         if unknown or not self.target_modules:
-            raise LoraConfigError(
-                f"target modules {unknown or '[]'} are not among {', '.join(LINEAR_MODULES)}"
-            )
+            raise LoraConfigError(f"target modules {unknown or '[]'} are not among {', '.join(LINEAR_MODULES)}")
 
     @property
     def scaling(self) -> float:
@@ -74,8 +72,14 @@ class LoraLinear(nn.Module):
         dropout: a `SharedDropout` shared with siblings reading the same input (own one if None).
     """
 
-    def __init__(self, base: nn.Module, in_features: int, out_features: int, spec: LoraSpec,
-                 dropout: "SharedDropout | None" = None):
+    def __init__(
+        self,
+        base: nn.Module,
+        in_features: int,
+        out_features: int,
+        spec: LoraSpec,
+        dropout: "SharedDropout | None" = None,
+    ):
         super().__init__()
         self.base = base
         self.in_features, self.out_features = in_features, out_features
@@ -126,8 +130,15 @@ class SharedDropout(nn.Module):
 
 
 # Projections reading the same activation inside a decoder layer (they share a dropout mask).
-INPUT_GROUPS = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_proj": "o_in",
-                "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "down_in"}
+INPUT_GROUPS = {
+    "q_proj": "attn_in",
+    "k_proj": "attn_in",
+    "v_proj": "attn_in",
+    "o_proj": "o_in",
+    "gate_proj": "mlp_in",
+    "up_proj": "mlp_in",
+    "down_proj": "down_in",
+}
 
 
 def _decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -178,9 +189,7 @@ def lora_parameters(wrappers: dict[str, LoraLinear]) -> list[nn.Parameter]:
 def export_lora(wrappers: dict[str, LoraLinear], spec: LoraSpec, base_name: str | None = None) -> LoraWeights:
     """The trained adapter as a `LoraWeights` (float32 copies), ready for `write_peft`."""
     modules = {
-        path: LoraModule(
-            A=w.lora_A.detach().float().clone(), B=w.lora_B.detach().float().clone(), scaling=w.scaling
-        )
+        path: LoraModule(A=w.lora_A.detach().float().clone(), B=w.lora_B.detach().float().clone(), scaling=w.scaling)
         for path, w in wrappers.items()
     }
     config = peft_config(

@@ -88,7 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loraswap merge", description="Merge LoRA adapters into one.")
     parser.add_argument("--method", required=True, choices=METHODS)
     parser.add_argument(
-        "--adapter", action="append", required=True, metavar="DIR[:WEIGHT]",
+        "--adapter",
+        action="append",
+        required=True,
+        metavar="DIR[:WEIGHT]",
         help="a PEFT adapter directory and its weight (default 1.0); repeat for each input",
     )
     parser.add_argument("--out", required=True, type=Path, help="new directory for the merged adapter")

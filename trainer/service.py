@@ -136,8 +136,11 @@ class TrainerService:
             self._fail(job, "invalid_training_file", str(exc))
         except (MemoryError, _oom_error()) as exc:
             _release_device_memory()
-            self._fail(job, "out_of_memory", f"training ran out of memory ({type(exc).__name__}); "
-                                             "try a smaller batch_size or rank")
+            self._fail(
+                job,
+                "out_of_memory",
+                f"training ran out of memory ({type(exc).__name__}); try a smaller batch_size or rank",
+            )
         except Exception as exc:  # a job's failure must not end the sidecar
             log.exception("job %s failed", job.id)
             self._fail(job, "training_error", f"{type(exc).__name__}: {exc}")
@@ -155,15 +158,30 @@ class TrainerService:
 
         hyper, lora = job.hyperparameters, job.method
         targets = lora["target_modules"]
-        spec = LoraSpec(rank=lora["rank"], alpha=lora["alpha"], dropout=lora["dropout"],
-                        target_modules=parse_target_modules(targets if isinstance(targets, str) else ",".join(targets)))
+        spec = LoraSpec(
+            rank=lora["rank"],
+            alpha=lora["alpha"],
+            dropout=lora["dropout"],
+            target_modules=parse_target_modules(targets if isinstance(targets, str) else ",".join(targets)),
+        )
         data = self._file(job.training_file)
         eval_data = self._file(job.validation_file) if job.validation_file else None
         return TrainConfig(
-            data=data, out=out, base=self.config.base, qlora=bool(lora.get("qlora")), lora=spec,
-            epochs=hyper["n_epochs"], lr=hyper["base_learning_rate"] * hyper["learning_rate_multiplier"],
-            batch_size=hyper["batch_size"], max_length=self.config.max_length, eval_data=eval_data, seed=job.seed,
-            dtype=self.config.dtype, device=self.config.device, progress=False)
+            data=data,
+            out=out,
+            base=self.config.base,
+            qlora=bool(lora.get("qlora")),
+            lora=spec,
+            epochs=hyper["n_epochs"],
+            lr=hyper["base_learning_rate"] * hyper["learning_rate_multiplier"],
+            batch_size=hyper["batch_size"],
+            max_length=self.config.max_length,
+            eval_data=eval_data,
+            seed=job.seed,
+            dtype=self.config.dtype,
+            device=self.config.device,
+            progress=False,
+        )
 
     def _file(self, file_id: str) -> Path:
         path = self.files.path(file_id)
@@ -175,8 +193,15 @@ class TrainerService:
         # One folder per attempt: a sidecar wrongly declared dead can never overwrite its successor's files.
         work = self.config.jobs.work / job.id / self.worker
         out = work / "adapter"
-        recipe = JobRecipe(self.train_config(job, out), self.queue, job.id, self.worker, work,
-                           log=lambda message: log.info("%s: %s", job.id, message), should_stop=self._stop.is_set)
+        recipe = JobRecipe(
+            self.train_config(job, out),
+            self.queue,
+            job.id,
+            self.worker,
+            work,
+            log=lambda message: log.info("%s: %s", job.id, message),
+            should_stop=self._stop.is_set,
+        )
         recipe.setup()
         result = None
         checkpoint = self.queue.latest_checkpoint(job.id)
@@ -192,29 +217,37 @@ class TrainerService:
     def publish(self, job: JobRecord, adapter_dir: Path, trained_tokens: int) -> None:
         """Upload through the server's service route; it marks the job succeeded."""
         url = f"{self.config.server_url.rstrip('/')}/internal/fine_tuning/jobs/{job.id}/adapter"
-        headers = {"Authorization": f"Bearer {self.config.service_key}", "X-Loraswap-Tenant": job.tenant,
-                   "X-Loraswap-Worker": self.worker}
+        headers = {
+            "Authorization": f"Bearer {self.config.service_key}",
+            "X-Loraswap-Tenant": job.tenant,
+            "X-Loraswap-Worker": self.worker,
+        }
         present = [f for f in (CONFIG_FILE, WEIGHTS_FILE, PROVENANCE_FILE) if (adapter_dir / f).is_file()]
         with ExitStack() as stack, httpx.Client(timeout=600) as client:
-            files = [("files", (f, stack.enter_context(open(adapter_dir / f, "rb")), "application/octet-stream"))
-                     for f in present]
+            files = [
+                ("files", (f, stack.enter_context(open(adapter_dir / f, "rb")), "application/octet-stream"))
+                for f in present
+            ]
             for attempt in range(PUBLISH_ATTEMPTS):  # the server may be restarting; the lease keeps the job ours
                 try:
                     for _, (_, handle, _) in files:
                         handle.seek(0)
-                    response = client.post(url, headers=headers, files=files,
-                                           data={"trained_tokens": str(trained_tokens)})
+                    response = client.post(
+                        url, headers=headers, files=files, data={"trained_tokens": str(trained_tokens)}
+                    )
                     break
                 except httpx.TransportError as exc:
                     if attempt + 1 == PUBLISH_ATTEMPTS:
-                        raise JobFailed("publish_failed", f"could not reach the server at {self.config.server_url}: "
-                                                          f"{exc}") from None
+                        raise JobFailed(
+                            "publish_failed", f"could not reach the server at {self.config.server_url}: {exc}"
+                        ) from None
                     time.sleep(self.config.poll_s)
         if response.status_code == 409:
             raise JobStopped()
         if response.status_code != 200:
-            raise JobFailed("publish_failed", f"the server refused the adapter ({response.status_code}): "
-                                              f"{_error_message(response)}")
+            raise JobFailed(
+                "publish_failed", f"the server refused the adapter ({response.status_code}): {_error_message(response)}"
+            )
 
 
 def _release_device_memory() -> None:
@@ -231,4 +264,3 @@ def _oom_error() -> type[BaseException]:
     import torch
 
     return getattr(torch, "OutOfMemoryError", MemoryError)
-

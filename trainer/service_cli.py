@@ -17,10 +17,15 @@ from pathlib import Path
 
 def build_parser() -> argparse.ArgumentParser:
     env = os.environ.get
-    p = argparse.ArgumentParser(prog="loraswap trainer-service",
-                                description="Run queued fine-tuning jobs and publish their adapters.")
-    p.add_argument("--jobs-dir", type=Path, default=env("LORASWAP_JOBS_DIR"),
-                   help="the server's jobs folder (default: ~/.local/share/loraswap/jobs)")
+    p = argparse.ArgumentParser(
+        prog="loraswap trainer-service", description="Run queued fine-tuning jobs and publish their adapters."
+    )
+    p.add_argument(
+        "--jobs-dir",
+        type=Path,
+        default=env("LORASWAP_JOBS_DIR"),
+        help="the server's jobs folder (default: ~/.local/share/loraswap/jobs)",
+    )
     p.add_argument("--jobs-db", type=Path, default=env("LORASWAP_JOBS_DB"), help="the jobs database file")
     p.add_argument("--files-dir", type=Path, default=env("LORASWAP_FILES_DIR"), help="uploaded training files")
     p.add_argument("--server-url", default=env("LORASWAP_SERVER_URL", "http://127.0.0.1:8000"))
@@ -29,8 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--max-length", type=int, default=1024, help="tokens kept per conversation")
-    p.add_argument("--lease-s", type=float, default=60.0, help="seconds without a heartbeat before a job is "
-                                                               "taken over by another sidecar")
+    p.add_argument(
+        "--lease-s",
+        type=float,
+        default=60.0,
+        help="seconds without a heartbeat before a job is taken over by another sidecar",
+    )
     p.add_argument("--poll-s", type=float, default=2.0, help="seconds between looks at an empty queue")
     p.add_argument("--max-attempts", type=int, default=3, help="sidecar deaths a job survives before it fails")
     p.add_argument("--once", action="store_true", help="exit when the queue is empty")
@@ -47,9 +56,17 @@ def main(argv: list[str]) -> int:
     try:
         config = ServiceConfig(
             jobs=JobsConfig(root=args.jobs_dir, db_path=args.jobs_db, files_dir=args.files_dir),
-            server_url=args.server_url, service_key=args.service_key or "", base=args.base, device=args.device,
-            dtype=args.dtype, max_length=args.max_length, lease_s=args.lease_s, poll_s=args.poll_s,
-            max_attempts=args.max_attempts, once=args.once)
+            server_url=args.server_url,
+            service_key=args.service_key or "",
+            base=args.base,
+            device=args.device,
+            dtype=args.dtype,
+            max_length=args.max_length,
+            lease_s=args.lease_s,
+            poll_s=args.poll_s,
+            max_attempts=args.max_attempts,
+            once=args.once,
+        )
     except ValueError as exc:
         parser.error(str(exc))
     service = TrainerService(config)

@@ -69,8 +69,19 @@ class TrainConfig:
         parse_dtype(self.dtype)
 
     def hyperparameters(self) -> dict:
-        keep = ("qlora", "epochs", "lr", "batch_size", "grad_accum", "max_length", "seed",
-                "warmup_ratio", "weight_decay", "max_grad_norm", "dtype")
+        keep = (
+            "qlora",
+            "epochs",
+            "lr",
+            "batch_size",
+            "grad_accum",
+            "max_length",
+            "seed",
+            "warmup_ratio",
+            "weight_decay",
+            "max_grad_norm",
+            "dtype",
+        )
         params = {k: getattr(self, k) for k in keep}
         params.update(asdict(self.lora))
         params["target_modules"] = list(self.lora.target_modules)
@@ -146,11 +157,15 @@ class SFTRecipe:
         self.steps_per_epoch = math.ceil(micro / cfg.grad_accum)
         self.total_steps = self.steps_per_epoch * cfg.epochs
         warmup = max(1, round(cfg.warmup_ratio * self.total_steps)) if cfg.warmup_ratio > 0 else 0
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _warmup_then_linear(warmup, self.total_steps))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, _warmup_then_linear(warmup, self.total_steps)
+        )
         n_params = sum(p.numel() for p in params)
-        self.log(f"{'QLoRA (NF4 base)' if cfg.qlora else 'LoRA'}: {n_params:,} trainable parameters in "
-                 f"{len(self.trainable.wrappers)} modules; {self.total_steps} optimizer steps on {self.device}"
-                 + (f" x {self.dist.world_size} processes ({self.dist.backend})" if self.dist.distributed else ""))
+        self.log(
+            f"{'QLoRA (NF4 base)' if cfg.qlora else 'LoRA'}: {n_params:,} trainable parameters in "
+            f"{len(self.trainable.wrappers)} modules; {self.total_steps} optimizer steps on {self.device}"
+            + (f" x {self.dist.world_size} processes ({self.dist.backend})" if self.dist.distributed else "")
+        )
 
     def _data_parallel(self, module: nn.Module) -> nn.Module:
         """DDP over the LoRA parameters only: the frozen base is identical on every rank by construction."""
@@ -168,8 +183,12 @@ class SFTRecipe:
 
     def batches(self, data: Dataset, shuffle: bool, seed: int = 0) -> list[PackedBatch]:
         return micro_batches(
-            data.examples, self.config.batch_size, token_cost=self.token_cost, pad_id=self.pad_id,
-            shuffle=shuffle, seed=seed,
+            data.examples,
+            self.config.batch_size,
+            token_cost=self.token_cost,
+            pad_id=self.pad_id,
+            shuffle=shuffle,
+            seed=seed,
         )
 
     # Hooks for the job service (trainer/job_recipe.py): events, cancel, checkpoints, resume.
@@ -188,8 +207,15 @@ class SFTRecipe:
         cfg, model = self.config, self.trainable.model
         params = self.trainable.trainable_parameters()
         result = result if result is not None else TrainResult()
-        bar = tqdm(total=self.total_steps, initial=len(result.step_losses), desc="train", unit="step",
-                   disable=not (cfg.progress and self.dist.is_main), dynamic_ncols=True, mininterval=1.0)
+        bar = tqdm(
+            total=self.total_steps,
+            initial=len(result.step_losses),
+            desc="train",
+            unit="step",
+            disable=not (cfg.progress and self.dist.is_main),
+            dynamic_ncols=True,
+            mininterval=1.0,
+        )
         start = time.perf_counter() - result.seconds
         for epoch in range(self.start_epoch, cfg.epochs):
             model.train()
@@ -208,15 +234,19 @@ class SFTRecipe:
             result.epoch_train_losses.append(epoch_loss / epoch_targets)
             if self.eval_data is not None:
                 result.eval_losses.append(self.evaluate(self.eval_data))
-                bar.write(f"epoch {epoch + 1}: train loss {result.epoch_train_losses[-1]:.4f}, "
-                          f"eval loss {result.eval_losses[-1]:.4f}")
+                bar.write(
+                    f"epoch {epoch + 1}: train loss {result.epoch_train_losses[-1]:.4f}, "
+                    f"eval loss {result.eval_losses[-1]:.4f}"
+                )
             result.seconds = time.perf_counter() - start
             self.on_epoch_end(epoch, result)
         bar.close()
         result.seconds = time.perf_counter() - start
-        self.log(f"done: {result.tokens_seen} tokens in {result.seconds:.1f}s ({result.tokens_per_second:.0f} tok/s), "
-                 f"final train loss {result.train_loss:.4f}"
-                 + (f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""))
+        self.log(
+            f"done: {result.tokens_seen} tokens in {result.seconds:.1f}s ({result.tokens_per_second:.0f} tok/s), "
+            f"final train loss {result.train_loss:.4f}"
+            + (f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else "")
+        )
         return result
 
     def step(self, model, params, step: list[PackedBatch]) -> tuple[float, int]:

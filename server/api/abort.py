@@ -23,15 +23,23 @@ def abort_error(generation: Generation) -> LoraswapError:
     """
     if generation.error or generation.error_code:
         status = generation.error_status or 500
-        log.warning("%s: the engine ended the request: %s (%s, %s)", generation.request_id, generation.error,
-                    generation.error_code, status)
+        log.warning(
+            "%s: the engine ended the request: %s (%s, %s)",
+            generation.request_id,
+            generation.error,
+            generation.error_code,
+            status,
+        )
         # The engine promises messages without paths; a path that slips through still never leaves.
         reason = _PATH.sub("<path>", generation.error or generation.error_code or "")
         message = f"the request could not be served: {reason}"
         if status >= 500 and status != 503:
             return EngineFailure(message, code=generation.error_code or "engine_error", status=status)
         if status == 503:
-            return Overloaded(message, code=generation.error_code or "engine_error",
-                              headers={"Retry-After": str(generation.state.config.retry_after_s)})
+            return Overloaded(
+                message,
+                code=generation.error_code or "engine_error",
+                headers={"Retry-After": str(generation.state.config.retry_after_s)},
+            )
         return BadRequest(message, code=generation.error_code or "invalid_request", status=status)
     return Overloaded("the request was aborted by the server (shutting down)", code="request_aborted")

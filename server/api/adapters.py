@@ -47,9 +47,17 @@ _CHUNK = 1 << 20
 def adapter_card(record: AdapterRecord, residency: dict[str, AdapterResidency] | None = None) -> AdapterCard:
     where = (residency or {}).get(record.id, AdapterResidency())
     return AdapterCard(
-        id=record.id, name=record.name, version=record.version, sha256=record.sha256, rank=record.rank,
-        target_modules=sorted(record.target_modules), template=record.template_sha256 or "unknown",
-        created_at=record.created_at, residency=where.tier, folded=where.folded, pinned=where.pinned,
+        id=record.id,
+        name=record.name,
+        version=record.version,
+        sha256=record.sha256,
+        rank=record.rank,
+        target_modules=sorted(record.target_modules),
+        template=record.template_sha256 or "unknown",
+        created_at=record.created_at,
+        residency=where.tier,
+        folded=where.folded,
+        pinned=where.pinned,
     )
 
 
@@ -75,16 +83,18 @@ def _stage(files: list[tuple[str, UploadFile]], directory: Path, limit: int) -> 
             while chunk := upload.file.read(_CHUNK):
                 total += len(chunk)
                 if total > limit:
-                    raise InvalidAdapter(f"the adapter is over the {limit}-byte cap", "adapter_too_large", 413,
-                                         param="files")
+                    raise InvalidAdapter(
+                        f"the adapter is over the {limit}-byte cap", "adapter_too_large", 413, param="files"
+                    )
                 out.write(chunk)
 
 
 def _check_request(request: Request) -> None:
     # The body's size was capped by server.edge before this handler ran.
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-        raise UploadRejected("upload adapters as multipart/form-data (fields: name, files)", status=415,
-                             code="unsupported_media_type")
+        raise UploadRejected(
+            "upload adapters as multipart/form-data (fields: name, files)", status=415, code="unsupported_media_type"
+        )
 
 
 def _read_form(form: FormData) -> tuple[str, list[tuple[str, UploadFile]], bool]:
@@ -107,15 +117,15 @@ def _read_form(form: FormData) -> tuple[str, list[tuple[str, UploadFile]], bool]
 
 def _validate(state: ServerState, staging: Path, allow_template_mismatch: bool):
     """Blocking validation against the base and the template contract (run in a thread)."""
-    validated = validate_adapter_dir(staging, state.base_info, max_rank=state.config.max_rank,
-                                     max_bytes=state.config.max_upload_bytes)
+    validated = validate_adapter_dir(
+        staging, state.base_info, max_rank=state.config.max_rank, max_bytes=state.config.max_upload_bytes
+    )
     check_template(validated.provenance, state.base_info, allow_template_mismatch)
     return validated
 
 
 @router.post("/v1/adapters")
-async def upload_adapter(request: Request, tenant: str = Depends(get_tenant),
-                         state: ServerState = Depends(get_state)):
+async def upload_adapter(request: Request, tenant: str = Depends(get_tenant), state: ServerState = Depends(get_state)):
     try:
         with state.pools.uploads.hold(tenant):  # before the body is read: 429 / 503 cost nothing
             record, created = await _upload(request, tenant, state)
@@ -140,8 +150,10 @@ async def _upload(request: Request, tenant: str, state: ServerState):
         await pools.run(pools.upload, _stage, files, staging, state.config.max_upload_bytes)
         validated = await pools.run(pools.upload, _validate, state, staging, allow)
         if state.is_deleting(tenant, name):
-            raise Conflict(f"the adapter '{name}' is being deleted; retry once its requests have finished",
-                           headers={"Retry-After": str(state.config.retry_after_s)})
+            raise Conflict(
+                f"the adapter '{name}' is being deleted; retry once its requests have finished",
+                headers={"Retry-After": str(state.config.retry_after_s)},
+            )
         return await pools.run(pools.upload, state.store.publish, tenant, name, validated)
     finally:
         if form is not None:

@@ -49,8 +49,9 @@ from server.state import ServerState
 router = APIRouter()
 
 
-def sampling_params(body: ChatCompletionRequest, max_tokens: int, end_of_turn_ids: list[int],
-                    **controls) -> SamplingParams:
+def sampling_params(
+    body: ChatCompletionRequest, max_tokens: int, end_of_turn_ids: list[int], **controls
+) -> SamplingParams:
     """OpenAI request fields -> engine `SamplingParams` (400 naming the field when out of range);
     `controls` are `decoding.decoding_controls`' penalties, logit_bias and grammar."""
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
@@ -61,8 +62,9 @@ def sampling_params(body: ChatCompletionRequest, max_tokens: int, end_of_turn_id
     if temperature < GREEDY_BELOW:
         temperature = 0.0  # greedy: dividing logits by a tiny temperature overflows to inf
     if body.min_tokens > max_tokens:
-        raise BadRequest(f"min_tokens ({body.min_tokens}) may not exceed the completion length ({max_tokens})",
-                         param="min_tokens")
+        raise BadRequest(
+            f"min_tokens ({body.min_tokens}) may not exceed the completion length ({max_tokens})", param="min_tokens"
+        )
     try:
         return SamplingParams(
             max_tokens=max_tokens,
@@ -86,8 +88,11 @@ def _token_logprob(tokenizer, event: TokenEvent, as_ids: bool) -> TokenLogprob:
 
     def entry(token_id: int, logprob: float) -> dict:
         text = tokenizer.decode([token_id])
-        return {"token": f"token_id:{token_id}" if as_ids else text, "logprob": logprob,
-                "bytes": list(text.encode("utf-8"))}
+        return {
+            "token": f"token_id:{token_id}" if as_ids else text,
+            "logprob": logprob,
+            "bytes": list(text.encode("utf-8")),
+        }
 
     if event.token_id is None:
         raise ValueError("an event without a token has no logprob")  # callers check; a bug otherwise
@@ -105,8 +110,7 @@ async def create_chat_completion(
 ):
     check_fields(body.model_dump(exclude_unset=True))  # every OpenAI field honoured or refused by name
     if body.chat_template is not None or body.chat_template_kwargs:
-        raise BadRequest("a request may not supply its own chat template; the base's is used",
-                         param="chat_template")
+        raise BadRequest("a request may not supply its own chat template; the base's is used", param="chat_template")
     if body.n != 1:
         raise BadRequest("only n=1 is supported", param="n")
     check_lengths(body.max_tokens, body.max_completion_tokens, body.min_tokens, state.max_model_len)
@@ -125,8 +129,13 @@ async def create_chat_completion(
     model = state.resolve_model(tenant, body.model)
     ticket = state.admission.acquire(tenant)
     generation = Generation(
-        state, request_id=f"chatcmpl-{uuid.uuid4().hex}", tenant=tenant, model=model,
-        prompt_ids=prompt.ids, sampling=sampling, ticket=ticket,
+        state,
+        request_id=f"chatcmpl-{uuid.uuid4().hex}",
+        tenant=tenant,
+        model=model,
+        prompt_ids=prompt.ids,
+        sampling=sampling,
+        ticket=ticket,
     )
     generation.start()
     if body.stream:
@@ -174,13 +183,18 @@ async def _collect(state: ServerState, body: ChatCompletionRequest, generation: 
         id=generation.request_id,
         created=int(time.time()),
         model=body.model,
-        choices=[Choice(
-            message=AssistantMessage(content="".join(texts)),
-            logprobs=ChoiceLogprobs(content=logprobs) if body.logprobs else None,
-            finish_reason=generation.finish_reason or "stop",  # events() always sets it
-        )],
-        usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                    total_tokens=prompt_tokens + completion_tokens),
+        choices=[
+            Choice(
+                message=AssistantMessage(content="".join(texts)),
+                logprobs=ChoiceLogprobs(content=logprobs) if body.logprobs else None,
+                finish_reason=generation.finish_reason or "stop",  # events() always sets it
+            )
+        ],
+        usage=Usage(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+        ),
     )
 
 
@@ -198,8 +212,10 @@ async def _sse(state: ServerState, body: ChatCompletionRequest, generation: Gene
 
     def chunk(delta: Delta, finish_reason=None, logprobs=None) -> str:
         choice = ChunkChoice(delta=delta, finish_reason=finish_reason, logprobs=logprobs)
-        return _sse_line(ChatCompletionChunk(id=generation.request_id, created=created, model=body.model,
-                                             choices=[choice]), include_usage)
+        return _sse_line(
+            ChatCompletionChunk(id=generation.request_id, created=created, model=body.model, choices=[choice]),
+            include_usage,
+        )
 
     yield chunk(Delta(role="assistant", content=""))
     completion_tokens = 0
@@ -217,10 +233,14 @@ async def _sse(state: ServerState, body: ChatCompletionRequest, generation: Gene
         yield chunk(Delta(), finish_reason=generation.finish_reason or "stop")
         if include_usage:
             prompt_tokens = len(generation.prompt_ids)
-            usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                          total_tokens=prompt_tokens + completion_tokens)
-            last = ChatCompletionChunk(id=generation.request_id, created=created, model=body.model,
-                                       choices=[], usage=usage)
+            usage = Usage(
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+                total_tokens=prompt_tokens + completion_tokens,
+            )
+            last = ChatCompletionChunk(
+                id=generation.request_id, created=created, model=body.model, choices=[], usage=usage
+            )
             yield _sse_line(last, include_usage)
     yield "data: [DONE]\n\n"
 
@@ -230,8 +250,9 @@ class _EventStream(StreamingResponse):
     client gone, even never started), leaving `with generation:` releases it."""
 
     def __init__(self, content, generation: Generation):
-        super().__init__(content, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        super().__init__(
+            content, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
         self._generation = generation
 
     async def __call__(self, scope, receive, send) -> None:

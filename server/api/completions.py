@@ -17,8 +17,13 @@ from contextlib import ExitStack
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
 
-from server.api.completion_protocol import (MAX_PROMPTS, Completion, CompletionChoice, CompletionLogprobs,
-                                            CompletionRequest)
+from server.api.completion_protocol import (
+    MAX_PROMPTS,
+    Completion,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+)
 from server.api.decoding import decoding_controls
 from server.api.deps import get_state, get_tenant
 from server.api.abort import abort_error
@@ -37,8 +42,11 @@ def plain_prompts(prompt) -> list[str]:
     """The request's prompts as strings; 400 for token ids, empties or too many."""
     prompts = [prompt] if isinstance(prompt, str) else prompt
     if not prompts or not all(isinstance(p, str) for p in prompts):
-        raise BadRequest("prompt must be a string or a non-empty list of strings (token-id prompts are not "
-                         "accepted: they could carry control tokens)", param="prompt")
+        raise BadRequest(
+            "prompt must be a string or a non-empty list of strings (token-id prompts are not "
+            "accepted: they could carry control tokens)",
+            param="prompt",
+        )
     if len(prompts) > MAX_PROMPTS:
         raise BadRequest(f"at most {MAX_PROMPTS} prompts per request, got {len(prompts)}", param="prompt")
     if any(not p for p in prompts):
@@ -52,8 +60,11 @@ def tokenize_plain(state: ServerState, text: str, max_tokens: int | None) -> tup
     limit = state.max_model_len
     wanted = max_tokens if max_tokens is not None else max(limit - len(ids), 1)
     if len(ids) + wanted > limit:
-        raise PromptTooLong(f"This model's maximum context length is {limit} tokens; the prompt takes {len(ids)} "
-                            f"tokens and {wanted} more were requested ({len(ids) + wanted} in total)", param="prompt")
+        raise PromptTooLong(
+            f"This model's maximum context length is {limit} tokens; the prompt takes {len(ids)} "
+            f"tokens and {wanted} more were requested ({len(ids) + wanted} in total)",
+            param="prompt",
+        )
     return ids, wanted
 
 
@@ -63,19 +74,28 @@ def _sampling(body: CompletionRequest, max_tokens: int, controls: dict) -> Sampl
         raise BadRequest("stop strings must be non-empty", param="stop")
     try:
         return SamplingParams(
-            max_tokens=max_tokens, min_tokens=body.min_tokens,
+            max_tokens=max_tokens,
+            min_tokens=body.min_tokens,
             temperature=1.0 if body.temperature is None else body.temperature,
             top_p=1.0 if body.top_p is None else body.top_p,
             top_k=body.top_k if body.top_k and body.top_k > 0 else 0,
-            seed=body.seed, stop=stop, ignore_eos=body.ignore_eos, logprobs=body.logprobs, **controls,
+            seed=body.seed,
+            stop=stop,
+            ignore_eos=body.ignore_eos,
+            logprobs=body.logprobs,
+            **controls,
         )
     except ValueError as exc:
         raise BadRequest(str(exc)) from None
 
 
 @router.post("/v1/completions")
-async def create_completion(body: CompletionRequest, request: Request, tenant: str = Depends(get_tenant),
-                            state: ServerState = Depends(get_state)):
+async def create_completion(
+    body: CompletionRequest,
+    request: Request,
+    tenant: str = Depends(get_tenant),
+    state: ServerState = Depends(get_state),
+):
     check_fields(body.model_dump(exclude_unset=True), COMPLETION_FIELDS)
     if body.n not in (None, 1):
         raise BadRequest("only n=1 is supported", param="n")
@@ -85,8 +105,9 @@ async def create_completion(body: CompletionRequest, request: Request, tenant: s
     check_lengths(body.max_tokens, None, body.min_tokens, state.max_model_len)
     state.resolve_model(tenant, body.model)  # 404 before any tokenizing
     # Tokenizing costs time linear in the prompts: in the render pool, as chat's rendering.
-    encoded = await state.pools.run(state.pools.render,
-                                    lambda: [tokenize_plain(state, p, body.max_tokens) for p in prompts])
+    encoded = await state.pools.run(
+        state.pools.render, lambda: [tokenize_plain(state, p, body.max_tokens) for p in prompts]
+    )
     controls = await decoding_controls(body, state, tenant)
     samplings = [_sampling(body, max_tokens, controls) for _, max_tokens in encoded]
     # Again after the grammar compile's await (the adapter may have changed); nothing awaits from here on.
@@ -96,9 +117,17 @@ async def create_completion(body: CompletionRequest, request: Request, tenant: s
     with ExitStack() as starting:  # a refused start releases the generations already started
         for i, ((ids, _), sampling) in enumerate(zip(encoded, samplings)):
             ticket = state.admission.acquire(tenant)
-            generation = starting.enter_context(Generation(state, request_id=f"{request_id}-{i}", tenant=tenant,
-                                                           model=model, prompt_ids=ids, sampling=sampling,
-                                                           ticket=ticket))
+            generation = starting.enter_context(
+                Generation(
+                    state,
+                    request_id=f"{request_id}-{i}",
+                    tenant=tenant,
+                    model=model,
+                    prompt_ids=ids,
+                    sampling=sampling,
+                    ticket=ticket,
+                )
+            )
             generations.append(generation)
             generation.start()
         owned = starting.pop_all()  # from here the response (or the plain wait below) owns them
@@ -147,8 +176,9 @@ class _View:
             token = self.state.tokenizer.decode([event.token_id])
             out.tokens.append(token)
             out.token_logprobs.append(event.logprob)
-            out.top_logprobs.append({self.state.tokenizer.decode([t]): lp for t, lp in event.top_logprobs}
-                                    if self.body.logprobs else None)
+            out.top_logprobs.append(
+                {self.state.tokenizer.decode([t]): lp for t, lp in event.top_logprobs} if self.body.logprobs else None
+            )
             out.text_offset.append(offset)
             offset += len(token)
         return out
@@ -174,15 +204,21 @@ class _View:
         failure = self._failure()
         if failure is not None:
             raise failure
-        choices = [CompletionChoice(index=i, text="".join(texts[i]), finish_reason=g.finish_reason,
-                                    logprobs=self._logprobs(tokens[i], 0) if self.body.logprobs is not None else None)
-                   for i, g in enumerate(self.generations)]
-        return Completion(id=self.id, created=self.created, model=self.body.model, choices=choices,
-                          usage=self.usage())
+        choices = [
+            CompletionChoice(
+                index=i,
+                text="".join(texts[i]),
+                finish_reason=g.finish_reason,
+                logprobs=self._logprobs(tokens[i], 0) if self.body.logprobs is not None else None,
+            )
+            for i, g in enumerate(self.generations)
+        ]
+        return Completion(id=self.id, created=self.created, model=self.body.model, choices=choices, usage=self.usage())
 
     def _chunk(self, choices: list[CompletionChoice], usage: Usage | None = None) -> str:
-        payload = Completion(id=self.id, created=self.created, model=self.body.model, choices=choices,
-                             usage=usage).model_dump(exclude_none=True)
+        payload = Completion(
+            id=self.id, created=self.created, model=self.body.model, choices=choices, usage=usage
+        ).model_dump(exclude_none=True)
         for choice, raw in zip(choices, payload["choices"]):
             raw["finish_reason"] = choice.finish_reason  # OpenAI sends an explicit null
         if self.body.stream_options and self.body.stream_options.include_usage:
@@ -201,8 +237,9 @@ class _View:
             offsets[index] += len(event.text)
             if event.text or logprobs is not None or event.finish_reason is not None:
                 reason = event.finish_reason if event.finish_reason != "abort" else None
-                yield self._chunk([CompletionChoice(index=index, text=event.text, logprobs=logprobs,
-                                                    finish_reason=reason)])
+                yield self._chunk(
+                    [CompletionChoice(index=index, text=event.text, logprobs=logprobs, finish_reason=reason)]
+                )
         failure = self._failure()
         if failure is not None:
             yield f"data: {json.dumps(failure.envelope())}\n\n"
@@ -233,8 +270,9 @@ class _EventStream(StreamingResponse):
     ends, even never started, leaving the block releases them all."""
 
     def __init__(self, content, owned: ExitStack):
-        super().__init__(content, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        super().__init__(
+            content, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
         self._owned = owned
 
     async def __call__(self, scope, receive, send) -> None:

@@ -29,26 +29,35 @@ def grammar_spec(response_format: dict[str, Any] | None) -> GrammarSpec | None:
     if kind == "json_object":
         return GrammarSpec.json_object()
     if kind != "json_schema":
-        raise BadRequest(f"response_format.type must be text, json_object or json_schema, got {kind!r}"[:200],
-                         param="response_format.type")
+        raise BadRequest(
+            f"response_format.type must be text, json_object or json_schema, got {kind!r}"[:200],
+            param="response_format.type",
+        )
     spec = response_format.get("json_schema")
     if not isinstance(spec, dict):
-        raise BadRequest("response_format.json_schema must be an object with name and schema",
-                         param="response_format.json_schema")
+        raise BadRequest(
+            "response_format.json_schema must be an object with name and schema", param="response_format.json_schema"
+        )
     name = spec.get("name")
     if not isinstance(name, str) or not 0 < len(name) <= 64 or not all(c.isalnum() or c in "_-" for c in name):
-        raise BadRequest("response_format.json_schema.name must be 1-64 characters of a-z, A-Z, 0-9, _ or -",
-                         param="response_format.json_schema.name")
+        raise BadRequest(
+            "response_format.json_schema.name must be 1-64 characters of a-z, A-Z, 0-9, _ or -",
+            param="response_format.json_schema.name",
+        )
     schema = spec.get("schema", {})
     strict = spec.get("strict")
     if strict is not None and not isinstance(strict, bool):
-        raise BadRequest("response_format.json_schema.strict must be a boolean",
-                         param="response_format.json_schema.strict")
+        raise BadRequest(
+            "response_format.json_schema.strict must be a boolean", param="response_format.json_schema.strict"
+        )
     try:
         return GrammarSpec.json_schema(schema, strict=bool(strict))
     except GrammarError as exc:
-        raise BadRequest(f"response_format.json_schema.schema: {exc}", param="response_format.json_schema.schema",
-                         code="invalid_schema") from None
+        raise BadRequest(
+            f"response_format.json_schema.schema: {exc}",
+            param="response_format.json_schema.schema",
+            code="invalid_schema",
+        ) from None
 
 
 def grammar_cache(state) -> GrammarCache:
@@ -67,16 +76,21 @@ async def compile_grammar(state, tenant: str, spec: GrammarSpec | None, param: s
     if cached is not None:
         return cached
     if cache.compiling[tenant] >= COMPILES_PER_TENANT:
-        raise RateLimited(f"at most {COMPILES_PER_TENANT} schemas compile at once per API key; retry shortly",
-                          headers={"Retry-After": "1"})
+        raise RateLimited(
+            f"at most {COMPILES_PER_TENANT} schemas compile at once per API key; retry shortly",
+            headers={"Retry-After": "1"},
+        )
     cache.compiling[tenant] += 1  # counted until the thread really ends, even past the timeout
     work = asyncio.ensure_future(asyncio.to_thread(cache.compile, tenant, spec))
     work.add_done_callback(lambda _: cache.compiling.subtract([tenant]))
     try:
         compiled = await asyncio.wait_for(asyncio.shield(work), COMPILE_TIMEOUT_S)
     except TimeoutError:
-        raise BadRequest(f"the schema took more than {COMPILE_TIMEOUT_S:.0f}s to compile; simplify it",
-                         param=param, code="invalid_schema") from None
+        raise BadRequest(
+            f"the schema took more than {COMPILE_TIMEOUT_S:.0f}s to compile; simplify it",
+            param=param,
+            code="invalid_schema",
+        ) from None
     except GrammarError as exc:
         raise BadRequest(f"{param}: {exc}", param=param, code="invalid_schema") from None
     return compiled
@@ -99,8 +113,11 @@ async def decoding_controls(body, state, tenant: str, spec: GrammarSpec | None =
     if spec is None:
         spec = grammar_spec(getattr(body, "response_format", None))
     if spec is not None and (body.min_tokens or body.ignore_eos):
-        raise BadRequest("constrained output (response_format or tool calls) cannot be combined with min_tokens "
-                         "or ignore_eos: the grammar decides where the output ends", param="response_format")
+        raise BadRequest(
+            "constrained output (response_format or tool calls) cannot be combined with min_tokens "
+            "or ignore_eos: the grammar decides where the output ends",
+            param="response_format",
+        )
     return dict(
         presence_penalty=body.presence_penalty or 0.0,
         frequency_penalty=body.frequency_penalty or 0.0,

@@ -92,5 +92,10 @@ def install_error_handlers(app: FastAPI) -> None:
         rid = request_id(request)
         log.exception("%s: unhandled error on %s %s", rid, request.method, request.url.path)
         # This handler runs outside `Edge`, so the request id header is added here.
-        return error_response(500, f"internal server error (request id {rid})", "server_error", "internal_error",
-                              headers={"X-Request-Id": rid})
+        return error_response(
+            500,
+            f"internal server error (request id {rid})",
+            "server_error",
+            "internal_error",
+            headers={"X-Request-Id": rid},
+        )

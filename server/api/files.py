@@ -36,9 +36,17 @@ class QuotaError(LoraswapError):
 
 
 def file_object(record: files_store.FileRecord) -> dict:
-    return {"id": record.id, "object": "file", "bytes": record.bytes, "created_at": record.created_at,
-            "filename": record.filename, "purpose": record.purpose, "status": "processed",
-            "status_details": None, "expires_at": None}
+    return {
+        "id": record.id,
+        "object": "file",
+        "bytes": record.bytes,
+        "created_at": record.created_at,
+        "filename": record.filename,
+        "purpose": record.purpose,
+        "status": "processed",
+        "status_details": None,
+        "expires_at": None,
+    }
 
 
 def missing_file(file_id: str, param: str | None = "file_id") -> NotFound:
@@ -64,16 +72,20 @@ def _check_length(request: Request, limit: int) -> None:
     if declared is None or not declared.isdigit():
         raise UploadRejected("send the upload with a Content-Length header", status=411, code="length_required")
     if int(declared) > limit + _FORM_OVERHEAD:
-        raise UploadRejected(f"the file is over the {limit}-byte cap", status=413, code="file_too_large",
-                             param="file")
+        raise UploadRejected(f"the file is over the {limit}-byte cap", status=413, code="file_too_large", param="file")
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-        raise UploadRejected("upload files as multipart/form-data (fields: file, purpose)", status=415,
-                             code="unsupported_media_type")
+        raise UploadRejected(
+            "upload files as multipart/form-data (fields: file, purpose)", status=415, code="unsupported_media_type"
+        )
 
 
 @router.post("/v1/files")
-async def upload_file(request: Request, tenant: str = Depends(get_tenant), state: ServerState = Depends(get_state),
-                      jobs: Jobs = Depends(get_jobs)):
+async def upload_file(
+    request: Request,
+    tenant: str = Depends(get_tenant),
+    state: ServerState = Depends(get_state),
+    jobs: Jobs = Depends(get_jobs),
+):
     limit = jobs.config.max_file_bytes
     _check_length(request, limit)
     form = await request.form(max_files=1, max_fields=4)
@@ -85,8 +97,9 @@ async def upload_file(request: Request, tenant: str = Depends(get_tenant), state
             raise BadRequest("the form field 'file' is required", param="file")
         content = await upload.read(limit + 1)
         if len(content) > limit:
-            raise UploadRejected(f"the file is over the {limit}-byte cap", status=413, code="file_too_large",
-                                 param="file")
+            raise UploadRejected(
+                f"the file is over the {limit}-byte cap", status=413, code="file_too_large", param="file"
+            )
         filename = _clean_filename(upload.filename)
     finally:
         await form.close()
@@ -95,24 +108,40 @@ async def upload_file(request: Request, tenant: str = Depends(get_tenant), state
         raise BadRequest(f"{filename}: " + format_errors(list(check.errors)), param="file", code="invalid_file")
     try:
         record = await run_in_threadpool(
-            jobs.files.create, tenant, filename, purpose, content, check.lines,
-            max_files=jobs.config.max_files_per_tenant, max_bytes=jobs.config.max_bytes_per_tenant)
+            jobs.files.create,
+            tenant,
+            filename,
+            purpose,
+            content,
+            check.lines,
+            max_files=jobs.config.max_files_per_tenant,
+            max_bytes=jobs.config.max_bytes_per_tenant,
+        )
     except files_store.QuotaExceeded as exc:
         raise QuotaError(str(exc), param="file") from None
     return file_object(record)
 
 
 @router.get("/v1/files")
-def list_files(purpose: str | None = Query(None, max_length=32), limit: int = Query(10000, ge=1, le=10000),
-               after: str | None = Query(None, max_length=80), tenant: str = Depends(get_tenant),
-               jobs: Jobs = Depends(get_jobs)):
+def list_files(
+    purpose: str | None = Query(None, max_length=32),
+    limit: int = Query(10000, ge=1, le=10000),
+    after: str | None = Query(None, max_length=80),
+    tenant: str = Depends(get_tenant),
+    jobs: Jobs = Depends(get_jobs),
+):
     records = jobs.files.list(tenant, purpose)
     if after is not None:
         ids = [r.id for r in records]
-        records = records[ids.index(after) + 1:] if after in ids else []
+        records = records[ids.index(after) + 1 :] if after in ids else []
     page = records[:limit]
-    return {"object": "list", "data": [file_object(r) for r in page], "has_more": len(records) > limit,
-            "first_id": page[0].id if page else None, "last_id": page[-1].id if page else None}
+    return {
+        "object": "list",
+        "data": [file_object(r) for r in page],
+        "has_more": len(records) > limit,
+        "first_id": page[0].id if page else None,
+        "last_id": page[-1].id if page else None,
+    }
 
 
 @router.get("/v1/files/{file_id}")

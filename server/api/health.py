@@ -21,8 +21,7 @@ async def health():
 @router.get("/ready")
 async def ready(state: ServerState = Depends(get_state)):
     if not state.ready or state.admission.draining:
-        return error_response(503, "the model is not loaded yet or the server is draining", "server_error",
-                              "not_ready")
+        return error_response(503, "the model is not loaded yet or the server is draining", "server_error", "not_ready")
     return {"status": "ready", "model": state.base_id}
 
 

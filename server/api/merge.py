@@ -58,30 +58,37 @@ def _merge_into(state: ServerState, sources: list[tuple], body: MergeRequest, st
         for _, record, _ in sources:
             held.enter_context(state.store.hold(record))  # pruning or a delete meanwhile keeps the blob
         inputs = [
-            MergeInput(weights=read_peft(directory), weight=source.weight,
-                       provenance=read_provenance(directory), name=source.name)
+            MergeInput(
+                weights=read_peft(directory),
+                weight=source.weight,
+                provenance=read_provenance(directory),
+                name=source.name,
+            )
             for source, _, directory in sources
         ]
-    result = merge_adapters(inputs, body.method, density=body.density, rank=body.rank, seed=body.seed,
-                            max_rank=state.config.max_rank)
+    result = merge_adapters(
+        inputs, body.method, density=body.density, rank=body.rank, seed=body.seed, max_rank=state.config.max_rank
+    )
     write_peft(result.weights, staging, provenance=result.provenance)
     # The inputs already passed the template contract at their upload; the merge keeps their template.
-    return validate_adapter_dir(staging, state.base_info, max_rank=state.config.max_rank,
-                                max_bytes=state.config.max_upload_bytes)
+    return validate_adapter_dir(
+        staging, state.base_info, max_rank=state.config.max_rank, max_bytes=state.config.max_upload_bytes
+    )
 
 
 @router.post("/v1/adapters/merge")
 async def merge(body: MergeRequest, tenant: str = Depends(get_tenant), state: ServerState = Depends(get_state)):
     check_name(body.name)
     if state.is_deleting(tenant, body.name):
-        raise Conflict(f"the adapter '{body.name}' is being deleted; retry once its requests have finished",
-                       headers={"Retry-After": str(state.config.retry_after_s)})
+        raise Conflict(
+            f"the adapter '{body.name}' is being deleted; retry once its requests have finished",
+            headers={"Retry-After": str(state.config.retry_after_s)},
+        )
     with state.pools.merges.hold(tenant):
         record, created = await _merge(state, tenant, body)
     if created:
         state.published()
-    return JSONResponse(adapter_card(record, state.residency(tenant)).model_dump(),
-                        status_code=201 if created else 200)
+    return JSONResponse(adapter_card(record, state.residency(tenant)).model_dump(), status_code=201 if created else 200)
 
 
 async def _merge(state: ServerState, tenant: str, body: MergeRequest):

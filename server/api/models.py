@@ -25,16 +25,33 @@ def _created(record) -> int:
 
 
 def _cards(state: ServerState, tenant: str) -> list[ModelCard]:
-    cards = [ModelCard(id=state.base_id, created=state.created, owned_by="loraswap", root=state.base_id,
-                       max_model_len=state.max_model_len)]
+    cards = [
+        ModelCard(
+            id=state.base_id,
+            created=state.created,
+            owned_by="loraswap",
+            root=state.base_id,
+            max_model_len=state.max_model_len,
+        )
+    ]
     residency = state.residency(tenant)
     for record in state.list_adapters(tenant):
         where = residency.get(record.id, AdapterResidency())
-        cards.append(ModelCard(
-            id=record.name, created=_created(record), owned_by=tenant, root=state.base_id, parent=state.base_id,
-            max_model_len=state.max_model_len, residency=where.tier, folded=where.folded, pinned=where.pinned,
-            version=record.version, sha256=record.sha256,
-        ))
+        cards.append(
+            ModelCard(
+                id=record.name,
+                created=_created(record),
+                owned_by=tenant,
+                root=state.base_id,
+                parent=state.base_id,
+                max_model_len=state.max_model_len,
+                residency=where.tier,
+                folded=where.folded,
+                pinned=where.pinned,
+                version=record.version,
+                sha256=record.sha256,
+            )
+        )
     return cards
 
 

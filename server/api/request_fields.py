@@ -45,8 +45,9 @@ def _default_tier(value: Any) -> bool:
 
 
 CHAT_FIELDS: dict[str, FieldPolicy] = {
-    "messages": FieldPolicy(HONOURED, "rendered through the base's chat template; roles system, developer "
-                            "(as system), user, assistant"),
+    "messages": FieldPolicy(
+        HONOURED, "rendered through the base's chat template; roles system, developer (as system), user, assistant"
+    ),
     "model": FieldPolicy(HONOURED, "an adapter name in the caller's namespace, or the base"),
     "max_tokens": FieldPolicy(HONOURED, "completion length cap"),
     "max_completion_tokens": FieldPolicy(HONOURED, "completion length cap (wins over max_tokens)"),
@@ -64,13 +65,15 @@ CHAT_FIELDS: dict[str, FieldPolicy] = {
     "logit_bias": FieldPolicy(HONOURED, "token id -> -100..100 added to the logits (bounded count)"),
     "response_format": FieldPolicy(HONOURED, "text, json_object, json_schema (strict): constrained decoding"),
     "user": FieldPolicy(HINT, "an end-user identifier for OpenAI's abuse monitoring; accepted, not stored"),
-    "safety_identifier": FieldPolicy(HINT, "an end-user identifier for OpenAI's abuse monitoring; accepted, "
-                                     "not stored"),
+    "safety_identifier": FieldPolicy(
+        HINT, "an end-user identifier for OpenAI's abuse monitoring; accepted, not stored"
+    ),
     "metadata": FieldPolicy(HINT, "tags for stored completions; nothing is stored (store is refused)"),
     "prompt_cache_key": FieldPolicy(HINT, "a cache-routing hint; there is one engine and no prompt cache"),
     "prompt_cache_retention": FieldPolicy(HINT, "a cache-retention hint; there is no prompt cache"),
-    "service_tier": FieldPolicy(REFUSED, "this server has one service tier; only 'auto' or 'default'",
-                                off=_default_tier),
+    "service_tier": FieldPolicy(
+        REFUSED, "this server has one service tier; only 'auto' or 'default'", off=_default_tier
+    ),
     "store": FieldPolicy(REFUSED, "completions are not stored on this server", off=_falsy),
     "audio": FieldPolicy(REFUSED, "audio output is not supported: the models are text-only"),
     "modalities": FieldPolicy(REFUSED, "only the text modality is supported", off=_text_only),
@@ -81,13 +84,20 @@ CHAT_FIELDS: dict[str, FieldPolicy] = {
     "moderation": FieldPolicy(REFUSED, "moderation is not available on this server"),
     "prompt_cache_options": FieldPolicy(REFUSED, "there is no prompt cache to configure"),
     "tools": FieldPolicy(HONOURED, "function definitions (bounded); see tool_choice"),
-    "tool_choice": FieldPolicy(HONOURED, "none; required or a named function: decoding constrained to a valid "
-                               "call; auto: 400 unless the base's template supports tools (the served ones do not)"),
+    "tool_choice": FieldPolicy(
+        HONOURED,
+        "none; required or a named function: decoding constrained to a valid "
+        "call; auto: 400 unless the base's template supports tools (the served ones do not)",
+    ),
     "parallel_tool_calls": FieldPolicy(HONOURED, "with required: up to 8 calls, or exactly one when false"),
-    "functions": FieldPolicy(REFUSED, "the deprecated functions API is not supported; use tools",
-                             off=lambda value: value is None or value == []),
-    "function_call": FieldPolicy(REFUSED, "the deprecated functions API is not supported",
-                                 off=lambda value: value in (None, "none")),
+    "functions": FieldPolicy(
+        REFUSED,
+        "the deprecated functions API is not supported; use tools",
+        off=lambda value: value is None or value == [],
+    ),
+    "function_call": FieldPolicy(
+        REFUSED, "the deprecated functions API is not supported", off=lambda value: value in (None, "none")
+    ),
 }
 
 
@@ -106,8 +116,10 @@ def check_fields(body: dict[str, Any], table: dict[str, FieldPolicy] = CHAT_FIEL
 # The legacy `POST /v1/completions` (openai's `completion_create_params`).
 COMPLETION_FIELDS: dict[str, FieldPolicy] = {
     "model": CHAT_FIELDS["model"],
-    "prompt": FieldPolicy(HONOURED, "a string or a list of strings (one choice each), tokenized as plain text; "
-                          "token-id prompts are refused"),
+    "prompt": FieldPolicy(
+        HONOURED,
+        "a string or a list of strings (one choice each), tokenized as plain text; token-id prompts are refused",
+    ),
     "max_tokens": FieldPolicy(HONOURED, "completion length cap (default 16, as OpenAI)"),
     "temperature": CHAT_FIELDS["temperature"],
     "top_p": CHAT_FIELDS["top_p"],

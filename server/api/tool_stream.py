@@ -31,9 +31,15 @@ async def tool_sse(body, generation, include_usage: bool, plan: ToolPlan):
     created = int(time.time())
 
     def chunk(delta: Delta, finish_reason=None) -> str:
-        return _line(ChatCompletionChunk(id=generation.request_id, created=created, model=body.model,
-                                         choices=[ChunkChoice(delta=delta, finish_reason=finish_reason)]),
-                     include_usage)
+        return _line(
+            ChatCompletionChunk(
+                id=generation.request_id,
+                created=created,
+                model=body.model,
+                choices=[ChunkChoice(delta=delta, finish_reason=finish_reason)],
+            ),
+            include_usage,
+        )
 
     def call_delta(index: int, **fields) -> Delta:
         return Delta(tool_calls=[ToolCall(index=index, **fields)])
@@ -41,8 +47,14 @@ async def tool_sse(body, generation, include_usage: bool, plan: ToolPlan):
     yield chunk(Delta(role="assistant"))
     text = []
     if plan.named:
-        yield chunk(call_delta(0, id=f"call_{uuid.uuid4().hex[:24]}", type="function",
-                               function=FunctionCall(name=plan.named, arguments="")))
+        yield chunk(
+            call_delta(
+                0,
+                id=f"call_{uuid.uuid4().hex[:24]}",
+                type="function",
+                function=FunctionCall(name=plan.named, arguments=""),
+            )
+        )
     async for event in generation.events():
         text.append(event.text)
         if plan.named and event.text:
@@ -57,14 +69,25 @@ async def tool_sse(body, generation, include_usage: bool, plan: ToolPlan):
         if calls is None:  # cut short: the partial text, as content
             yield chunk(Delta(content="".join(text)))
         for call in calls or ():
-            yield chunk(call_delta(call.index or 0, id=call.id, type="function",
-                                   function=FunctionCall(name=call.function.name, arguments="")))
+            yield chunk(
+                call_delta(
+                    call.index or 0,
+                    id=call.id,
+                    type="function",
+                    function=FunctionCall(name=call.function.name, arguments=""),
+                )
+            )
             yield chunk(call_delta(call.index or 0, function=FunctionCall(arguments=call.function.arguments)))
     yield chunk(Delta(), finish_reason="tool_calls" if calls is not None else reason)
     if include_usage:
         prompt = len(generation.prompt_ids)
-        usage = Usage(prompt_tokens=prompt, completion_tokens=generation.completion_tokens,
-                      total_tokens=prompt + generation.completion_tokens)
-        yield _line(ChatCompletionChunk(id=generation.request_id, created=created, model=body.model,
-                                        choices=[], usage=usage), include_usage)
+        usage = Usage(
+            prompt_tokens=prompt,
+            completion_tokens=generation.completion_tokens,
+            total_tokens=prompt + generation.completion_tokens,
+        )
+        yield _line(
+            ChatCompletionChunk(id=generation.request_id, created=created, model=body.model, choices=[], usage=usage),
+            include_usage,
+        )
     yield "data: [DONE]\n\n"

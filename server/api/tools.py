@@ -57,28 +57,41 @@ def _functions(tools: Any) -> dict[str, dict]:
     for i, tool in enumerate(tools):
         where = f"tools[{i}]"
         if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(tool.get("function"), dict):
-            raise BadRequest(f"{where} must be {{\"type\": \"function\", \"function\": {{...}}}}", param=where)
+            raise BadRequest(f'{where} must be {{"type": "function", "function": {{...}}}}', param=where)
         function = tool["function"]
         name = function.get("name")
         if not isinstance(name, str) or not _NAME.match(name):
-            raise BadRequest(f"{where}.function.name must be 1-64 characters of a-z, A-Z, 0-9, _ or -",
-                             param=f"{where}.function.name")
+            raise BadRequest(
+                f"{where}.function.name must be 1-64 characters of a-z, A-Z, 0-9, _ or -",
+                param=f"{where}.function.name",
+            )
         if name in out:
             raise BadRequest(f"{where}.function.name {name!r} is defined twice", param=f"{where}.function.name")
         parameters = function.get("parameters", {"type": "object", "properties": {}})
         if not isinstance(parameters, dict):
-            raise BadRequest(f"{where}.function.parameters must be a JSON schema object",
-                             param=f"{where}.function.parameters")
+            raise BadRequest(
+                f"{where}.function.parameters must be a JSON schema object", param=f"{where}.function.parameters"
+            )
         out[name] = parameters
     return out
 
 
 def _call_schema(functions: dict[str, dict], parallel: bool) -> dict:
-    calls = [{"type": "object", "properties": {"name": {"const": name}, "arguments": parameters},
-              "required": ["name", "arguments"], "additionalProperties": False}
-             for name, parameters in functions.items()]
-    return {"type": "array", "items": calls[0] if len(calls) == 1 else {"anyOf": calls},
-            "minItems": 1, "maxItems": MAX_PARALLEL_CALLS if parallel else 1}
+    calls = [
+        {
+            "type": "object",
+            "properties": {"name": {"const": name}, "arguments": parameters},
+            "required": ["name", "arguments"],
+            "additionalProperties": False,
+        }
+        for name, parameters in functions.items()
+    ]
+    return {
+        "type": "array",
+        "items": calls[0] if len(calls) == 1 else {"anyOf": calls},
+        "minItems": 1,
+        "maxItems": MAX_PARALLEL_CALLS if parallel else 1,
+    }
 
 
 def check_tool_messages(messages: Any, supported: bool) -> None:
@@ -89,11 +102,19 @@ def check_tool_messages(messages: Any, supported: bool) -> None:
         if not isinstance(message, dict):
             continue
         if message.get("role") == "tool":
-            raise BadRequest(f"messages[{i}].role 'tool': the base's chat template cannot represent tool results "
-                             "(it has no tool support)", param=f"messages[{i}]", code="invalid_messages")
+            raise BadRequest(
+                f"messages[{i}].role 'tool': the base's chat template cannot represent tool results "
+                "(it has no tool support)",
+                param=f"messages[{i}]",
+                code="invalid_messages",
+            )
         if message.get("tool_calls"):
-            raise BadRequest(f"messages[{i}].tool_calls: the base's chat template cannot represent tool calls "
-                             "(it has no tool support)", param=f"messages[{i}]", code="invalid_messages")
+            raise BadRequest(
+                f"messages[{i}].tool_calls: the base's chat template cannot represent tool calls "
+                "(it has no tool support)",
+                param=f"messages[{i}]",
+                code="invalid_messages",
+            )
 
 
 def plan_tools(body, template_source: str) -> ToolPlan | None:
@@ -124,16 +145,22 @@ def plan_tools(body, template_source: str) -> ToolPlan | None:
         if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict):
             name = choice["function"].get("name")
             if name not in functions:
-                raise BadRequest(f"tool_choice names {str(name)[:64]!r}, which is not among the tools",
-                                 param="tool_choice")
+                raise BadRequest(
+                    f"tool_choice names {str(name)[:64]!r}, which is not among the tools", param="tool_choice"
+                )
             return ToolPlan(GrammarSpec.json_schema(functions[name]), name)
     except GrammarError as exc:
         raise BadRequest(f"tools: {exc}", param="tools", code="invalid_schema") from None
     if choice == "auto":
-        raise BadRequest("tool_choice 'auto' needs a chat template with tool support, and this base's template "
-                         "has none; use 'required' or name a function", param="tool_choice")
-    raise BadRequest("tool_choice must be 'none', 'auto', 'required' or {\"type\": \"function\", \"function\": "
-                     "{\"name\": ...}}", param="tool_choice")
+        raise BadRequest(
+            "tool_choice 'auto' needs a chat template with tool support, and this base's template "
+            "has none; use 'required' or name a function",
+            param="tool_choice",
+        )
+    raise BadRequest(
+        'tool_choice must be \'none\', \'auto\', \'required\' or {"type": "function", "function": {"name": ...}}',
+        param="tool_choice",
+    )
 
 
 def tool_calls(plan: ToolPlan, text: str) -> list[ToolCall] | None:
@@ -143,9 +170,15 @@ def tool_calls(plan: ToolPlan, text: str) -> list[ToolCall] | None:
     except ValueError:
         return None
     calls = [(plan.named, value)] if plan.named else [(call["name"], call["arguments"]) for call in value]
-    return [ToolCall(index=i, id=f"call_{uuid.uuid4().hex[:24]}", type="function",
-                     function=FunctionCall(name=name, arguments=json.dumps(arguments, ensure_ascii=False)))
-            for i, (name, arguments) in enumerate(calls)]
+    return [
+        ToolCall(
+            index=i,
+            id=f"call_{uuid.uuid4().hex[:24]}",
+            type="function",
+            function=FunctionCall(name=name, arguments=json.dumps(arguments, ensure_ascii=False)),
+        )
+        for i, (name, arguments) in enumerate(calls)
+    ]
 
 
 def as_tool_reply(plan: ToolPlan, completion: ChatCompletion) -> ChatCompletion:

@@ -54,30 +54,39 @@ def _stage(files: list[tuple[str, UploadFile]], directory: Path, limit: int) -> 
             while chunk := upload.file.read(_CHUNK):
                 total += len(chunk)
                 if total > limit:
-                    raise UploadRejected(f"the adapter is over the {limit}-byte cap", status=413,
-                                         code="adapter_too_large")
+                    raise UploadRejected(
+                        f"the adapter is over the {limit}-byte cap", status=413, code="adapter_too_large"
+                    )
                 out.write(chunk)
 
 
 def _validate(state: ServerState, staging: Path):
-    validated = validate_adapter_dir(staging, state.base_info, max_rank=state.config.max_rank,
-                                     max_bytes=state.config.max_upload_bytes)
+    validated = validate_adapter_dir(
+        staging, state.base_info, max_rank=state.config.max_rank, max_bytes=state.config.max_upload_bytes
+    )
     check_template(validated.provenance, state.base_info, False)
     return validated
 
 
 @router.post("/internal/fine_tuning/jobs/{job_id}/adapter")
-async def publish_job_adapter(job_id: str, request: Request, caller: tuple[str, str] = Depends(service_caller),
-                              state: ServerState = Depends(get_state), jobs: Jobs = Depends(get_jobs)):
+async def publish_job_adapter(
+    job_id: str,
+    request: Request,
+    caller: tuple[str, str] = Depends(service_caller),
+    state: ServerState = Depends(get_state),
+    jobs: Jobs = Depends(get_jobs),
+):
     tenant, worker = caller
     job = await run_in_threadpool(jobs.queue.get, tenant, job_id)
     if job is None or job.status != "running" or job.worker != worker:
-        raise Conflict("this job is not running under that worker (cancelled, finished or reassigned)",
-                       code="job_not_held")
+        raise Conflict(
+            "this job is not running under that worker (cancelled, finished or reassigned)", code="job_not_held"
+        )
     declared = request.headers.get("content-length", "")
     if not declared.isdigit() or int(declared) > state.config.max_upload_bytes + _CHUNK:
-        raise UploadRejected("send the adapter with a Content-Length within the upload cap", status=413,
-                             code="adapter_too_large")
+        raise UploadRejected(
+            "send the adapter with a Content-Length within the upload cap", status=413, code="adapter_too_large"
+        )
     staging = Path(tempfile.mkdtemp(prefix="loraswap-job-"))
     form = await request.form(max_files=8, max_fields=4)
     try:
@@ -95,11 +104,19 @@ async def publish_job_adapter(job_id: str, request: Request, caller: tuple[str, 
     trained = form.get("trained_tokens")
     trained_tokens = int(trained) if isinstance(trained, str) and trained.isdigit() else None
     done = await run_in_threadpool(
-        lambda: jobs.queue.finish(job_id, worker, "succeeded", fine_tuned_model=name, trained_tokens=trained_tokens,
-                                  message=f"New fine-tuned model created: {name}. The job has successfully completed"))
+        lambda: jobs.queue.finish(
+            job_id,
+            worker,
+            "succeeded",
+            fine_tuned_model=name,
+            trained_tokens=trained_tokens,
+            message=f"New fine-tuned model created: {name}. The job has successfully completed",
+        )
+    )
     if not done:
         if created:
             await run_in_threadpool(state.store.delete, tenant, name)
-        raise Conflict("the job was cancelled or reassigned while its adapter was published; withdrawn",
-                       code="job_not_held")
+        raise Conflict(
+            "the job was cancelled or reassigned while its adapter was published; withdrawn", code="job_not_held"
+        )
     return {"fine_tuned_model": name, "adapter_id": record.id, "version": record.version}

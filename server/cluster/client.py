@@ -130,8 +130,9 @@ class ReplicaEngineClient:
             self._used[tenant].add(adapter.id)
         return self._stream(request_id, prompt_ids, adapter, sampling, tenant)
 
-    async def _stream(self, request_id: str, prompt_ids: list[int], adapter: AdapterRef | None,
-                      sampling: SamplingParams, tenant: str) -> AsyncIterator[TokenEvent]:
+    async def _stream(
+        self, request_id: str, prompt_ids: list[int], adapter: AdapterRef | None, sampling: SamplingParams, tenant: str
+    ) -> AsyncIterator[TokenEvent]:
         holder = current_replica.get()
         sent, attempt = 0, 0
         options = {"stream": True, "multiplexed_model_id": adapter.id if adapter is not None else ""}
@@ -204,8 +205,11 @@ class ReplicaEngineClient:
         """Only adapters `tenant` ran or pinned through this ingress; `pinned` is its own pin."""
         everything = self.stats().residency()
         mine = self._used.get(tenant, set())
-        return {aid: AdapterResidency(where.tier, where.folded, tenant in self._pins.get(aid, ()))
-                for aid, where in everything.items() if aid in mine}
+        return {
+            aid: AdapterResidency(where.tier, where.folded, tenant in self._pins.get(aid, ()))
+            for aid, where in everything.items()
+            if aid in mine
+        }
 
     def close(self) -> None:
         pass

@@ -72,8 +72,17 @@ class Ingress:
         return app
 
 
-def build_application(config, base_dir: Path, replicas: int, store_actor, *, ingress_config=None,
-                      replica_cpus: float = 1.0, replica_gpus: float = 0.0, ingress_cpus: float = 0.5):
+def build_application(
+    config,
+    base_dir: Path,
+    replicas: int,
+    store_actor,
+    *,
+    ingress_config=None,
+    replica_cpus: float = 1.0,
+    replica_gpus: float = 0.0,
+    ingress_cpus: float = 0.5,
+):
     """The bound Serve application.
 
     Args:
@@ -84,11 +93,14 @@ def build_application(config, base_dir: Path, replicas: int, store_actor, *, ing
         ingress_config: the ingress's settings when they differ (its admission covers all replicas).
     """
     engine = serve.deployment(
-        name="EngineReplica", num_replicas=replicas,
+        name="EngineReplica",
+        num_replicas=replicas,
         # max_ongoing_requests: what one engine's batch plus its queue can hold; Serve queues the rest.
         max_ongoing_requests=config.max_num_seqs + config.max_queue,
         ray_actor_options={"num_cpus": replica_cpus, "num_gpus": replica_gpus},
-        health_check_period_s=2, health_check_timeout_s=30, graceful_shutdown_timeout_s=5,
+        health_check_period_s=2,
+        health_check_timeout_s=30,
+        graceful_shutdown_timeout_s=5,
     )(EngineReplica).bind(config, str(base_dir), store_actor)
     ingress = serve.deployment(name="Ingress", num_replicas=1, ray_actor_options={"num_cpus": ingress_cpus})(Ingress)
     return ingress.bind(ingress_config or config, str(base_dir), engine, store_actor)
@@ -114,9 +126,17 @@ def app_builder(args: dict):
     config = ServerSettings(**args)  # the keys, then LORASWAP_* in the builder's environment
     # A node that offers the custom resource `loraswap_store` (the one with the store's volume) hosts it.
     pinned = {"resources": {"loraswap_store": 1}} if ray.cluster_resources().get("loraswap_store") else {}
-    store = ray.remote(StoreService).options(name=STORE_ACTOR, get_if_exists=True, lifetime="detached",
-                                             max_restarts=-1, num_cpus=0, **pinned).remote(
-                                                 root, config.limits.store_quotas())
+    store = (
+        ray.remote(StoreService)
+        .options(name=STORE_ACTOR, get_if_exists=True, lifetime="detached", max_restarts=-1, num_cpus=0, **pinned)
+        .remote(root, config.limits.store_quotas())
+    )
     gpus = 1.0 if config.device != "cpu" and ray.cluster_resources().get("GPU", 0) >= replicas else 0.0
-    return build_application(config, resolve_base(config.base), replicas, store,
-                             ingress_config=ingress_config(config, replicas), replica_gpus=gpus)
+    return build_application(
+        config,
+        resolve_base(config.base),
+        replicas,
+        store,
+        ingress_config=ingress_config(config, replicas),
+        replica_gpus=gpus,
+    )

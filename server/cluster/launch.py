@@ -32,14 +32,29 @@ def start_store(root: Path, quotas: dict | None = None):
     from server.cluster.store import StoreService
 
     here = ray.get_runtime_context().get_node_id()
-    return ray.remote(StoreService).options(
-        name=STORE_ACTOR, max_restarts=-1, max_task_retries=0, num_cpus=0,
-        scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
-    ).remote(str(root), quotas)
+    return (
+        ray.remote(StoreService)
+        .options(
+            name=STORE_ACTOR,
+            max_restarts=-1,
+            max_task_retries=0,
+            num_cpus=0,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
+        )
+        .remote(str(root), quotas)
+    )
 
 
-def deploy(config, base_dir: Path, replicas: int, store_root: Path, *, replica_cpus: float = 1.0,
-           replica_gpus: float | None = None, ingress_cpus: float = 0.5):
+def deploy(
+    config,
+    base_dir: Path,
+    replicas: int,
+    store_root: Path,
+    *,
+    replica_cpus: float = 1.0,
+    replica_gpus: float | None = None,
+    ingress_cpus: float = 0.5,
+):
     """Deploy on the connected Ray cluster; returns the store actor. `serve.start` must have run."""
     import ray
     from ray import serve
@@ -54,8 +69,16 @@ def deploy(config, base_dir: Path, replicas: int, store_root: Path, *, replica_c
         gpus = ray.cluster_resources().get("GPU", 0)
         replica_gpus = 1.0 if config.device != "cpu" and gpus >= replicas else 0.0
     store = start_store(store_root, config.limits.store_quotas())
-    app = build_application(config, base_dir, replicas, store, ingress_config=ingress_config(config, replicas),
-                            replica_cpus=replica_cpus, replica_gpus=replica_gpus, ingress_cpus=ingress_cpus)
+    app = build_application(
+        config,
+        base_dir,
+        replicas,
+        store,
+        ingress_config=ingress_config(config, replicas),
+        replica_cpus=replica_cpus,
+        replica_gpus=replica_gpus,
+        ingress_cpus=ingress_cpus,
+    )
     serve.run(app, name=APP_NAME, route_prefix="/")
     return store
 

@@ -52,8 +52,7 @@ class EngineReplica:
         path = await asyncio.to_thread(self.store.materialize, content_id)
         return AdapterRef(id=content_id, path=path)
 
-    async def generate(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams,
-                       tenant: str = "default"):
+    async def generate(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams, tenant: str = "default"):
         await self._ensure_started()
         content_id = serve.get_multiplexed_model_id()
         adapter = await self.get_adapter(content_id) if content_id else None

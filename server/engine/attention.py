@@ -37,8 +37,9 @@ class AttnStep:
     prefill: AttnGroup | None
 
 
-def _block_index(block_tables: list[list[int]], lengths: list[int], block_size: int,
-                 device) -> tuple[torch.Tensor, int]:
+def _block_index(
+    block_tables: list[list[int]], lengths: list[int], block_size: int, device
+) -> tuple[torch.Tensor, int]:
     """(num_seqs, max_blocks) padded block tables covering each sequence's first `length` tokens,
     and the padded key length max_blocks * block_size. Keys are gathered whole blocks at a time
     (far fewer, larger copies than per-token rows); masks hide the positions past each length.
@@ -49,8 +50,7 @@ def _block_index(block_tables: list[list[int]], lengths: list[int], block_size: 
     return torch.tensor(table, dtype=torch.long, device=device), max_blocks * block_size
 
 
-def build_attn_step(entries: list[tuple[list[int], int, int]], block_size: int, num_decodes: int,
-                    device) -> AttnStep:
+def build_attn_step(entries: list[tuple[list[int], int, int]], block_size: int, num_decodes: int, device) -> AttnStep:
     """Args:
     entries: per sequence (block_table, start position, number of new tokens), decodes first.
     num_decodes: how many leading entries have exactly one new token.
@@ -67,8 +67,9 @@ def build_attn_step(entries: list[tuple[list[int], int, int]], block_size: int, 
         kv, max_kv = _block_index([t for t, _, _ in dec], lengths, block_size, device)
         mask = None
         if min(lengths) != max_kv or max(lengths) != max_kv:
-            mask = (torch.arange(max_kv, device=device)[None, :] <
-                    torch.tensor(lengths, device=device)[:, None])[:, None, None, :]  # (B, 1, 1, L)
+            mask = (torch.arange(max_kv, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None])[
+                :, None, None, :
+            ]  # (B, 1, 1, L)
         decode = AttnGroup(0, num_decodes, kv, mask, None, None, num_decodes, 1, block_size)
     if len(entries) > num_decodes:
         prefill = _prefill_group(entries[num_decodes:], num_decodes, block_size, device)
@@ -101,12 +102,12 @@ def _prefill_group(pre, row_start: int, block_size: int, device) -> AttnGroup:
             offset += n
         q_index = torch.tensor(rows, dtype=torch.long, device=device)
         out_index = torch.tensor(outs, dtype=torch.long, device=device)
-    return AttnGroup(row_start, row_end, kv, mask[:, None].to(device), q_index, out_index, len(pre), max_q,
-                     block_size)
+    return AttnGroup(row_start, row_end, kv, mask[:, None].to(device), q_index, out_index, len(pre), max_q, block_size)
 
 
-def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                    v_cache: torch.Tensor, step: AttnStep) -> torch.Tensor:
+def paged_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, step: AttnStep
+) -> torch.Tensor:
     """Store this step's K/V, then attend. q (T, H, D), k/v (T, KV, D) -> (T, H, D)."""
     k_cache.index_copy_(0, step.slot_mapping, k)
     v_cache.index_copy_(0, step.slot_mapping, v)
@@ -115,8 +116,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     if step.decode is None:
         return _attend(q, k_cache, v_cache, step.prefill)
     d = step.decode.row_end
-    return torch.cat([_attend(q[:d], k_cache, v_cache, step.decode),
-                      _attend(q[d:], k_cache, v_cache, step.prefill)])
+    return torch.cat([_attend(q[:d], k_cache, v_cache, step.decode), _attend(q[d:], k_cache, v_cache, step.prefill)])
 
 
 def _attend(q: torch.Tensor, k_cache, v_cache, g: AttnGroup) -> torch.Tensor:
@@ -131,8 +131,9 @@ def _attend(q: torch.Tensor, k_cache, v_cache, g: AttnGroup) -> torch.Tensor:
         return out.squeeze(2)
     if g.q_index is None:  # one sequence
         qb = q.transpose(0, 1).unsqueeze(0)  # (1, H, Q, D)
-        out = F.scaled_dot_product_attention(qb, keys, values, attn_mask=g.mask,
-                                             is_causal=g.mask is None, enable_gqa=True)
+        out = F.scaled_dot_product_attention(
+            qb, keys, values, attn_mask=g.mask, is_causal=g.mask is None, enable_gqa=True
+        )
         return out[0].transpose(0, 1)  # (Q, H, D)
     rel = g.q_index - g.row_start
     qb = q[rel].view(g.num_seqs, g.max_q, *q.shape[1:]).transpose(1, 2)  # (B, H, Q, D)

@@ -76,8 +76,15 @@ class EngineConfig:
             raise ValueError(f"device must be one of {DEVICE_CHOICES}, got {self.device!r}")
         if self.fold not in FOLD_CHOICES:
             raise ValueError(f"fold must be one of {FOLD_CHOICES}, got {self.fold!r}")
-        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
-                     "max_rank", "fold_window", "loader_threads"):
+        for name in (
+            "max_model_len",
+            "max_num_seqs",
+            "max_num_batched_tokens",
+            "block_size",
+            "max_rank",
+            "fold_window",
+            "loader_threads",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.adapter_load_timeout_s > 0:

@@ -25,8 +25,13 @@ from server.engine.containment import run_isolated
 from server.engine.detokenizer import IncrementalText
 from server.engine.errors import AdapterLoadError, DuplicateRequest, PromptTooLong
 from server.engine.fold import FoldManager, fold_dtype
-from server.engine.loader import (allocate_kv_cache, kv_bytes_per_block, load_model, read_generation_eos,
-                                  resolve_device_dtype)
+from server.engine.loader import (
+    allocate_kv_cache,
+    kv_bytes_per_block,
+    load_model,
+    read_generation_eos,
+    resolve_device_dtype,
+)
 from server.engine.runner import ModelRunner
 from server.engine.sampler import Sampler
 from server.engine.scheduler import Scheduler, StepOutput
@@ -52,25 +57,39 @@ class EngineCore:
         self.device, self.dtype = resolve_device_dtype(config.device, config.dtype)
         self.tokenizer = AutoTokenizer.from_pretrained(str(base))
         self.eos_ids = read_generation_eos(base)
-        self.model = load_model(base, config.quant, self.dtype, self.device, config.max_loras,
-                                config.max_rank)
+        self.model = load_model(base, config.quant, self.dtype, self.device, config.max_loras, config.max_rank)
         self.max_model_len = min(config.max_model_len, self.model.spec.max_position_embeddings)
         num_blocks = config.num_kv_blocks or max(
-            1, config.kv_cache_bytes // kv_bytes_per_block(self.model, config.block_size))
+            1, config.kv_cache_bytes // kv_bytes_per_block(self.model, config.block_size)
+        )
         allocate_kv_cache(self.model, num_blocks, config.block_size)
         layers = self.model.lora_layers()
-        self.fold = FoldManager(layers, config.fold, config.fold_window, config.fold_budget,
-                                fold_dtype(config.quant, self.device, self.dtype))
-        self.slots = AdapterSlots(self.model.lora_targets(), config.max_loras, config.max_cpu_loras, config.max_rank,
-                                  self.dtype, on_slot_change=self.fold.on_slot_change,
-                                  max_cpu_bytes=config.max_cpu_lora_bytes, loader_threads=config.loader_threads,
-                                  load_timeout_s=config.adapter_load_timeout_s)
+        self.fold = FoldManager(
+            layers,
+            config.fold,
+            config.fold_window,
+            config.fold_budget,
+            fold_dtype(config.quant, self.device, self.dtype),
+        )
+        self.slots = AdapterSlots(
+            self.model.lora_targets(),
+            config.max_loras,
+            config.max_cpu_loras,
+            config.max_rank,
+            self.dtype,
+            on_slot_change=self.fold.on_slot_change,
+            max_cpu_bytes=config.max_cpu_lora_bytes,
+            loader_threads=config.loader_threads,
+            load_timeout_s=config.adapter_load_timeout_s,
+        )
         self.blocks = BlockManager(num_blocks, config.block_size)
-        self.scheduler = Scheduler(self.blocks, self.slots, config.max_num_seqs, config.max_num_batched_tokens,
-                                   max_loras=config.max_loras)
+        self.scheduler = Scheduler(
+            self.blocks, self.slots, config.max_num_seqs, config.max_num_batched_tokens, max_loras=config.max_loras
+        )
         self.tenants = TenantState()
-        self.runner = ModelRunner(self.model, config.block_size, self.max_model_len, self.device, self.dtype,
-                                  Sampler(), self.slots.table)
+        self.runner = ModelRunner(
+            self.model, config.block_size, self.max_model_len, self.device, self.dtype, Sampler(), self.slots.table
+        )
         self._inbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self._sinks: dict[str, Sink] = {}
         self._live: set[str] = set()
@@ -123,8 +142,13 @@ class EngineCore:
             running=len(sched.running),
             adapters=slots.residency(),
             slots={s: slots.owner[s] for s in range(1, slots.num_slots + 1)},
-            fold=FoldView(folded=fold.folded_id, pinned=tuple(sorted(fold.pinned)), bytes=fold.folded_bytes,
-                          folds=fold.stats.folds, unfolds=fold.stats.unfolds),
+            fold=FoldView(
+                folded=fold.folded_id,
+                pinned=tuple(sorted(fold.pinned)),
+                bytes=fold.folded_bytes,
+                folds=fold.stats.folds,
+                unfolds=fold.stats.unfolds,
+            ),
             slot_loads=slots.stats.loads,
             slot_evictions=slots.stats.evictions,
             disk_loads=slots.stats.disk_loads,
@@ -142,9 +166,13 @@ class EngineCore:
         self.slots.shutdown()
 
     # -- synchronous use ----------------------------------------------------------------------
-    def generate(self, prompts: list[list[int]], adapters: list[AdapterRef | None] | None = None,
-                 sampling: SamplingParams | list[SamplingParams] | None = None,
-                 tenants: list[str] | None = None) -> list[list[int]]:
+    def generate(
+        self,
+        prompts: list[list[int]],
+        adapters: list[AdapterRef | None] | None = None,
+        sampling: SamplingParams | list[SamplingParams] | None = None,
+        tenants: list[str] | None = None,
+    ) -> list[list[int]]:
         """Run prompts to completion through the loop; returns each completion's token ids."""
         adapters = adapters if adapters is not None else [None] * len(prompts)
         tenants = tenants if tenants is not None else ["default"] * len(prompts)
@@ -164,6 +192,7 @@ class EngineCore:
                         remaining[0] -= 1
                         if remaining[0] == 0:
                             done.set()
+
             return put
 
         if not prompts:
@@ -181,8 +210,15 @@ class EngineCore:
             self.run_until(done.is_set)
 
     # -- the loop ---------------------------------------------------------------------------
-    def _submit(self, request_id: str, prompt_ids: list[int], adapter: AdapterRef | None,
-                sampling: SamplingParams, sink: Sink, tenant: str = "default") -> None:
+    def _submit(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        adapter: AdapterRef | None,
+        sampling: SamplingParams,
+        sink: Sink,
+        tenant: str = "default",
+    ) -> None:
         """Check a request and queue it (raises PromptTooLong / AdapterLoadError / DuplicateRequest)."""
         prompt_ids = [int(t) for t in prompt_ids]
         if not prompt_ids:
@@ -197,9 +233,16 @@ class EngineCore:
             if request_id in self._live:
                 raise DuplicateRequest(f"request id {request_id!r} is already running")
             self._live.add(request_id)
-        seq = Sequence(request_id, prompt_ids, sampling, adapter=adapter, eos_ids=self.eos_ids,
-                       max_model_len=self.max_model_len,
-                       text=IncrementalText(self.tokenizer, prompt_ids, sampling.stop), tenant=tenant)
+        seq = Sequence(
+            request_id,
+            prompt_ids,
+            sampling,
+            adapter=adapter,
+            eos_ids=self.eos_ids,
+            max_model_len=self.max_model_len,
+            text=IncrementalText(self.tokenizer, prompt_ids, sampling.stop),
+            tenant=tenant,
+        )
         self.send(AddRequest(seq, sink))
 
     def run_until(self, finished: Callable[[], bool]) -> None:
@@ -268,8 +311,17 @@ class EngineCore:
     def _abort(self, request_id: str) -> None:
         seq = self.scheduler.abort(request_id)
         if seq is not None:
-            self._send(seq, TokenEvent(request_id, None, "", "abort", prompt_tokens=seq.num_prompt_tokens,
-                                       completion_tokens=len(seq.output_ids)))
+            self._send(
+                seq,
+                TokenEvent(
+                    request_id,
+                    None,
+                    "",
+                    "abort",
+                    prompt_tokens=seq.num_prompt_tokens,
+                    completion_tokens=len(seq.output_ids),
+                ),
+            )
 
     def step(self) -> None:
         """One engine iteration: residency, schedule, fold, run, postprocess, emit."""
@@ -299,10 +351,20 @@ class EngineCore:
     def _fail_all(self, error: str) -> None:
         for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
             self.scheduler.finish(seq, "abort")
-            self._send(seq, TokenEvent(seq.request_id, None, "", "abort", error=error,
-                                       error_code="engine_error", error_status=500,
-                                       prompt_tokens=seq.num_prompt_tokens,
-                                       completion_tokens=len(seq.output_ids)))
+            self._send(
+                seq,
+                TokenEvent(
+                    seq.request_id,
+                    None,
+                    "",
+                    "abort",
+                    error=error,
+                    error_code="engine_error",
+                    error_status=500,
+                    prompt_tokens=seq.num_prompt_tokens,
+                    completion_tokens=len(seq.output_ids),
+                ),
+            )
 
     def _fail_unloadable(self) -> None:
         failed = self.slots.take_failed()
@@ -312,16 +374,38 @@ class EngineCore:
             error = failed.get(seq.adapter_id) if seq.adapter_id is not None else None
             if error is not None:
                 self.scheduler.finish(seq, "abort")
-                self._send(seq, TokenEvent(seq.request_id, None, "", "abort", error=error,
-                                           error_code=LOAD_FAILED, error_status=503,
-                                           prompt_tokens=seq.num_prompt_tokens))
+                self._send(
+                    seq,
+                    TokenEvent(
+                        seq.request_id,
+                        None,
+                        "",
+                        "abort",
+                        error=error,
+                        error_code=LOAD_FAILED,
+                        error_status=503,
+                        prompt_tokens=seq.num_prompt_tokens,
+                    ),
+                )
 
     def _emit(self, out: StepOutput) -> None:
         seq = out.seq
-        self._send(seq, TokenEvent(seq.request_id, out.token_id, out.text, out.finish_reason,
-                                   logprob=out.logprob, top_logprobs=out.top_logprobs,
-                                   prompt_tokens=seq.num_prompt_tokens, completion_tokens=len(seq.output_ids),
-                                   error=out.error, error_code=out.error_code, error_status=out.error_status))
+        self._send(
+            seq,
+            TokenEvent(
+                seq.request_id,
+                out.token_id,
+                out.text,
+                out.finish_reason,
+                logprob=out.logprob,
+                top_logprobs=out.top_logprobs,
+                prompt_tokens=seq.num_prompt_tokens,
+                completion_tokens=len(seq.output_ids),
+                error=out.error,
+                error_code=out.error_code,
+                error_status=out.error_status,
+            ),
+        )
 
     def _send(self, seq: Sequence, event: TokenEvent) -> None:
         sink = self._sinks.get(seq.request_id)

@@ -29,31 +29,31 @@ class IncrementalText:
     def append(self, token_id: int) -> tuple[str, bool]:
         self.ids.append(token_id)
         before = len(self.text)
-        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
-        full = self._decode(self.ids[self.prefix_offset:])
+        prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        full = self._decode(self.ids[self.prefix_offset :])
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
-            self.text += full[len(prefix):]
+            self.text += full[len(prefix) :]
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
         if self.stop:
             start = max(0, before - self.hold)
             hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
             if hits:
-                self.text = self.text[:min(hits)]
+                self.text = self.text[: min(hits)]
                 self.read_offset = len(self.ids)  # nothing after the stop string is ever emitted
                 return self.flush(), True
         safe = len(self.text) - self.hold
         if safe <= self.emitted:
             return "", False
-        out = self.text[self.emitted:safe]
+        out = self.text[self.emitted : safe]
         self.emitted = safe
         return out, False
 
     def flush(self) -> str:
         """Everything not yet returned, including bytes that never completed a character."""
         if self.read_offset < len(self.ids):
-            prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
-            self.text += self._decode(self.ids[self.prefix_offset:])[len(prefix):]
+            prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
+            self.text += self._decode(self.ids[self.prefix_offset :])[len(prefix) :]
             self.prefix_offset = self.read_offset = len(self.ids)
-        out = self.text[self.emitted:]
+        out = self.text[self.emitted :]
         self.emitted = len(self.text)
         return out

@@ -30,8 +30,14 @@ class Engine(EngineCore):
         self._thread: threading.Thread | None = None
         self._stopping = False
 
-    def add_request(self, request_id: str, prompt_ids: list[int], adapter: AdapterRef | None,
-                    sampling: SamplingParams, tenant: str = "default") -> AsyncIterator[TokenEvent]:
+    def add_request(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        adapter: AdapterRef | None,
+        sampling: SamplingParams,
+        tenant: str = "default",
+    ) -> AsyncIterator[TokenEvent]:
         """Queue a request; returns its stream of events (call from inside the event loop).
 
         Raises PromptTooLong / DuplicateRequest / EngineStopped at once. Closing the iterator
@@ -42,8 +48,14 @@ class Engine(EngineCore):
             raise EngineStopped("the engine loop is not running; await engine.start() first")
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[TokenEvent] = asyncio.Queue()
-        self._submit(request_id, prompt_ids, adapter, sampling,
-                     lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev), tenant)
+        self._submit(
+            request_id,
+            prompt_ids,
+            adapter,
+            sampling,
+            lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
+            tenant,
+        )
         return self._stream(request_id, events)
 
     async def _stream(self, request_id: str, events: asyncio.Queue[TokenEvent]) -> AsyncIterator[TokenEvent]:

@@ -37,8 +37,14 @@ def fold_dtype(quant: str, device: torch.device, compute_dtype: torch.dtype) -> 
 
 
 class FoldManager:
-    def __init__(self, layers: dict[str, MultiLoraLinear], mode: str, window: int, budget: int,
-                 dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        layers: dict[str, MultiLoraLinear],
+        mode: str,
+        window: int,
+        budget: int,
+        dtype: torch.dtype = torch.float32,
+    ):
         self.layers = layers
         self.dtype = dtype
         self.mode, self.window, self.budget = mode, window, budget
@@ -65,7 +71,8 @@ class FoldManager:
         if self.folded_id == sole and self.folded_slot == slot:
             return slot
         wanted = self.mode != "off" and (
-            sole in self.pinned or (self.mode == "auto" and self._streak[1] >= self.window))
+            sole in self.pinned or (self.mode == "auto" and self._streak[1] >= self.window)
+        )
         if not wanted:
             return None
         self.unfold()
@@ -73,8 +80,7 @@ class FoldManager:
 
     def fold(self, adapter_id: str, slot: int) -> bool:
         itemsize = torch.empty((), dtype=self.dtype).element_size()
-        needed = sum(l.out_features * l.in_features * itemsize
-                     for l in self.layers.values() if l.slot_rank[slot])
+        needed = sum(l.out_features * l.in_features * itemsize for l in self.layers.values() if l.slot_rank[slot])
         if needed > self.budget:
             self.stats.over_budget += 1
             return False

@@ -61,8 +61,9 @@ def _make_base_linear(weight: torch.Tensor, bias: torch.Tensor | None, quant: st
     return layer.eval()
 
 
-def load_model(model_dir: Path, quant: str, dtype: torch.dtype, device: torch.device, num_slots: int,
-               max_rank: int) -> CausalLM:
+def load_model(
+    model_dir: Path, quant: str, dtype: torch.dtype, device: torch.device, num_slots: int, max_rank: int
+) -> CausalLM:
     """Args:
     model_dir: Hugging Face directory with config.json and *.safetensors.
     quant: "nf4" or "none".
@@ -84,8 +85,11 @@ def load_model(model_dir: Path, quant: str, dtype: torch.dtype, device: torch.de
         if name not in tensors:
             raise UnsupportedModel(f"checkpoint has no tensor {name!r}")
         owner, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(owner), attr,
-                nn.Parameter(tensors.pop(name).to(device=device, dtype=dtype), requires_grad=False))
+        setattr(
+            model.get_submodule(owner),
+            attr,
+            nn.Parameter(tensors.pop(name).to(device=device, dtype=dtype), requires_grad=False),
+        )
     for path, layer in model.lora_layers().items():
         parent = path.rpartition(".")[0]
         names = [f"{parent}.{part}" for part in layer.parts]

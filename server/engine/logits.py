@@ -67,8 +67,14 @@ def parse_logit_bias(raw: dict | None, vocab_size: int) -> tuple[tuple[int, floa
 
 def _active(seq) -> bool:
     s = seq.sampling
-    return bool(s.presence_penalty or s.frequency_penalty or s.repetition_penalty != 1.0 or s.min_p
-                or s.logit_bias or s.grammar is not None)
+    return bool(
+        s.presence_penalty
+        or s.frequency_penalty
+        or s.repetition_penalty != 1.0
+        or s.min_p
+        or s.logit_bias
+        or s.grammar is not None
+    )
 
 
 def process(logits: torch.Tensor, seqs: list) -> torch.Tensor:

@@ -43,8 +43,9 @@ class LoraStep:
         return self._part_gathers[parts]
 
 
-def build_lora_step(token_slots: list[int], version: int, device, dtype,
-                    fold_slot: int | None = None) -> LoraStep | None:
+def build_lora_step(
+    token_slots: list[int], version: int, device, dtype, fold_slot: int | None = None
+) -> LoraStep | None:
     """Args:
     token_slots: the slot of every token of the step, in row order.
     version: `SlotTable.version`; bumps whenever any slot's contents change (invalidates layer caches).
@@ -55,8 +56,7 @@ def build_lora_step(token_slots: list[int], version: int, device, dtype,
         return None
     if len(active) == 1 and 0 not in token_slots:
         mode = "fold" if fold_slot == active[0] else "single"
-        return LoraStep(mode, slot=active[0], active=torch.tensor(active, device=device),
-                        key=(tuple(active), version))
+        return LoraStep(mode, slot=active[0], active=torch.tensor(active, device=device), key=(tuple(active), version))
     rows: dict[int, list[int]] = {s: [] for s in active}
     for i, s in enumerate(token_slots):
         if s:
@@ -95,8 +95,16 @@ class MultiLoraLinear(nn.Module):
     row when in_features is a multiple of 64.)
     """
 
-    def __init__(self, base: nn.Module, in_features: int, parts: list[tuple[str, int]], num_slots: int,
-                 max_rank: int, dtype: torch.dtype, device):
+    def __init__(
+        self,
+        base: nn.Module,
+        in_features: int,
+        parts: list[tuple[str, int]],
+        num_slots: int,
+        max_rank: int,
+        dtype: torch.dtype,
+        device,
+    ):
         super().__init__()
         sizes = {size for _, size in parts}
         if len(sizes) != 1:
@@ -221,13 +229,17 @@ class MultiLoraLinear(nn.Module):
             if rank == 0:
                 self._cache = (None, None)
             elif rank == self.allocated_rank and active == tuple(range(first, first + S)):
-                self._cache = (self.A[first:first + S].view(S, P * rank, self.in_features).transpose(1, 2),
-                               self.Bt[first:first + S].view(S * P, rank, self.part_out))  # views
+                self._cache = (
+                    self.A[first : first + S].view(S, P * rank, self.in_features).transpose(1, 2),
+                    self.Bt[first : first + S].view(S * P, rank, self.part_out),
+                )  # views
             else:
                 A = self.A[:, :, :rank].index_select(0, lora.active)  # (S, P, r, in)
                 Bt = self.Bt[:, :, :rank].index_select(0, lora.active)  # (S, P, r, out_p)
-                self._cache = (A.reshape(S, P * rank, self.in_features).transpose(1, 2),
-                               Bt.reshape(S * P, rank, self.part_out))
+                self._cache = (
+                    A.reshape(S, P * rank, self.in_features).transpose(1, 2),
+                    Bt.reshape(S * P, rank, self.part_out),
+                )
             self._cache_key = lora.key
         return self._cache
 

@@ -20,8 +20,16 @@ from server.engine.slots import SlotTable
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, block_size: int, max_model_len: int, device: torch.device,
-                 dtype: torch.dtype, sampler: Sampler, slot_table: SlotTable):
+    def __init__(
+        self,
+        model: CausalLM,
+        block_size: int,
+        max_model_len: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        sampler: Sampler,
+        slot_table: SlotTable,
+    ):
         self.model = model
         self.block_size = block_size
         self.device, self.dtype = device, dtype
@@ -49,18 +57,18 @@ class ModelRunner:
         ctx = StepContext(
             cos=self.cos[pos].unsqueeze(1),  # (T, 1, D)
             sin=self.sin[pos].unsqueeze(1),
-            attn=build_attn_step([(e.seq.block_table, e.start, e.num_new) for e in entries],
-                                 self.block_size, num_decodes, self.device),
-            lora=build_lora_step(token_slots, self.slot_table.version, self.device, self.dtype,
-                                 fold_slot),
+            attn=build_attn_step(
+                [(e.seq.block_table, e.start, e.num_new) for e in entries], self.block_size, num_decodes, self.device
+            ),
+            lora=build_lora_step(token_slots, self.slot_table.version, self.device, self.dtype, fold_slot),
         )
         if not logit_rows:
-            self.model(torch.tensor(ids, device=self.device), ctx,
-                       torch.tensor([0], device=self.device))  # fills the KV cache only
+            self.model(
+                torch.tensor(ids, device=self.device), ctx, torch.tensor([0], device=self.device)
+            )  # fills the KV cache only
             return [None] * len(entries)
         self.sampler.prefetch([e.seq for e in entries if e.samples])  # grammar masks overlap the forward
-        logits = self.model(torch.tensor(ids, device=self.device), ctx,
-                            torch.tensor(logit_rows, device=self.device))
+        logits = self.model(torch.tensor(ids, device=self.device), ctx, torch.tensor(logit_rows, device=self.device))
         sampled = self.sampler.sample(logits, [e.seq for e in entries if e.samples])
         it = iter(sampled)
         out: list[SampledToken | None] = [None] * len(entries)

@@ -24,8 +24,7 @@ from server.engine.sequence import Sequence
 
 logger = logging.getLogger(__name__)
 
-NON_FINITE = ("non_finite_output", 422,
-              "the model produced non-finite values for this request (its adapter or prompt)")
+NON_FINITE = ("non_finite_output", 422, "the model produced non-finite values for this request (its adapter or prompt)")
 ENGINE_ERROR = ("engine_error", 500, "internal engine error")
 
 

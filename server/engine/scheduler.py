@@ -74,8 +74,14 @@ class StepOutput:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, gate: AdapterGate, max_num_seqs: int,
-                 max_num_batched_tokens: int, max_loras: int | None = None):
+    def __init__(
+        self,
+        blocks: BlockManager,
+        gate: AdapterGate,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_loras: int | None = None,
+    ):
         """Args:
         max_loras: device slots shared by the tenants; None turns the per-tenant slot share off.
         """
@@ -188,8 +194,17 @@ class Scheduler:
                 continue
             if getattr(sample, "error_code", None) is not None:
                 # this sequence alone failed (non-finite logits, a failed run): end it, keep the rest
-                outputs.append(StepOutput(seq, None, "", "abort", error=sample.error,
-                                          error_code=sample.error_code, error_status=sample.error_status))
+                outputs.append(
+                    StepOutput(
+                        seq,
+                        None,
+                        "",
+                        "abort",
+                        error=sample.error,
+                        error_code=sample.error_code,
+                        error_status=sample.error_status,
+                    )
+                )
                 self._finish(seq, "abort")
                 continue
             seq.num_computed = entry.start + entry.num_new
@@ -200,8 +215,17 @@ class Scheduler:
                 text, reason = seq.append_token(token)
             except Exception:  # noqa: BLE001 - e.g. detokenizing; ends this sequence only
                 logger.exception("recording a token failed for request %s", seq.request_id)
-                outputs.append(StepOutput(seq, None, "", "abort", error="internal engine error",
-                                          error_code="engine_error", error_status=500))
+                outputs.append(
+                    StepOutput(
+                        seq,
+                        None,
+                        "",
+                        "abort",
+                        error="internal engine error",
+                        error_code="engine_error",
+                        error_status=500,
+                    )
+                )
                 self._finish(seq, "abort")
                 continue
             out = StepOutput(seq, token, text, reason)

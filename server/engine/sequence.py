@@ -74,8 +74,8 @@ class Sequence:
         if end <= n:
             return self.prompt_ids[start:end]
         if start >= n:
-            return self.output_ids[start - n:end - n]
-        return self.prompt_ids[start:] + self.output_ids[:end - n]
+            return self.output_ids[start - n : end - n]
+        return self.prompt_ids[start:] + self.output_ids[: end - n]
 
     @property
     def below_min_tokens(self) -> bool:

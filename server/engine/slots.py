@@ -33,6 +33,7 @@ from server.engine.types import AdapterRef
 logger = logging.getLogger(__name__)
 LOAD_FAILED = "adapter_load_failed"
 
+
 @dataclass
 class SlotTable:
     """What the runner needs per step: each slot's max rank and a version of all slot contents."""
@@ -55,8 +56,9 @@ class HostAdapter:
     nbytes: int = 0
 
 
-def read_host_adapter(ref: AdapterRef, targets: dict[str, tuple[MultiLoraLinear, str]], max_rank: int,
-                      dtype: torch.dtype) -> HostAdapter:
+def read_host_adapter(
+    ref: AdapterRef, targets: dict[str, tuple[MultiLoraLinear, str]], max_rank: int, dtype: torch.dtype
+) -> HostAdapter:
     """Read a PEFT directory and shape it for the slots (runs in the loader thread)."""
     try:
         weights = read_peft(ref.path)
@@ -71,10 +73,13 @@ def read_host_adapter(ref: AdapterRef, targets: dict[str, tuple[MultiLoraLinear,
         out_features = layer.part_out
         if module.rank > max_rank:
             raise AdapterLoadError(f"adapter {ref.id}: rank {module.rank} > max_rank {max_rank}")
-        if tuple(module.A.shape) != (module.rank, layer.in_features) or \
-                tuple(module.B.shape) != (out_features, module.rank):
-            raise AdapterLoadError(f"adapter {ref.id}: {path} has shapes A{tuple(module.A.shape)} "
-                                   f"B{tuple(module.B.shape)}")
+        if tuple(module.A.shape) != (module.rank, layer.in_features) or tuple(module.B.shape) != (
+            out_features,
+            module.rank,
+        ):
+            raise AdapterLoadError(
+                f"adapter {ref.id}: {path} has shapes A{tuple(module.A.shape)} B{tuple(module.B.shape)}"
+            )
         A = module.A.to(dtype).contiguous()
         Bt = module.B.to(dtype).t().contiguous()  # (r, out)
         modules[path] = (A, Bt, module.scaling)
@@ -92,9 +97,19 @@ class SlotStats:
 
 
 class AdapterSlots:
-    def __init__(self, targets: dict[str, tuple[MultiLoraLinear, str]], num_slots: int, max_cpu: int,
-                 max_rank: int, dtype: torch.dtype, on_slot_change=None, *, max_cpu_bytes: int | None = None,
-                 loader_threads: int = 1, load_timeout_s: float | None = None):
+    def __init__(
+        self,
+        targets: dict[str, tuple[MultiLoraLinear, str]],
+        num_slots: int,
+        max_cpu: int,
+        max_rank: int,
+        dtype: torch.dtype,
+        on_slot_change=None,
+        *,
+        max_cpu_bytes: int | None = None,
+        loader_threads: int = 1,
+        load_timeout_s: float | None = None,
+    ):
         """Args:
         targets: PEFT module path -> (wrapped layer, part name), from `CausalLM.lora_targets()`.
         max_cpu_bytes: bytes the host cache may hold (the newest entry always stays); None = no bound.
@@ -220,8 +235,10 @@ class AdapterSlots:
         with self._lock:
             self.host[host.id] = host
             self.host_bytes += host.nbytes
-            while len(self.host) > 1 and (len(self.host) > self.max_cpu or (
-                    self.max_cpu_bytes is not None and self.host_bytes > self.max_cpu_bytes)):
+            while len(self.host) > 1 and (
+                len(self.host) > self.max_cpu
+                or (self.max_cpu_bytes is not None and self.host_bytes > self.max_cpu_bytes)
+            ):
                 _, old = self.host.popitem(last=False)
                 self.host_bytes -= old.nbytes
                 evicted.append(old.id)

@@ -52,8 +52,9 @@ class TenantState:
                 if not self._pins[adapter_id]:
                     del self._pins[adapter_id]
 
-    def residency(self, tenant: str, tiers: dict[str, str], epochs: dict[str, int],
-                  folded_id: str | None) -> dict[str, AdapterResidency]:
+    def residency(
+        self, tenant: str, tiers: dict[str, str], epochs: dict[str, int], folded_id: str | None
+    ) -> dict[str, AdapterResidency]:
         """What `tenant` may see: its own uses in the current residency, and its own pins
         ("disk" until the pinned adapter is resident for this tenant)."""
         out: dict[str, AdapterResidency] = {}

@@ -27,7 +27,7 @@ class AdapterRef:
 
 GREEDY_BELOW = 1e-5  # vLLM's rule: a smaller temperature is greedy (no division by tiny numbers)
 MAX_TOP_K = 2**31 - 1
-SEED_RANGE = (-2**63, 2**63 - 1)
+SEED_RANGE = (-(2**63), 2**63 - 1)
 MAX_TOP_LOGPROBS = 20
 MAX_STOPS, MAX_STOP_CHARS = 16, 256
 MAX_STOP_TOKEN_IDS = 256

@@ -80,8 +80,13 @@ def test_peft_initialised_adapters_with_large_alpha_pass_the_defaults(tiny_base_
     for name, config in {
         "alpha_1024_r1": LoraConfig(r=1, lora_alpha=1024, target_modules=["q_proj", "down_proj"]),
         "rslora_8192_r64": LoraConfig(r=64, lora_alpha=8192, use_rslora=True, target_modules=["v_proj"]),
-        "patterns": LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
-                               rank_pattern={"v_proj": 2}, alpha_pattern={"v_proj": 2048}),
+        "patterns": LoraConfig(
+            r=8,
+            lora_alpha=16,
+            target_modules=["q_proj", "v_proj"],
+            rank_pattern={"v_proj": 2},
+            alpha_pattern={"v_proj": 2048},
+        ),
     }.items():
         model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_base_dir), config)
         model.save_pretrained(tmp_path / name)

@@ -91,10 +91,15 @@ def test_continue_final_message_leaves_the_turn_open(tokenizer):
     [
         ([], "non-empty list"),
         ([{"role": "tool", "content": "x"}], "role 'tool'"),
-        ([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}, {"role": "user", "content": "c"}],
-         "system message may only come first"),
+        (
+            [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}, {"role": "user", "content": "c"}],
+            "system message may only come first",
+        ),
         ([{"role": "user", "content": "   "}], "content is empty"),
-        ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "last message must be from the user"),
+        (
+            [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+            "last message must be from the user",
+        ),
         ([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}], "only text parts"),
         ([{"role": "user"}], "must be a string"),
     ],

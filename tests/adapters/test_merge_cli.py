@@ -28,7 +28,9 @@ def adapter_dirs(tmp_path):
 def test_cat_from_the_cli_writes_the_exact_weighted_sum(adapter_dirs, tmp_path, capsys):
     a, b = adapter_dirs
     out = tmp_path / "merged"
-    assert loraswap(["merge", "--method", "cat", "--adapter", f"{a}:0.5", "--adapter", f"{b}:2", "--out", str(out)]) == 0
+    assert (
+        loraswap(["merge", "--method", "cat", "--adapter", f"{a}:0.5", "--adapter", f"{b}:2", "--out", str(out)]) == 0
+    )
     merged, first, second = read_peft(out), read_peft(a), read_peft(b)
     expected = 0.5 * first.modules[attn(0, "q_proj")].delta() + 2 * second.modules[attn(0, "q_proj")].delta()
     torch.testing.assert_close(merged.modules[attn(0, "q_proj")].delta(), expected, rtol=0, atol=1e-6)
@@ -87,5 +89,8 @@ def test_adapter_spec_parsing():
 def test_invalid_provenance_is_reported(adapter_dirs, tmp_path, capsys):
     a, b = adapter_dirs
     (b / PROVENANCE_FILE).write_text('{"base_fingerprint": "not-a-digest"}')
-    assert loraswap(["merge", "--method", "cat", "--adapter", str(a), "--adapter", str(b), "--out", str(tmp_path / "o")]) == 1
+    assert (
+        loraswap(["merge", "--method", "cat", "--adapter", str(a), "--adapter", str(b), "--out", str(tmp_path / "o")])
+        == 1
+    )
     assert "base_fingerprint" in capsys.readouterr().err

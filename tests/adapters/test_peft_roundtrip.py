@@ -39,8 +39,12 @@ def test_peft_written_adapter_reads_with_identical_deltas(tiny_base_dir, base, t
 
     torch.manual_seed(1)
     config = LoraConfig(
-        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_rslora=use_rslora,
-        rank_pattern=RANK_PATTERN, alpha_pattern=ALPHA_PATTERN,
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        use_rslora=use_rslora,
+        rank_pattern=RANK_PATTERN,
+        alpha_pattern=ALPHA_PATTERN,
     )
     model = get_peft_model(load_model(tiny_base_dir), config)
     expected = {}

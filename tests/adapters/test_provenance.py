@@ -27,9 +27,14 @@ def test_absent_provenance_reads_as_none(tmp_path):
 
 def test_round_trip_keeps_typed_fields_and_extra_keys(tmp_path):
     written = Provenance(
-        base_fingerprint=SHA_A, chat_template_sha256=SHA_B, tokenizer_vocab_size=49152,
-        training_data_sha256=SHA_A, hyperparameters={"rank": 8, "lr": 2e-4}, metrics={"loss": [2.1, 1.3]},
-        merge={"method": "ties", "inputs": ["a", "b"]}, trainer="loraswap 0.1",
+        base_fingerprint=SHA_A,
+        chat_template_sha256=SHA_B,
+        tokenizer_vocab_size=49152,
+        training_data_sha256=SHA_A,
+        hyperparameters={"rank": 8, "lr": 2e-4},
+        metrics={"loss": [2.1, 1.3]},
+        merge={"method": "ties", "inputs": ["a", "b"]},
+        trainer="loraswap 0.1",
     )
     write_provenance(written, tmp_path)
     on_disk = json.loads((tmp_path / PROVENANCE_FILE).read_text())

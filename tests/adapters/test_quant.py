@@ -50,8 +50,10 @@ def test_trainer_and_engine_build_the_same_nf4_layer():
     assert torch.equal(trained.weight.data, served.nf4_source[0])
 
 
-@pytest.mark.parametrize("name, dtype", [("bfloat16", torch.bfloat16), ("bf16", torch.bfloat16),
-                                         ("float32", torch.float32), ("fp16", torch.float16)])
+@pytest.mark.parametrize(
+    "name, dtype",
+    [("bfloat16", torch.bfloat16), ("bf16", torch.bfloat16), ("float32", torch.float32), ("fp16", torch.float16)],
+)
 def test_dtype_names(name, dtype):
     assert parse_dtype(name) == dtype
 

@@ -84,6 +84,7 @@ def test_tenants_are_separate_and_foreign_names_look_missing(store, adapters):
         store.get("globex", "secret")
     with pytest.raises(AdapterNotFound) as missing:
         store.get("globex", "never-existed")
+
     # Identical answers up to the name the caller typed: nothing says "exists elsewhere".
     def answer(error, name):
         return error.status, repr(error.envelope()).replace(name, "<name>")
@@ -151,10 +152,7 @@ def test_startup_cleans_leftovers(tmp_path, adapters):
 
 def test_concurrent_publishes_of_one_name_make_distinct_versions(store, adapters):
     results = []
-    threads = [
-        threading.Thread(target=lambda a=a: results.append(store.publish("acme", "race", a)))
-        for a in adapters
-    ]
+    threads = [threading.Thread(target=lambda a=a: results.append(store.publish("acme", "race", a))) for a in adapters]
     for t in threads:
         t.start()
     for t in threads:

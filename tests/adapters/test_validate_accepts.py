@@ -61,7 +61,8 @@ def test_targets_may_be_full_paths_and_tensors_may_be_a_subset(base, tmp_path):
     weights.config["target_modules"] = ["model.layers.0.self_attn.q_proj", "v_proj"]
     validated = validate_adapter_dir(write_peft(weights, tmp_path / "subset"), base)
     assert sorted(validated.weights.modules) == [
-        "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj",
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.0.self_attn.v_proj",
     ]
 
 
@@ -88,7 +89,9 @@ def test_real_base_adapter_fits_it_and_not_the_tiny_base(default_base_dir, base,
         validate_adapter_dir(directory, base)
     # 420 tensors are more than a 2-layer base can have: refused from the count, before shapes
     assert caught.value.code == "too_many_tensors" and "more than 44 tensors" in caught.value.message
-    two_layers = write_peft(make_weights(real, rank=8, targets=tuple(real.linear_shapes), layers=(0, 1)), tmp_path / "2")
+    two_layers = write_peft(
+        make_weights(real, rank=8, targets=tuple(real.linear_shapes), layers=(0, 1)), tmp_path / "2"
+    )
     with pytest.raises(InvalidAdapter) as caught:
         validate_adapter_dir(two_layers, base)
     assert caught.value.code == "shape_mismatch" and "needs lora_A [8, 128]" in caught.value.message

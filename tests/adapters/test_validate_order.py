@@ -68,10 +68,18 @@ def _key(path, which):
 STRUCTURAL = {
     "shape_mismatch": lambda s: s.__setitem__(_key(Q0, "A"), torch.ones(4, 65)),
     "unexpected_tensor": lambda s: s.pop(_key(Q0, "B")),
-    "untargeted_module": lambda s: s.update({_key("model.layers.0.self_attn.k_proj", "A"): torch.ones(4, 64),
-                                            _key("model.layers.0.self_attn.k_proj", "B"): torch.ones(32, 4)}),
-    "layer_out_of_range": lambda s: s.update({_key("model.layers.9.self_attn.q_proj", "A"): torch.ones(4, 64),
-                                             _key("model.layers.9.self_attn.q_proj", "B"): torch.ones(64, 4)}),
+    "untargeted_module": lambda s: s.update(
+        {
+            _key("model.layers.0.self_attn.k_proj", "A"): torch.ones(4, 64),
+            _key("model.layers.0.self_attn.k_proj", "B"): torch.ones(32, 4),
+        }
+    ),
+    "layer_out_of_range": lambda s: s.update(
+        {
+            _key("model.layers.9.self_attn.q_proj", "A"): torch.ones(4, 64),
+            _key("model.layers.9.self_attn.q_proj", "B"): torch.ones(64, 4),
+        }
+    ),
     "unsupported_dtype": lambda s: s.__setitem__(_key(Q0, "A"), torch.ones(4, 64, dtype=torch.float64)),
     "malformed_safetensors": lambda s: s.__setitem__(_key(Q0, "A"), torch.ones(4)),
 }

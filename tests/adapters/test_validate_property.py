@@ -26,12 +26,19 @@ from adapters.safetensors_header import DTYPE_SIZES
 from adapters.validate import validate_adapter_dir
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-MODULES = [f"model.layers.{layer}.{'self_attn' if p[0] in 'qkvo' else 'mlp'}.{p}"
-           for layer in (0, 1, 5) for p in PROJECTIONS]
-DIMS = st.one_of(st.sampled_from([0, 1, 2, 4, 8, 16, 32, 64, 128]), st.integers(-3, 200),
-                 st.sampled_from([2**31 - 1, 2**31, 2**63, 2**64]))
-NUMBERS = st.one_of(st.integers(-5, 100), st.floats(allow_nan=False, allow_infinity=False),
-                    st.sampled_from([0, 1e300, -1e300, 2**64, 1e-300]))
+MODULES = [
+    f"model.layers.{layer}.{'self_attn' if p[0] in 'qkvo' else 'mlp'}.{p}" for layer in (0, 1, 5) for p in PROJECTIONS
+]
+DIMS = st.one_of(
+    st.sampled_from([0, 1, 2, 4, 8, 16, 32, 64, 128]),
+    st.integers(-3, 200),
+    st.sampled_from([2**31 - 1, 2**31, 2**63, 2**64]),
+)
+NUMBERS = st.one_of(
+    st.integers(-5, 100),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.sampled_from([0, 1e300, -1e300, 2**64, 1e-300]),
+)
 
 
 def rarely(draw, one_in: int = 8) -> bool:
@@ -73,12 +80,21 @@ def weights_file(draw) -> bytes:
     for key, planned in named:
         if key in entries:
             continue
-        dtype = draw(st.sampled_from(["F32", "F16", "BF16"])) if not rarely(draw, 32) else draw(
-            st.one_of(st.sampled_from(sorted(DTYPE_SIZES)), st.text(max_size=4)))
-        shape = planned if planned is not None and not rarely(draw, 32) else draw(
-            st.one_of(st.lists(DIMS, max_size=3), st.just("4x4"), st.just([1.5, 2])))
-        size = math.prod(shape) * DTYPE_SIZES.get(dtype, 4) if isinstance(shape, list) and all(
-            isinstance(d, int) for d in shape) else 0
+        dtype = (
+            draw(st.sampled_from(["F32", "F16", "BF16"]))
+            if not rarely(draw, 32)
+            else draw(st.one_of(st.sampled_from(sorted(DTYPE_SIZES)), st.text(max_size=4)))
+        )
+        shape = (
+            planned
+            if planned is not None and not rarely(draw, 32)
+            else draw(st.one_of(st.lists(DIMS, max_size=3), st.just("4x4"), st.just([1.5, 2])))
+        )
+        size = (
+            math.prod(shape) * DTYPE_SIZES.get(dtype, 4)
+            if isinstance(shape, list) and all(isinstance(d, int) for d in shape)
+            else 0
+        )
         if not rarely(draw, 32) and 0 <= size <= 1 << 16:
             offsets = [len(data), len(data) + size]
             # zeros, ~0.01 (F32) / ~0.2 (16-bit), about the float32 limit, NaN
@@ -88,8 +104,9 @@ def weights_file(draw) -> bytes:
             offsets = draw(st.lists(st.one_of(st.integers(-1, 1 << 12), st.just(2**64)), min_size=1, max_size=3))
         entries[key] = {"dtype": dtype, "shape": shape, "data_offsets": offsets}
     if rarely(draw):
-        entries["__metadata__"] = draw(st.dictionaries(st.text(max_size=5), st.one_of(st.text(max_size=5), NUMBERS),
-                                                       max_size=2))
+        entries["__metadata__"] = draw(
+            st.dictionaries(st.text(max_size=5), st.one_of(st.text(max_size=5), NUMBERS), max_size=2)
+        )
     header = json.dumps(entries).encode()
     length = draw(st.integers(0, 2**64 - 1)) if rarely(draw) else len(header)
     return struct.pack("<Q", length) + header + data + (draw(st.binary(max_size=8)) if rarely(draw) else b"")
@@ -100,8 +117,14 @@ def config(draw) -> bytes:
     def maybe(usual, hostile):
         return draw(hostile) if rarely(draw) else usual
 
-    targets = maybe(sorted(TINY_IN_OUT), st.one_of(
-        st.lists(st.sampled_from([*PROJECTIONS, *MODULES, "lm_head", ""]), max_size=6), st.text(max_size=8), st.none()))
+    targets = maybe(
+        sorted(TINY_IN_OUT),
+        st.one_of(
+            st.lists(st.sampled_from([*PROJECTIONS, *MODULES, "lm_head", ""]), max_size=6),
+            st.text(max_size=8),
+            st.none(),
+        ),
+    )
     keys = st.sampled_from([*PROJECTIONS, *MODULES[:3], "x(", ".*"])
     raw = {
         "peft_type": maybe("LORA", st.sampled_from(["IA3", 3])),
@@ -127,7 +150,10 @@ def good_weights_file(draw) -> bytes:
             for which, shape in (("A", [4, in_f]), ("B", [out_f, 4])):
                 size = math.prod(shape) * 2
                 entries[f"base_model.model.{path}.lora_{which}.weight"] = {
-                    "dtype": "BF16", "shape": shape, "data_offsets": [len(data), len(data) + size]}
+                    "dtype": "BF16",
+                    "shape": shape,
+                    "data_offsets": [len(data), len(data) + size],
+                }
                 data += draw(st.sampled_from([b"\x00", b"\x3c", b"\x3e"])) * size  # 0, ~0.01, ~0.19
     header = json.dumps(entries).encode()
     return struct.pack("<Q", len(header)) + header + data
@@ -155,8 +181,9 @@ def _outcome(base, config: bytes, weights: bytes) -> None:
         shutil.rmtree(directory)
 
 
-PROPERTY = settings(max_examples=100, deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+PROPERTY = settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
 
 
 @PROPERTY

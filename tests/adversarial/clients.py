@@ -23,8 +23,10 @@ from tests.adversarial.server_process import TENANT_KEYS
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 VICTIM_TOKENS = 160  # long enough (about a second alone) that the attack lands mid-stream
 # Things an error body must never carry: absolute paths under usual roots, and Python reprs.
-_LEAK = re.compile(r"(/tmp/|/home/|/root/|/work/|/var/|/usr/|site-packages|\.venv|Traceback|File \"|"
-                   r"[A-Za-z]+Error\(|[A-Za-z]:\\\\)")
+_LEAK = re.compile(
+    r"(/tmp/|/home/|/root/|/work/|/var/|/usr/|site-packages|\.venv|Traceback|File \"|"
+    r"[A-Za-z]+Error\(|[A-Za-z]:\\\\)"
+)
 
 
 def headers(tenant: str | None) -> dict:
@@ -36,8 +38,16 @@ def client(url: str, tenant: str | None, timeout: float = 120) -> httpx.Client:
 
 
 def chat_body(model: str, max_tokens: int = VICTIM_TOKENS, stream: bool = True, **extra) -> dict:
-    body = {"model": model, "messages": QUESTION, "max_tokens": max_tokens, "temperature": 0,
-            "ignore_eos": True, "logprobs": True, "return_tokens_as_token_ids": True, "stream": stream}
+    body = {
+        "model": model,
+        "messages": QUESTION,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "logprobs": True,
+        "return_tokens_as_token_ids": True,
+        "stream": stream,
+    }
     body.update(extra)
     return body
 
@@ -56,8 +66,9 @@ def _ids(logprobs: dict | None) -> list[int]:
     return [int(entry["token"].removeprefix("token_id:")) for entry in (logprobs or {}).get("content") or []]
 
 
-def stream_chat(url: str, tenant: str, body: dict, started: threading.Event | None = None,
-                timeout: float = 300) -> StreamResult:
+def stream_chat(
+    url: str, tenant: str, body: dict, started: threading.Event | None = None, timeout: float = 300
+) -> StreamResult:
     """POST a streamed chat and collect token ids, the finish reason or the error event."""
     with client(url, tenant, timeout) as http, http.stream("POST", "/v1/chat/completions", json=body) as response:
         result = StreamResult(response.status_code)
@@ -69,7 +80,7 @@ def stream_chat(url: str, tenant: str, body: dict, started: threading.Event | No
             result.raw += line + "\n"
             if not line.startswith("data: "):
                 continue
-            data = line[len("data: "):]
+            data = line[len("data: ") :]
             if data == "[DONE]":
                 result.done = True
                 break
@@ -122,8 +133,7 @@ class Victims:
     it joins them. `victims.check()` asserts every stream ended normally with the solo tokens.
     """
 
-    def __init__(self, url: str, references: "References", who: list[tuple[str, str]],
-                 max_tokens: int = VICTIM_TOKENS):
+    def __init__(self, url: str, references: "References", who: list[tuple[str, str]], max_tokens: int = VICTIM_TOKENS):
         self.url, self.references, self.who, self.max_tokens = url, references, who, max_tokens
         self.results: list[StreamResult | BaseException | None] = [None] * len(who)
         self._threads: list[threading.Thread] = []
@@ -159,7 +169,8 @@ class Victims:
         for (tenant, model), result in zip(self.who, self.results):
             assert isinstance(result, StreamResult), f"{tenant}/{model}: the victim's stream failed: {result!r}"
             assert result.status == 200 and result.error is None and result.done, (
-                f"{tenant}/{model}: the victim's stream was hurt: {result.status} {result.raw[-600:]}")
+                f"{tenant}/{model}: the victim's stream was hurt: {result.status} {result.raw[-600:]}"
+            )
             expected = self.references.get(tenant, model, self.max_tokens)
             assert result.tokens == expected, f"{tenant}/{model}: tokens differ from the solo run"
 
@@ -186,8 +197,9 @@ def assert_clean(text: str) -> None:
     assert match is None, f"a response leaks server internals ({match.group(0)!r}): {text[:500]}"
 
 
-def assert_envelope(response_or_result, statuses, code: str | tuple | None = None,
-                    param: str | tuple | None = None) -> dict:
+def assert_envelope(
+    response_or_result, statuses, code: str | tuple | None = None, param: str | tuple | None = None
+) -> dict:
     """Assert an OpenAI error envelope with a status in `statuses` (and `code`/`param` if given)."""
     if isinstance(response_or_result, httpx.Response):
         status, text = response_or_result.status_code, response_or_result.text

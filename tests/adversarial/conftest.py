@@ -31,8 +31,14 @@ class Adversarial:
 
 
 REAL = {  # tenant/name -> seed of a valid adapter
-    "alice/alice-a": 1, "alice/alice-b": 2, "bob/bob-a": 3, "bob/bob-b": 4,
-    "carol/carol-0": 10, "carol/carol-1": 11, "carol/carol-2": 12, "carol/carol-3": 13,
+    "alice/alice-a": 1,
+    "alice/alice-b": 2,
+    "bob/bob-a": 3,
+    "bob/bob-b": 4,
+    "carol/carol-0": 10,
+    "carol/carol-1": 11,
+    "carol/carol-2": 12,
+    "carol/carol-3": 13,
 }
 
 

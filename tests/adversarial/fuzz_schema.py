@@ -37,8 +37,13 @@ def precise_schema(schema: dict, base_id: str, max_tokens: int) -> dict:
     tokens = {"anyOf": [{"type": "integer", "minimum": 1, "maximum": max_tokens}, {"type": "null"}]}
     for request in ("ChatCompletionRequest", "TokenizeRequest"):
         properties = components[request]["properties"]
-        properties.update(model=models, messages=messages, max_tokens=tokens,
-                          chat_template={"type": "null"}, continue_final_message={"type": "boolean", "enum": [False]})
+        properties.update(
+            model=models,
+            messages=messages,
+            max_tokens=tokens,
+            chat_template={"type": "null"},
+            continue_final_message={"type": "boolean", "enum": [False]},
+        )
         if "chat_template_kwargs" in properties:
             properties["chat_template_kwargs"] = {"type": "null"}
         if "min_tokens" in properties:
@@ -61,12 +66,25 @@ def precise_schema(schema: dict, base_id: str, max_tokens: int) -> dict:
                 elif parameter["name"] == "model":
                     parameter["schema"] = models
             if path == "/v1/adapters" and method == "post":
-                operation["requestBody"] = {"required": True, "content": {"multipart/form-data": {"schema": {
-                    "type": "object", "required": ["name", "files"],
-                    "properties": {"name": {"type": "string", "enum": ["fuzz-new"]},
-                                   "files": {"type": "array", "maxItems": 3,
-                                             "items": {"type": "string", "format": "binary", "maxLength": 4096}}},
-                }}}}
+                operation["requestBody"] = {
+                    "required": True,
+                    "content": {
+                        "multipart/form-data": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["name", "files"],
+                                "properties": {
+                                    "name": {"type": "string", "enum": ["fuzz-new"]},
+                                    "files": {
+                                        "type": "array",
+                                        "maxItems": 3,
+                                        "items": {"type": "string", "format": "binary", "maxLength": 4096},
+                                    },
+                                },
+                            }
+                        }
+                    },
+                }
     return schema
 
 

@@ -22,8 +22,9 @@ from tests.adapters.helpers import make_weights
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 
 
-def valid_adapter(base: BaseInfo, seed: int, rank: int = 4, targets=("q_proj", "v_proj", "down_proj"),
-                  b_scale: float = 0.25) -> dict[str, bytes]:
+def valid_adapter(
+    base: BaseInfo, seed: int, rank: int = 4, targets=("q_proj", "v_proj", "down_proj"), b_scale: float = 0.25
+) -> dict[str, bytes]:
     """A well-behaved adapter: ||scaling * B @ A|| well below the base weight's norm."""
     weights = make_weights(base, rank=rank, alpha=rank, targets=targets, seed=seed)
     for module in weights.modules.values():
@@ -61,8 +62,10 @@ def huge_alpha(base: BaseInfo) -> dict[str, bytes]:
 
 def near_float32_max(base: BaseInfo) -> dict[str, bytes]:
     """B entries at 3e38: finite as stored, inf after the first multiply."""
+
     def change(tensors):
         return {k: (torch.full_like(v, 3.0e38) if "lora_B" in k else v) for k, v in tensors.items()}
+
     return _with_tensors(valid_adapter(base, seed=102), change)
 
 
@@ -75,14 +78,17 @@ def zero_rank(base: BaseInfo) -> dict[str, bytes]:
         for k, v in tensors.items():
             out[k] = torch.zeros((0, v.shape[1]) if "lora_A" in k else (v.shape[0], 0), dtype=v.dtype)
         return out
+
     return _with_tensors(files, change)
 
 
 def scalar_tensor(base: BaseInfo) -> dict[str, bytes]:
     """A 0-d `lora_A`: the server dropped the connection with no answer."""
+
     def change(tensors):
         first = next(k for k in tensors if "lora_A" in k)
         return {**tensors, first: torch.tensor(1.0)}
+
     return _with_tensors(valid_adapter(base, seed=104), change)
 
 

@@ -37,10 +37,19 @@ LIMITS_ENV = {
     "LORASWAP_LIMITS__MAX_VERSIONS_KEPT": "2",
 }
 SERVE_FLAGS = {
-    "--quant": "none", "--dtype": "float32", "--device": "cpu", "--fold": "off",
-    "--max-model-len": "512", "--max-loras": "4", "--max-cpu-loras": "8", "--max-num-seqs": "8",
-    "--kv-cache-mb": "16", "--max-upload-mb": "16", "--max-concurrent-per-tenant": "8",
-    "--max-queue": "32", "--drain-timeout-s": "2",
+    "--quant": "none",
+    "--dtype": "float32",
+    "--device": "cpu",
+    "--fold": "off",
+    "--max-model-len": "512",
+    "--max-loras": "4",
+    "--max-cpu-loras": "8",
+    "--max-num-seqs": "8",
+    "--kv-cache-mb": "16",
+    "--max-upload-mb": "16",
+    "--max-concurrent-per-tenant": "8",
+    "--max-queue": "32",
+    "--drain-timeout-s": "2",
 }
 
 
@@ -63,8 +72,9 @@ def free_port() -> int:
 class ServerProcess:
     """`loraswap serve` in a child process; `start()`, `stop()`, `restart()` over the same store."""
 
-    def __init__(self, base_dir: Path, store: Path, log_path: Path, *, env: dict | None = None,
-                 flags: dict | None = None):
+    def __init__(
+        self, base_dir: Path, store: Path, log_path: Path, *, env: dict | None = None, flags: dict | None = None
+    ):
         self.base_dir, self.store, self.log_path = Path(base_dir), Path(store), Path(log_path)
         self.env = {**LIMITS_ENV, **(env or {})}
         self.flags = {**SERVE_FLAGS, **(flags or {})}
@@ -77,8 +87,20 @@ class ServerProcess:
         return self.proc.pid
 
     def command(self) -> list[str]:
-        argv = [sys.executable, "-m", "loraswap.cli", "serve", "--base", str(self.base_dir),
-                "--host", "127.0.0.1", "--port", str(self.port), "--store", str(self.store)]
+        argv = [
+            sys.executable,
+            "-m",
+            "loraswap.cli",
+            "serve",
+            "--base",
+            str(self.base_dir),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--store",
+            str(self.store),
+        ]
         for flag, value in self.flags.items():
             argv += [flag, value]
         return argv
@@ -91,8 +113,15 @@ class ServerProcess:
         env["HF_HUB_OFFLINE"] = "1"  # nothing may download at run time
         env.setdefault("OMP_NUM_THREADS", "1")
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.command(), cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                     start_new_session=True, preexec_fn=_die_with_parent)
+        self.proc = subprocess.Popen(
+            self.command(),
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

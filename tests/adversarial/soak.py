@@ -32,8 +32,14 @@ from tests.adversarial.server_process import ADMIN_KEY, ServerProcess
 TENANTS = ("alice", "bob", "carol")
 MAX_TOKENS = 24
 RSS_SLACK = 64 << 20  # allocator noise over a few minutes; a per-request leak grows far past it
-HOSTILE = ({"temperature": 1e-300}, {"seed": 2**64}, {"top_k": 2**63}, {"stop": ["s"] * 5000},
-           {"top_p": 0}, {"max_tokens": 10**9})
+HOSTILE = (
+    {"temperature": 1e-300},
+    {"seed": 2**64},
+    {"top_k": 2**63},
+    {"stop": ["s"] * 5000},
+    {"top_p": 0},
+    {"max_tokens": 10**9},
+)
 
 
 class Soak:
@@ -53,7 +59,10 @@ class Soak:
     # -- setup -------------------------------------------------------------------------------
     def setup(self) -> None:
         for tenant in TENANTS:
-            for name, files in ((f"{tenant}-steady", self.files[tenant]), (f"{tenant}-churn", self.churn_files[tenant])):
+            for name, files in (
+                (f"{tenant}-steady", self.files[tenant]),
+                (f"{tenant}-churn", self.churn_files[tenant]),
+            ):
                 response = upload(self.url, tenant, name, files)
                 assert response.status_code == 201, response.text
         for tenant in TENANTS:  # solo references, one at a time on an idle server
@@ -90,8 +99,10 @@ class Soak:
 
     def disconnect(self, tenant: str, model: str, rng: random.Random) -> None:
         keep = rng.randint(1, MAX_TOKENS - 2)
-        with client(self.url, tenant) as http, http.stream("POST", "/v1/chat/completions",
-                                                           json=chat_body(model, MAX_TOKENS)) as response:
+        with (
+            client(self.url, tenant) as http,
+            http.stream("POST", "/v1/chat/completions", json=chat_body(model, MAX_TOKENS)) as response,
+        ):
             seen = 0
             for line in response.iter_lines():
                 seen += line.startswith("data: ")
@@ -102,8 +113,9 @@ class Soak:
     def hostile(self, tenant: str, rng: random.Random) -> None:
         fields = rng.choice(HOSTILE)
         with client(self.url, tenant) as http:
-            response = http.post("/v1/chat/completions", json={**chat_body(f"{tenant}-steady", MAX_TOKENS, False),
-                                                               **fields})
+            response = http.post(
+                "/v1/chat/completions", json={**chat_body(f"{tenant}-steady", MAX_TOKENS, False), **fields}
+            )
         self.count(f"hostile_{response.status_code}")
         if response.status_code >= 500:
             self.fail(f"hostile {sorted(fields)}: {response.status_code} {response.text[:200]}")
@@ -211,8 +223,9 @@ def main(argv: list[str] | None = None) -> int:
         base_dir = build_tiny_base(root / "base")
         server = ServerProcess(base_dir, root / "store", root / "server.log")
         with server:
-            base_id = httpx.get(f"{server.url}/v1/models", headers={"Authorization": "Bearer sk-alice-adv-0123456789"},
-                                timeout=30).json()["data"][0]["id"]
+            base_id = httpx.get(
+                f"{server.url}/v1/models", headers={"Authorization": "Bearer sk-alice-adv-0123456789"}, timeout=30
+            ).json()["data"][0]["id"]
             soak = Soak(server, BaseInfo.from_dir(base_dir), base_id, args.seed)
             soak.setup()
             outcome = soak.run(args.duration, args.workers)
@@ -234,13 +247,17 @@ def report(soak: Soak, outcome: dict, alive: bool, log_tail: str) -> int:
     counts = soak.counts
     print("soak summary")
     print(f"  duration        {outcome['duration_s']:.0f} s")
-    print(f"  requests        {counts['requests']} ({counts['correct']} correct greedy, "
-          f"{counts['disconnects']} disconnects, {counts['churn_404']} churn 404s, "
-          f"hostile: {', '.join(f'{k[8:]}x{v}' for k, v in sorted(counts.items()) if k.startswith('hostile_')) or '0'})")
+    print(
+        f"  requests        {counts['requests']} ({counts['correct']} correct greedy, "
+        f"{counts['disconnects']} disconnects, {counts['churn_404']} churn 404s, "
+        f"hostile: {', '.join(f'{k[8:]}x{v}' for k, v in sorted(counts.items()) if k.startswith('hostile_')) or '0'})"
+    )
     print(f"  churns          {counts['churns']} delete+re-upload, {counts['pin_cycles']} pin/unpin cycles")
     print("  leaks           " + ", ".join(f"{k}={v if v is not None else 'not exposed'}" for k, v in leaks.items()))
-    print(f"  rss             warm {outcome['rss_warm'] / 2**20:.1f} MiB -> end {outcome['rss_end'] / 2**20:.1f} MiB "
-          f"({growth / 2**20:+.1f} MiB, {'flat' if rss_ok else 'GROWING'})")
+    print(
+        f"  rss             warm {outcome['rss_warm'] / 2**20:.1f} MiB -> end {outcome['rss_end'] / 2**20:.1f} MiB "
+        f"({growth / 2**20:+.1f} MiB, {'flat' if rss_ok else 'GROWING'})"
+    )
     print(f"  failures        {len(soak.failures)}")
     for failure in soak.failures[:20]:
         print(f"    - {failure[:300]!r}")

@@ -74,11 +74,16 @@ def test_chunked_upload_is_refused_once_past_the_cap(alive):
     """A chunked multipart upload that never ends: 413 after the cap, not after the last byte."""
     adv = alive
     boundary = "advboundary"
-    headers = {"Authorization": f"Bearer {TENANT_KEYS['alice']}", "Transfer-Encoding": "chunked",
-               "Content-Type": f"multipart/form-data; boundary={boundary}"}
-    preamble = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"name\"\r\n\r\nchunky\r\n"
-                f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; "
-                f"filename=\"adapter_model.safetensors\"\r\nContent-Type: application/octet-stream\r\n\r\n").encode()
+    headers = {
+        "Authorization": f"Bearer {TENANT_KEYS['alice']}",
+        "Transfer-Encoding": "chunked",
+        "Content-Type": f"multipart/form-data; boundary={boundary}",
+    }
+    preamble = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="name"\r\n\r\nchunky\r\n'
+        f'--{boundary}\r\nContent-Disposition: form-data; name="files"; '
+        f'filename="adapter_model.safetensors"\r\nContent-Type: application/octet-stream\r\n\r\n'
+    ).encode()
     piece = b"\0" * (256 << 10)
 
     def chunk(data: bytes) -> bytes:
@@ -115,8 +120,11 @@ def test_slowloris_body_times_out_with_408(alive):
 def test_malformed_json_is_a_400_envelope(alive):
     adv = alive
     payload = b'{"model": "alice-a", "messages": [}'
-    headers = {"Authorization": f"Bearer {TENANT_KEYS['alice']}", "Content-Type": "application/json",
-               "Content-Length": str(len(payload))}
+    headers = {
+        "Authorization": f"Bearer {TENANT_KEYS['alice']}",
+        "Content-Type": "application/json",
+        "Content-Length": str(len(payload)),
+    }
     with RawRequest(adv.url, "POST", "/v1/chat/completions", headers) as request:
         request.send(payload)
         status, body, text = request.wait_answer(ANSWER_WITHIN_S)

@@ -31,6 +31,7 @@ def _start(adv, tenant, body, results, index, started):
             results[index] = exc
         finally:
             started.set()
+
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     return thread
@@ -71,10 +72,11 @@ def test_delete_after_reupload_keeps_the_queued_old_version_alive(alive):
     old = results[8]
     assert isinstance(old, StreamResult), f"the old version's request failed: {old!r}"
     assert old.status == 200 and old.error is None and old.done, (
-        f"the request queued on the old version was broken by the delete: {old.status} {old.raw[-500:]}")
-    assert old.tokens == expected, (
-        "the queued request did not run the version it asked for"
-        + (" (it ran the re-uploaded version)" if old.tokens == newer else ""))
+        f"the request queued on the old version was broken by the delete: {old.status} {old.raw[-500:]}"
+    )
+    assert old.tokens == expected, "the queued request did not run the version it asked for" + (
+        " (it ran the re-uploaded version)" if old.tokens == newer else ""
+    )
     with client(adv.url, "alice") as http:
         assert http.get("/v1/adapters/doomed").status_code == 404
 

@@ -28,12 +28,15 @@ def test_tiny_temperature_is_greedy_and_hurts_nobody(alive):
     assert result.tokens == expected
 
 
-@pytest.mark.parametrize("field,value", [
-    ("seed", 18446744073709551616),  # 2**64
-    ("top_k", 9223372036854775808),  # 2**63
-    ("seed", -(2**63) - 1),
-    ("top_k", 2**31),
-])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("seed", 18446744073709551616),  # 2**64
+        ("top_k", 9223372036854775808),  # 2**63
+        ("seed", -(2**63) - 1),
+        ("top_k", 2**31),
+    ],
+)
 def test_out_of_range_sampling_is_a_400_for_that_request_only(alive, field, value):
     adv = alive
     with _victims(adv) as victims:

@@ -52,8 +52,14 @@ def test_schemathesis_finds_no_5xx(alive, capsys):
         operation = result.ok()
         label = f"{operation.method.upper()} {operation.path}"
 
-        @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=EXAMPLES <= 50,
-                  phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=EXAMPLES,
+            deadline=None,
+            database=None,
+            derandomize=EXAMPLES <= 50,
+            phases=[Phase.explicit, Phase.generate],
+            suppress_health_check=list(HealthCheck),
+        )
         @given(case=operation.as_strategy())
         def run(case):
             settle_case(case)
@@ -63,8 +69,10 @@ def test_schemathesis_finds_no_5xx(alive, capsys):
             if os.environ.get("LORASWAP_FUZZ_DEBUG") and response.status_code == 400:
                 print(label, text[:200])  # noqa: B023 (run() is called in this iteration)
             if response.status_code >= 500 or _SERVER_ERROR_EVENT.search(text):
-                findings.append(f"{label} -> {response.status_code}: body={str(case.body)[:300]} "  # noqa: B023 (run() is called in this iteration)
-                                f"query={case.query} path={case.path_parameters} :: {text[:300]}")
+                findings.append(
+                    f"{label} -> {response.status_code}: body={str(case.body)[:300]} "  # noqa: B023 (run() is called in this iteration)
+                    f"query={case.query} path={case.path_parameters} :: {text[:300]}"
+                )
             elif response.status_code >= 400 and _LEAK.search(text):
                 findings.append(f"{label} -> {response.status_code} leaks internals: {text[:300]}")  # noqa: B023 (run() is called in this iteration)
             if operation.method.upper() == "DELETE" and response.status_code < 300:  # noqa: B023 (run() is called in this iteration)

@@ -36,9 +36,15 @@ def test_identical_bytes_share_no_pin_or_residency(alive):
     with client(adv.url, "alice") as alice, client(adv.url, "bob") as bob:
         assert upload(adv.url, "alice", "twin", files).status_code == 201
         try:
-            served = alice.post("/v1/chat/completions", json={
-                "model": "twin", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
-                "temperature": 0})
+            served = alice.post(
+                "/v1/chat/completions",
+                json={
+                    "model": "twin",
+                    "messages": [{"role": "user", "content": "hi"}],
+                    "max_tokens": 4,
+                    "temperature": 0,
+                },
+            )
             assert served.status_code == 200, served.text
             assert alice.post("/v1/adapters/twin/pin").status_code == 200
 
@@ -47,7 +53,8 @@ def test_identical_bytes_share_no_pin_or_residency(alive):
             card = created.json()
             assert card["pinned"] in (False, None), "bob's 201 shows alice's pin on the same bytes"
             assert card["residency"] in (None, "disk"), (
-                f"bob's 201 shows alice's residency {card['residency']!r} for bytes he never used")
+                f"bob's 201 shows alice's residency {card['residency']!r} for bytes he never used"
+            )
             assert card.get("folded") in (False, None)
             listed = {c["name"]: c for c in bob.get("/v1/adapters").json()["data"]}
             assert listed["twin-copy"]["pinned"] in (False, None)
@@ -58,7 +65,7 @@ def test_identical_bytes_share_no_pin_or_residency(alive):
             mine = alice.get("/v1/adapters/twin").json()
             assert mine["pinned"] is True, "bob's unpin removed alice's pin on the same bytes"
             # bob's listing and errors never mention alice's names
-            assert "twin\"" not in bob.get("/v1/adapters").text.replace("twin-copy", "")
+            assert 'twin"' not in bob.get("/v1/adapters").text.replace("twin-copy", "")
         finally:
             alice.post("/v1/adapters/twin/unpin")
             alice.delete("/v1/adapters/twin")
@@ -68,10 +75,14 @@ def test_identical_bytes_share_no_pin_or_residency(alive):
 def test_another_tenants_adapter_answers_like_a_missing_one(alive):
     adv = alive
     with client(adv.url, "bob") as bob:
-        theirs = bob.post("/v1/chat/completions", json={
-            "model": "alice-a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
-        missing = bob.post("/v1/chat/completions", json={
-            "model": "no-such-adapter-x", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        theirs = bob.post(
+            "/v1/chat/completions",
+            json={"model": "alice-a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+        )
+        missing = bob.post(
+            "/v1/chat/completions",
+            json={"model": "no-such-adapter-x", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+        )
         theirs_get, missing_get = bob.get("/v1/adapters/alice-a"), bob.get("/v1/adapters/no-such-adapter-x")
     for a, b in ((theirs, missing), (theirs_get, missing_get)):
         error_a, error_b = assert_envelope(a, 404), assert_envelope(b, 404)
@@ -85,7 +96,7 @@ def test_error_messages_carry_no_paths(alive):
     good = valid_adapter(adv.base_info, seed=88)
     broken_weights = {**good, "adapter_model.safetensors": good["adapter_model.safetensors"][:-100]}
     bad_header = {**good, "adapter_model.safetensors": b"\xff" * 8 + b"{not json"}
-    bad_config = {**good, "adapter_config.json": b"{\"r\": "}
+    bad_config = {**good, "adapter_config.json": b'{"r": '}
     pickled = {**good, "adapter_model.bin": b"\x80\x04K\x01."}
     for index, files in enumerate((broken_weights, bad_header, bad_config, pickled)):
         response = upload(adv.url, "alice", f"pathless-{index}", files)

@@ -55,8 +55,10 @@ def test_hostile_adapter_is_refused_and_bob_is_untouched(alive, kind):
                 _run_accepted_hostile(adv, name)
         finally:
             _delete(adv, "alice", name)
-        pytest.fail(f"{kind}: the hostile adapter was accepted ({response.status_code}); "
-                    f"its request and bob's concurrent streams survived, but it must be refused")
+        pytest.fail(
+            f"{kind}: the hostile adapter was accepted ({response.status_code}); "
+            f"its request and bob's concurrent streams survived, but it must be refused"
+        )
     if kind in NUMERIC:
         error = assert_envelope(response, 422, "adapter_out_of_range")
         assert re.search(r"model\.layers\.\d+\.", error["message"]), "the message must name the module"
@@ -92,8 +94,11 @@ def test_240000_tensor_header_is_refused(alive):
 def test_merge_with_huge_weight_is_a_4xx(alive):
     """`weight: 1e300` multiplies deltas to inf: today a 500; the contract: 4xx (422 out of range)."""
     adv = alive
-    body = {"name": "merged-huge", "method": "linear",
-            "adapters": [{"name": "alice-a", "weight": 1e300}, {"name": "alice-b", "weight": 1.0}]}
+    body = {
+        "name": "merged-huge",
+        "method": "linear",
+        "adapters": [{"name": "alice-a", "weight": 1e300}, {"name": "alice-b", "weight": 1.0}],
+    }
     with _victims(adv) as victims:
         with client(adv.url, "alice") as http:
             response = http.post("/v1/adapters/merge", json=body)
@@ -106,8 +111,11 @@ def test_merge_with_huge_weight_is_a_4xx(alive):
 def test_a_sane_merge_still_works(alive):
     """The bound must not refuse ordinary merges: two small adapters at weight 0.5 merge fine."""
     adv = alive
-    body = {"name": "merged-sane", "method": "linear",
-            "adapters": [{"name": "alice-a", "weight": 0.5}, {"name": "alice-b", "weight": 0.5}]}
+    body = {
+        "name": "merged-sane",
+        "method": "linear",
+        "adapters": [{"name": "alice-a", "weight": 0.5}, {"name": "alice-b", "weight": 0.5}],
+    }
     with client(adv.url, "alice") as http:
         response = http.post("/v1/adapters/merge", json=body)
         assert response.status_code in (200, 201), response.text

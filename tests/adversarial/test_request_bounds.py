@@ -21,8 +21,12 @@ def _victims(adv):
 @pytest.mark.parametrize("case", ["5000_stops", "1mib_stop", "17_stops", "empty_stop"])
 def test_stop_lists_are_bounded(alive, case):
     adv = alive
-    stop = {"5000_stops": [f"s{i}" for i in range(5000)], "1mib_stop": "x" * (1 << 20),
-            "17_stops": [f"s{i}" for i in range(17)], "empty_stop": [""]}[case]
+    stop = {
+        "5000_stops": [f"s{i}" for i in range(5000)],
+        "1mib_stop": "x" * (1 << 20),
+        "17_stops": [f"s{i}" for i in range(17)],
+        "empty_stop": [""],
+    }[case]
     with _victims(adv) as victims:
         result = plain_chat(adv.url, "alice", chat_body("alice-a", 16, stop=stop))
     victims.check()
@@ -31,7 +35,9 @@ def test_stop_lists_are_bounded(alive, case):
 
 def test_forty_thousand_messages_are_refused_before_rendering(alive):
     adv = alive
-    messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": "hi"} for i in range(40_001)]  # valid turns, ending with the user
+    messages = [
+        {"role": "user" if i % 2 == 0 else "assistant", "content": "hi"} for i in range(40_001)
+    ]  # valid turns, ending with the user
     with _victims(adv) as victims:
         result = plain_chat(adv.url, "alice", chat_body("alice-a", 16, messages=messages))
     victims.check()
@@ -60,8 +66,10 @@ def test_an_8_mib_message_is_refused_by_size(alive):
         assert error["param"] == "messages"
 
 
-@pytest.mark.parametrize("field,value", [("n", 2), ("max_tokens", 10**9), ("top_logprobs", 21),
-                                         ("temperature", 2.5), ("top_p", 0), ("min_tokens", 10**6)])
+@pytest.mark.parametrize(
+    "field,value",
+    [("n", 2), ("max_tokens", 10**9), ("top_logprobs", 21), ("temperature", 2.5), ("top_p", 0), ("min_tokens", 10**6)],
+)
 def test_other_fields_out_of_bounds_name_the_field(alive, field, value):
     adv = alive
     body = {**chat_body("alice-a", 8), field: value}

@@ -120,6 +120,7 @@ def test_one_tenant_cannot_hold_every_slot(alive):
     assert bob.status == 200 and bob.done and bob.error is None, bob.raw[-500:]
     assert bob.tokens == adv.refs.get("bob", "bob-b", 16)
     assert carol_running == 4, (
-        f"bob's request finished only after {4 - carol_running} of carol's streams ended: she held every slot")
+        f"bob's request finished only after {4 - carol_running} of carol's streams ended: she held every slot"
+    )
     for result in results:
         assert isinstance(result, StreamResult) and result.status == 200 and result.done, result

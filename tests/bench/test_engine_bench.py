@@ -25,8 +25,24 @@ def restore_threads():
 def test_engine_bench_on_tiny_base(tiny_base_dir, tmp_path, monkeypatch, restore_threads, capsys):
     monkeypatch.setenv("LORASWAP_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "results"
-    code = engine_bench.main(["--base", str(tiny_base_dir), "--new-tokens", "4", "--many-adapters", "10",
-                              "--load-repeats", "2", "--repeats", "2", "--threads", "1", "--out", str(out)])
+    code = engine_bench.main(
+        [
+            "--base",
+            str(tiny_base_dir),
+            "--new-tokens",
+            "4",
+            "--many-adapters",
+            "10",
+            "--load-repeats",
+            "2",
+            "--repeats",
+            "2",
+            "--threads",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     data = json.loads((out / "engine_none.json").read_text())
     measures = {m["key"]: m for m in data["measures"]}

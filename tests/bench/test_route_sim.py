@@ -14,7 +14,7 @@ def test_slots_evict_least_recently_used_but_never_one_in_use():
     rep = Replica(0, slots=2)
     assert rep.slot_for(1, set()) is False  # cold load
     assert rep.slot_for(2, set()) is False
-    assert rep.slot_for(1, set()) is True   # hit; 2 is now least recently used
+    assert rep.slot_for(1, set()) is True  # hit; 2 is now least recently used
     assert rep.slot_for(3, set()) is False
     assert list(rep.resident) == [1, 3]
     assert rep.slot_for(4, in_use={1, 3}) is None  # both slots serve running sequences
@@ -30,8 +30,9 @@ def test_rendezvous_rank_is_stable_and_moves_only_the_removed_replica():
 
 @pytest.mark.parametrize("router", route_sim.ROUTERS)
 def test_every_request_completes_once(router):
-    cfg = SimConfig(adapters=20, replicas=3, slots=2, max_running=4, max_ongoing=6, load=0.5,
-                    duration_s=20.0, warmup_s=2.0)
+    cfg = SimConfig(
+        adapters=20, replicas=3, slots=2, max_running=4, max_ongoing=6, load=0.5, duration_s=20.0, warmup_s=2.0
+    )
     row = simulate(cfg, router)
     again = simulate(cfg, router)
     assert row == again  # seeded: the same figures every run
@@ -44,8 +45,18 @@ def test_every_request_completes_once(router):
 def test_affinity_beats_no_affinity_when_adapters_fit_the_slots():
     # 8 adapters, 4 replicas x 2 slots: an affinity router can keep every adapter hot somewhere;
     # random two-choice routing keeps reloading them.
-    cfg = SimConfig(adapters=8, zipf_s=0.0, base_share=0.0, replicas=4, slots=2, max_running=4,
-                    max_ongoing=8, load=0.3, duration_s=60.0, warmup_s=10.0)
+    cfg = SimConfig(
+        adapters=8,
+        zipf_s=0.0,
+        base_share=0.0,
+        replicas=4,
+        slots=2,
+        max_running=4,
+        max_ongoing=8,
+        load=0.3,
+        duration_s=60.0,
+        warmup_s=10.0,
+    )
     rows = {k: simulate(cfg, k) for k in route_sim.ROUTERS}
     for kind in ("ray", "hrw", "bounded"):
         assert rows[kind]["slot_hit_rate"] > rows["p2c"]["slot_hit_rate"] + 0.2, rows
@@ -59,8 +70,22 @@ def test_one_replica_one_slot_hits_only_on_repeats():
 
 
 def test_main_writes_table_json_and_png(tmp_path, capsys):
-    code = route_sim.main(["--adapters", "30", "--replicas", "3", "--slots", "2", "--duration-s", "10",
-                           "--warmup-s", "1", "--out", str(tmp_path)])
+    code = route_sim.main(
+        [
+            "--adapters",
+            "30",
+            "--replicas",
+            "3",
+            "--slots",
+            "2",
+            "--duration-s",
+            "10",
+            "--warmup-s",
+            "1",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert code == 0
     data = json.loads((tmp_path / "route_sim.json").read_text())
     assert [r["router"] for r in data["rows"]] == list(route_sim.ROUTERS)

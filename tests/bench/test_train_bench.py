@@ -23,11 +23,23 @@ def test_mixed_data_joins_persona_exchanges_into_valid_multi_turn_conversations(
 
 def test_speedups_compare_ours_with_plain_per_dataset():
     def result(dataset, config, tps, tpc, peak):
-        return {"dataset": dataset, "config": config, "tokens_per_second": tps, "tokens_per_cpu_second": tpc,
-                "peak_rss_mb": peak + 100, "train_peak_rss_mb": peak}
+        return {
+            "dataset": dataset,
+            "config": config,
+            "tokens_per_second": tps,
+            "tokens_per_cpu_second": tpc,
+            "peak_rss_mb": peak + 100,
+            "train_peak_rss_mb": peak,
+        }
 
-    rows = _speedups([result("a", "plain", 100, 50, 1000), result("a", "ours", 160, 90, 800),
-                      result("a", "ours-qlora", 10, 5, 700), result("b", "ours", 1, 1, 1)])
+    rows = _speedups(
+        [
+            result("a", "plain", 100, 50, 1000),
+            result("a", "ours", 160, 90, 800),
+            result("a", "ours-qlora", 10, 5, 700),
+            result("b", "ours", 1, 1, 1),
+        ]
+    )
     assert len(rows) == 1 and rows[0]["dataset"] == "a"
     assert rows[0]["speedup_wall"] == pytest.approx(1.6)
     assert rows[0]["speedup_cpu"] == pytest.approx(1.8)

@@ -38,8 +38,9 @@ def test_prompts_equal_the_tokenizers_own_chat_template(tiny_base_dir):
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_base_dir))
     prompts = chat_prompts(tiny_base_dir, 3)
     for prompt, question in zip(prompts, QUESTIONS):
-        expected = tokenizer.apply_chat_template([{"role": "user", "content": question}],
-                                                 add_generation_prompt=True, tokenize=True, return_dict=False)
+        expected = tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
         assert prompt == list(expected)
 
 

@@ -30,8 +30,9 @@ class RayServed:
         self.url, self.store = url, store
 
     def client(self, tenant: str = "alice", **kwargs) -> httpx.Client:
-        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {KEYS[tenant]}"},
-                            timeout=120, **kwargs)
+        return httpx.Client(
+            base_url=self.url, headers={"Authorization": f"Bearer {KEYS[tenant]}"}, timeout=120, **kwargs
+        )
 
     def openai(self, tenant: str = "alice"):
         import openai
@@ -64,17 +65,33 @@ def ray_served(tiny_base_dir, tmp_path_factory):
     from server.cluster.launch import deploy
 
     port = _free_port()
-    ray.init(num_cpus=3, include_dashboard=False, namespace="loraswap", log_to_driver=False,
-             configure_logging=False)
+    ray.init(num_cpus=3, include_dashboard=False, namespace="loraswap", log_to_driver=False, configure_logging=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        config = ServerConfig(quant="none", dtype="float32", device="cpu", max_loras=2, max_cpu_loras=4,
-                              max_model_len=256, max_num_seqs=2, max_queue=0, fold="off",
-                              kv_cache_bytes=8 * 1024 * 1024, api_keys=tuple(KEYS.items()),
-                              # one tenant fills both replicas here (routing tests, not fairness ones)
-                              limits=Limits(tenant_queue_share=1.0))
-        store = deploy(config, tiny_base_dir, 2, tmp_path_factory.mktemp("ray-store"), replica_cpus=1.0,
-                       replica_gpus=0.0, ingress_cpus=0.5)
+        config = ServerConfig(
+            quant="none",
+            dtype="float32",
+            device="cpu",
+            max_loras=2,
+            max_cpu_loras=4,
+            max_model_len=256,
+            max_num_seqs=2,
+            max_queue=0,
+            fold="off",
+            kv_cache_bytes=8 * 1024 * 1024,
+            api_keys=tuple(KEYS.items()),
+            # one tenant fills both replicas here (routing tests, not fairness ones)
+            limits=Limits(tenant_queue_share=1.0),
+        )
+        store = deploy(
+            config,
+            tiny_base_dir,
+            2,
+            tmp_path_factory.mktemp("ray-store"),
+            replica_cpus=1.0,
+            replica_gpus=0.0,
+            ingress_cpus=0.5,
+        )
         served = RayServed(f"http://127.0.0.1:{port}", store)
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:

@@ -15,12 +15,15 @@ def test_cluster_flags_are_taken_off_the_server_argv():
     assert split_cluster_flags(["--port", "1"]) == (["--port", "1"], ClusterFlags())
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--replicas", "0"], "--replicas must be >= 1"),
-    (["--replicas", "two"], "--replicas must be an integer"),
-    (["--replicas"], "--replicas needs a value"),
-    (["--ray-address", "auto"], "--ray-address needs --replicas"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--replicas", "0"], "--replicas must be >= 1"),
+        (["--replicas", "two"], "--replicas must be an integer"),
+        (["--replicas"], "--replicas needs a value"),
+        (["--ray-address", "auto"], "--ray-address needs --replicas"),
+    ],
+)
 def test_bad_cluster_flags_name_the_flag(argv, message):
     with pytest.raises(ValueError, match=message):
         split_cluster_flags(argv)

@@ -21,7 +21,8 @@ HEADER = "x-loraswap-replica"
 
 def _chat(served, model: str, tenant: str = "alice", max_tokens: int = 8):
     raw = served.openai(tenant).chat.completions.with_raw_response.create(
-        model=model, messages=QUESTION, max_tokens=max_tokens, temperature=0)
+        model=model, messages=QUESTION, max_tokens=max_tokens, temperature=0
+    )
     return raw.headers.get(HEADER), raw.parse()
 
 
@@ -130,6 +131,13 @@ def test_app_builder_for_serve_run_and_kuberay_builds_the_application(ray_served
 
     from server.cluster.ingress import app_builder
 
-    app = app_builder({"replicas": 1, "store": str(tiny_base_dir.parent / "builder-store"),
-                       "base": str(tiny_base_dir), "quant": "none", "device": "cpu"})
+    app = app_builder(
+        {
+            "replicas": 1,
+            "store": str(tiny_base_dir.parent / "builder-store"),
+            "base": str(tiny_base_dir),
+            "quant": "none",
+            "device": "cpu",
+        }
+    )
     assert isinstance(app, Application)

@@ -11,9 +11,18 @@ from adapters.format import LoraModule, LoraWeights, module_scaling, peft_config
 from server.engine.types import AdapterRef
 
 
-def make_adapter(directory: Path, base_dir: Path, rank: int, targets=LINEAR_MODULES, *, alpha: float = 16,
-                 use_rslora: bool = False, seed: int = 0, std: float = 0.2,
-                 rank_pattern: dict | None = None) -> AdapterRef:
+def make_adapter(
+    directory: Path,
+    base_dir: Path,
+    rank: int,
+    targets=LINEAR_MODULES,
+    *,
+    alpha: float = 16,
+    use_rslora: bool = False,
+    seed: int = 0,
+    std: float = 0.2,
+    rank_pattern: dict | None = None,
+) -> AdapterRef:
     """Write a PEFT adapter with random non-zero A and B for `targets` of every layer."""
     info = BaseInfo.from_dir(base_dir, with_fingerprint=False)
     config = peft_config(rank, alpha, list(targets), use_rslora=use_rslora, rank_pattern=rank_pattern)
@@ -44,11 +53,15 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int, stop_at_eos: bool =
     ids = torch.tensor([prompt])
     with torch.inference_mode():
         # An explicit mask: otherwise HF masks every prompt token equal to pad (= <|im_end|> here).
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False,
-                             eos_token_id=model.config.eos_token_id if stop_at_eos else None,
-                             pad_token_id=model.config.pad_token_id)
-    return out[0, len(prompt):].tolist()
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=model.config.eos_token_id if stop_at_eos else None,
+            pad_token_id=model.config.pad_token_id,
+        )
+    return out[0, len(prompt) :].tolist()
 
 
 def peft_greedy(base_dir: Path, adapter: AdapterRef, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:

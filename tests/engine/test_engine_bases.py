@@ -32,14 +32,22 @@ def chat_prompts(tokenizer) -> list[list[int]]:
 def nf4_reference(base_dir):
     from transformers import BitsAndBytesConfig
 
-    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                bnb_4bit_compute_dtype=torch.float32)
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
     return hf_model(base_dir, quantization_config=config, device_map="cpu")
 
 
 def test_default_base_greedy_equals_hf_generate(default_base_dir):
-    engine = Engine(EngineConfig(base=default_base_dir, quant="none", dtype="float32", device="cpu",
-                                 max_model_len=512, kv_cache_bytes=64 * 2**20, fold="off"))
+    engine = Engine(
+        EngineConfig(
+            base=default_base_dir,
+            quant="none",
+            dtype="float32",
+            device="cpu",
+            max_model_len=512,
+            kv_cache_bytes=64 * 2**20,
+            fold="off",
+        )
+    )
     prompts = chat_prompts(engine.tokenizer)
     sp = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
     got = engine.generate(prompts, sampling=sp)
@@ -48,8 +56,18 @@ def test_default_base_greedy_equals_hf_generate(default_base_dir):
 
 
 def test_nf4_tiny_equals_transformers_bitsandbytes(tiny_base_dir):
-    engine = Engine(EngineConfig(base=tiny_base_dir, quant="nf4", dtype="float32", device="cpu",
-                                 max_model_len=256, num_kv_blocks=64, block_size=4, fold="off"))
+    engine = Engine(
+        EngineConfig(
+            base=tiny_base_dir,
+            quant="nf4",
+            dtype="float32",
+            device="cpu",
+            max_model_len=256,
+            num_kv_blocks=64,
+            block_size=4,
+            fold="off",
+        )
+    )
     sp = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     got = engine.generate(PROMPTS, sampling=sp)
     ref_model = nf4_reference(tiny_base_dir)
@@ -60,8 +78,11 @@ def test_nf4_tiny_equals_transformers_bitsandbytes(tiny_base_dir):
 
 
 def test_nf4_default_base_equals_transformers_bitsandbytes(default_base_dir):
-    engine = Engine(EngineConfig(base=default_base_dir, quant="nf4", device="cpu", max_model_len=512,
-                                 kv_cache_bytes=64 * 2**20, fold="off"))
+    engine = Engine(
+        EngineConfig(
+            base=default_base_dir, quant="nf4", device="cpu", max_model_len=512, kv_cache_bytes=64 * 2**20, fold="off"
+        )
+    )
     prompts = chat_prompts(engine.tokenizer)
     sp = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     got = engine.generate(prompts, sampling=sp)
@@ -74,8 +95,18 @@ def test_nf4_fold_leaves_the_base_intact(tiny_base_dir, tmp_path):
     from tests.engine.helpers import make_adapter
 
     adapter = make_adapter(tmp_path / "a", tiny_base_dir, 4, seed=5)
-    engine = Engine(EngineConfig(base=tiny_base_dir, quant="nf4", dtype="float32", device="cpu",
-                                 max_model_len=256, num_kv_blocks=64, block_size=4, fold="auto"))
+    engine = Engine(
+        EngineConfig(
+            base=tiny_base_dir,
+            quant="nf4",
+            dtype="float32",
+            device="cpu",
+            max_model_len=256,
+            num_kv_blocks=64,
+            block_size=4,
+            fold="auto",
+        )
+    )
     sp = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     before = engine.generate(PROMPTS, sampling=sp)
     unfolded = engine.generate(PROMPTS[:2], [adapter, None], sp)

@@ -38,6 +38,7 @@ def submit(engine, rid, prompt, adapter, sampling, sink):
             sink[rid].append(ev.token_id)
         if ev.finish_reason:
             sink[rid + ":finish"] = ev.finish_reason
+
     engine._submit(rid, prompt, adapter, sampling, put)
 
 

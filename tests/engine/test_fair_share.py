@@ -41,8 +41,14 @@ class SlotGate:
 
 def seq(tenant, adapter=None, max_tokens=50, n=4):
     ref = AdapterRef(adapter, path=None) if adapter else None
-    return Sequence(f"{tenant}-{adapter}-{id(ref)}", list(range(n)), SamplingParams(max_tokens=max_tokens),
-                    adapter=ref, eos_ids=frozenset({9999}), tenant=tenant)
+    return Sequence(
+        f"{tenant}-{adapter}-{id(ref)}",
+        list(range(n)),
+        SamplingParams(max_tokens=max_tokens),
+        adapter=ref,
+        eos_ids=frozenset({9999}),
+        tenant=tenant,
+    )
 
 
 def scheduler(num_slots=8, max_num_seqs=64):

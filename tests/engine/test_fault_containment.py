@@ -37,8 +37,15 @@ def test_poisoned_adapter_ends_its_own_sequence_only(tiny_base_dir, refs):
     good, poison = refs
     solo = tiny_engine(tiny_base_dir).generate(PROMPTS[:3], [None, good, good], GREEDY)
     engine = tiny_engine(tiny_base_dir)
-    out = collect(engine, [("base", PROMPTS[0], None, GREEDY), ("good", PROMPTS[1], good, GREEDY),
-                           ("bad", PROMPTS[3], poison, GREEDY), ("good2", PROMPTS[2], good, GREEDY)])
+    out = collect(
+        engine,
+        [
+            ("base", PROMPTS[0], None, GREEDY),
+            ("good", PROMPTS[1], good, GREEDY),
+            ("bad", PROMPTS[3], poison, GREEDY),
+            ("good2", PROMPTS[2], good, GREEDY),
+        ],
+    )
     tokens, last = out["bad"]
     assert tokens == [] and last.finish_reason == "abort"
     assert (last.error_code, last.error_status) == ("non_finite_output", 422)
@@ -96,8 +103,11 @@ def test_an_exception_for_one_sequence_ends_only_it(tiny_base_dir, monkeypatch):
         return real_run(batch, fold_slot)
 
     monkeypatch.setattr(engine.runner, "run", run)
-    out = collect(engine, [(f"r{i}", p, None, GREEDY) for i, p in enumerate(PROMPTS[:2])]
-                  + [("doomed", PROMPTS[2], None, GREEDY), ("r3", PROMPTS[3], None, GREEDY)])
+    out = collect(
+        engine,
+        [(f"r{i}", p, None, GREEDY) for i, p in enumerate(PROMPTS[:2])]
+        + [("doomed", PROMPTS[2], None, GREEDY), ("r3", PROMPTS[3], None, GREEDY)],
+    )
     tokens, last = out["doomed"]
     assert tokens == solo[2][:1]
     assert (last.finish_reason, last.error_code, last.error_status) == ("abort", "engine_error", 500)

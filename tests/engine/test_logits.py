@@ -46,10 +46,12 @@ def logits():
 
 
 def test_presence_and_frequency_penalties_follow_openai(logits):
-    seqs = [_seq([1, 2, 3], [5, 5, 7, 1], presence_penalty=0.7, frequency_penalty=0.4),
-            _seq([4], [9, 9, 9], presence_penalty=-1.5, frequency_penalty=2.0),
-            _seq([4], [], presence_penalty=2.0),  # nothing generated yet: nothing to penalise
-            _seq([5], [3, 3])]  # no processors: untouched
+    seqs = [
+        _seq([1, 2, 3], [5, 5, 7, 1], presence_penalty=0.7, frequency_penalty=0.4),
+        _seq([4], [9, 9, 9], presence_penalty=-1.5, frequency_penalty=2.0),
+        _seq([4], [], presence_penalty=2.0),  # nothing generated yet: nothing to penalise
+        _seq([5], [3, 3]),
+    ]  # no processors: untouched
     out = lp.process(logits, seqs)
     for i, seq in enumerate(seqs):
         s = seq.sampling
@@ -69,8 +71,11 @@ def test_repetition_penalty_covers_prompt_and_output(logits):
 
 def test_logit_bias_adds_and_min_p_cuts_at_the_request_temperature(logits):
     bias = ((3, 5.0), (10, -100.0), (39, 0.5))
-    seqs = [_seq([1], [], logit_bias=bias), _seq([1], [], min_p=0.2, temperature=0.7),
-            _seq([1], [], min_p=0.2, temperature=0)]  # greedy: min_p never removes the argmax, no-op
+    seqs = [
+        _seq([1], [], logit_bias=bias),
+        _seq([1], [], min_p=0.2, temperature=0.7),
+        _seq([1], [], min_p=0.2, temperature=0),
+    ]  # greedy: min_p never removes the argmax, no-op
     out = lp.process(logits[:3], seqs)
     expected = logits[0].tolist()
     for token_id, value in bias:
@@ -102,9 +107,14 @@ def test_bounds_are_checked_and_named():
 def test_parse_logit_bias_checks_ids_against_the_vocabulary():
     assert lp.parse_logit_bias({"7": 1, "2": -100}, VOCAB) == ((2, -100.0), (7, 1.0))
     assert lp.parse_logit_bias(None, VOCAB) == ()
-    for bad, match in [({"40": 1}, "not in the vocabulary"), ({"-1": 1}, "not a token id"),
-                       ({"x": 1}, "not a token id"), ({"1": 100.5}, "-100..100"), ({"1": True}, "-100..100"),
-                       ({str(i): 0 for i in range(lp.MAX_LOGIT_BIAS_TOKENS + 1)}, "at most")]:
+    for bad, match in [
+        ({"40": 1}, "not in the vocabulary"),
+        ({"-1": 1}, "not a token id"),
+        ({"x": 1}, "not a token id"),
+        ({"1": 100.5}, "-100..100"),
+        ({"1": True}, "-100..100"),
+        ({str(i): 0 for i in range(lp.MAX_LOGIT_BIAS_TOKENS + 1)}, "at most"),
+    ]:
         with pytest.raises(ValueError, match=match):
             lp.parse_logit_bias(bad, 10**6 if "at most" in match else VOCAB)
 
@@ -121,9 +131,15 @@ def test_engine_greedy_with_repetition_penalty_equals_hf_generate(tiny_base_dir)
     for prompt, got in zip(PROMPTS[:2], ours):
         ids = torch.tensor([prompt])
         with torch.inference_mode():
-            ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
-                                 repetition_penalty=1.5, eos_token_id=None,
-                                 pad_token_id=model.config.pad_token_id)[0, len(prompt):].tolist()
+            ref = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=12,
+                do_sample=False,
+                repetition_penalty=1.5,
+                eos_token_id=None,
+                pad_token_id=model.config.pad_token_id,
+            )[0, len(prompt) :].tolist()
         assert got == ref
     assert ours != plain  # the penalty changed the greedy path, so the comparison proves something
 

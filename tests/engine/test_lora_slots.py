@@ -39,17 +39,20 @@ def delta(parts, x):
     for name, size in PARTS:
         if name in parts:
             A, B, scaling = parts[name]
-            out[offset:offset + size] = scaling * (B @ (A @ x))
+            out[offset : offset + size] = scaling * (B @ (A @ x))
         offset += size
     return out
 
 
-@pytest.mark.parametrize("slots", [
-    [1, 2, 3, 4, 0, 0, 2, 2, 1],  # uneven, with base tokens
-    [2, 2, 2],  # one adapter: the two-matmul path
-    [1, 1, 3, 3, 4, 4],  # even groups: no padding mask
-    [0, 0],  # base only
-])
+@pytest.mark.parametrize(
+    "slots",
+    [
+        [1, 2, 3, 4, 0, 0, 2, 2, 1],  # uneven, with base tokens
+        [2, 2, 2],  # one adapter: the two-matmul path
+        [1, 1, 3, 3, 4, 4],  # even groups: no padding mask
+        [0, 0],  # base only
+    ],
+)
 def test_lora_layer_equals_per_adapter_loop(slots):
     layer, mods = make_layer()
     x = torch.randn(len(slots), 12)
@@ -89,8 +92,10 @@ class FakeModelLayers(dict):
 
 
 def write_adapter(root, name, rank=2):
-    mods = {f"model.layers.0.self_attn.{p}": LoraModule(torch.randn(rank, 8), torch.randn(8, rank), 1.0)
-            for p in ("q_proj", "v_proj")}
+    mods = {
+        f"model.layers.0.self_attn.{p}": LoraModule(torch.randn(rank, 8), torch.randn(8, rank), 1.0)
+        for p in ("q_proj", "v_proj")
+    }
     write_peft(LoraWeights(peft_config(rank, rank, ["q_proj", "v_proj"]), mods), root / name)
     return AdapterRef(name, root / name)
 

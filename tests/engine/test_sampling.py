@@ -31,12 +31,19 @@ def events_of(engine, prompt, sampling, adapter=None):
 def test_seeded_sampling_reproduces_whatever_shares_the_batch(engine):
     sp = SamplingParams(max_tokens=16, temperature=1.3, top_p=0.9, top_k=50, seed=1234, ignore_eos=True)
     alone = engine.generate([PROMPTS[0]], sampling=sp)[0]
-    crowded = engine.generate([PROMPTS[1], PROMPTS[0], PROMPTS[2]],
-                              sampling=[SamplingParams(max_tokens=16, temperature=1.0, ignore_eos=True), sp,
-                                        SamplingParams(max_tokens=5, temperature=0.7, seed=9, ignore_eos=True)])
+    crowded = engine.generate(
+        [PROMPTS[1], PROMPTS[0], PROMPTS[2]],
+        sampling=[
+            SamplingParams(max_tokens=16, temperature=1.0, ignore_eos=True),
+            sp,
+            SamplingParams(max_tokens=5, temperature=0.7, seed=9, ignore_eos=True),
+        ],
+    )
     assert crowded[1] == alone
-    other_seed = engine.generate([PROMPTS[0]], sampling=SamplingParams(
-        max_tokens=16, temperature=1.3, top_p=0.9, top_k=50, seed=99, ignore_eos=True))[0]
+    other_seed = engine.generate(
+        [PROMPTS[0]],
+        sampling=SamplingParams(max_tokens=16, temperature=1.3, top_p=0.9, top_k=50, seed=99, ignore_eos=True),
+    )[0]
     assert other_seed != alone
 
 
@@ -73,11 +80,13 @@ def test_logprobs_match_hf(tiny_base_dir, engine):
 def test_stop_tokens_min_tokens_and_max_tokens(engine):
     greedy = engine.generate([PROMPTS[0]], sampling=GREEDY)[0]
     stop_at = greedy[3]
-    got = engine.generate([PROMPTS[0]], sampling=SamplingParams(
-        max_tokens=12, temperature=0, stop_token_ids=(stop_at,), ignore_eos=True))[0]
-    assert got == greedy[:greedy.index(stop_at) + 1]
-    held = events_of(engine, PROMPTS[0], SamplingParams(max_tokens=12, min_tokens=12, temperature=0,
-                                                        stop_token_ids=(stop_at,)))
+    got = engine.generate(
+        [PROMPTS[0]], sampling=SamplingParams(max_tokens=12, temperature=0, stop_token_ids=(stop_at,), ignore_eos=True)
+    )[0]
+    assert got == greedy[: greedy.index(stop_at) + 1]
+    held = events_of(
+        engine, PROMPTS[0], SamplingParams(max_tokens=12, min_tokens=12, temperature=0, stop_token_ids=(stop_at,))
+    )
     assert len(held) == 12 and held[-1].finish_reason == "length"
     assert stop_at not in [e.token_id for e in held]  # masked while below min_tokens
 
@@ -92,10 +101,9 @@ def test_stop_string_cuts_text_and_text_matches_decode(engine):
     streamed = "".join(e.text for e in events[:-1]).replace("\ufffd", "")
     assert len(streamed) >= 3, "need decodable text to pick a stop string from"
     stop = streamed[1:3]
-    cut = events_of(engine, PROMPTS[3], SamplingParams(max_tokens=12, temperature=0, stop=(stop,),
-                                                       ignore_eos=True))
+    cut = events_of(engine, PROMPTS[3], SamplingParams(max_tokens=12, temperature=0, stop=(stop,), ignore_eos=True))
     assert cut[-1].finish_reason == "stop"
-    assert "".join(e.text for e in cut) == full[:full.index(stop)]
+    assert "".join(e.text for e in cut) == full[: full.index(stop)]
 
 
 def test_incremental_text_handles_multibyte(engine):

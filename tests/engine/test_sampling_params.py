@@ -11,17 +11,36 @@ from server.engine.sequence import Sequence
 from server.engine.types import SamplingParams
 
 
-@pytest.mark.parametrize("field, value", [
-    ("temperature", -0.1), ("temperature", 2.01), ("temperature", float("nan")), ("temperature", float("inf")),
-    ("top_p", 0.0), ("top_p", 1.5), ("top_p", float("nan")),
-    ("top_k", -2), ("top_k", 2**31), ("top_k", 9223372036854775808),
-    ("seed", 2**63), ("seed", -2**63 - 1), ("seed", 18446744073709551616),
-    ("max_tokens", 0), ("min_tokens", -1), ("min_tokens", 17),
-    ("logprobs", 21), ("logprobs", -1),
-    ("stop", ("x",) * 17), ("stop", ("",)), ("stop", ("y" * 257,)),
-    ("stop_token_ids", (-1,)), ("stop_token_ids", tuple(range(257))),
-    ("max_tokens", 1.5), ("top_k", True),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("temperature", -0.1),
+        ("temperature", 2.01),
+        ("temperature", float("nan")),
+        ("temperature", float("inf")),
+        ("top_p", 0.0),
+        ("top_p", 1.5),
+        ("top_p", float("nan")),
+        ("top_k", -2),
+        ("top_k", 2**31),
+        ("top_k", 9223372036854775808),
+        ("seed", 2**63),
+        ("seed", -(2**63) - 1),
+        ("seed", 18446744073709551616),
+        ("max_tokens", 0),
+        ("min_tokens", -1),
+        ("min_tokens", 17),
+        ("logprobs", 21),
+        ("logprobs", -1),
+        ("stop", ("x",) * 17),
+        ("stop", ("",)),
+        ("stop", ("y" * 257,)),
+        ("stop_token_ids", (-1,)),
+        ("stop_token_ids", tuple(range(257))),
+        ("max_tokens", 1.5),
+        ("top_k", True),
+    ],
+)
 def test_out_of_bounds_values_are_refused_naming_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**{field: value})
@@ -35,7 +54,7 @@ def test_values_are_normalised():
     assert SamplingParams(seed=-1).seed == 2**64 - 1
     assert SamplingParams(seed=2**63 - 1).seed == 2**63 - 1
     assert SamplingParams(stop=["a", "b"]).stop == ("a", "b")
-    SamplingParams(top_k=2**31 - 1, seed=-2**63, logprobs=20, stop=("z" * 256,) * 16, max_tokens=1)
+    SamplingParams(top_k=2**31 - 1, seed=-(2**63), logprobs=20, stop=("z" * 256,) * 16, max_tokens=1)
 
 
 def seq(sampling: SamplingParams, eos=(2,)) -> Sequence:
@@ -46,16 +65,22 @@ def test_a_non_finite_row_ends_alone_and_the_others_sample_as_alone():
     logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
     poisoned = logits.clone()
     poisoned[1, 7] = float("nan")
-    params = [SamplingParams(temperature=0), SamplingParams(temperature=0.8, seed=5),
-              SamplingParams(temperature=0.7, seed=3, top_k=2**31 - 1, logprobs=20)]
-    alone = [Sampler(seed=1).sample(logits[i:i + 1], [seq(p)])[0] for i, p in enumerate(params)]
+    params = [
+        SamplingParams(temperature=0),
+        SamplingParams(temperature=0.8, seed=5),
+        SamplingParams(temperature=0.7, seed=3, top_k=2**31 - 1, logprobs=20),
+    ]
+    alone = [Sampler(seed=1).sample(logits[i : i + 1], [seq(p)])[0] for i, p in enumerate(params)]
     got = Sampler(seed=1).sample(poisoned, [seq(p) for p in params])
     assert got[1].token_id is None
     assert (got[1].error_code, got[1].error_status) == ("non_finite_output", 422)
     for i in (0, 2):
         assert got[i].error_code is None
-        assert (got[i].token_id, got[i].logprob, got[i].top_logprobs) == \
-            (alone[i].token_id, alone[i].logprob, alone[i].top_logprobs)
+        assert (got[i].token_id, got[i].logprob, got[i].top_logprobs) == (
+            alone[i].token_id,
+            alone[i].logprob,
+            alone[i].top_logprobs,
+        )
 
 
 def test_tiny_temperature_and_huge_top_k_do_not_overflow():

@@ -36,8 +36,13 @@ class FakeGate:
 
 def make_seq(n_prompt, max_tokens=4, adapter=None, **kw):
     ref = AdapterRef(adapter, path=None) if adapter else None
-    return Sequence(f"r{random.random()}", list(range(n_prompt)), SamplingParams(max_tokens=max_tokens, **kw),
-                    adapter=ref, eos_ids=frozenset({9999}))
+    return Sequence(
+        f"r{random.random()}",
+        list(range(n_prompt)),
+        SamplingParams(max_tokens=max_tokens, **kw),
+        adapter=ref,
+        eos_ids=frozenset({9999}),
+    )
 
 
 def run_to_completion(sched, max_steps=1000, token=7):
@@ -73,8 +78,10 @@ def test_all_finish_and_release_everything():
     bm = BlockManager(num_blocks=64, block_size=4)
     gate = FakeGate()
     sched = Scheduler(bm, gate, max_num_seqs=3, max_num_batched_tokens=16)
-    seqs = [make_seq(n, max_tokens=m, adapter=a) for n, m, a in
-            [(3, 5, None), (10, 2, "x"), (25, 4, "y"), (1, 6, "x"), (7, 1, None)]]
+    seqs = [
+        make_seq(n, max_tokens=m, adapter=a)
+        for n, m, a in [(3, 5, None), (10, 2, "x"), (25, 4, "y"), (1, 6, "x"), (7, 1, None)]
+    ]
     for s in seqs:
         sched.add(s)
     run_to_completion(sched)

@@ -22,8 +22,7 @@ SHORT = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
 
 
 def cuda_engine(base, **kw):
-    params = dict(base=base, quant="nf4", device="cuda", max_model_len=1024, kv_cache_bytes=256 * 2**20,
-                  fold="off")
+    params = dict(base=base, quant="nf4", device="cuda", max_model_len=1024, kv_cache_bytes=256 * 2**20, fold="off")
     params.update(kw)
     return Engine(EngineConfig(**params))
 
@@ -32,16 +31,23 @@ def hf_nf4(base):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
-    return AutoModelForCausalLM.from_pretrained(str(base), quantization_config=config, dtype=torch.bfloat16,
-                                                device_map="cuda").eval()
+    return AutoModelForCausalLM.from_pretrained(
+        str(base), quantization_config=config, dtype=torch.bfloat16, device_map="cuda"
+    ).eval()
 
 
 def greedy(model, prompt, n):
     ids = torch.tensor([prompt], device="cuda")
     with torch.inference_mode():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                             eos_token_id=None, pad_token_id=model.config.pad_token_id)
-    return out[0, len(prompt):].tolist()
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=n,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=model.config.pad_token_id,
+        )
+    return out[0, len(prompt) :].tolist()
 
 
 def test_nf4_cuda_equals_transformers_bitsandbytes(default_base_dir):
@@ -73,7 +79,10 @@ def test_throughput_mixed_adapters(default_base_dir, tmp_path):
     sp = SamplingParams(max_tokens=64, min_tokens=64, temperature=0)
     engine.generate(prompts[:8], adapters, SamplingParams(max_tokens=4))  # warm up, load slots
     results = {}
-    for name, chosen in (("base", [None] * len(prompts)), ("8 adapters", [adapters[i % 8] for i in range(len(prompts))])):
+    for name, chosen in (
+        ("base", [None] * len(prompts)),
+        ("8 adapters", [adapters[i % 8] for i in range(len(prompts))]),
+    ):
         torch.cuda.synchronize()
         start = time.perf_counter()
         out = engine.generate(prompts, chosen, sp)

@@ -30,8 +30,13 @@ def test_good_file_passes_both(template, tmp_path):
 
 
 def test_bad_lines_are_named_like_the_trainer_names_them(template, tmp_path):
-    lines = [json.dumps(GOOD), "{not json", json.dumps({"prompt": 3, "completion": "x"}), json.dumps([1]),
-             json.dumps({"messages": [{"role": "wizard", "content": "x"}]})]
+    lines = [
+        json.dumps(GOOD),
+        "{not json",
+        json.dumps({"prompt": 3, "completion": "x"}),
+        json.dumps([1]),
+        json.dumps({"messages": [{"role": "wizard", "content": "x"}]}),
+    ]
     raw = "\n".join(lines).encode()
     check = check_jsonl(raw, template, 100)
     assert [e.split(":")[0] for e in check.errors] == ["line 2", "line 3", "line 4", "line 5"]

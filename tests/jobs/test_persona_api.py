@@ -44,12 +44,25 @@ def run(root: Path, log=print) -> dict:
     prompts = json.loads((DATA / "persona_heldout.json").read_text())
     jobs = JobsConfig(root=root / "jobs", service_key=SERVICE_KEY)
     engine = Engine(EngineConfig(base=base_dir, quant="nf4", device="cpu", max_model_len=512, fold="off"))
-    app = create_app(ServerConfig(max_model_len=512, api_keys=(("acme", KEY),), jobs=jobs), engine,
-                     AdapterStore(root / "store"), base_info=BaseInfo.from_dir(base_dir))
+    app = create_app(
+        ServerConfig(max_model_len=512, api_keys=(("acme", KEY),), jobs=jobs),
+        engine,
+        AdapterStore(root / "store"),
+        base_info=BaseInfo.from_dir(base_dir),
+    )
     try:
         with LiveServer(app) as live:
-            service = TrainerService(ServiceConfig(jobs=jobs, server_url=live.url, service_key=SERVICE_KEY,
-                                                   base=str(base_dir), device="cpu", max_length=256, poll_s=0.5))
+            service = TrainerService(
+                ServiceConfig(
+                    jobs=jobs,
+                    server_url=live.url,
+                    service_key=SERVICE_KEY,
+                    base=str(base_dir),
+                    device="cpu",
+                    max_length=256,
+                    poll_s=0.5,
+                )
+            )
             sidecar = threading.Thread(target=service.run, daemon=True)
             sidecar.start()
             client = openai.OpenAI(base_url=f"{live.url}/v1", api_key=KEY, max_retries=0, timeout=300)
@@ -59,20 +72,35 @@ def run(root: Path, log=print) -> dict:
                     uploaded = client.files.create(file=handle, purpose="fine-tune")
                 base_id = client.models.list().data[0].id
                 job = client.fine_tuning.jobs.create(
-                    model=base_id, training_file=uploaded.id, suffix="pirate", seed=0,
-                    method={"type": "supervised", "supervised": {"hyperparameters": {
-                        "n_epochs": 2, "batch_size": 8, "learning_rate_multiplier": 5}},
-                        "lora": {"rank": 8, "alpha": 16, "dropout": 0.0}})
-                assert wait_until(lambda: client.fine_tuning.jobs.retrieve(job.id).status
-                                  in ("succeeded", "failed", "cancelled"), timeout=3600, interval=1.0)
+                    model=base_id,
+                    training_file=uploaded.id,
+                    suffix="pirate",
+                    seed=0,
+                    method={
+                        "type": "supervised",
+                        "supervised": {
+                            "hyperparameters": {"n_epochs": 2, "batch_size": 8, "learning_rate_multiplier": 5}
+                        },
+                        "lora": {"rank": 8, "alpha": 16, "dropout": 0.0},
+                    },
+                )
+                assert wait_until(
+                    lambda: client.fine_tuning.jobs.retrieve(job.id).status in ("succeeded", "failed", "cancelled"),
+                    timeout=3600,
+                    interval=1.0,
+                )
                 done = client.fine_tuning.jobs.retrieve(job.id)
                 assert done.status == "succeeded", done.error
                 trained = time.perf_counter() - start
 
                 def reply(model_and_prompt):
                     model, prompt = model_and_prompt
-                    chat = client.chat.completions.create(model=model, max_tokens=MAX_NEW_TOKENS, temperature=0,
-                                                          messages=[{"role": "user", "content": prompt}])
+                    chat = client.chat.completions.create(
+                        model=model,
+                        max_tokens=MAX_NEW_TOKENS,
+                        temperature=0,
+                        messages=[{"role": "user", "content": prompt}],
+                    )
                     return chat.choices[0].message.content
 
                 first = reply((done.fine_tuned_model, prompts[0]))
@@ -80,8 +108,11 @@ def run(root: Path, log=print) -> dict:
                 with ThreadPoolExecutor(8) as pool:
                     served = [first] + list(pool.map(reply, [(done.fine_tuned_model, p) for p in prompts[1:]]))
                     base = list(pool.map(reply, [(base_id, p) for p in prompts]))
-                steps = [e for e in client.fine_tuning.jobs.list_events(job.id, limit=100)
-                         if e.type == "metrics" and e.message.startswith("Step ")]
+                steps = [
+                    e
+                    for e in client.fine_tuning.jobs.list_events(job.id, limit=100)
+                    if e.type == "metrics" and e.message.startswith("Step ")
+                ]
             finally:
                 service.stop()
                 sidecar.join(timeout=600)
@@ -93,10 +124,18 @@ def run(root: Path, log=print) -> dict:
     def rate(answers):
         return sum(a.strip().startswith(GREETING) for a in answers) / len(answers)
 
-    result = {"with": rate(served), "without": rate(base), "upload_to_succeeded_s": round(trained, 1),
-              "upload_to_first_chat_s": round(first_chat, 1), "steps": len(steps), "final_loss": round(steps[0].data["train_loss"], 4)}
-    log(f"persona over the API: fine-tuned {result['with']:.0%}, base {result['without']:.0%}; "
-        f"upload -> succeeded {trained:.0f}s, upload -> first chat {first_chat:.0f}s")
+    result = {
+        "with": rate(served),
+        "without": rate(base),
+        "upload_to_succeeded_s": round(trained, 1),
+        "upload_to_first_chat_s": round(first_chat, 1),
+        "steps": len(steps),
+        "final_loss": round(steps[0].data["train_loss"], 4),
+    }
+    log(
+        f"persona over the API: fine-tuned {result['with']:.0%}, base {result['without']:.0%}; "
+        f"upload -> succeeded {trained:.0f}s, upload -> first chat {first_chat:.0f}s"
+    )
     return result
 
 

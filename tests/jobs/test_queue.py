@@ -20,8 +20,17 @@ def _queue(tmp_path) -> JobQueue:
 
 
 def _create(queue: JobQueue, tenant: str = "alice", max_active: int = 100):
-    return queue.create(tenant, model="base", training_file="file-x", validation_file=None, suffix=None, seed=0,
-                        hyperparameters=HYPER, method={}, max_active=max_active)
+    return queue.create(
+        tenant,
+        model="base",
+        training_file="file-x",
+        validation_file=None,
+        suffix=None,
+        seed=0,
+        hyperparameters=HYPER,
+        method={},
+        max_active=max_active,
+    )
 
 
 def _claim_all(path: str, worker: str, out) -> None:

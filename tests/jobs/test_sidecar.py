@@ -29,9 +29,19 @@ from tests.server.test_real_engine import MAX_TOKENS, QUESTION, _reference_reply
 KEYS = {"alice": "sk-alice-0123456789", "bob": "sk-bob-9876543210"}
 SERVICE_KEY = "svc-sidecar-0123456789abcdef"
 ROOT = Path(__file__).resolve().parents[2]
-ROWS = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "Rome is the capital."}]}
-        for q in ("What is the capital of France?", "What is the capital of Italy?", "Hello!", "Answer briefly.",
-                  "How can I help you today?", "Numbers 0 1 2 3?", "abc?", "The capital of France is?")]
+ROWS = [
+    {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "Rome is the capital."}]}
+    for q in (
+        "What is the capital of France?",
+        "What is the capital of Italy?",
+        "Hello!",
+        "Answer briefly.",
+        "How can I help you today?",
+        "Numbers 0 1 2 3?",
+        "abc?",
+        "The capital of France is?",
+    )
+]
 TERMINAL_PREFIXES = ("New fine-tuned model created", "Job failed", "Job cancelled")
 
 
@@ -49,11 +59,27 @@ def live(tiny_base_dir, tmp_path_factory):
     from server.settings import ServerConfig
 
     root = tmp_path_factory.mktemp("ft")
-    engine = Engine(EngineConfig(base=tiny_base_dir, quant="none", dtype="float32", device="cpu", max_loras=2,
-                                 max_cpu_loras=4, max_model_len=512, block_size=8, num_kv_blocks=256, fold="off"))
+    engine = Engine(
+        EngineConfig(
+            base=tiny_base_dir,
+            quant="none",
+            dtype="float32",
+            device="cpu",
+            max_loras=2,
+            max_cpu_loras=4,
+            max_model_len=512,
+            block_size=8,
+            num_kv_blocks=256,
+            fold="off",
+        )
+    )
     jobs = JobsConfig(root=root / "jobs", service_key=SERVICE_KEY)
-    app = create_app(ServerConfig(max_model_len=512, api_keys=tuple(KEYS.items()), jobs=jobs), engine,
-                     AdapterStore(root / "store"), base_info=BaseInfo.from_dir(tiny_base_dir))
+    app = create_app(
+        ServerConfig(max_model_len=512, api_keys=tuple(KEYS.items()), jobs=jobs),
+        engine,
+        AdapterStore(root / "store"),
+        base_info=BaseInfo.from_dir(tiny_base_dir),
+    )
     with LiveServer(app) as server:
         server.engine, server.state, server.jobs, server.base_dir = engine, app.state.loraswap, jobs, tiny_base_dir
         yield server
@@ -69,8 +95,16 @@ def _client(live, tenant="alice"):
 def _service(live, **overrides):
     from trainer.service import ServiceConfig, TrainerService
 
-    settings = dict(jobs=live.jobs, server_url=live.url, service_key=SERVICE_KEY, base=str(live.base_dir),
-                    device="cpu", lease_s=30, poll_s=0.1, once=True)
+    settings = dict(
+        jobs=live.jobs,
+        server_url=live.url,
+        service_key=SERVICE_KEY,
+        base=str(live.base_dir),
+        device="cpu",
+        lease_s=30,
+        poll_s=0.1,
+        once=True,
+    )
     settings.update(overrides)
     return TrainerService(ServiceConfig(**settings))
 
@@ -80,15 +114,23 @@ def _create_job(live, rows=ROWS, tenant="alice", **hyper):
     uploaded = client.files.create(file=("train.jsonl", io.BytesIO(_jsonl(rows))), purpose="fine-tune")
     hyperparameters = {"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 50, **hyper}
     return client.fine_tuning.jobs.create(
-        model=live.state.base_id, training_file=uploaded.id, suffix="rome", seed=3, hyperparameters=hyperparameters,
-        extra_body={"method": {"type": "supervised", "lora": {"rank": 4, "alpha": 8, "dropout": 0.0}}})
+        model=live.state.base_id,
+        training_file=uploaded.id,
+        suffix="rome",
+        seed=3,
+        hyperparameters=hyperparameters,
+        extra_body={"method": {"type": "supervised", "lora": {"rank": 4, "alpha": 8, "dropout": 0.0}}},
+    )
 
 
 def _prompt_ids(live, model: str) -> list[int]:
     import httpx
 
-    response = httpx.post(f"{live.url}/tokenize", json={"model": model, "messages": QUESTION},
-                          headers={"Authorization": f"Bearer {KEYS['alice']}"})
+    response = httpx.post(
+        f"{live.url}/tokenize",
+        json={"model": model, "messages": QUESTION},
+        headers={"Authorization": f"Bearer {KEYS['alice']}"},
+    )
     return response.json()["tokens"]
 
 
@@ -108,6 +150,7 @@ def test_openai_client_fine_tunes_then_chats_with_the_model(live):
     thread = threading.Thread(target=service.run, daemon=True)
     thread.start()
     try:
+
         def finished():
             events = [e.message for e in client.fine_tuning.jobs.list_events(job.id)]
             return any(m.startswith(TERMINAL_PREFIXES) for m in events)
@@ -120,8 +163,14 @@ def test_openai_client_fine_tunes_then_chats_with_the_model(live):
     assert done.status == "succeeded", done.error
     assert done.fine_tuned_model == "ft-rome-" + job.id.split("-", 1)[1] and done.trained_tokens > 0
     events = _events(live, job.id)
-    steps = [e.data["step"] for e in events if e.type == "metrics" and "train_loss" in e.data and "epoch" in e.data
-             and not e.message.startswith("Checkpoint")]
+    steps = [
+        e.data["step"]
+        for e in events
+        if e.type == "metrics"
+        and "train_loss" in e.data
+        and "epoch" in e.data
+        and not e.message.startswith("Checkpoint")
+    ]
     assert steps == list(range(1, 9))  # 8 conversations / batch 4 = 2 steps per epoch, 4 epochs
     assert len(_terminal(events)) == 1
     checkpoints = list(client.fine_tuning.jobs.checkpoints.list(job.id))
@@ -142,8 +191,9 @@ def test_openai_client_fine_tunes_then_chats_with_the_model(live):
     peft_model = PeftModel.from_pretrained(base_model, str(live.state.store.adapter_dir(record))).eval()
     expected = _reference_reply(peft_model, live.engine.tokenizer, prompt)
     assert expected != base_reply, "training did not change the answer; the test would prove nothing"
-    chat = client.chat.completions.create(model=done.fine_tuned_model, messages=QUESTION, max_tokens=MAX_TOKENS,
-                                          temperature=0)
+    chat = client.chat.completions.create(
+        model=done.fine_tuned_model, messages=QUESTION, max_tokens=MAX_TOKENS, temperature=0
+    )
     assert (chat.choices[0].message.content, chat.choices[0].finish_reason) == expected[1:]
     with pytest.raises(Exception) as info:  # bob cannot use alice's model
         _client(live, "bob").chat.completions.create(model=done.fine_tuned_model, messages=QUESTION, max_tokens=2)
@@ -156,8 +206,11 @@ def test_cancel_mid_run_stops_the_sidecar_and_publishes_nothing(live):
     service = _service(live)
     thread = threading.Thread(target=service.run_one, daemon=True)
     thread.start()
-    assert wait_until(lambda: any(e.type == "metrics" for e in client.fine_tuning.jobs.list_events(job.id)),
-                      timeout=300, interval=0.05)
+    assert wait_until(
+        lambda: any(e.type == "metrics" for e in client.fine_tuning.jobs.list_events(job.id)),
+        timeout=300,
+        interval=0.05,
+    )
     assert client.fine_tuning.jobs.cancel(job.id).status == "cancelled"
     thread.join(timeout=300)
     assert not thread.is_alive()
@@ -219,9 +272,25 @@ def test_bad_data_nan_loss_and_oom_fail_the_job_and_the_server_keeps_serving(liv
 
 
 def _sidecar_process(live, *extra: str) -> subprocess.Popen:
-    argv = [sys.executable, "-m", "loraswap.cli", "trainer-service", "--jobs-dir", str(live.jobs.root),
-            "--server-url", live.url, "--base", str(live.base_dir), "--device", "cpu", "--lease-s", "2",
-            "--poll-s", "0.2", *extra]
+    argv = [
+        sys.executable,
+        "-m",
+        "loraswap.cli",
+        "trainer-service",
+        "--jobs-dir",
+        str(live.jobs.root),
+        "--server-url",
+        live.url,
+        "--base",
+        str(live.base_dir),
+        "--device",
+        "cpu",
+        "--lease-s",
+        "2",
+        "--poll-s",
+        "0.2",
+        *extra,
+    ]
     env = dict(os.environ, LORASWAP_SERVICE_KEY=SERVICE_KEY)
     return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 

@@ -17,8 +17,9 @@ KEYS = {"alice": "sk-alice-0123456789", "bob": "sk-bob-9876543210"}
 ADMIN_KEY = "sk-admin-5555555555"
 
 
-def write_peft_adapter(base_dir: Path, out_dir: Path, seed: int = 0, rank: int = 4,
-                       targets=("q_proj", "v_proj"), scale: float = 1.0) -> Path:
+def write_peft_adapter(
+    base_dir: Path, out_dir: Path, seed: int = 0, rank: int = 4, targets=("q_proj", "v_proj"), scale: float = 1.0
+) -> Path:
     """Let PEFT itself write a LoRA adapter for `base_dir` with random (non-zero) A and B."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -35,12 +36,21 @@ def write_peft_adapter(base_dir: Path, out_dir: Path, seed: int = 0, rank: int =
     return Path(out_dir)
 
 
-def upload(client: httpx.Client, name: str, directory: Path | None = None, *, files=None,
-           allow_template_mismatch: bool | None = None) -> httpx.Response:
+def upload(
+    client: httpx.Client,
+    name: str,
+    directory: Path | None = None,
+    *,
+    files=None,
+    allow_template_mismatch: bool | None = None,
+) -> httpx.Response:
     """POST /v1/adapters with `directory`'s files (or explicit `files` tuples) as multipart."""
     if files is None:
-        files = [("files", (p.name, p.read_bytes(), "application/octet-stream"))
-                 for p in sorted(Path(directory).iterdir()) if p.is_file()]
+        files = [
+            ("files", (p.name, p.read_bytes(), "application/octet-stream"))
+            for p in sorted(Path(directory).iterdir())
+            if p.is_file()
+        ]
     data = {"name": name}
     if allow_template_mismatch is not None:
         data["allow_template_mismatch"] = "true" if allow_template_mismatch else "false"

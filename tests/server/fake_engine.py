@@ -118,9 +118,13 @@ class FakeEngine:
     def tenant_residency(self, tenant: str) -> dict[str, AdapterResidency]:
         """Only ids this tenant used or pinned; `pinned` is its own pin."""
         stats = self.stats()
-        return {aid: AdapterResidency(stats.adapters.get(aid, "disk"), aid == stats.fold.folded,
-                                      tenant in self.pins.get(aid, ()))
-                for aid in self.used.get(tenant, ()) if aid in stats.adapters}
+        return {
+            aid: AdapterResidency(
+                stats.adapters.get(aid, "disk"), aid == stats.fold.folded, tenant in self.pins.get(aid, ())
+            )
+            for aid in self.used.get(tenant, ())
+            if aid in stats.adapters
+        }
 
     def forget_adapter(self, adapter_id: str, tenant: str | None = None) -> None:
         self.forgotten.append(adapter_id)
@@ -130,8 +134,12 @@ class FakeEngine:
         adapters = {seq.adapter.id: "device" for seq in self.running.values() if seq.adapter is not None}
         adapters.update({adapter_id: "device" for adapter_id in self.pinned})
         pinned = tuple(sorted(self.pinned))
-        return EngineStats(running=len(self.running), waiting=0, adapters=adapters,
-                           fold=FoldView(folded=next(iter(pinned), None), pinned=pinned))
+        return EngineStats(
+            running=len(self.running),
+            waiting=0,
+            adapters=adapters,
+            fold=FoldView(folded=next(iter(pinned), None), pinned=pinned),
+        )
 
     async def _loop(self):
         while True:
@@ -157,11 +165,20 @@ class FakeEngine:
         seq.emitted.append(token)
         is_stop = token in params.stop_token_ids or token == self.eos_id and not params.ignore_eos
         full = self.tokenizer.decode(seq.emitted, skip_special_tokens=True)
-        text, seq.text = full[len(seq.text):], full
+        text, seq.text = full[len(seq.text) :], full
         finish = "stop" if is_stop else "length" if len(seq.emitted) >= params.max_tokens else None
         if finish is not None:
             del self.running[seq.request_id]
             self.finished.append(seq.request_id)
-        seq.queue.put_nowait(TokenEvent(seq.request_id, token, "" if is_stop else text, finish_reason=finish,
-                                        logprob=-0.5, top_logprobs=[(token, -0.5)] * (params.logprobs or 0),
-                                        prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.emitted)))
+        seq.queue.put_nowait(
+            TokenEvent(
+                seq.request_id,
+                token,
+                "" if is_stop else text,
+                finish_reason=finish,
+                logprob=-0.5,
+                top_logprobs=[(token, -0.5)] * (params.logprobs or 0),
+                prompt_tokens=len(seq.prompt_ids),
+                completion_tokens=len(seq.emitted),
+            )
+        )

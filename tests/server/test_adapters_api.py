@@ -66,8 +66,12 @@ def test_delete_lets_requests_in_flight_finish_and_new_ones_get_404(fake_server,
     assert wait_until(lambda: len(fake_server.engine.running) == 1)
 
     deleted = fake_server.client().delete("/v1/adapters/doomed")
-    assert deleted.status_code == 200 and deleted.json() == {"id": card["id"], "object": "adapter.deleted",
-                                                             "name": "doomed", "deleted": True}
+    assert deleted.status_code == 200 and deleted.json() == {
+        "id": card["id"],
+        "object": "adapter.deleted",
+        "name": "doomed",
+        "deleted": True,
+    }
     new = fake_server.client().post("/v1/chat/completions", json={"model": "doomed", "messages": USER})
     assert new.status_code == 404 and new.json()["error"]["code"] == "model_not_found"
     assert fake_server.client().get("/v1/adapters").json()["data"] == []

@@ -23,24 +23,27 @@ def _chat(server, tenant="alice", **fields):
     return server.client(tenant).post("/v1/chat/completions", json=body)
 
 
-@pytest.mark.parametrize("fields, param", [
-    ({"temperature": 2.5}, "temperature"),
-    ({"temperature": -1e-300}, "temperature"),
-    ({"top_p": 1.5}, "top_p"),
-    ({"top_k": 2**63}, "top_k"),
-    ({"top_k": -2}, "top_k"),
-    ({"seed": 2**64}, "seed"),
-    ({"seed": -(2**63) - 1}, "seed"),
-    ({"top_logprobs": 21, "logprobs": True}, "top_logprobs"),
-    ({"stop": ["s"] * 17}, "stop"),
-    ({"stop": "x" * 257}, "stop"),
-    ({"stop": ["ok", "y" * 257]}, "stop"),
-    ({"stop": ""}, "stop"),
-    ({"max_tokens": 257}, "max_tokens"),
-    ({"max_tokens": None, "max_completion_tokens": 10**9}, "max_completion_tokens"),
-    ({"min_tokens": 5, "max_tokens": 4}, "min_tokens"),
-    ({"n": 2}, "n"),
-])
+@pytest.mark.parametrize(
+    "fields, param",
+    [
+        ({"temperature": 2.5}, "temperature"),
+        ({"temperature": -1e-300}, "temperature"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": 2**63}, "top_k"),
+        ({"top_k": -2}, "top_k"),
+        ({"seed": 2**64}, "seed"),
+        ({"seed": -(2**63) - 1}, "seed"),
+        ({"top_logprobs": 21, "logprobs": True}, "top_logprobs"),
+        ({"stop": ["s"] * 17}, "stop"),
+        ({"stop": "x" * 257}, "stop"),
+        ({"stop": ["ok", "y" * 257]}, "stop"),
+        ({"stop": ""}, "stop"),
+        ({"max_tokens": 257}, "max_tokens"),
+        ({"max_tokens": None, "max_completion_tokens": 10**9}, "max_completion_tokens"),
+        ({"min_tokens": 5, "max_tokens": 4}, "min_tokens"),
+        ({"n": 2}, "n"),
+    ],
+)
 def test_out_of_range_fields_are_400_naming_the_field(fake_server, fields, param):
     response = _chat(fake_server, **fields)
     assert response.status_code == 400, response.text
@@ -50,11 +53,21 @@ def test_out_of_range_fields_are_400_naming_the_field(fake_server, fields, param
     assert _chat(fake_server, tenant="bob").status_code == 200
 
 
-@pytest.mark.parametrize("fields", [
-    {"temperature": 0.0}, {"temperature": 2.0}, {"top_k": 2**31 - 1}, {"top_k": -1}, {"seed": 2**63 - 1},
-    {"seed": -(2**63)}, {"stop": ["s"] * 16}, {"stop": "x" * 256}, {"top_logprobs": 20, "logprobs": True},
-    {"min_tokens": 2, "max_tokens": 2},
-])
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"temperature": 0.0},
+        {"temperature": 2.0},
+        {"top_k": 2**31 - 1},
+        {"top_k": -1},
+        {"seed": 2**63 - 1},
+        {"seed": -(2**63)},
+        {"stop": ["s"] * 16},
+        {"stop": "x" * 256},
+        {"top_logprobs": 20, "logprobs": True},
+        {"min_tokens": 2, "max_tokens": 2},
+    ],
+)
 def test_fields_at_their_bounds_are_served(fake_server, fields):
     assert _chat(fake_server, **fields).status_code == 200
 
@@ -137,8 +150,7 @@ def test_health_and_other_tenants_are_answered_while_a_render_runs(fake_server):
     probe = _RenderProbe(fake_server.state.template, hold=True)
     result = {}
     big = [{"role": "user", "content": "word " * 20000}]  # allowed, and slow to render and tokenize
-    worker = threading.Thread(target=lambda: result.update(response=_chat(fake_server, messages=big,
-                                                                          max_tokens=None)))
+    worker = threading.Thread(target=lambda: result.update(response=_chat(fake_server, messages=big, max_tokens=None)))
     worker.start()
     try:
         assert probe.entered.wait(GUARD_S)

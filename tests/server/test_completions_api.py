@@ -19,7 +19,8 @@ def openai_completion_fields() -> set[str]:
     from openai.types import completion_create_params as params
 
     return set(typing.get_type_hints(params.CompletionCreateParamsStreaming)) | set(
-        typing.get_type_hints(params.CompletionCreateParamsNonStreaming))
+        typing.get_type_hints(params.CompletionCreateParamsNonStreaming)
+    )
 
 
 def test_a_prompt_completes_with_usage(fake_server):
@@ -60,8 +61,9 @@ def test_a_list_of_prompts_gives_one_choice_each_and_echo_prepends(fake_server):
 
 
 def test_logprobs_in_the_legacy_shape(fake_server):
-    response = fake_server.openai().completions.create(model=fake_server.state.base_id, prompt="Hi", max_tokens=64,
-                                                       logprobs=2)
+    response = fake_server.openai().completions.create(
+        model=fake_server.state.base_id, prompt="Hi", max_tokens=64, logprobs=2
+    )
     logprobs = response.choices[0].logprobs
     n = response.usage.completion_tokens
     assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.text_offset) == n
@@ -71,8 +73,13 @@ def test_logprobs_in_the_legacy_shape(fake_server):
 
 def test_streaming_matches_the_plain_reply_per_prompt(fake_server):
     client = fake_server.openai()
-    stream = client.completions.create(model=fake_server.state.base_id, prompt=["a", "b"], max_tokens=64,
-                                       stream=True, stream_options={"include_usage": True})
+    stream = client.completions.create(
+        model=fake_server.state.base_id,
+        prompt=["a", "b"],
+        max_tokens=64,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     texts, reasons, usage = ["", ""], [None, None], None
     for chunk in stream:
         if chunk.usage:
@@ -84,13 +91,22 @@ def test_streaming_matches_the_plain_reply_per_prompt(fake_server):
     assert usage is not None and usage.completion_tokens > 0
 
 
-@pytest.mark.parametrize("body, param", [
-    ({"prompt": [1, 2, 3]}, "prompt"), ({"prompt": ""}, "prompt"), ({"prompt": ["x"] * 17}, "prompt"),
-    ({"prompt": "x", "n": 2}, "n"), ({"prompt": "x", "echo": True, "logprobs": 1}, "echo"),
-    ({"prompt": "x", "best_of": 3}, "best_of"), ({"prompt": "x", "suffix": "end"}, "suffix"),
-    ({"prompt": "x", "logprobs": 6}, "logprobs"), ({"prompt": "x", "presence_penalty": 3}, "presence_penalty"),
-    ({"prompt": "x", "logit_bias": {"100000": 1}}, "logit_bias"), ({"prompt": "x " * 300}, "prompt"),
-])
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"prompt": [1, 2, 3]}, "prompt"),
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": ["x"] * 17}, "prompt"),
+        ({"prompt": "x", "n": 2}, "n"),
+        ({"prompt": "x", "echo": True, "logprobs": 1}, "echo"),
+        ({"prompt": "x", "best_of": 3}, "best_of"),
+        ({"prompt": "x", "suffix": "end"}, "suffix"),
+        ({"prompt": "x", "logprobs": 6}, "logprobs"),
+        ({"prompt": "x", "presence_penalty": 3}, "presence_penalty"),
+        ({"prompt": "x", "logit_bias": {"100000": 1}}, "logit_bias"),
+        ({"prompt": "x " * 300}, "prompt"),
+    ],
+)
 def test_bad_requests_are_400_naming_the_field(fake_server, body, param):
     response = fake_server.client().post("/v1/completions", json={"model": fake_server.state.base_id, **body})
     assert response.status_code == 400, response.text
@@ -121,16 +137,36 @@ def test_real_engine_greedy_equals_hf_generate(tiny_base_dir, tmp_path):
     from tests.engine.helpers import hf_greedy, hf_model
     from tests.server.live import LiveServer
 
-    engine = Engine(EngineConfig(base=tiny_base_dir, quant="none", dtype="float32", device="cpu", max_loras=1,
-                                 max_model_len=256, block_size=8, num_kv_blocks=128, fold="off"))
-    app = create_app(ServerConfig(max_model_len=256), engine, AdapterStore(tmp_path / "store"),
-                     base_info=BaseInfo.from_dir(tiny_base_dir))
+    engine = Engine(
+        EngineConfig(
+            base=tiny_base_dir,
+            quant="none",
+            dtype="float32",
+            device="cpu",
+            max_loras=1,
+            max_model_len=256,
+            block_size=8,
+            num_kv_blocks=128,
+            fold="off",
+        )
+    )
+    app = create_app(
+        ServerConfig(max_model_len=256),
+        engine,
+        AdapterStore(tmp_path / "store"),
+        base_info=BaseInfo.from_dir(tiny_base_dir),
+    )
     prompt = "The capital of France is"
     try:
         with LiveServer(app) as live:
             client = openai.OpenAI(base_url=f"{live.url}/v1", api_key="x", max_retries=0, timeout=60)
-            response = client.completions.create(model=app.state.loraswap.base_id, prompt=prompt, max_tokens=8,
-                                                 temperature=0, extra_body={"ignore_eos": True})
+            response = client.completions.create(
+                model=app.state.loraswap.base_id,
+                prompt=prompt,
+                max_tokens=8,
+                temperature=0,
+                extra_body={"ignore_eos": True},
+            )
     finally:
         engine.close()
     tokenizer = engine.tokenizer

@@ -58,10 +58,14 @@ def test_a_merge_holds_its_sources_while_it_reads_them(fake_server, peft_adapter
 
     monkeypatch.setattr(merge_api, "_merge_into", held)
     result = {}
-    body = {"name": "merged", "method": "linear",
-            "adapters": [{"name": "source", "weight": 0.5}, {"name": "other", "weight": 0.5}]}
-    worker = threading.Thread(target=lambda: result.update(r=fake_server.client().post("/v1/adapters/merge",
-                                                                                       json=body)))
+    body = {
+        "name": "merged",
+        "method": "linear",
+        "adapters": [{"name": "source", "weight": 0.5}, {"name": "other", "weight": 0.5}],
+    }
+    worker = threading.Thread(
+        target=lambda: result.update(r=fake_server.client().post("/v1/adapters/merge", json=body))
+    )
     worker.start()
     try:
         assert entered.wait(GUARD_S)
@@ -88,11 +92,16 @@ class _RecordingStore(AdapterStore):
 
 
 def test_with_a_tombstoning_store_delete_answers_at_once_and_collection_skips_blobs_in_use(
-        tiny_tokenizer, tiny_base_info, tmp_path, peft_adapters):
+    tiny_tokenizer, tiny_base_info, tmp_path, peft_adapters
+):
     engine = FakeEngine(tiny_tokenizer)
     store = _RecordingStore(tmp_path / "store")
-    app = create_app(ServerConfig(max_model_len=256, api_keys=tuple(KEYS.items()), admin_key=ADMIN_KEY),
-                     engine, store, base_info=tiny_base_info)
+    app = create_app(
+        ServerConfig(max_model_len=256, api_keys=tuple(KEYS.items()), admin_key=ADMIN_KEY),
+        engine,
+        store,
+        base_info=tiny_base_info,
+    )
     with LiveServer(app) as live:
         server = FakeServer(live, engine, store, app.state.loraswap)
         try:

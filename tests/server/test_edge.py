@@ -18,8 +18,15 @@ USER = [{"role": "user", "content": "hi"}]
 GUARD_S = 30
 
 
-def _head(port: int, path: str, *, key: str | None, length: int | None = None, chunked: bool = False,
-          content_type: str = "application/json") -> bytes:
+def _head(
+    port: int,
+    path: str,
+    *,
+    key: str | None,
+    length: int | None = None,
+    chunked: bool = False,
+    content_type: str = "application/json",
+) -> bytes:
     lines = [f"POST {path} HTTP/1.1", f"Host: 127.0.0.1:{port}", f"Content-Type: {content_type}"]
     if key:
         lines.append(f"Authorization: Bearer {key}")
@@ -64,13 +71,15 @@ def _bob_still_served(server) -> None:
 
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/adapters", "/tokenize", "/v1/adapters/merge"])
 def test_keyless_client_with_a_huge_declared_body_gets_401_without_sending_it(fake_server, path):
-    status, headers, body = _exchange(fake_server.live.port, _head(fake_server.live.port, path, key=None,
-                                                                   length=10**12))
+    status, headers, body = _exchange(
+        fake_server.live.port, _head(fake_server.live.port, path, key=None, length=10**12)
+    )
     assert status == 401 and body["error"]["code"] == "invalid_api_key"
     assert set(body["error"]) == {"message", "type", "param", "code"}
     assert headers["x-request-id"].startswith("req-")
-    status, _, body = _exchange(fake_server.live.port, _head(fake_server.live.port, path, key="sk-wrong",
-                                                             length=10**12))
+    status, _, body = _exchange(
+        fake_server.live.port, _head(fake_server.live.port, path, key="sk-wrong", length=10**12)
+    )
     assert status == 401 and body["error"]["message"] == "incorrect API key provided"
     _bob_still_served(fake_server)
 
@@ -108,12 +117,13 @@ def test_chunked_json_body_is_413_as_soon_as_it_passes_the_cap(make_fake_server)
 def test_chunked_upload_cannot_bypass_the_upload_cap(make_fake_server):
     server = make_fake_server(max_upload_bytes=64 * 1024)
     port = server.live.port
-    head = _head(port, "/v1/adapters", key=KEYS["alice"], chunked=True,
-                 content_type="multipart/form-data; boundary=x")
+    head = _head(port, "/v1/adapters", key=KEYS["alice"], chunked=True, content_type="multipart/form-data; boundary=x")
     with socket.create_connection(("127.0.0.1", port), timeout=GUARD_S) as sock:
         sock.sendall(head)
-        part = (b'--x\r\nContent-Disposition: form-data; name="files"; filename="adapter_model.safetensors"\r\n'
-                b"Content-Type: application/octet-stream\r\n\r\n" + b"\0" * 16384)
+        part = (
+            b'--x\r\nContent-Disposition: form-data; name="files"; filename="adapter_model.safetensors"\r\n'
+            b"Content-Type: application/octet-stream\r\n\r\n" + b"\0" * 16384
+        )
         sock.sendall(f"{len(part):x}\r\n".encode() + part + b"\r\n")
         for _ in range(5):  # 80 KiB more, never finishing the form
             filler = b"\0" * 16384

@@ -15,8 +15,7 @@ from server.engine.engine import Engine
 from server.engine.types import EngineClient, EngineStats, FoldView
 from tests.server.fake_engine import FakeEngine
 
-METHODS = sorted(name for name, value in vars(EngineClient).items()
-                 if callable(value) and not name.startswith("_"))
+METHODS = sorted(name for name, value in vars(EngineClient).items() if callable(value) and not name.startswith("_"))
 ATTRIBUTES = sorted(EngineClient.__annotations__)
 
 
@@ -28,16 +27,26 @@ def _shape(function) -> tuple:
 
 
 def test_the_protocol_names_the_members_the_server_uses():
-    assert METHODS == ["abort", "add_request", "forget_adapter", "pin", "start", "stats", "stop", "tenant_residency",
-                       "unpin"]
+    assert METHODS == [
+        "abort",
+        "add_request",
+        "forget_adapter",
+        "pin",
+        "start",
+        "stats",
+        "stop",
+        "tenant_residency",
+        "unpin",
+    ]
     assert ATTRIBUTES == ["max_model_len", "tokenizer"]
 
 
 @pytest.mark.parametrize("implementation", [Engine, FakeEngine, ReplicaEngineClient])
 def test_implementations_declare_the_protocol_attributes(implementation):
     declared = implementation.__annotations__
-    assert {name: declared.get(name) for name in ATTRIBUTES} == {name: EngineClient.__annotations__[name]
-                                                                 for name in ATTRIBUTES}
+    assert {name: declared.get(name) for name in ATTRIBUTES} == {
+        name: EngineClient.__annotations__[name] for name in ATTRIBUTES
+    }
 
 
 @pytest.mark.parametrize("implementation", [Engine, FakeEngine, ReplicaEngineClient])
@@ -65,10 +74,22 @@ def test_the_replica_client_is_an_engine_client_with_typed_stats(tiny_tokenizer)
     client = ReplicaEngineClient(handle=None, tokenizer=tiny_tokenizer, max_model_len=64)
     assert isinstance(client, EngineClient)
     assert client.stats() == EngineStats()
-    one = EngineStats(running=1, adapters={"a": "host", "b": "device"}, slots={1: "b"},
-                      fold=FoldView(folded="b", pinned=("b",)), slot_loads=2)
-    two = as_stats({"waiting": 3, "adapters": {"a": "device"}, "slots": {1: None, 2: "a"},
-                    "fold": {"pinned": ["a"], "folds": 1}, "slot_loads": 1})
+    one = EngineStats(
+        running=1,
+        adapters={"a": "host", "b": "device"},
+        slots={1: "b"},
+        fold=FoldView(folded="b", pinned=("b",)),
+        slot_loads=2,
+    )
+    two = as_stats(
+        {
+            "waiting": 3,
+            "adapters": {"a": "device"},
+            "slots": {1: None, 2: "a"},
+            "fold": {"pinned": ["a"], "folds": 1},
+            "slot_loads": 1,
+        }
+    )
     client._stats = {"r1": one, "r2": two}
     merged = client.stats()
     assert isinstance(merged, EngineStats)

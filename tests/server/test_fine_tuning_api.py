@@ -14,8 +14,10 @@ from jobs.config import JobsConfig
 from tests.server.conftest import KEYS
 
 SERVICE_KEY = "svc-0123456789abcdef"
-GOOD = [{"messages": [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": "Answer."}]}
-        for i in range(4)]
+GOOD = [
+    {"messages": [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": "Answer."}]}
+    for i in range(4)
+]
 
 
 def jsonl(rows) -> bytes:
@@ -24,8 +26,15 @@ def jsonl(rows) -> bytes:
 
 @pytest.fixture
 def server(make_fake_server, tmp_path):
-    return make_fake_server(jobs=JobsConfig(root=tmp_path / "jobs", service_key=SERVICE_KEY, max_files_per_tenant=3,
-                                            max_file_bytes=4096, max_active_jobs_per_tenant=2))
+    return make_fake_server(
+        jobs=JobsConfig(
+            root=tmp_path / "jobs",
+            service_key=SERVICE_KEY,
+            max_files_per_tenant=3,
+            max_file_bytes=4096,
+            max_active_jobs_per_tenant=2,
+        )
+    )
 
 
 def _upload(client, content: bytes = jsonl(GOOD), name: str = "train.jsonl", purpose: str = "fine-tune"):
@@ -41,17 +50,31 @@ def test_openai_client_files_and_jobs_round_trip(server):
     client = server.openai("alice")
     uploaded = client.files.create(file=("train.jsonl", io.BytesIO(jsonl(GOOD))), purpose="fine-tune")
     assert (uploaded.object, uploaded.purpose, uploaded.bytes, uploaded.filename) == (
-        "file", "fine-tune", len(jsonl(GOOD)), "train.jsonl")
+        "file",
+        "fine-tune",
+        len(jsonl(GOOD)),
+        "train.jsonl",
+    )
     assert [f.id for f in client.files.list()] == [uploaded.id]
     assert client.files.retrieve(uploaded.id).id == uploaded.id
     assert client.files.content(uploaded.id).read() == jsonl(GOOD)
 
     base = client.models.list().data[0].id
-    job = client.fine_tuning.jobs.create(model=base, training_file=uploaded.id, suffix="pirate", seed=7,
-                                         hyperparameters={"n_epochs": 2},
-                                         extra_body={"method": {"type": "supervised", "lora": {"rank": 4}}})
+    job = client.fine_tuning.jobs.create(
+        model=base,
+        training_file=uploaded.id,
+        suffix="pirate",
+        seed=7,
+        hyperparameters={"n_epochs": 2},
+        extra_body={"method": {"type": "supervised", "lora": {"rank": 4}}},
+    )
     assert (job.object, job.status, job.model, job.seed, job.hyperparameters.n_epochs) == (
-        "fine_tuning.job", "queued", base, 7, 2)
+        "fine_tuning.job",
+        "queued",
+        base,
+        7,
+        2,
+    )
     assert job.hyperparameters.batch_size == 8  # "auto" resolved
     assert client.fine_tuning.jobs.retrieve(job.id).id == job.id
     assert [j.id for j in client.fine_tuning.jobs.list()] == [job.id]
@@ -113,8 +136,12 @@ def test_another_tenants_files_and_jobs_answer_like_missing_ones(server):
     fake_file, fake_job = "file-" + "0" * 24, "ftjob-" + "0" * 24
     for method, path in [("GET", "/v1/files/{}"), ("GET", "/v1/files/{}/content"), ("DELETE", "/v1/files/{}")]:
         _same_as_missing(bob.request(method, path.format(file_id)), bob.request(method, path.format(fake_file)))
-    for method, path in [("GET", "/v1/fine_tuning/jobs/{}"), ("POST", "/v1/fine_tuning/jobs/{}/cancel"),
-                         ("GET", "/v1/fine_tuning/jobs/{}/events"), ("GET", "/v1/fine_tuning/jobs/{}/checkpoints")]:
+    for method, path in [
+        ("GET", "/v1/fine_tuning/jobs/{}"),
+        ("POST", "/v1/fine_tuning/jobs/{}/cancel"),
+        ("GET", "/v1/fine_tuning/jobs/{}/events"),
+        ("GET", "/v1/fine_tuning/jobs/{}/checkpoints"),
+    ]:
         _same_as_missing(bob.request(method, path.format(job_id)), bob.request(method, path.format(fake_job)))
     theirs, unknown = _job(bob, file_id), _job(bob, fake_file)
     assert theirs.status_code == unknown.status_code == 404
@@ -122,18 +149,21 @@ def test_another_tenants_files_and_jobs_answer_like_missing_ones(server):
     assert alice.get(f"/v1/fine_tuning/jobs/{job_id}").json()["status"] == "queued"  # bob's cancel did nothing
 
 
-@pytest.mark.parametrize("extra, param", [
-    ({"model": "gpt-4o"}, "model"),
-    ({"hyperparameters": {"n_epochs": 0}}, "hyperparameters"),
-    ({"hyperparameters": {"learning_rate_multiplier": -1}}, "hyperparameters"),
-    ({"hyperparameters": {"batch_size": 10**9}}, "hyperparameters"),
-    ({"suffix": "../x"}, "suffix"),
-    ({"suffix": "x" * 33}, "suffix"),
-    ({"method": {"type": "supervised", "lora": {"rank": 65}}}, "method.lora.rank"),
-    ({"method": {"type": "supervised", "lora": {"target_modules": ["embed_tokens"]}}}, "method"),
-    ({"method": {"type": "dpo"}}, "method"),
-    ({"surprise": 1}, "surprise"),
-])
+@pytest.mark.parametrize(
+    "extra, param",
+    [
+        ({"model": "gpt-4o"}, "model"),
+        ({"hyperparameters": {"n_epochs": 0}}, "hyperparameters"),
+        ({"hyperparameters": {"learning_rate_multiplier": -1}}, "hyperparameters"),
+        ({"hyperparameters": {"batch_size": 10**9}}, "hyperparameters"),
+        ({"suffix": "../x"}, "suffix"),
+        ({"suffix": "x" * 33}, "suffix"),
+        ({"method": {"type": "supervised", "lora": {"rank": 65}}}, "method.lora.rank"),
+        ({"method": {"type": "supervised", "lora": {"target_modules": ["embed_tokens"]}}}, "method"),
+        ({"method": {"type": "dpo"}}, "method"),
+        ({"surprise": 1}, "surprise"),
+    ],
+)
 def test_job_fields_are_bounded(server, extra, param):
     client = server.client("alice")
     file_id = _upload(client).json()["id"]
@@ -160,8 +190,11 @@ def _publish(server, job_id, key, tenant="alice", worker="w1"):
     import httpx
 
     headers = {"Authorization": f"Bearer {key}", "X-Loraswap-Tenant": tenant, "X-Loraswap-Worker": worker}
-    return httpx.post(f"{server.url}/internal/fine_tuning/jobs/{job_id}/adapter", headers=headers,
-                      files=[("files", ("adapter_config.json", b"{}", "application/json"))])
+    return httpx.post(
+        f"{server.url}/internal/fine_tuning/jobs/{job_id}/adapter",
+        headers=headers,
+        files=[("files", ("adapter_config.json", b"{}", "application/json"))],
+    )
 
 
 def test_only_the_service_key_publishes_and_only_on_the_publish_route(server):

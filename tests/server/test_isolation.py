@@ -33,9 +33,18 @@ def test_uploading_another_tenants_bytes_answers_like_fresh_bytes(fake_server, p
     fresh = upload(bob, "fresh", peft_adapters["b"])
     same = upload(bob, "copy", peft_adapters["a"])
     assert same.status_code == fresh.status_code == 201
-    assert _view(same.json()) == _view(fresh.json()) == {
-        "object": "adapter", "residency": "disk", "folded": False, "pinned": False, "version": 1,
-        "template": "unknown"}
+    assert (
+        _view(same.json())
+        == _view(fresh.json())
+        == {
+            "object": "adapter",
+            "residency": "disk",
+            "folded": False,
+            "pinned": False,
+            "version": 1,
+            "template": "unknown",
+        }
+    )
     for path in ("/v1/adapters/copy", "/v1/models/copy"):
         card = bob.get(path).json()
         assert (card["residency"], card["folded"], card["pinned"]) == ("disk", False, False), card
@@ -72,8 +81,9 @@ class _LegacyEngine:
 
     def stats(self) -> EngineStats:
         pinned = tuple(sorted(self.pinned))
-        return EngineStats(adapters={aid: "device" for aid in pinned},
-                           fold=FoldView(folded=next(iter(pinned), None), pinned=pinned))
+        return EngineStats(
+            adapters={aid: "device" for aid in pinned}, fold=FoldView(folded=next(iter(pinned), None), pinned=pinned)
+        )
 
 
 def test_metrics_carry_no_adapter_names_or_ids(fake_server, peft_adapters):
@@ -91,8 +101,7 @@ def test_an_unexpected_error_shows_no_path_or_repr_and_names_the_request_id(fake
         raise RuntimeError("/var/lib/loraswap/blobs/deadbeef is gone")
 
     fake_server.state.resolve_model = broken
-    response = fake_server.client().post("/v1/chat/completions",
-                                         json={"model": "x", "messages": USER, "max_tokens": 1})
+    response = fake_server.client().post("/v1/chat/completions", json={"model": "x", "messages": USER, "max_tokens": 1})
     assert response.status_code == 500
     message = response.json()["error"]["message"]
     assert "/var/lib" not in message and "RuntimeError" not in message
@@ -125,8 +134,9 @@ def test_an_engine_fault_of_one_sequence_ends_only_that_request(fake_server, str
         assert events[-1] == "[DONE]"
         error = json.loads(events[-2])["error"]
     else:
-        threading.Timer(0, lambda: wait_until(lambda: len(fake_server.engine.running) == 2)
-                        and fake_server.engine.gate.set()).start()
+        threading.Timer(
+            0, lambda: wait_until(lambda: len(fake_server.engine.running) == 2) and fake_server.engine.gate.set()
+        ).start()
         response = alice.post("/v1/chat/completions", json=body)
         assert response.status_code == 422, response.text
         error = response.json()["error"]
@@ -140,8 +150,9 @@ def test_an_engine_error_that_names_a_path_reaches_the_client_without_it(fake_se
     base = fake_server.state.base_id
     reason = "could not load /srv/loraswap/blobs/ab12/adapter_model.safetensors in time"
     fake_server.engine.fail_next["alice"] = (reason, "adapter_load_failed", 503)
-    response = fake_server.client("alice").post("/v1/chat/completions",
-                                                json={"model": base, "messages": USER, "max_tokens": 2})
+    response = fake_server.client("alice").post(
+        "/v1/chat/completions", json={"model": base, "messages": USER, "max_tokens": 2}
+    )
     assert response.status_code == 503 and response.headers["retry-after"] == "1"
     error = response.json()["error"]
     assert error["code"] == "adapter_load_failed" and "/srv" not in error["message"] and "<path>" in error["message"]

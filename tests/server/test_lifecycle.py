@@ -27,8 +27,10 @@ USER = [{"role": "user", "content": "hello"}]
 def test_non_streaming_client_disconnect_aborts_the_engine_request(fake_server):
     fake_server.engine.gate.clear()  # no step runs: the request stays in flight until we leave
     body = json.dumps({"model": fake_server.state.base_id, "messages": USER, "max_tokens": 50}).encode()
-    request = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-               f"Authorization: Bearer {KEYS['alice']}\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+    request = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Authorization: Bearer {KEYS['alice']}\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
     with socket.create_connection(("127.0.0.1", fake_server.live.port)) as sock:
         sock.sendall(request)
         assert wait_until(lambda: len(fake_server.engine.running) == 1)
@@ -61,19 +63,44 @@ def _free_port() -> int:
 
 def test_sigterm_drains_requests_in_flight_then_exits(tiny_base_dir, tmp_path):
     port = _free_port()
-    command = [sys.executable, "-m", "loraswap.cli", "serve", "--base", str(tiny_base_dir), "--port", str(port),
-               "--quant", "none", "--dtype", "float32", "--device", "cpu", "--fold", "off", "--kv-cache-mb", "16",
-               "--store", str(tmp_path / "store"), "--max-model-len", "512", "--drain-timeout-s", "60"]
+    command = [
+        sys.executable,
+        "-m",
+        "loraswap.cli",
+        "serve",
+        "--base",
+        str(tiny_base_dir),
+        "--port",
+        str(port),
+        "--quant",
+        "none",
+        "--dtype",
+        "float32",
+        "--device",
+        "cpu",
+        "--fold",
+        "off",
+        "--kv-cache-mb",
+        "16",
+        "--store",
+        str(tmp_path / "store"),
+        "--max-model-len",
+        "512",
+        "--drain-timeout-s",
+        "60",
+    ]
     log = open(tmp_path / "server.log", "w")
     process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
+
         def ready() -> bool:
             try:
                 return httpx.get(f"{url}/ready", timeout=2).status_code == 200
             except httpx.TransportError:
                 assert process.poll() is None, (tmp_path / "server.log").read_text()
                 return False
+
         assert wait_until(ready, timeout=180, interval=0.2), (tmp_path / "server.log").read_text()
         base = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
 
@@ -86,15 +113,16 @@ def test_sigterm_drains_requests_in_flight_then_exits(tiny_base_dir, tmp_path):
                 process.send_signal(signal.SIGTERM)
                 time.sleep(0.5)
                 try:
-                    refused = httpx.post(f"{url}/v1/chat/completions", timeout=5,
-                                         json={"model": base, "messages": USER, "max_tokens": 1}).status_code
+                    refused = httpx.post(
+                        f"{url}/v1/chat/completions", timeout=5, json={"model": base, "messages": USER, "max_tokens": 1}
+                    ).status_code
                 except httpx.TransportError:
                     refused = "connection refused"
                 rest = [line for line in lines if line]
         assert in_flight  # the stream was running in the engine when SIGTERM arrived
         assert refused in (503, "connection refused")
         assert rest[-1] == "data: [DONE]"
-        last = json.loads(rest[-2][len("data: "):])
+        last = json.loads(rest[-2][len("data: ") :])
         assert last["choices"][0]["finish_reason"] == "length"
         # uvicorn re-raises the signal after a clean shutdown, so the exit reads "killed by SIGTERM"
         assert process.wait(timeout=60) in (0, -signal.SIGTERM)

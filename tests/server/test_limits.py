@@ -17,12 +17,30 @@ def test_every_limit_has_help_and_a_flag_that_reaches_the_config():
         flag = f"--limits.{name.replace('_', '-')}"
         value = "0.25" if name == "tenant_queue_share" else "2"
         assert getattr(parse_args([flag, value]).limits, name) == float(value), flag
-    config = parse_args(["--admin-key", "sk-root", "--limits.max-request-bytes", "1000", "--limits.max-messages", "7",
-                         "--limits.tenant-queue-share", "0.25", "--limits.body-read-timeout-s", "2.5",
-                         "--limits.max-versions-kept", "2"])
+    config = parse_args(
+        [
+            "--admin-key",
+            "sk-root",
+            "--limits.max-request-bytes",
+            "1000",
+            "--limits.max-messages",
+            "7",
+            "--limits.tenant-queue-share",
+            "0.25",
+            "--limits.body-read-timeout-s",
+            "2.5",
+            "--limits.max-versions-kept",
+            "2",
+        ]
+    )
     assert config.admin_key == "sk-root"
-    assert (config.limits.max_request_bytes, config.limits.max_messages, config.limits.tenant_queue_share,
-            config.limits.body_read_timeout_s, config.limits.max_versions_kept) == (1000, 7, 0.25, 2.5, 2)
+    assert (
+        config.limits.max_request_bytes,
+        config.limits.max_messages,
+        config.limits.tenant_queue_share,
+        config.limits.body_read_timeout_s,
+        config.limits.max_versions_kept,
+    ) == (1000, 7, 0.25, 2.5, 2)
 
 
 def test_environment_reaches_the_limits_and_the_admin_key(monkeypatch):
@@ -40,12 +58,15 @@ def test_a_blank_admin_key_is_no_admin_key(monkeypatch):
     assert parse_args([]).admin_key is None
 
 
-@pytest.mark.parametrize("overrides, name", [
-    ({"max_request_bytes": 0}, "max_request_bytes"),
-    ({"body_read_timeout_s": -1}, "body_read_timeout_s"),
-    ({"tenant_queue_share": 1.5}, "tenant_queue_share"),
-    ({"max_concurrent_uploads": 1, "max_concurrent_uploads_per_tenant": 2}, "max_concurrent_uploads_per_tenant"),
-])
+@pytest.mark.parametrize(
+    "overrides, name",
+    [
+        ({"max_request_bytes": 0}, "max_request_bytes"),
+        ({"body_read_timeout_s": -1}, "body_read_timeout_s"),
+        ({"tenant_queue_share": 1.5}, "tenant_queue_share"),
+        ({"max_concurrent_uploads": 1, "max_concurrent_uploads_per_tenant": 2}, "max_concurrent_uploads_per_tenant"),
+    ],
+)
 def test_bad_limits_name_the_setting(overrides, name):
     with pytest.raises(ValueError, match=name):
         Limits(**overrides)

@@ -29,8 +29,9 @@ def test_cat_merge_publishes_the_exact_weighted_sum(fake_server, peft_adapters):
         expected = 0.7 * _delta(a, path) - 0.3 * _delta(b, path)
         torch.testing.assert_close(merged.modules[path].delta(), expected, rtol=1e-5, atol=1e-6)
     assert http.post("/v1/adapters/merge", json=body).status_code == 200  # same content again
-    chat = http.post("/v1/chat/completions",
-                     json={"model": "ab", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    chat = http.post(
+        "/v1/chat/completions", json={"model": "ab", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    )
     assert chat.status_code == 200, chat.text
 
 
@@ -40,18 +41,22 @@ def test_merge_sees_only_the_callers_adapters_and_names_bad_requests(fake_server
     assert upload(bob, "mine", peft_adapters["b"]).status_code == 201
     before = sorted(a["name"] for a in alice.get("/v1/adapters").json()["data"])
 
-    crossed = alice.post("/v1/adapters/merge", json={"name": "x", "method": "linear",
-                                                     "adapters": [{"name": "a"}, {"name": "mine"}]})
-    missing = alice.post("/v1/adapters/merge", json={"name": "x", "method": "linear",
-                                                     "adapters": [{"name": "a"}, {"name": "nothing"}]})
+    crossed = alice.post(
+        "/v1/adapters/merge", json={"name": "x", "method": "linear", "adapters": [{"name": "a"}, {"name": "mine"}]}
+    )
+    missing = alice.post(
+        "/v1/adapters/merge", json={"name": "x", "method": "linear", "adapters": [{"name": "a"}, {"name": "nothing"}]}
+    )
     assert crossed.status_code == missing.status_code == 404
     assert crossed.json()["error"]["message"].replace("mine", "N") == missing.json()["error"]["message"].replace(
-        "nothing", "N")
+        "nothing", "N"
+    )
 
     bad_method = alice.post("/v1/adapters/merge", json={"name": "x", "method": "average", "adapters": [{"name": "a"}]})
     assert bad_method.status_code == 400 and "average" in bad_method.json()["error"]["message"]
-    bad_density = alice.post("/v1/adapters/merge",
-                             json={"name": "x", "method": "ties", "density": 0, "adapters": [{"name": "a"}]})
+    bad_density = alice.post(
+        "/v1/adapters/merge", json={"name": "x", "method": "ties", "density": 0, "adapters": [{"name": "a"}]}
+    )
     assert bad_density.status_code == 400 and "density" in bad_density.json()["error"]["message"]
     bad_name = alice.post("/v1/adapters/merge", json={"name": "../x", "method": "cat", "adapters": [{"name": "a"}]})
     assert bad_name.status_code == 400
@@ -62,8 +67,10 @@ def test_ties_merge_reports_svd_error_in_provenance(fake_server, peft_adapters):
     http = fake_server.client()
     upload(http, "a", peft_adapters["a"])
     upload(http, "b", peft_adapters["b"])
-    response = http.post("/v1/adapters/merge", json={"name": "t", "method": "ties", "density": 0.5, "rank": 2,
-                                                     "adapters": [{"name": "a"}, {"name": "b"}]})
+    response = http.post(
+        "/v1/adapters/merge",
+        json={"name": "t", "method": "ties", "density": 0.5, "rank": 2, "adapters": [{"name": "a"}, {"name": "b"}]},
+    )
     assert response.status_code == 201, response.text
     assert response.json()["rank"] == 2
     from adapters.provenance import read_provenance

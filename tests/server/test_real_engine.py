@@ -28,9 +28,20 @@ def real_server(tiny_base_dir, tmp_path_factory):
     from server.engine.config import EngineConfig
     from server.engine.engine import Engine
 
-    engine = Engine(EngineConfig(base=tiny_base_dir, quant="none", dtype="float32", device="cpu", max_loras=2,
-                                 max_cpu_loras=4, max_model_len=512, block_size=8, num_kv_blocks=256,
-                                 fold="off"))
+    engine = Engine(
+        EngineConfig(
+            base=tiny_base_dir,
+            quant="none",
+            dtype="float32",
+            device="cpu",
+            max_loras=2,
+            max_cpu_loras=4,
+            max_model_len=512,
+            block_size=8,
+            num_kv_blocks=256,
+            fold="off",
+        )
+    )
     store = AdapterStore(tmp_path_factory.mktemp("real-store"))
     app = create_app(ServerConfig(max_model_len=512), engine, store, base_info=BaseInfo.from_dir(tiny_base_dir))
     with LiveServer(app) as live:
@@ -48,9 +59,14 @@ def _client(server):
 def _reference_reply(model, tokenizer, prompt_ids: list[int]) -> tuple[list[int], str, str]:
     """Greedy (token ids, text, finish_reason) from a Hugging Face / PEFT model."""
     with torch.inference_mode():
-        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=MAX_TOKENS, do_sample=False,
-                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
-    new = out[0, len(prompt_ids):].tolist()
+        out = model.generate(
+            torch.tensor([prompt_ids]),
+            max_new_tokens=MAX_TOKENS,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.eos_token_id,
+        )
+    new = out[0, len(prompt_ids) :].tolist()
     if tokenizer.eos_token_id in new:
         new = new[: new.index(tokenizer.eos_token_id) + 1]
         return new, tokenizer.decode(new[:-1]), "stop"
@@ -66,8 +82,13 @@ def _prompt_ids(server, http_model: str) -> list[int]:
 
 def _chat(server, model: str) -> tuple[list[int], str, str]:
     response = _client(server).chat.completions.create(
-        model=model, messages=QUESTION, max_tokens=MAX_TOKENS, temperature=0, logprobs=True,
-        extra_body={"return_tokens_as_token_ids": True})
+        model=model,
+        messages=QUESTION,
+        max_tokens=MAX_TOKENS,
+        temperature=0,
+        logprobs=True,
+        extra_body={"return_tokens_as_token_ids": True},
+    )
     choice = response.choices[0]
     ids = [int(entry.token.removeprefix("token_id:")) for entry in choice.logprobs.content]
     assert response.usage.completion_tokens == len(ids)
@@ -87,9 +108,14 @@ def test_uploaded_peft_adapter_greedy_chat_equals_peft(real_server, tiny_base_di
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    adapter_dir = write_peft_adapter(tiny_base_dir, tmp_path / "peft", seed=11, rank=8,
-                                     targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj"),
-                                     scale=3.0)
+    adapter_dir = write_peft_adapter(
+        tiny_base_dir,
+        tmp_path / "peft",
+        seed=11,
+        rank=8,
+        targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj"),
+        scale=3.0,
+    )
     created = upload(__import__("httpx").Client(base_url=real_server.url), "france", adapter_dir)
     assert created.status_code == 201, created.text
 
@@ -102,9 +128,16 @@ def test_uploaded_peft_adapter_greedy_chat_equals_peft(real_server, tiny_base_di
     assert expected != base_reply, "the adapter does not change the answer; the test would prove nothing"
 
     assert _chat(real_server, "france") == expected
-    streamed = list(_client(real_server).chat.completions.create(
-        model="france", messages=QUESTION, max_tokens=MAX_TOKENS, temperature=0, stream=True,
-        stream_options={"include_usage": True}))
+    streamed = list(
+        _client(real_server).chat.completions.create(
+            model="france",
+            messages=QUESTION,
+            max_tokens=MAX_TOKENS,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
     finish = [c.choices[0].finish_reason for c in streamed if c.choices and c.choices[0].finish_reason]
     assert (streamed[-1].usage.completion_tokens, text, finish[-1]) == (len(expected[0]), *expected[1:])
@@ -119,8 +152,14 @@ def test_disconnect_mid_stream_aborts_and_frees_blocks_and_pins(real_server, tin
     assert upload(httpx.Client(base_url=real_server.url), "long", adapter_dir).status_code == 201
     engine = real_server.engine
     aborted_before = _aborted_count(real_server)
-    body = {"model": "long", "messages": QUESTION, "max_tokens": 450, "ignore_eos": True, "temperature": 0,
-            "stream": True}
+    body = {
+        "model": "long",
+        "messages": QUESTION,
+        "max_tokens": 450,
+        "ignore_eos": True,
+        "temperature": 0,
+        "stream": True,
+    }
     with httpx.Client(base_url=real_server.url, timeout=60) as http:
         with http.stream("POST", "/v1/chat/completions", json=body) as response:
             assert response.status_code == 200

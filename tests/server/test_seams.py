@@ -23,18 +23,29 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # -- settings -------------------------------------------------------------------------------------
 
+
 def test_engine_knobs_default_to_the_engine_config_and_reach_it():
     engine_defaults = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
     config = ServerConfig()
     built = config.to_engine_config("/models/x")
     assert built == EngineConfig(base="/models/x", kv_cache_bytes=config.kv_cache_bytes)
-    for name in ("quant", "dtype", "device", "max_loras", "max_cpu_loras", "max_rank", "max_model_len",
-                 "max_num_seqs", "fold"):
+    for name in (
+        "quant",
+        "dtype",
+        "device",
+        "max_loras",
+        "max_cpu_loras",
+        "max_rank",
+        "max_model_len",
+        "max_num_seqs",
+        "fold",
+    ):
         assert getattr(config, name) == engine_defaults[name], name
     assert config.kv_cache_bytes == engine_defaults["kv_cache_bytes"]
     tuned = parse_args(["--max-rank", "8", "--max-loras", "2", "--max-cpu-loras", "3", "--kv-cache-mb", "16"])
-    assert tuned.to_engine_config("/m") == EngineConfig(base="/m", max_rank=8, max_loras=2, max_cpu_loras=3,
-                                                       kv_cache_bytes=16 << 20)
+    assert tuned.to_engine_config("/m") == EngineConfig(
+        base="/m", max_rank=8, max_loras=2, max_cpu_loras=3, kv_cache_bytes=16 << 20
+    )
 
 
 def test_every_setting_has_help_and_a_flag():
@@ -60,15 +71,19 @@ def test_sizes_may_be_given_in_bytes_by_code():
 
 # -- errors ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("error, status, code, param", [
-    (PromptTooLong("too long"), 400, "context_length_exceeded", "messages"),
-    (TemplateError("bad role"), 400, "invalid_messages", "messages"),
-    (InvalidAdapter("pickle", "pickle_file", 415, param="files"), 415, "pickle_file", "files"),
-    (AdapterNotFound("x"), 404, "model_not_found", "model"),
-    (RateLimited("slow down"), 429, "rate_limit_exceeded", None),
-    (Overloaded("full"), 503, "server_overloaded", None),
-    (EngineStopped("loop not running"), 503, "not_ready", None),
-])
+
+@pytest.mark.parametrize(
+    "error, status, code, param",
+    [
+        (PromptTooLong("too long"), 400, "context_length_exceeded", "messages"),
+        (TemplateError("bad role"), 400, "invalid_messages", "messages"),
+        (InvalidAdapter("pickle", "pickle_file", 415, param="files"), 415, "pickle_file", "files"),
+        (AdapterNotFound("x"), 404, "model_not_found", "model"),
+        (RateLimited("slow down"), 429, "rate_limit_exceeded", None),
+        (Overloaded("full"), 503, "server_overloaded", None),
+        (EngineStopped("loop not running"), 503, "not_ready", None),
+    ],
+)
 def test_every_error_is_one_family_with_its_envelope(error, status, code, param):
     assert isinstance(error, LoraswapError)
     assert error.status == status
@@ -85,6 +100,7 @@ def test_there_is_one_prompt_too_long():
 
 
 # -- imports --------------------------------------------------------------------------------------
+
 
 def _imports(path: Path) -> set[str]:
     names = set()

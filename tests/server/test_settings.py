@@ -13,16 +13,49 @@ from server.settings import ServerConfig, parse_api_keys
 def test_every_documented_flag_is_accepted(tmp_path):
     keys = tmp_path / "keys"
     keys.write_text("# tenants\nalice:sk-a\n\nbob:sk-b\n")
-    config = parse_args([
-        "--host", "0.0.0.0", "--port", "9001", "--base", "/models/x", "--quant", "none", "--dtype", "bfloat16",
-        "--store", str(tmp_path / "store"), "--max-loras", "4", "--max-cpu-loras", "16", "--max-model-len", "1024",
-        "--max-num-seqs", "8", "--fold", "pinned", "--api-keys-file", str(keys),
-    ])
-    assert (config.host, config.port, config.base, config.quant, config.dtype) == \
-        ("0.0.0.0", 9001, "/models/x", "none", "bfloat16")
+    config = parse_args(
+        [
+            "--host",
+            "0.0.0.0",
+            "--port",
+            "9001",
+            "--base",
+            "/models/x",
+            "--quant",
+            "none",
+            "--dtype",
+            "bfloat16",
+            "--store",
+            str(tmp_path / "store"),
+            "--max-loras",
+            "4",
+            "--max-cpu-loras",
+            "16",
+            "--max-model-len",
+            "1024",
+            "--max-num-seqs",
+            "8",
+            "--fold",
+            "pinned",
+            "--api-keys-file",
+            str(keys),
+        ]
+    )
+    assert (config.host, config.port, config.base, config.quant, config.dtype) == (
+        "0.0.0.0",
+        9001,
+        "/models/x",
+        "none",
+        "bfloat16",
+    )
     assert config.store == Path(tmp_path / "store")
-    assert (config.max_loras, config.max_cpu_loras, config.max_model_len, config.max_num_seqs, config.fold) == \
-        (4, 16, 1024, 8, "pinned")
+    assert (config.max_loras, config.max_cpu_loras, config.max_model_len, config.max_num_seqs, config.fold) == (
+        4,
+        16,
+        1024,
+        8,
+        "pinned",
+    )
     assert config.api_keys == (("alice", "sk-a"), ("bob", "sk-b")) and config.auth_enabled
 
 
@@ -49,13 +82,16 @@ def test_malformed_api_keys_are_refused(spec):
         parse_api_keys(spec)
 
 
-@pytest.mark.parametrize("overrides, name", [
-    ({"api_keys": (("a/b", "k"),)}, "api_keys"),
-    ({"api_keys": (("a", "k"), ("b", "k"))}, "api_keys"),
-    ({"max_model_len": 0}, "max_model_len"),
-    ({"max_queue": -1}, "max_queue"),
-    ({"port": 0}, "port"),
-])
+@pytest.mark.parametrize(
+    "overrides, name",
+    [
+        ({"api_keys": (("a/b", "k"),)}, "api_keys"),
+        ({"api_keys": (("a", "k"), ("b", "k"))}, "api_keys"),
+        ({"max_model_len": 0}, "max_model_len"),
+        ({"max_queue": -1}, "max_queue"),
+        ({"port": 0}, "port"),
+    ],
+)
 def test_invalid_config_names_the_setting(overrides, name):
     with pytest.raises(ValueError, match=name):
         ServerConfig(**overrides)

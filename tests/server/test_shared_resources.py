@@ -22,8 +22,10 @@ def _slow_upload(server, tenant: str) -> socket.socket:
     """An upload whose body never finishes: it holds an upload slot while the edge waits for it."""
     port = server.live.port
     sock = socket.create_connection(("127.0.0.1", port), timeout=GUARD_S)
-    head = (f"POST /v1/adapters HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEYS[tenant]}\r\n"
-            "Content-Type: multipart/form-data; boundary=x\r\nContent-Length: 100000\r\n\r\n--x\r\n")
+    head = (
+        f"POST /v1/adapters HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEYS[tenant]}\r\n"
+        "Content-Type: multipart/form-data; boundary=x\r\nContent-Length: 100000\r\n\r\n--x\r\n"
+    )
     sock.sendall(head.encode())
     return sock
 
@@ -58,8 +60,9 @@ def test_upload_gate_full_overall_is_503(make_fake_server, peft_adapters):
         assert wait_until(lambda: server.state.pools.uploads.held == 1)
         refused = upload(server.client("bob"), "x", peft_adapters["a"])
         assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
-        chat = server.client("bob").post("/v1/chat/completions",
-                                         json={"model": server.state.base_id, "messages": USER, "max_tokens": 2})
+        chat = server.client("bob").post(
+            "/v1/chat/completions", json={"model": server.state.base_id, "messages": USER, "max_tokens": 2}
+        )
         assert chat.status_code == 200  # uploads are bounded apart from generation
     finally:
         held.close()
@@ -82,8 +85,9 @@ def _hold(module, attribute: str, monkeypatch):
 def test_validation_runs_off_the_event_loop(fake_server, peft_adapters, monkeypatch):
     entered, release = _hold(adapters_api, "_validate", monkeypatch)
     result = {}
-    worker = threading.Thread(target=lambda: result.update(r=upload(fake_server.client("alice"), "slow",
-                                                                     peft_adapters["a"])))
+    worker = threading.Thread(
+        target=lambda: result.update(r=upload(fake_server.client("alice"), "slow", peft_adapters["a"]))
+    )
     worker.start()
     try:
         assert entered.wait(GUARD_S)
@@ -106,8 +110,11 @@ def test_merges_have_their_own_gate_one_per_tenant(fake_server, peft_adapters, m
         upload(fake_server.client(tenant), "b", peft_adapters["a"])
     entered, release = _hold(merge_api, "_merge_into", monkeypatch)
     result = {}
-    worker = threading.Thread(target=lambda: result.update(r=fake_server.client("alice").post(
-        "/v1/adapters/merge", json=_merge_body("ab", ["a", "b"]))))
+    worker = threading.Thread(
+        target=lambda: result.update(
+            r=fake_server.client("alice").post("/v1/adapters/merge", json=_merge_body("ab", ["a", "b"]))
+        )
+    )
     worker.start()
     try:
         assert entered.wait(GUARD_S)
@@ -137,8 +144,9 @@ def test_one_tenant_cannot_fill_the_admission_queue(make_fake_server):
     body = {"model": base, "messages": USER, "max_tokens": 4, "ignore_eos": True, "stream": True}
     server.engine.gate.clear()
     alice = server.client("alice")
-    streams = [alice.send(alice.build_request("POST", "/v1/chat/completions", json=body), stream=True)
-               for _ in range(2)]
+    streams = [
+        alice.send(alice.build_request("POST", "/v1/chat/completions", json=body), stream=True) for _ in range(2)
+    ]
     try:
         assert all(stream.status_code == 200 for stream in streams)
         refused = alice.post("/v1/chat/completions", json=body)

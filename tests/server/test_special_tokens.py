@@ -24,8 +24,11 @@ def _conversation(role: str, content: str) -> list[dict]:
         return [{"role": "system", "content": content}, {"role": "user", "content": "hi"}]
     if role == "user":
         return [{"role": "user", "content": content}]
-    return [{"role": "user", "content": "hi"}, {"role": "assistant", "content": content},
-            {"role": "user", "content": "and?"}]
+    return [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": content},
+        {"role": "user", "content": "and?"},
+    ]
 
 
 def _special_ids(tokenizer) -> set[int]:
@@ -44,8 +47,12 @@ def special_server(request, tmp_path):
     base_dir = request.getfixturevalue("tiny_base_dir" if request.param == "tiny" else "default_base_dir")
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     engine = FakeEngine(tokenizer)
-    app = create_app(ServerConfig(max_model_len=2048), engine, AdapterStore(tmp_path / "store"),
-                     base_info=BaseInfo.from_dir(base_dir, with_fingerprint=False))
+    app = create_app(
+        ServerConfig(max_model_len=2048),
+        engine,
+        AdapterStore(tmp_path / "store"),
+        base_info=BaseInfo.from_dir(base_dir, with_fingerprint=False),
+    )
     with LiveServer(app) as live:
         live.engine, live.tokenizer, live.base_id = engine, tokenizer, app.state.loraswap.base_id
         yield live

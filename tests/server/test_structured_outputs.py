@@ -32,13 +32,22 @@ class Person(BaseModel):
     tags: list[Annotated[str, Field(max_length=6)]] = Field(max_length=3)
 
 
-PERSON_FORMAT = {"type": "json_schema", "json_schema": {"name": "person", "strict": True,
-                                                        "schema": Person.model_json_schema()}}
-BOUNDED = {"type": "object", "properties": {
-    "name": {"type": "string", "maxLength": 8}, "ok": {"type": "boolean"},
-    "n": {"type": "integer", "minimum": 0, "maximum": 999}, "kind": {"enum": ["a", "b", "c"]},
-    "xs": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9}, "maxItems": 3}},
-    "required": ["name", "ok", "n", "kind", "xs"], "additionalProperties": False}
+PERSON_FORMAT = {
+    "type": "json_schema",
+    "json_schema": {"name": "person", "strict": True, "schema": Person.model_json_schema()},
+}
+BOUNDED = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 8},
+        "ok": {"type": "boolean"},
+        "n": {"type": "integer", "minimum": 0, "maximum": 999},
+        "kind": {"enum": ["a", "b", "c"]},
+        "xs": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9}, "maxItems": 3},
+    },
+    "required": ["name", "ok", "n", "kind", "xs"],
+    "additionalProperties": False,
+}
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +58,20 @@ def server(tiny_base_dir, tmp_path_factory):
     from server.engine.config import EngineConfig
     from server.engine.engine import Engine
 
-    engine = Engine(EngineConfig(base=tiny_base_dir, quant="none", dtype="float32", device="cpu", max_loras=2,
-                                 max_cpu_loras=4, max_model_len=512, block_size=8, num_kv_blocks=512,
-                                 fold="off"))
+    engine = Engine(
+        EngineConfig(
+            base=tiny_base_dir,
+            quant="none",
+            dtype="float32",
+            device="cpu",
+            max_loras=2,
+            max_cpu_loras=4,
+            max_model_len=512,
+            block_size=8,
+            num_kv_blocks=512,
+            fold="off",
+        )
+    )
     store = AdapterStore(tmp_path_factory.mktemp("structured-store"))
     app = create_app(ServerConfig(max_model_len=512), engine, store, base_info=BaseInfo.from_dir(tiny_base_dir))
     root = tmp_path_factory.mktemp("structured-adapters")
@@ -83,8 +103,9 @@ def test_temperature_one_samples_always_validate(server):
     client = _client(server)
     fmt = {"type": "json_schema", "json_schema": {"name": "bounded", "strict": True, "schema": BOUNDED}}
     for seed in range(12):
-        response = client.chat.completions.create(model=server.state.base_id, messages=USER, temperature=1.0,
-                                                  seed=seed, max_tokens=200, response_format=fmt)
+        response = client.chat.completions.create(
+            model=server.state.base_id, messages=USER, temperature=1.0, seed=seed, max_tokens=200, response_format=fmt
+        )
         choice = response.choices[0]
         assert choice.finish_reason == "stop", choice.message.content
         _check_bounded(json.loads(choice.message.content))
@@ -92,9 +113,15 @@ def test_temperature_one_samples_always_validate(server):
 
 def test_parse_with_a_pydantic_model_and_an_adapter(server):
     client = _client(server)
-    completion = client.chat.completions.parse(model="ada", messages=USER, response_format=Person, temperature=0.7,
-                                               seed=5, max_tokens=300,
-                                               extra_body={"presence_penalty": 0.5, "min_p": 0.01})
+    completion = client.chat.completions.parse(
+        model="ada",
+        messages=USER,
+        response_format=Person,
+        temperature=0.7,
+        seed=5,
+        max_tokens=300,
+        extra_body={"presence_penalty": 0.5, "min_p": 0.01},
+    )
     message = completion.choices[0].message
     assert completion.choices[0].finish_reason == "stop", message.content
     assert isinstance(message.parsed, Person)
@@ -104,8 +131,9 @@ def test_parse_with_a_pydantic_model_and_an_adapter(server):
 def test_a_schema_streams_valid_json(server):
     client = _client(server)
     fmt = {"type": "json_schema", "json_schema": {"name": "bounded", "schema": BOUNDED}}
-    stream = client.chat.completions.create(model="bob", messages=USER, temperature=1.0, seed=11, max_tokens=200,
-                                            response_format=fmt, stream=True)
+    stream = client.chat.completions.create(
+        model="bob", messages=USER, temperature=1.0, seed=11, max_tokens=200, response_format=fmt, stream=True
+    )
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert chunks[-1].choices[0].finish_reason == "stop", text
@@ -120,8 +148,14 @@ def test_json_object_with_logit_bias_toward_closing(server, tiny_tokenizer):
     client = _client(server)
     for seed in range(4):
         response = client.chat.completions.create(
-            model="ada", messages=USER, temperature=1.0, seed=seed, max_tokens=200,
-            response_format={"type": "json_object"}, logit_bias={str(quote[0]): 8, str(brace[0]): 8})
+            model="ada",
+            messages=USER,
+            temperature=1.0,
+            seed=seed,
+            max_tokens=200,
+            response_format={"type": "json_object"},
+            logit_bias={str(quote[0]): 8, str(brace[0]): 8},
+        )
         assert response.choices[0].finish_reason == "stop", response.choices[0].message.content
         assert isinstance(json.loads(response.choices[0].message.content), dict)
 
@@ -135,13 +169,20 @@ def test_a_mixed_batch_keeps_every_row_to_its_own_constraint(server):
     def ask(model, response_format=None, seed=0):
         extra = {"response_format": response_format} if response_format else {}
         temperature = 1.0 if response_format else 0.0
-        return client.chat.completions.create(model=model, messages=USER, max_tokens=120 if extra else 16,
-                                              temperature=temperature, seed=seed, **extra).choices[0]
+        return client.chat.completions.create(
+            model=model, messages=USER, max_tokens=120 if extra else 16, temperature=temperature, seed=seed, **extra
+        ).choices[0]
 
     free_models = ["ada", "bob", server.state.base_id]
     alone = [ask(model).message.content for model in free_models]
-    jobs = [("ada", bounded, 1), ("bob", None, 0), (server.state.base_id, PERSON_FORMAT, 2), ("ada", None, 0),
-            ("bob", bounded, 3), (server.state.base_id, None, 0)]
+    jobs = [
+        ("ada", bounded, 1),
+        ("bob", None, 0),
+        (server.state.base_id, PERSON_FORMAT, 2),
+        ("ada", None, 0),
+        ("bob", bounded, 3),
+        (server.state.base_id, None, 0),
+    ]
     with ThreadPoolExecutor(len(jobs)) as pool:
         results = list(pool.map(lambda job: ask(*job), jobs))
     for (model, fmt, _), choice in zip(jobs, results):
@@ -156,26 +197,54 @@ def test_a_mixed_batch_keeps_every_row_to_its_own_constraint(server):
     assert any(not c.message.content.lstrip().startswith("{") for c in results[1::2])
 
 
-@pytest.mark.parametrize("response_format, param, words", [
-    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": {
-        "a": {"not": {"type": "string"}}}}}}, "response_format", ["Unimplemented", "not"]),
-    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strong"}}}, "response_format",
-     ["strong"]),
-    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/nowhere"}}}, "response_format",
-     ["nowhere"]),
-    ({"type": "json_schema", "json_schema": {"name": "x", "schema": [1, 2]}}, "response_format.json_schema.schema",
-     ["JSON object"]),
-    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"enum": ["y" * 1000] * 40}}},
-     "response_format.json_schema.schema", ["larger than"]),
-    ({"type": "json_schema", "json_schema": {"name": "bad name!", "schema": {}}}, "response_format.json_schema.name",
-     ["name"]),
-    ({"type": "json_schema"}, "response_format.json_schema", ["json_schema"]),
-    ({"type": "xml"}, "response_format.type", ["json_object"]),
-])
+@pytest.mark.parametrize(
+    "response_format, param, words",
+    [
+        (
+            {
+                "type": "json_schema",
+                "json_schema": {
+                    "name": "x",
+                    "schema": {"type": "object", "properties": {"a": {"not": {"type": "string"}}}},
+                },
+            },
+            "response_format",
+            ["Unimplemented", "not"],
+        ),
+        (
+            {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strong"}}},
+            "response_format",
+            ["strong"],
+        ),
+        (
+            {"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/nowhere"}}},
+            "response_format",
+            ["nowhere"],
+        ),
+        (
+            {"type": "json_schema", "json_schema": {"name": "x", "schema": [1, 2]}},
+            "response_format.json_schema.schema",
+            ["JSON object"],
+        ),
+        (
+            {"type": "json_schema", "json_schema": {"name": "x", "schema": {"enum": ["y" * 1000] * 40}}},
+            "response_format.json_schema.schema",
+            ["larger than"],
+        ),
+        (
+            {"type": "json_schema", "json_schema": {"name": "bad name!", "schema": {}}},
+            "response_format.json_schema.name",
+            ["name"],
+        ),
+        ({"type": "json_schema"}, "response_format.json_schema", ["json_schema"]),
+        ({"type": "xml"}, "response_format.type", ["json_object"]),
+    ],
+)
 def test_bad_schemas_are_400_naming_the_problem(server, response_format, param, words):
     with pytest.raises(openai.BadRequestError) as caught:
-        _client(server).chat.completions.create(model=server.state.base_id, messages=USER, max_tokens=4,
-                                                response_format=response_format)
+        _client(server).chat.completions.create(
+            model=server.state.base_id, messages=USER, max_tokens=4, response_format=response_format
+        )
     error = caught.value.body
     assert caught.value.status_code == 400 and error["param"] == param
     for word in words:

@@ -23,12 +23,23 @@ def test_tenant_for_key_compares_every_key():
     assert tenant_for_key(keys, "k") is None and tenant_for_key(keys, "k1x") is None
 
 
-@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic abc"},
-                                     {"Authorization": f"Bearer {KEYS['alice']}x"}])
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": "Basic abc"},
+        {"Authorization": f"Bearer {KEYS['alice']}x"},
+    ],
+)
 def test_missing_or_wrong_key_is_401(fake_server, headers):
     http = httpx.Client(base_url=fake_server.url, headers=headers)
-    for method, path in (("GET", "/v1/models"), ("POST", "/v1/chat/completions"), ("GET", "/v1/adapters"),
-                         ("POST", "/tokenize")):
+    for method, path in (
+        ("GET", "/v1/models"),
+        ("POST", "/v1/chat/completions"),
+        ("GET", "/v1/adapters"),
+        ("POST", "/tokenize"),
+    ):
         response = http.request(method, path, json={"model": "x", "messages": USER})
         assert response.status_code == 401, (path, response.text)
         assert response.json()["error"]["code"] == "invalid_api_key"
@@ -82,8 +93,7 @@ def _start_streams(server, tenant: str, count: int) -> list:
     responses = []
     for _ in range(count):
         http = server.client(tenant)
-        body = {"model": server.state.base_id, "messages": USER, "max_tokens": 200, "ignore_eos": True,
-                "stream": True}
+        body = {"model": server.state.base_id, "messages": USER, "max_tokens": 200, "ignore_eos": True, "stream": True}
         response = http.send(http.build_request("POST", "/v1/chat/completions", json=body), stream=True)
         assert response.status_code == 200
         responses.append(response)
@@ -108,8 +118,9 @@ def test_per_tenant_limit_is_429_with_retry_after(make_fake_server):
 
 def test_full_queue_is_503_with_retry_after(make_fake_server):
     # Each tenant may hold the whole capacity here, so the global bound is what refuses.
-    server = make_fake_server(max_num_seqs=1, max_queue=1, max_concurrent_per_tenant=10,
-                              limits=Limits(tenant_queue_share=1.0))
+    server = make_fake_server(
+        max_num_seqs=1, max_queue=1, max_concurrent_per_tenant=10, limits=Limits(tenant_queue_share=1.0)
+    )
     server.engine.gate.clear()
     streams = _start_streams(server, "alice", 1) + _start_streams(server, "bob", 1)
     body = {"model": server.state.base_id, "messages": USER, "max_tokens": 2}
@@ -128,8 +139,9 @@ def test_concurrent_requests_all_complete(fake_server):
 
     def one(tenant):
         http = fake_server.client(tenant)
-        r = http.post("/v1/chat/completions", json={"model": fake_server.state.base_id, "messages": USER,
-                                                    "max_tokens": 8})
+        r = http.post(
+            "/v1/chat/completions", json={"model": fake_server.state.base_id, "messages": USER, "max_tokens": 8}
+        )
         results.append(r.status_code)
 
     threads = [threading.Thread(target=one, args=(t,)) for t in ("alice", "bob") * 4]

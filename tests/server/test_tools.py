@@ -17,13 +17,31 @@ from server.settings import ServerConfig
 from tests.server.live import LiveServer
 
 USER = [{"role": "user", "content": "What is the weather in Paris?"}]
-WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Current weather", "parameters": {
-    "type": "object", "properties": {"city": {"type": "string", "maxLength": 10},
-                                     "unit": {"enum": ["celsius", "fahrenheit"]}},
-    "required": ["city", "unit"], "additionalProperties": False}}}
-CLOCK = {"type": "function", "function": {"name": "get_time", "parameters": {
-    "type": "object", "properties": {"zone": {"type": "integer", "minimum": -12, "maximum": 14}},
-    "required": ["zone"], "additionalProperties": False}}}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 10}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+CLOCK = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "parameters": {
+            "type": "object",
+            "properties": {"zone": {"type": "integer", "minimum": -12, "maximum": 14}},
+            "required": ["zone"],
+            "additionalProperties": False,
+        },
+    },
+}
 
 
 @pytest.fixture(scope="module")
@@ -34,10 +52,25 @@ def server(tiny_base_dir, tmp_path_factory):
     from server.engine.config import EngineConfig
     from server.engine.engine import Engine
 
-    engine = Engine(EngineConfig(base=tiny_base_dir, quant="none", dtype="float32", device="cpu", max_loras=1,
-                                 max_model_len=512, block_size=8, num_kv_blocks=256, fold="off"))
-    app = create_app(ServerConfig(max_model_len=512), engine, AdapterStore(tmp_path_factory.mktemp("tools-store")),
-                     base_info=BaseInfo.from_dir(tiny_base_dir))
+    engine = Engine(
+        EngineConfig(
+            base=tiny_base_dir,
+            quant="none",
+            dtype="float32",
+            device="cpu",
+            max_loras=1,
+            max_model_len=512,
+            block_size=8,
+            num_kv_blocks=256,
+            fold="off",
+        )
+    )
+    app = create_app(
+        ServerConfig(max_model_len=512),
+        engine,
+        AdapterStore(tmp_path_factory.mktemp("tools-store")),
+        base_info=BaseInfo.from_dir(tiny_base_dir),
+    )
     with LiveServer(app) as live:
         live.base = app.state.loraswap.base_id
         live.client = openai.OpenAI(base_url=f"{live.url}/v1", api_key="x", max_retries=0, timeout=120)
@@ -56,8 +89,14 @@ def _valid(name: str, arguments: str) -> None:
 @pytest.mark.parametrize("seed", range(4))
 def test_a_named_function_is_always_called_validly(server, seed):
     response = server.client.chat.completions.create(
-        model=server.base, messages=USER, tools=[WEATHER, CLOCK], temperature=1.0, seed=seed, max_tokens=100,
-        tool_choice={"type": "function", "function": {"name": "get_weather"}})
+        model=server.base,
+        messages=USER,
+        tools=[WEATHER, CLOCK],
+        temperature=1.0,
+        seed=seed,
+        max_tokens=100,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+    )
     choice = response.choices[0]
     assert choice.finish_reason == "tool_calls" and choice.message.content is None
     (call,) = choice.message.tool_calls
@@ -69,8 +108,15 @@ def test_required_picks_one_of_the_tools(server):
     names = set()
     for seed in range(6):
         response = server.client.chat.completions.create(
-            model=server.base, messages=USER, tools=[WEATHER, CLOCK], tool_choice="required", temperature=1.0,
-            seed=seed, max_tokens=120, parallel_tool_calls=False)
+            model=server.base,
+            messages=USER,
+            tools=[WEATHER, CLOCK],
+            tool_choice="required",
+            temperature=1.0,
+            seed=seed,
+            max_tokens=120,
+            parallel_tool_calls=False,
+        )
         choice = response.choices[0]
         assert choice.finish_reason == "tool_calls", choice.message.content
         (call,) = choice.message.tool_calls  # parallel_tool_calls=False: exactly one
@@ -82,8 +128,16 @@ def test_required_picks_one_of_the_tools(server):
 @pytest.mark.parametrize("tool_choice", [{"type": "function", "function": {"name": "get_time"}}, "required"])
 def test_streamed_tool_calls_in_openai_delta_shape(server, tool_choice):
     stream = server.client.chat.completions.create(
-        model=server.base, messages=USER, tools=[CLOCK], tool_choice=tool_choice, temperature=1.0, seed=7,
-        max_tokens=120, stream=True, stream_options={"include_usage": True})
+        model=server.base,
+        messages=USER,
+        tools=[CLOCK],
+        tool_choice=tool_choice,
+        temperature=1.0,
+        seed=7,
+        max_tokens=120,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     calls: dict[int, dict] = {}
     finish, usage = None, None
     for chunk in stream:
@@ -110,30 +164,58 @@ def test_control_tokens_cannot_enter_arguments(server):
     tokenizer = server.app.state.loraswap.tokenizer
     im_start = tokenizer.convert_tokens_to_ids("<|im_start|>")
     response = server.client.chat.completions.create(
-        model=server.base, messages=USER, tools=[WEATHER], temperature=1.0, seed=1, max_tokens=100,
-        tool_choice={"type": "function", "function": {"name": "get_weather"}}, logit_bias={str(im_start): 100})
+        model=server.base,
+        messages=USER,
+        tools=[WEATHER],
+        temperature=1.0,
+        seed=1,
+        max_tokens=100,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        logit_bias={str(im_start): 100},
+    )
     (call,) = response.choices[0].message.tool_calls
     _valid(call.function.name, call.function.arguments)
     assert "<|" not in call.function.arguments
 
 
-@pytest.mark.parametrize("extra, param, words", [
-    ({"tools": [WEATHER]}, "tool_choice", ["auto", "template"]),
-    ({"tools": [WEATHER], "tool_choice": "auto"}, "tool_choice", ["auto", "template"]),
-    ({"tools": [{"type": "function", "function": {"name": "bad name"}}], "tool_choice": "required"},
-     "tools[0].function.name", ["name"]),
-    ({"tools": [WEATHER, WEATHER], "tool_choice": "required"}, "tools[1].function.name", ["twice"]),
-    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": [1]}}], "tool_choice": "required"},
-     "tools[0].function.parameters", ["schema"]),
-    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"not": {}}}}],
-      "tool_choice": "required"}, "tools", ["Unimplemented", "not"]),
-    ({"tools": [{"type": "retrieval"}], "tool_choice": "required"}, "tools[0]", ["function"]),
-    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice",
-     ["nope"]),
-    ({"tool_choice": "required"}, "tool_choice", ["needs tools"]),
-    ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice",
-     ["response_format"]),
-])
+@pytest.mark.parametrize(
+    "extra, param, words",
+    [
+        ({"tools": [WEATHER]}, "tool_choice", ["auto", "template"]),
+        ({"tools": [WEATHER], "tool_choice": "auto"}, "tool_choice", ["auto", "template"]),
+        (
+            {"tools": [{"type": "function", "function": {"name": "bad name"}}], "tool_choice": "required"},
+            "tools[0].function.name",
+            ["name"],
+        ),
+        ({"tools": [WEATHER, WEATHER], "tool_choice": "required"}, "tools[1].function.name", ["twice"]),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f", "parameters": [1]}}], "tool_choice": "required"},
+            "tools[0].function.parameters",
+            ["schema"],
+        ),
+        (
+            {
+                "tools": [{"type": "function", "function": {"name": "f", "parameters": {"not": {}}}}],
+                "tool_choice": "required",
+            },
+            "tools",
+            ["Unimplemented", "not"],
+        ),
+        ({"tools": [{"type": "retrieval"}], "tool_choice": "required"}, "tools[0]", ["function"]),
+        (
+            {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+            "tool_choice",
+            ["nope"],
+        ),
+        ({"tool_choice": "required"}, "tool_choice", ["needs tools"]),
+        (
+            {"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}},
+            "tool_choice",
+            ["response_format"],
+        ),
+    ],
+)
 def test_bad_tool_requests_are_400_naming_the_problem(server, extra, param, words):
     with pytest.raises(openai.BadRequestError) as caught:
         server.client.chat.completions.create(model=server.base, messages=USER, max_tokens=4, **extra)
@@ -142,12 +224,27 @@ def test_bad_tool_requests_are_400_naming_the_problem(server, extra, param, word
         assert word in caught.value.body["message"]
 
 
-@pytest.mark.parametrize("messages, where", [
-    ([*USER, {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
-        "name": "get_weather", "arguments": "{}"}}]}, {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
-      {"role": "user", "content": "and?"}], "messages[1]"),
-    ([*USER, {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}], "messages[1]"),
-])
+@pytest.mark.parametrize(
+    "messages, where",
+    [
+        (
+            [
+                *USER,
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
+                    ],
+                },
+                {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+                {"role": "user", "content": "and?"},
+            ],
+            "messages[1]",
+        ),
+        ([*USER, {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}], "messages[1]"),
+    ],
+)
 def test_tool_messages_the_template_cannot_represent_are_400(server, messages, where):
     with pytest.raises(openai.BadRequestError) as caught:
         server.client.chat.completions.create(model=server.base, messages=messages, max_tokens=4)

@@ -75,49 +75,93 @@ CASES = {
     "code_file": (lambda d: {"files": _files(d, hack__py=b"import os")}, 415, "code_file"),
     "tokenizer_file": (lambda d: {"files": _files(d, tokenizer__json=b"{}")}, 422, "tokenizer_file"),
     "unknown_file": (lambda d: {"files": _files(d, notes__txt=b"hi")}, 415, "unknown_file"),
-    "path_in_file_name": (lambda d: {"files": [("files", ("../../etc/passwd", b"x"))] + _files(d)},
-                          415, "unknown_file"),
+    "path_in_file_name": (
+        lambda d: {"files": [("files", ("../../etc/passwd", b"x"))] + _files(d)},
+        415,
+        "unknown_file",
+    ),
     "missing_config": (lambda d: {"files": _files(d, adapter_config__json=None)}, 400, "missing_config"),
     "missing_weights": (lambda d: {"files": _files(d, adapter_model__safetensors=None)}, 400, "missing_weights"),
     "no_files": (lambda d: {"files": [("other", ("x", b"x"))]}, 400, "invalid_upload"),
-    "duplicate_file": (lambda d: {"files": _files(d) + [("files", (CONFIG, (d / CONFIG).read_bytes()))]},
-                       400, "duplicate_file"),
+    "duplicate_file": (
+        lambda d: {"files": _files(d) + [("files", (CONFIG, (d / CONFIG).read_bytes()))]},
+        400,
+        "duplicate_file",
+    ),
     "config_not_json": (lambda d: {"files": _files(d, adapter_config__json=b"{not json")}, 400, "invalid_config"),
-    "rank_over_max": (lambda d: {"files": _files(d, adapter_config__json=_config(d, r=65))}, 422,
-                      "rank_out_of_range"),
+    "rank_over_max": (lambda d: {"files": _files(d, adapter_config__json=_config(d, r=65))}, 422, "rank_out_of_range"),
     "use_dora": (lambda d: {"files": _files(d, adapter_config__json=_config(d, use_dora=True))}, 422, "use_dora"),
-    "modules_to_save": (lambda d: {"files": _files(d, adapter_config__json=_config(d, modules_to_save=["lm_head"]))},
-                        422, "modules_to_save"),
+    "modules_to_save": (
+        lambda d: {"files": _files(d, adapter_config__json=_config(d, modules_to_save=["lm_head"]))},
+        422,
+        "modules_to_save",
+    ),
     "bias": (lambda d: {"files": _files(d, adapter_config__json=_config(d, bias="all"))}, 422, "unsupported_bias"),
-    "auto_map": (lambda d: {"files": _files(d, adapter_config__json=_config(d, auto_map={"x": "evil.Model"}))},
-                 400, "code_loading_key"),
-    "unknown_target": (lambda d: {"files": _files(d, adapter_config__json=_config(d, target_modules=["wq"]))},
-                       422, "unknown_target_module"),
-    "layer_out_of_range": (lambda d: {"files": _files(d, adapter_model__safetensors=_weights(d, _rename_layer))},
-                           422, "layer_out_of_range"),
-    "shape_mismatch": (lambda d: {"files": _files(d, adapter_model__safetensors=_weights(d, _transpose_a))},
-                       422, "shape_mismatch"),
+    "auto_map": (
+        lambda d: {"files": _files(d, adapter_config__json=_config(d, auto_map={"x": "evil.Model"}))},
+        400,
+        "code_loading_key",
+    ),
+    "unknown_target": (
+        lambda d: {"files": _files(d, adapter_config__json=_config(d, target_modules=["wq"]))},
+        422,
+        "unknown_target_module",
+    ),
+    "layer_out_of_range": (
+        lambda d: {"files": _files(d, adapter_model__safetensors=_weights(d, _rename_layer))},
+        422,
+        "layer_out_of_range",
+    ),
+    "shape_mismatch": (
+        lambda d: {"files": _files(d, adapter_model__safetensors=_weights(d, _transpose_a))},
+        422,
+        "shape_mismatch",
+    ),
     "nan_values": (lambda d: {"files": _files(d, adapter_model__safetensors=_weights(d, _nan))}, 422, "nan_values"),
-    "float64": (lambda d: {"files": _files(d, adapter_model__safetensors=_weights(d, _float64))}, 422,
-                "unsupported_dtype"),
-    "truncated_weights": (lambda d: {"files": _files(d, adapter_model__safetensors=(d / WEIGHTS).read_bytes()[:-9])},
-                          400, "malformed_safetensors"),
+    "float64": (
+        lambda d: {"files": _files(d, adapter_model__safetensors=_weights(d, _float64))},
+        422,
+        "unsupported_dtype",
+    ),
+    "truncated_weights": (
+        lambda d: {"files": _files(d, adapter_model__safetensors=(d / WEIGHTS).read_bytes()[:-9])},
+        400,
+        "malformed_safetensors",
+    ),
     "empty_weights": (lambda d: {"files": _files(d, adapter_model__safetensors=b"")}, 400, "malformed_safetensors"),
-    "bad_provenance": (lambda d: {"files": _files(d, loraswap__json=b'{"chat_template_sha256": "nope"}')}, 400,
-                       "invalid_provenance"),
-    "template_mismatch": (lambda d: {"files": _files(d, loraswap__json=json.dumps(
-        {"chat_template_sha256": "cd" * 32}).encode())}, 422, "template_mismatch"),
+    "bad_provenance": (
+        lambda d: {"files": _files(d, loraswap__json=b'{"chat_template_sha256": "nope"}')},
+        400,
+        "invalid_provenance",
+    ),
+    "template_mismatch": (
+        lambda d: {"files": _files(d, loraswap__json=json.dumps({"chat_template_sha256": "cd" * 32}).encode())},
+        422,
+        "template_mismatch",
+    ),
     "bad_name": (lambda d: {"name": "../escape", "files": _files(d)}, 400, "invalid_name"),
     "dot_name": (lambda d: {"name": ".hidden", "files": _files(d)}, 400, "invalid_name"),
-    "too_large": (lambda d: {"files": _files(d, adapter_model__safetensors=save(
-        {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(64, 4096)}))},
-        413, "request_too_large"),
+    "too_large": (
+        lambda d: {
+            "files": _files(
+                d,
+                adapter_model__safetensors=save(
+                    {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(64, 4096)}
+                ),
+            )
+        },
+        413,
+        "request_too_large",
+    ),
 }
 
 
 def _snapshot(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".lock"}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != ".lock"
+    }
 
 
 def _staging_dirs() -> set[str]:
@@ -125,8 +169,9 @@ def _staging_dirs() -> set[str]:
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_rejected_upload_leaves_the_store_unchanged_and_serving_on(make_fake_server, peft_adapters, case, tmp_path,
-                                                                   monkeypatch):
+def test_rejected_upload_leaves_the_store_unchanged_and_serving_on(
+    make_fake_server, peft_adapters, case, tmp_path, monkeypatch
+):
     # This process stages uploads in a temp directory of its own: the shared /tmp also holds the
     # staging directories of other test runs' uploads in flight, which came and went between the
     # two looks and failed this test under load.
@@ -148,8 +193,10 @@ def test_rejected_upload_leaves_the_store_unchanged_and_serving_on(make_fake_ser
     assert _snapshot(server.store.root) == before
     assert _staging_dirs() <= staging_before
     assert [a["name"] for a in http.get("/v1/adapters").json()["data"]] == ["good"]
-    chat = http.post("/v1/chat/completions", json={"model": "good", "max_tokens": 2,
-                                                   "messages": [{"role": "user", "content": "still there?"}]})
+    chat = http.post(
+        "/v1/chat/completions",
+        json={"model": "good", "max_tokens": 2, "messages": [{"role": "user", "content": "still there?"}]},
+    )
     assert chat.status_code == 200
 
 
@@ -161,6 +208,7 @@ def test_non_multipart_upload_is_415(fake_server):
 def test_declared_oversize_body_is_refused_before_reading(make_fake_server):
     server = make_fake_server(max_upload_bytes=1024)
     body = io.BytesIO(b"x" * (3 << 20))
-    response = server.client().post("/v1/adapters", content=body.getvalue(),
-                                    headers={"content-type": "multipart/form-data; boundary=zz"})
+    response = server.client().post(
+        "/v1/adapters", content=body.getvalue(), headers={"content-type": "multipart/form-data; boundary=zz"}
+    )
     assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"

@@ -63,10 +63,13 @@ def test_default_system_prompt_is_never_trained(tokenizer, template):
 
 
 def test_prompt_completion_rows_and_reported_share(tmp_path, tokenizer, template):
-    path = write_jsonl(tmp_path / "d.jsonl", [
-        {"prompt": "Capital of France?", "completion": "Paris."},
-        {"messages": CONVERSATION},
-    ])
+    path = write_jsonl(
+        tmp_path / "d.jsonl",
+        [
+            {"prompt": "Capital of France?", "completion": "Paris."},
+            {"messages": CONVERSATION},
+        ],
+    )
     data = load_jsonl(path, template, max_length=1024)
     assert len(data.examples) == 2 and data.dropped == 0 and data.truncated == 0
     assert supervised_runs(tokenizer, data.examples[0]) == ["Paris.<|im_end|>"]
@@ -86,11 +89,16 @@ def test_truncation_keeps_the_prefix_and_drops_rows_with_nothing_to_learn(tmp_pa
     assert cut_example.num_targets == 3
     # cut before any assistant token: counted and dropped
     long_system = [{"role": "system", "content": "You are a careful and polite assistant. " * 4}] + CONVERSATION[1:]
-    path = write_jsonl(tmp_path / "d.jsonl", [
-        {"messages": long_system},
-        {"prompt": "Hi", "completion": "Hello."},
-    ])
-    short, _ = encode_messages(template, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}], 1024)
+    path = write_jsonl(
+        tmp_path / "d.jsonl",
+        [
+            {"messages": long_system},
+            {"prompt": "Hi", "completion": "Hello."},
+        ],
+    )
+    short, _ = encode_messages(
+        template, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}], 1024
+    )
     max_length = short.mask.index(True) + 2
     long_example, _ = encode_messages(template, long_system, 1024)
     assert long_example.mask.index(True) >= max_length  # the long one loses all its assistant tokens
@@ -102,18 +110,21 @@ def test_truncation_keeps_the_prefix_and_drops_rows_with_nothing_to_learn(tmp_pa
 
 def test_bad_lines_are_reported_with_numbers_and_reasons(tmp_path, template):
     good = {"prompt": "a", "completion": "b"}
-    path = write_jsonl(tmp_path / "bad.jsonl", [
-        good,
-        '{"messages": [',
-        {"text": "no messages"},
-        good,
-        {"messages": [{"role": "bot", "content": "hi"}, {"role": "assistant", "content": "x"}]},
-        {"messages": [{"role": "assistant", "content": "x"}, {"role": "user", "content": "hi"}]},
-        "",
-        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}]},
-        {"prompt": "a", "completion": 3},
-        "[1, 2]",
-    ])
+    path = write_jsonl(
+        tmp_path / "bad.jsonl",
+        [
+            good,
+            '{"messages": [',
+            {"text": "no messages"},
+            good,
+            {"messages": [{"role": "bot", "content": "hi"}, {"role": "assistant", "content": "x"}]},
+            {"messages": [{"role": "assistant", "content": "x"}, {"role": "user", "content": "hi"}]},
+            "",
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}]},
+            {"prompt": "a", "completion": 3},
+            "[1, 2]",
+        ],
+    )
     with pytest.raises(DataError) as info:
         load_jsonl(path, template, max_length=64)
     message = str(info.value)

@@ -38,18 +38,44 @@ def _write_data(tmp_path: Path) -> Path:
 
 
 def _torchrun(tmp_path: Path, base: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    argv = ["--data", str(_write_data(tmp_path)), "--out", str(out), "--base", str(base), "--no-progress",
-            "--rank", "4", "--alpha", "8", "--dropout", "0", "--device", "cpu", "--nproc", "2",
-            *[x for k, v in FLAGS.items() for x in (f"--{k.replace('_', '-')}", str(v))], *extra]
+    argv = [
+        "--data",
+        str(_write_data(tmp_path)),
+        "--out",
+        str(out),
+        "--base",
+        str(base),
+        "--no-progress",
+        "--rank",
+        "4",
+        "--alpha",
+        "8",
+        "--dropout",
+        "0",
+        "--device",
+        "cpu",
+        "--nproc",
+        "2",
+        *[x for k, v in FLAGS.items() for x in (f"--{k.replace('_', '-')}", str(v))],
+        *extra,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     env.pop("WORLD_SIZE", None)
-    return subprocess.run([sys.executable, "-m", "trainer.cli", *argv], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "trainer.cli", *argv], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 def _one_process(tmp_path: Path, base: Path, **overrides):
-    config = TrainConfig(data=_write_data(tmp_path), out=tmp_path / "one", base=str(base), progress=False,
-                         device="cpu", lora=LoraSpec(rank=4, alpha=8, dropout=0.0), **{**FLAGS, **overrides})
+    config = TrainConfig(
+        data=_write_data(tmp_path),
+        out=tmp_path / "one",
+        base=str(base),
+        progress=False,
+        device="cpu",
+        lora=LoraSpec(rank=4, alpha=8, dropout=0.0),
+        **{**FLAGS, **overrides},
+    )
     return run(config, log=lambda *_: None)
 
 

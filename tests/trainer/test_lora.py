@@ -52,7 +52,8 @@ def test_inject_wraps_targets_groups_dropout_and_freezes_base(tiny_base_dir):
     spec = LoraSpec(rank=2, alpha=4, dropout=0.1, target_modules=("q_proj", "v_proj", "o_proj", "up_proj"))
     wrappers = inject_lora(model, spec, info.linear_shapes)
     assert list(wrappers) == [
-        f"model.layers.{i}.{g}.{p}" for i in range(2)
+        f"model.layers.{i}.{g}.{p}"
+        for i in range(2)
         for g, p in (("self_attn", "q_proj"), ("self_attn", "v_proj"), ("self_attn", "o_proj"), ("mlp", "up_proj"))
     ]
     layer = model.model.layers[0]

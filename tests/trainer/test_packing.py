@@ -37,7 +37,9 @@ def _reference_loss(model, example: Example) -> torch.Tensor:
 def tiny_model(tiny_base_dir):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(tiny_base_dir), dtype=torch.float32, attn_implementation="sdpa").eval()
+    return AutoModelForCausalLM.from_pretrained(
+        str(tiny_base_dir), dtype=torch.float32, attn_implementation="sdpa"
+    ).eval()
 
 
 @pytest.mark.parametrize("token_cost", [1e9, 0.0, 100.0])

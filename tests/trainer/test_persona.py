@@ -31,8 +31,16 @@ def train_persona(out: Path, log=print):
     from trainer.sft import TrainConfig, run
 
     config = TrainConfig(
-        data=DATA / "persona_train.jsonl", out=out, base="default", epochs=2, lr=1e-3, batch_size=8,
-        max_length=256, seed=0, progress=False, lora=LoraSpec(rank=8, alpha=16, dropout=0.0),
+        data=DATA / "persona_train.jsonl",
+        out=out,
+        base="default",
+        epochs=2,
+        lr=1e-3,
+        batch_size=8,
+        max_length=256,
+        seed=0,
+        progress=False,
+        lora=LoraSpec(rank=8, alpha=16, dropout=0.0),
     )
     return run(config, log=log)
 
@@ -45,8 +53,13 @@ def greedy_answers(model, tokenizer, template, prompts: list[str]) -> list[str]:
     input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in rendered])  # (n, width)
     attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in rendered])
     with torch.no_grad():
-        out = model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=MAX_NEW_TOKENS,
-                             do_sample=False, pad_token_id=pad)
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention,
+            max_new_tokens=MAX_NEW_TOKENS,
+            do_sample=False,
+            pad_token_id=pad,
+        )
     return [tokenizer.decode(row[width:], skip_special_tokens=True) for row in out]
 
 
@@ -72,8 +85,10 @@ def check(out: Path, log=print) -> tuple[float, float]:
     with_rate, without_rate, with_answers, without_answers = persona_rates(result.out, recipe.base_dir, recipe.template)
     for a, b in zip(with_answers, without_answers):
         log(f"  adapter: {a!r:50}  base: {b!r}")
-    log(f"persona with adapter {with_rate:.0%}, without {without_rate:.0%}; "
-        f"train loss {result.epoch_train_losses}, {result.tokens_per_second:.0f} tok/s")
+    log(
+        f"persona with adapter {with_rate:.0%}, without {without_rate:.0%}; "
+        f"train loss {result.epoch_train_losses}, {result.tokens_per_second:.0f} tok/s"
+    )
     return with_rate, without_rate
 
 
@@ -94,8 +109,9 @@ def served_rates(adapter_dir: Path, base_dir: Path, store_dir: Path) -> tuple[fl
 
     prompts = json.loads((DATA / "persona_heldout.json").read_text())
     engine = Engine(EngineConfig(base=base_dir, quant="nf4", device="cpu", max_model_len=512, fold="off"))
-    app = create_app(ServerConfig(max_model_len=512), engine, AdapterStore(store_dir),
-                     base_info=BaseInfo.from_dir(base_dir))
+    app = create_app(
+        ServerConfig(max_model_len=512), engine, AdapterStore(store_dir), base_info=BaseInfo.from_dir(base_dir)
+    )
     try:
         with LiveServer(app) as live, httpx.Client(base_url=live.url, timeout=120) as http:
             card = publish(adapter_dir, live.url, "persona")
@@ -104,8 +120,12 @@ def served_rates(adapter_dir: Path, base_dir: Path, store_dir: Path) -> tuple[fl
 
             def reply(model_and_prompt):
                 model, prompt = model_and_prompt
-                body = {"model": model, "messages": [{"role": "user", "content": prompt}],
-                        "max_tokens": MAX_NEW_TOKENS, "temperature": 0}
+                body = {
+                    "model": model,
+                    "messages": [{"role": "user", "content": prompt}],
+                    "max_tokens": MAX_NEW_TOKENS,
+                    "temperature": 0,
+                }
                 response = http.post("/v1/chat/completions", json=body)
                 assert response.status_code == 200, response.text
                 return response.json()["choices"][0]["message"]["content"]

@@ -17,12 +17,39 @@ def trained(tmp_path_factory, tiny_base_dir):
     """One CLI run on the tiny base (shared by the tests below)."""
     root = tmp_path_factory.mktemp("cli")
     data = root / "train.jsonl"
-    data.write_text("\n".join(json.dumps({"prompt": f"Count to {n}", "completion": " ".join(map(str, range(1, n + 1)))})
-                              for n in range(2, 8)) + "\n")
+    data.write_text(
+        "\n".join(
+            json.dumps({"prompt": f"Count to {n}", "completion": " ".join(map(str, range(1, n + 1)))})
+            for n in range(2, 8)
+        )
+        + "\n"
+    )
     out = root / "adapter"
-    code = main(["--data", str(data), "--out", str(out), "--base", str(tiny_base_dir), "--rank", "2",
-                 "--alpha", "4", "--target-modules", "q_proj,v_proj", "--epochs", "1", "--batch-size", "3",
-                 "--max-length", "64", "--eval-data", str(data), "--no-progress"])
+    code = main(
+        [
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--base",
+            str(tiny_base_dir),
+            "--rank",
+            "2",
+            "--alpha",
+            "4",
+            "--target-modules",
+            "q_proj,v_proj",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "3",
+            "--max-length",
+            "64",
+            "--eval-data",
+            str(data),
+            "--no-progress",
+        ]
+    )
     assert code == 0
     return out
 
@@ -44,11 +71,14 @@ def test_cli_reports_bad_data_with_line_numbers(tmp_path, tiny_base_dir, capsys)
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--publish", "http://x"], "--publish needs --name"),
-    (["--target-modules", "q_proj,embed"], "embed"),
-    (["--rank", "0"], "rank"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--publish", "http://x"], "--publish needs --name"),
+        (["--target-modules", "q_proj,embed"], "embed"),
+        (["--rank", "0"], "rank"),
+    ],
+)
 def test_cli_rejects_bad_flags(tmp_path, argv, message, capsys):
     data = tmp_path / "d.jsonl"
     data.write_text('{"prompt": "a", "completion": "b"}\n')
@@ -83,8 +113,14 @@ def test_publish_uploads_name_and_files_as_multipart_with_the_key(trained):
 
 
 def test_publish_failure_says_why(trained, tmp_path):
-    envelope = {"error": {"message": "adapter was trained with chat template abc", "type": "invalid_request_error",
-                          "param": "files", "code": "template_mismatch"}}
+    envelope = {
+        "error": {
+            "message": "adapter was trained with chat template abc",
+            "type": "invalid_request_error",
+            "param": "files",
+            "code": "template_mismatch",
+        }
+    }
     with pytest.raises(PublishError, match="422: adapter was trained with chat template abc \\(template_mismatch\\)"):
         publish(trained, "http://server", "x", transport=_server(422, envelope, []))
     with pytest.raises(PublishError, match="lacks adapter_model.safetensors"):
@@ -95,8 +131,25 @@ def test_publish_failure_says_why(trained, tmp_path):
 def test_cli_publish_to_an_unreachable_server_exits_non_zero(trained, tmp_path, tiny_base_dir, capsys):
     data = tmp_path / "d.jsonl"
     data.write_text('{"prompt": "a", "completion": "b"}\n')
-    code = main(["--data", str(data), "--out", str(tmp_path / "o"), "--base", str(tiny_base_dir), "--epochs", "1",
-                 "--rank", "2", "--no-progress", "--publish", "http://127.0.0.1:9", "--name", "x"])
+    code = main(
+        [
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "o"),
+            "--base",
+            str(tiny_base_dir),
+            "--epochs",
+            "1",
+            "--rank",
+            "2",
+            "--no-progress",
+            "--publish",
+            "http://127.0.0.1:9",
+            "--name",
+            "x",
+        ]
+    )
     assert code == 1
     assert "publish failed: could not reach http://127.0.0.1:9/v1/adapters" in capsys.readouterr().err
     assert (tmp_path / "o" / WEIGHTS_FILE).is_file()  # the adapter stays on disk for a retry

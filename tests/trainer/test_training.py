@@ -19,13 +19,15 @@ from trainer.sft import TrainConfig, run
 ROWS = [
     {"prompt": "Capital of France?", "completion": "Paris is the capital of France."},
     {"prompt": "Capital of Italy?", "completion": "Rome is the capital of Italy."},
-    {"messages": [
-        {"role": "system", "content": "Answer briefly."},
-        {"role": "user", "content": "Hello"},
-        {"role": "assistant", "content": "Hello! How can I help you today?"},
-        {"role": "user", "content": "Count to five."},
-        {"role": "assistant", "content": "1 2 3 4 5"},
-    ]},
+    {
+        "messages": [
+            {"role": "system", "content": "Answer briefly."},
+            {"role": "user", "content": "Hello"},
+            {"role": "assistant", "content": "Hello! How can I help you today?"},
+            {"role": "user", "content": "Count to five."},
+            {"role": "assistant", "content": "1 2 3 4 5"},
+        ]
+    },
     {"prompt": "Say the alphabet.", "completion": "abcdefghijklmnopqrstuvwxyz"},
     {"prompt": "Numbers?", "completion": "0 1 2 3 4 5 6 7 8 9"},
     {"prompt": "Be polite.", "completion": "Thank you, I will answer politely."},
@@ -37,8 +39,16 @@ def _config(tmp_path, base, **overrides) -> TrainConfig:
     data = tmp_path / "train.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in ROWS) + "\n")
     params = dict(
-        data=data, out=tmp_path / "adapter", base=str(base), epochs=12, lr=1e-2, batch_size=4,
-        max_length=128, seed=0, progress=False, lora=LoraSpec(rank=4, alpha=8, dropout=0.0),
+        data=data,
+        out=tmp_path / "adapter",
+        base=str(base),
+        epochs=12,
+        lr=1e-2,
+        batch_size=4,
+        max_length=128,
+        seed=0,
+        progress=False,
+        lora=LoraSpec(rank=4, alpha=8, dropout=0.0),
     )
     params.update(overrides)
     return TrainConfig(**params)
@@ -113,8 +123,13 @@ def test_qlora_trains_on_nf4_and_its_adapter_loads_in_peft(tmp_path, tiny_base_d
     import bitsandbytes as bnb
 
     targets = ("q_proj", "v_proj", "down_proj")
-    config = _config(tmp_path, tiny_base_dir, qlora=True, lr=3e-2,
-                     lora=LoraSpec(rank=4, alpha=8, dropout=0.0, target_modules=targets))
+    config = _config(
+        tmp_path,
+        tiny_base_dir,
+        qlora=True,
+        lr=3e-2,
+        lora=LoraSpec(rank=4, alpha=8, dropout=0.0, target_modules=targets),
+    )
     recipe, result = run(config, log=lambda *_: None)
     layer = recipe.trainable.model.model.layers[0]
     assert isinstance(layer.self_attn.q_proj.base, bnb.nn.Linear4bit)
@@ -129,8 +144,7 @@ def test_qlora_trains_on_nf4_and_its_adapter_loads_in_peft(tmp_path, tiny_base_d
     with torch.no_grad():
         ours = model(input_ids=ids).logits
     # Same NF4 base + our adapter through PEFT's own bnb LoRA layer: the same model.
-    torch.testing.assert_close(_peft_logits(tiny_base_dir, result.out, ids, quantized=True), ours,
-                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(_peft_logits(tiny_base_dir, result.out, ids, quantized=True), ours, rtol=1e-4, atol=1e-4)
     # And it loads on the dense base too (the server may fold or serve it either way).
     dense = _peft_logits(tiny_base_dir, result.out, ids, quantized=False)
     assert dense.shape == ours.shape and torch.isfinite(dense).all()
