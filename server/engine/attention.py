@@ -112,6 +112,7 @@ def paged_attention(
     k_cache.index_copy_(0, step.slot_mapping, k)
     v_cache.index_copy_(0, step.slot_mapping, v)
     if step.prefill is None:
+        assert step.decode is not None  # a step has decodes, a prefill, or both
         return _attend(q, k_cache, v_cache, step.decode)
     if step.decode is None:
         return _attend(q, k_cache, v_cache, step.prefill)

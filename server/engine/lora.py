@@ -34,6 +34,7 @@ class LoraStep:
 
     def part_gather(self, parts: int) -> torch.Tensor:
         """Rows of the (T*parts, out_part) view of a fused output, in (slot, part, token) order."""
+        assert self.gather is not None, "part_gather is for grouped steps"
         if parts == 1:
             return self.gather
         if parts not in self._part_gathers:
@@ -116,7 +117,9 @@ class MultiLoraLinear(nn.Module):
         self.num_slots, self.max_rank = num_slots, max_rank
         self.dtype, self.device = dtype, device
         self.slot_rank = [0] * (num_slots + 1)  # widest part rank held by each slot
-        self.A: torch.Tensor | None = None
+        # Empty until `_alloc` (just below) gives them the stacked slot layout.
+        self.A: torch.Tensor = torch.zeros(0)
+        self.Bt: torch.Tensor = torch.zeros(0)
         self._alloc(0)
         self.folded_slot: int | None = None
         self.folded_weight: torch.Tensor | None = None
@@ -132,7 +135,7 @@ class MultiLoraLinear(nn.Module):
         n, P = self.num_slots + 1, self.num_parts
         A = torch.zeros(n, P, rank, self.in_features, dtype=self.dtype, device=self.device)
         Bt = torch.zeros(n, P, rank, self.part_out, dtype=self.dtype, device=self.device)
-        if self.A is not None and self.A.shape[2]:
+        if self.A.dim() == 4 and self.A.shape[2]:
             old = self.A.shape[2]
             A[:, :, :old] = self.A
             Bt[:, :, :old] = self.Bt
@@ -185,8 +188,8 @@ class MultiLoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, lora: LoraStep | None = None) -> torch.Tensor:
         """x (T, in) -> (T, out)."""
-        if lora is not None and lora.mode == "fold" and self.folded_slot == lora.slot:
-            weight = self.folded_weight
+        weight = self.folded_weight  # set together with folded_slot
+        if lora is not None and lora.mode == "fold" and weight is not None and self.folded_slot == lora.slot:
             bias = None if self.base.bias is None else self.base.bias.to(weight.dtype)
             return F.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
         y = self.base(x)

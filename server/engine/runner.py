@@ -46,7 +46,10 @@ class ModelRunner:
         order = sorted(range(len(batch.entries)), key=lambda i: batch.entries[i].num_new != 1)
         entries = [batch.entries[i] for i in order]
         num_decodes = sum(1 for e in entries if e.num_new == 1)
-        ids, positions, token_slots, logit_rows = [], [], [], []
+        ids: list[int] = []
+        positions: list[int] = []
+        token_slots: list[int] = []
+        logit_rows: list[int] = []
         for e in entries:
             ids += e.seq.token_ids(e.start, e.start + e.num_new)
             positions += range(e.start, e.start + e.num_new)

@@ -11,9 +11,12 @@ from __future__ import annotations
 import enum
 import itertools
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from server.engine.types import AdapterRef, SamplingParams
+
+if TYPE_CHECKING:  # the sampler's type only; this module holds no tensors
+    import torch
 
 NO_SLOT = -1  # not holding a slot pin (waiting, preempted, finished)
 _ids = itertools.count()
@@ -52,7 +55,7 @@ class Sequence:
     slot: int = NO_SLOT
     finish_reason: str | None = None
     num_preemptions: int = 0
-    generator: object = None  # the sampler's per-request torch.Generator (seeded requests)
+    generator: torch.Generator | None = None  # the sampler's per-request torch.Generator (seeded requests)
     tenant: str = "default"  # whose request: fair slot share and per-tenant state key on it
     grammar_state: object = None  # the grammar matcher of a constrained request (engine/logits.py)
 

@@ -298,7 +298,8 @@ class AdapterSlots:
             if layer.slot_rank[slot]:
                 layer.load_slot(slot, {})
         aid = self.owner[slot]
-        self.slot_of.pop(aid, None)
+        if aid is not None:
+            self.slot_of.pop(aid, None)
         self.owner[slot] = None
         if aid is not None:
             self._maybe_gone(aid)
