@@ -109,6 +109,7 @@ class Sampler:
             # drop a token when the mass before it already reaches top_p (the top one always stays)
             before = probs.cumsum(dim=-1) - probs
             drop = before >= torch.tensor(top_p, dtype=probs.dtype)[:, None]
+            drop[:, 0] = False  # a top_p that rounds to 0 in this dtype (e.g. 5e-324) must not drop everything
             sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
             logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
         return logits.softmax(dim=-1)

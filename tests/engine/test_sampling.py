@@ -53,6 +53,9 @@ def test_top_k_one_and_tiny_top_p_are_greedy(engine):
     p0 = SamplingParams(max_tokens=GREEDY.max_tokens, temperature=1.0, top_p=1e-6, ignore_eos=True)
     assert engine.generate(PROMPTS, sampling=k1) == greedy
     assert engine.generate(PROMPTS, sampling=p0) == greedy
+    # A subnormal top_p is 0 in float32: the top token still stays (the fuzz found a 500 here).
+    subnormal = SamplingParams(max_tokens=GREEDY.max_tokens, temperature=1.0, top_p=5e-324, ignore_eos=True)
+    assert engine.generate(PROMPTS, sampling=subnormal) == greedy
 
 
 def test_sampling_follows_the_distribution(engine):
