@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 
 import threading
+import time
 
 from tests.adversarial.clients import StreamResult, Victims, assert_envelope, chat_body, client, stream_chat, upload
 from tests.adversarial.hostile_adapters import valid_adapter
@@ -86,7 +87,14 @@ def test_old_versions_are_pruned(alive):
             response = upload(adv.url, "alice", "churn", valid_adapter(adv.base_info, seed=500 + index))
             assert response.status_code in (200, 201), response.text
             assert response.json()["version"] == index + 1
-        after = {p.name for p in blobs.iterdir()} - before
+        # Pruned blobs are collected after the publish answers (in the store's thread), so wait
+        # for the collection rather than racing it.
+        deadline = time.monotonic() + 15
+        while True:
+            after = {p.name for p in blobs.iterdir()} - before
+            if len(after) <= MAX_VERSIONS or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
         assert len(after) <= MAX_VERSIONS, f"{len(after)} versions of one name kept, at most {MAX_VERSIONS} expected"
     finally:
         _cleanup(adv, "alice", ["churn"])
