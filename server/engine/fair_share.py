@@ -4,14 +4,17 @@ Tenants are mutually hostile, so neither arrival order nor the number of adapter
 uses may decide who runs. `round_robin` orders the waiting queue by alternating tenants (FIFO
 within each tenant, starting after the tenant served last), so a burst from one tenant cannot
 starve another. `SlotShare` refuses a tenant one more adapter slot while it already holds
-`ceil(max_loras / tenants waiting or running)` and another tenant waits for a slot. Running
-sequences are never preempted for fairness: a tenant's excess slots return as its sequences end.
+`ceil(max_loras / tenants waiting or running)` and another tenant waits for a slot.
+`slot_victims` handles what admission alone cannot: a tenant that took every slot before anyone
+else came. When another tenant's adapter is ready but every slot is pinned, the tenant holding
+the most slots (at least two more than the one waiting) gives one back: its running sequences on
+one adapter are preempted by recompute, so their output is unchanged, only later.
 Pure functions over sequences; no tensors.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from math import ceil
 
 from server.engine.sequence import Sequence
@@ -82,3 +85,49 @@ class SlotShare:
         if seq.adapter is not None:
             self.held.setdefault(seq.tenant, set()).add(seq.adapter.id)
             self.wanting[seq.tenant] -= 1
+
+
+def slot_victims(
+    running: Iterable[Sequence],
+    waiting: Iterable[Sequence],
+    max_loras: int | None,
+    waits_for_slot: Callable[[Sequence], bool],
+) -> list[Sequence]:
+    """Running sequences to preempt so that one tenant starved of adapter slots gets one.
+
+    A waiting sequence is starved when its adapter is ready (`waits_for_slot`: loaded, but every
+    device slot is pinned) and its tenant may take a new slot (`SlotShare.allows`). The victim is
+    the tenant holding the most slots, and only when it holds at least two more than the starved
+    tenant: moving one slot then narrows the gap and can never make the two swap back (no
+    thrashing). Of the victim's adapters, one that no other tenant runs (same content) and with
+    the fewest running sequences (least work to recompute) gives its slot back. At most one
+    adapter per call, so the scheduler rebalances one slot per step.
+    """
+    running = list(running)
+    waiting = list(waiting)
+    if max_loras is None or not waiting:
+        return []
+    held: dict[str, set[str]] = {}  # tenant -> adapter ids its running sequences pin
+    users: dict[str, list[Sequence]] = {}  # adapter id -> running sequences on it
+    for s in running:
+        if s.adapter is not None:
+            held.setdefault(s.tenant, set()).add(s.adapter.id)
+            users.setdefault(s.adapter.id, []).append(s)
+    share = SlotShare(running, waiting, max_loras)
+    for seq in waiting:
+        if seq.adapter is None or seq.adapter.id in users or not share.allows(seq):
+            continue
+        starved = len(held.get(seq.tenant, ()))
+        richest = sorted(
+            (t for t in held if t != seq.tenant and len(held[t]) > starved + 1),
+            key=lambda t: (-len(held[t]), t),
+        )
+        if not richest or not waits_for_slot(seq):
+            continue
+        victim = richest[0]
+        own = [aid for aid in held[victim] if all(s.tenant == victim for s in users[aid])]
+        if not own:
+            continue
+        aid = min(own, key=lambda a: (len(users[a]), -max(s.seq_id for s in users[a])))
+        return users[aid]
+    return []

@@ -8,7 +8,9 @@ and releases everything a finished sequence held. No tensors live here.
 
 Tenants share fairly (see fair_share.py): the waiting queue is admitted round-robin across
 tenants (FIFO within a tenant), and while another tenant waits for an adapter slot, a tenant
-already holding `ceil(max_loras / active tenants)` slots gets no further one.
+already holding `ceil(max_loras / active tenants)` slots gets no further one; and a tenant that
+took every slot before others came gives one back per step (preempted by recompute) while another
+tenant's ready adapter finds every slot pinned.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from server.engine.block_manager import BlockManager
-from server.engine.fair_share import SlotShare, round_robin
+from server.engine.fair_share import SlotShare, round_robin, slot_victims
 from server.engine.sequence import Sequence, SeqStatus
 
 logger = logging.getLogger(__name__)
@@ -33,6 +35,9 @@ class AdapterGate(Protocol):
 
     def release(self, seq: Sequence) -> None:
         """Unpin the slot `seq` holds (no-op when it holds none)."""
+
+    def waits_for_slot(self, seq: Sequence) -> bool:
+        """Whether seq's adapter is ready to go into a slot but every slot is pinned."""
 
 
 @dataclass
@@ -94,6 +99,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.num_fair_preemptions = 0  # of those, to give a starved tenant an adapter slot
 
     def add(self, seq: Sequence) -> None:
         seq.status = SeqStatus.WAITING
@@ -105,6 +111,7 @@ class Scheduler:
     def schedule(self) -> Batch:
         batch = Batch()
         budget = self.max_num_batched_tokens
+        self._rebalance_slots()
         preempted = self._continue_running(batch, budget)
         budget -= batch.num_tokens
         if not preempted:
@@ -165,6 +172,15 @@ class Scheduler:
             self._last_tenant = seq.tenant
         if admitted:
             self.waiting = deque(s for s in self.waiting if s.seq_id not in admitted)
+
+    def _rebalance_slots(self) -> None:
+        """Preempt one over-share tenant's sequences on one adapter when another tenant's ready
+        adapter finds every slot pinned (see `fair_share.slot_victims`)."""
+        victims = slot_victims(self.running, self.waiting, self.max_loras, self.gate.waits_for_slot)
+        for seq in sorted(victims, key=lambda s: -s.seq_id):  # appendleft: keep their FIFO order
+            self.running.remove(seq)
+            self._preempt(seq)
+            self.num_fair_preemptions += 1
 
     def _preempt(self, seq: Sequence) -> None:
         """Recompute later: drop the cache and the slot pin, go back to the head of the queue."""

@@ -172,6 +172,13 @@ class AdapterSlots:
             self.forgotten.discard(self.owner[slot])
             self._clear(slot)
 
+    def waits_for_slot(self, seq: Sequence) -> bool:
+        """Ready in the host cache, in no slot, and every slot is pinned (the scheduler may then
+        preempt an over-share tenant, see fair_share.slot_victims)."""
+        if seq.adapter is None or seq.adapter.id in self.slot_of or seq.adapter.id not in self.host:
+            return False
+        return self._victim() is None
+
     # -- loading --------------------------------------------------------------------------
     def request(self, ref: AdapterRef) -> None:
         """Start reading `ref` from disk unless it is resident, loading or failed."""

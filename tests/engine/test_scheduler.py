@@ -33,6 +33,9 @@ class FakeGate:
             self.pins[seq.slot] -= 1
             seq.slot = NO_SLOT
 
+    def waits_for_slot(self, seq):
+        return False  # slots are unbounded here
+
 
 def make_seq(n_prompt, max_tokens=4, adapter=None, **kw):
     ref = AdapterRef(adapter, path=None) if adapter else None
