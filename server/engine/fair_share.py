@@ -128,6 +128,8 @@ def slot_victims(
         own = [aid for aid in held[victim] if all(s.tenant == victim for s in users[aid])]
         if not own:
             continue
-        aid = min(own, key=lambda a: (len(users[a]), -max(s.seq_id for s in users[a])))
+        # the least computed work goes back: a newcomer's short request must not cost the
+        # victim a long recompute when a cheaper one frees a slot just as well
+        aid = min(own, key=lambda a: (sum(s.num_computed for s in users[a]), -max(s.seq_id for s in users[a])))
         return users[aid]
     return []
