@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -128,6 +129,34 @@ class ServerState:
         self.forget_pending.update({version.id: version for version in versions})
         self.gc_wanted = True
         self.collect_garbage_soon()
+
+    async def publish(
+        self, tenant: str, name: str, adapter: Any, pool: ThreadPoolExecutor
+    ) -> tuple[AdapterRecord, bool]:
+        """`store.publish` in `pool`; versions it pruned then leave like deleted ones.
+
+        Publishing keeps `max_versions_kept` versions of a name: the pruned contents lose the
+        tenant's pins, and the engine forgets them once their blobs are collected (unless the
+        same bytes are still referenced elsewhere, which keeps the blob and so the engine's copy).
+        """
+
+        def run() -> tuple[AdapterRecord, bool, list[AdapterRecord]]:
+            try:
+                before = self.store.versions(tenant, name)
+            except AdapterNotFound:
+                before = []
+            record, created = self.store.publish(tenant, name, adapter)
+            if not created or not before:
+                return record, created, []
+            kept = {version.id for version in self.store.versions(tenant, name)}
+            return record, created, [version for version in before if version.id not in kept]
+
+        record, created, pruned = await self.pools.run(pool, run)
+        if pruned:
+            self._deleted(tenant, pruned)
+        elif created:
+            self.published()
+        return record, created
 
     def published(self) -> None:
         """A new version was published: the store may have pruned old ones; collect their blobs."""

@@ -134,8 +134,6 @@ async def upload_adapter(request: Request, tenant: str = Depends(get_tenant), st
         raise
     status = 201 if created else 200
     state.metrics.uploads.labels(str(status)).inc()
-    if created:
-        state.published()
     return JSONResponse(adapter_card(record, state.residency(tenant)).model_dump(), status_code=status)
 
 
@@ -154,7 +152,7 @@ async def _upload(request: Request, tenant: str, state: ServerState):
                 f"the adapter '{name}' is being deleted; retry once its requests have finished",
                 headers={"Retry-After": str(state.config.retry_after_s)},
             )
-        return await pools.run(pools.upload, state.store.publish, tenant, name, validated)
+        return await state.publish(tenant, name, validated, pools.upload)
     finally:
         if form is not None:
             await form.close()

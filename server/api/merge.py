@@ -86,8 +86,6 @@ async def merge(body: MergeRequest, tenant: str = Depends(get_tenant), state: Se
         )
     with state.pools.merges.hold(tenant):
         record, created = await _merge(state, tenant, body)
-    if created:
-        state.published()
     return JSONResponse(adapter_card(record, state.residency(tenant)).model_dump(), status_code=201 if created else 200)
 
 
@@ -108,4 +106,4 @@ async def _merge(state: ServerState, tenant: str, body: MergeRequest):
     finally:
         for record in records:
             state.inflight.leave(tenant, record.id)
-    return await pools.run(pools.merge, state.store.publish, tenant, body.name, validated)
+    return await state.publish(tenant, body.name, validated, pools.merge)

@@ -97,7 +97,7 @@ async def publish_job_adapter(
         await run_in_threadpool(_stage, files, staging, state.config.max_upload_bytes)
         validated = await run_in_threadpool(_validate, state, staging)
         name = fine_tuned_name(job)
-        record, created = await run_in_threadpool(state.store.publish, tenant, name, validated)
+        record, created = await state.publish(tenant, name, validated, state.pools.upload)
     finally:
         await form.close()
         shutil.rmtree(staging, ignore_errors=True)

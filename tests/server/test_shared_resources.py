@@ -8,10 +8,12 @@ from __future__ import annotations
 import socket
 import threading
 
+import pytest
+
 from server.api import adapters as adapters_api
 from server.api import merge as merge_api
 from server.limits import Limits
-from tests.server.conftest import KEYS, upload
+from tests.server.conftest import KEYS, upload, write_peft_adapter
 from tests.server.live import wait_until
 
 USER = [{"role": "user", "content": "hi"}]
@@ -161,3 +163,37 @@ def test_one_tenant_cannot_fill_the_admission_queue(make_fake_server):
         server.engine.gate.set()
         for stream in streams:
             stream.close()
+
+
+@pytest.fixture(scope="module")
+def churn_adapters(tiny_base_dir, tmp_path_factory):
+    """Four distinct adapters: one name re-uploaded past the store's default 3 kept versions."""
+    root = tmp_path_factory.mktemp("churn")
+    return [write_peft_adapter(tiny_base_dir, root / str(seed), seed=seed) for seed in range(10, 14)]
+
+
+def test_a_pruned_version_loses_its_pin_and_leaves_the_engine(fake_server, churn_adapters):
+    server = fake_server
+    alice = server.client("alice")
+    old = upload(alice, "churn", churn_adapters[0]).json()["id"]
+    assert alice.post("/v1/adapters/churn/pin").json()["pinned"] is True
+    for version, adapter in enumerate(churn_adapters[1:], start=2):
+        response = upload(alice, "churn", adapter)
+        assert response.status_code == 201 and response.json()["version"] == version
+    # version 1 is no longer kept: its pin goes, and so does the engine's copy once its blob is gone
+    assert old not in server.engine.pinned
+    assert wait_until(lambda: old in server.engine.forgotten)
+    assert not any(blob.name.startswith(old) for blob in (server.store.root / "blobs").iterdir())
+
+
+def test_a_pruned_content_still_named_elsewhere_stays(fake_server, churn_adapters):
+    server = fake_server
+    alice, bob = server.client("alice"), server.client("bob")
+    old = upload(alice, "churn", churn_adapters[0]).json()["id"]
+    assert upload(bob, "same-bytes", churn_adapters[0]).json()["id"] == old
+    for adapter in churn_adapters[1:]:
+        upload(alice, "churn", adapter)
+    assert wait_until(lambda: server.state._gc_task is not None and server.state._gc_task.done())
+    assert old not in server.engine.forgotten  # bob's name still points at those bytes
+    chat = bob.post("/v1/chat/completions", json={"model": "same-bytes", "messages": USER, "max_tokens": 2})
+    assert chat.status_code == 200
