@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.adversarial.server_process import TENANT_KEYS
+from tests.adversarial.server_process import ADMIN_KEY, TENANT_KEYS
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 VICTIM_TOKENS = 160  # long enough (about a second alone) that the attack lands mid-stream
@@ -230,3 +230,15 @@ def upload(url: str, tenant: str, name: str, files: dict[str, bytes], timeout: f
 
 def read_dir(directory: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(Path(directory).iterdir()) if p.is_file()}
+
+
+def read_metrics(url: str) -> dict[str, float]:
+    """The admin-only /metrics as {metric name: value summed over its labels}."""
+    response = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=30)
+    response.raise_for_status()
+    values: dict[str, float] = {}
+    for line in response.text.splitlines():
+        match = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+([-+0-9.eEinfNa]+)$", line)
+        if match:
+            values[match.group(1)] = values.get(match.group(1), 0.0) + float(match.group(3))
+    return values

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import re
 import sys
 import tempfile
 import threading
@@ -26,8 +25,8 @@ from pathlib import Path
 
 import httpx
 
-from tests.adversarial.clients import assert_clean, chat_body, client, stream_chat, upload
-from tests.adversarial.server_process import ADMIN_KEY, ServerProcess
+from tests.adversarial.clients import assert_clean, chat_body, client, read_metrics, stream_chat, upload
+from tests.adversarial.server_process import ServerProcess
 
 TENANTS = ("alice", "bob", "carol")
 MAX_TOKENS = 24
@@ -195,17 +194,6 @@ class Soak:
                 break
             time.sleep(0.5)
         return {"rss_end": self.server.rss_bytes(), "metrics": values}
-
-
-def read_metrics(url: str) -> dict[str, float]:
-    response = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=30)
-    response.raise_for_status()
-    values: dict[str, float] = {}
-    for line in response.text.splitlines():
-        match = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+([-+0-9.eEinfNa]+)$", line)
-        if match:
-            values[match.group(1)] = values.get(match.group(1), 0.0) + float(match.group(3))
-    return values
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,12 +9,14 @@ accounting per (tenant, version); DELETE is durable (a tombstone) before it answ
 from __future__ import annotations
 
 import threading
+import time
 
 from tests.adversarial.clients import (
     StreamResult,
     chat_body,
     client,
     greedy_tokens,
+    read_metrics,
     stream_chat,
     upload,
 )
@@ -59,8 +61,13 @@ def test_delete_after_reupload_keeps_the_queued_old_version_alive(alive):
     for event in events:
         event.wait(120)
     queued = threading.Event()
+    waiting = read_metrics(adv.url)["loraswap_engine_waiting"]
     threads.append(_start(adv, "alice", chat_body("doomed", 32), results, 8, queued))
     try:
+        # re-upload only once alice's request has resolved "doomed" (v1) and queues in the engine
+        deadline = time.monotonic() + 60
+        while read_metrics(adv.url)["loraswap_engine_waiting"] <= waiting and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert upload(adv.url, "alice", "doomed", v2).status_code in (200, 201)
         with client(adv.url, "alice") as http:
             deleted = http.delete("/v1/adapters/doomed")
