@@ -8,30 +8,21 @@ JSON, so the calls are sent once the list is complete (a name delta and an argum
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 
 from server.api.abort import abort_error
-from server.api.protocol import ChatCompletionChunk, ChunkChoice, Delta, FunctionCall, ToolCall, Usage
+from server.api.protocol import ChatCompletionChunk, ChunkChoice, Delta, FunctionCall, ToolCall
+from server.api.sse import DONE, error_line, sse_line, usage
 from server.api.tools import ToolPlan, tool_calls
 
 
-def _line(chunk: ChatCompletionChunk, include_usage: bool) -> str:
-    payload = chunk.model_dump(exclude_none=True)
-    if include_usage:
-        payload["usage"] = chunk.usage.model_dump() if chunk.usage else None
-    for choice, raw in zip(chunk.choices, payload["choices"]):
-        raw["finish_reason"] = choice.finish_reason  # OpenAI sends an explicit null
-    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
-
-
 async def tool_sse(body, generation, include_usage: bool, plan: ToolPlan):
-    """The SSE lines of a tool-call reply; the response sending them owns `generation` (`chat._EventStream`)."""
+    """The SSE lines of a tool-call reply; the response sending them owns `generation` (`sse.EventStream`)."""
     created = int(time.time())
 
     def chunk(delta: Delta, finish_reason=None) -> str:
-        return _line(
+        return sse_line(
             ChatCompletionChunk(
                 id=generation.request_id,
                 created=created,
@@ -61,8 +52,8 @@ async def tool_sse(body, generation, include_usage: bool, plan: ToolPlan):
             yield chunk(call_delta(0, function=FunctionCall(arguments=event.text)))
     reason = generation.finish_reason
     if reason == "abort":
-        yield f"data: {json.dumps(abort_error(generation).envelope())}\n\n"
-        yield "data: [DONE]\n\n"
+        yield error_line(abort_error(generation))
+        yield DONE
         return
     calls = tool_calls(plan, "".join(text)) if reason == "stop" else None
     if not plan.named:
@@ -80,14 +71,14 @@ async def tool_sse(body, generation, include_usage: bool, plan: ToolPlan):
             yield chunk(call_delta(call.index or 0, function=FunctionCall(arguments=call.function.arguments)))
     yield chunk(Delta(), finish_reason="tool_calls" if calls is not None else reason)
     if include_usage:
-        prompt = len(generation.prompt_ids)
-        usage = Usage(
-            prompt_tokens=prompt,
-            completion_tokens=generation.completion_tokens,
-            total_tokens=prompt + generation.completion_tokens,
-        )
-        yield _line(
-            ChatCompletionChunk(id=generation.request_id, created=created, model=body.model, choices=[], usage=usage),
+        yield sse_line(
+            ChatCompletionChunk(
+                id=generation.request_id,
+                created=created,
+                model=body.model,
+                choices=[],
+                usage=usage(len(generation.prompt_ids), generation.completion_tokens),
+            ),
             include_usage,
         )
-    yield "data: [DONE]\n\n"
+    yield DONE
