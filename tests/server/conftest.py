@@ -135,3 +135,14 @@ def make_fake_server(tiny_tokenizer, tiny_base_info, tmp_path):
 @pytest.fixture
 def fake_server(make_fake_server) -> FakeServer:
     return make_fake_server()
+
+
+@pytest.fixture(scope="session")
+def real_server(tiny_base_dir, tmp_path_factory):
+    """One live server over the real engine on the tiny base, shared by the whole session (building
+    an engine costs seconds). Tests upload adapters under names of their own and compare counters
+    with their values at the test's start, so sharing cannot couple them."""
+    from tests.server.real import real_live_server
+
+    with real_live_server(tiny_base_dir, tmp_path_factory.mktemp("real-store")) as live:
+        yield live
