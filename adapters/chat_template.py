@@ -96,6 +96,24 @@ def message_text(message: Any, index: int) -> str:
     raise TemplateError(f"messages[{index}].content must be a string or a list of text parts")
 
 
+def _mark_strings(value: Any, nonce: str, strings: list[str]) -> Any:
+    """`value` with every string (dict keys too) replaced by a placeholder; `strings` collects them."""
+    if isinstance(value, str):
+        strings.append(value)
+        return f"\ue000{nonce}:t{len(strings) - 1}\ue001"
+    if isinstance(value, dict):
+        return {_mark_strings(k, nonce, strings): _mark_strings(v, nonce, strings) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_mark_strings(v, nonce, strings) for v in value]
+    return value
+
+
+def _as_rendered(text: str, quoted: bool) -> str:
+    """A client string as the template would have written it: JSON-escaped inside a JSON string
+    (the placeholder sat between quotes, i.e. `tojson` wrote it), else as it is."""
+    return json.dumps(text, ensure_ascii=False)[1:-1] if quoted else text
+
+
 class ChatTemplate:
     """A tokenizer's chat template, rendered safely into ids and masks.
 
@@ -167,6 +185,7 @@ class ChatTemplate:
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
         training: bool = False,
+        tools: list[dict] | None = None,
     ) -> RenderedPrompt:
         """Validate, render and tokenize `messages`.
 
@@ -175,6 +194,9 @@ class ChatTemplate:
             add_generation_prompt: append the template's assistant header (inference).
             continue_final_message: leave the final assistant message open for continuation.
             training: validate as a training conversation (ends with the assistant).
+            tools: OpenAI tool definitions for a template that renders `tools` (None: not passed).
+                Every string in them (keys included) reaches the template as a placeholder and is
+                tokenized as plain text, like message content.
         """
         messages = self.validate(messages, continue_final_message=continue_final_message, training=training)
         if continue_final_message or training:
@@ -182,9 +204,13 @@ class ChatTemplate:
         nonce = secrets.token_hex(8)
         marks = [f"\ue000{nonce}:{i}\ue001" for i in range(len(messages))]
         placeholders = [{"role": m["role"], "content": mark} for m, mark in zip(messages, marks)]
+        extra: dict[str, Any] = {}
+        tool_strings: list[str] = []
+        if tools is not None:
+            extra["tools"] = _mark_strings(tools, nonce, tool_strings)
         try:
             text = self._template.render(
-                messages=placeholders, add_generation_prompt=add_generation_prompt, **self._special_names
+                messages=placeholders, add_generation_prompt=add_generation_prompt, **self._special_names, **extra
             )
         except TemplateError:
             raise
@@ -192,16 +218,26 @@ class ChatTemplate:
             raise TemplateError(f"chat template error: {exc}") from exc
         if continue_final_message:
             text = text[: text.rfind(marks[-1]) + len(marks[-1])]
-        return self._tokenize(text, messages, nonce)
+        return self._tokenize(text, messages, nonce, tool_strings)
 
-    def _tokenize(self, text: str, messages: list[dict], nonce: str) -> RenderedPrompt:
-        pieces = re.split(f"\ue000{nonce}:(\\d+)\ue001", text)
-        # pieces alternate: template text, message index, template text, ...
+    def _tokenize(self, text: str, messages: list[dict], nonce: str, tool_strings: list[str]) -> RenderedPrompt:
+        pieces = re.split(f"\ue000{nonce}:(t?\\d+)\ue001", text)
+        # pieces alternate: template text, message index (or "t" + tool string index), template text, ...
+        if any(nonce in piece for piece in pieces[::2]):
+            raise TemplateError("the chat template altered a placeholder of client text (e.g. escaped it)")
         ids: list[int] = []
         mask: list[bool] = []
         plain: list[str] = []
         open_turn = False  # inside an assistant turn, waiting for its end-of-turn token
         for position, piece in enumerate(pieces):
+            if position % 2 == 1 and piece.startswith("t"):
+                quoted = pieces[position - 1].endswith('"') and pieces[position + 1].startswith('"')
+                tool_text = _as_rendered(tool_strings[int(piece[1:])], quoted)
+                tool_ids = self._encode(tool_text, as_text=True)
+                ids += tool_ids
+                mask += [False] * len(tool_ids)
+                plain.append(tool_text)
+                continue
             if position % 2 == 1:
                 message = messages[int(piece)]
                 content_ids = self._encode(message["content"], as_text=True)
