@@ -38,7 +38,7 @@ from server.api.request_fields import CHAT_FIELDS
 from server.api.sampling import sampling_params
 from server.api.sse import DONE, EventStream, error_line, sse_line, unless_disconnected, usage
 from server.api.tool_stream import tool_sse
-from server.api.tools import as_tool_reply, plan_tools
+from server.api.tools import as_tool_reply, plan_tools, template_tools
 from server.bounds import check_lengths
 from server.engine.types import TokenEvent
 from server.generation import Generation
@@ -83,6 +83,7 @@ async def create_chat_completion(
         max_tokens=body.max_completion_tokens or body.max_tokens,
         add_generation_prompt=body.add_generation_prompt,
         continue_final_message=body.continue_final_message,
+        tools=template_tools(body, state.template.source),
     )
     controls = await decoding_controls(body, state, tenant, plan.spec if plan else None)
     sampling = sampling_params(
