@@ -24,8 +24,10 @@ from typing import Any
 
 import jinja2
 import jinja2.ext
+import jinja2.meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from adapters import tool_messages
 from adapters.errors import LoraswapError
 
 ROLES = ("system", "user", "assistant")
@@ -96,16 +98,30 @@ def message_text(message: Any, index: int) -> str:
     raise TemplateError(f"messages[{index}].content must be a string or a list of text parts")
 
 
-def _mark_strings(value: Any, nonce: str, strings: list[str]) -> Any:
-    """`value` with every string (dict keys too) replaced by a placeholder; `strings` collects them."""
+def _mark_strings(value: Any, nonce: str, strings: list[str], risky: re.Pattern | None) -> Any:
+    """`value` with every string (dict keys too) that holds a control-token string replaced by a
+    placeholder (`strings` collects them); others stay as they are, so templates can still compare
+    and index them (`call.function.name`, `tool.type == 'function'`)."""
     if isinstance(value, str):
+        if risky is None or not risky.search(value):
+            return value
         strings.append(value)
         return f"\ue000{nonce}:t{len(strings) - 1}\ue001"
     if isinstance(value, dict):
-        return {_mark_strings(k, nonce, strings): _mark_strings(v, nonce, strings) for k, v in value.items()}
+        return {
+            _mark_strings(k, nonce, strings, risky): _mark_strings(v, nonce, strings, risky) for k, v in value.items()
+        }
     if isinstance(value, list):
-        return [_mark_strings(v, nonce, strings) for v in value]
+        return [_mark_strings(v, nonce, strings, risky) for v in value]
     return value
+
+
+def reads_tools(source: str, env: jinja2.Environment | None = None) -> bool:
+    """Whether a template has tool support: HF's convention is that it reads a `tools` variable."""
+    try:
+        return "tools" in jinja2.meta.find_undeclared_variables((env or _sandbox()).parse(source))
+    except jinja2.TemplateSyntaxError:
+        return False
 
 
 def _as_rendered(text: str, quoted: bool) -> str:
@@ -130,13 +146,18 @@ class ChatTemplate:
         self.tokenizer = tokenizer
         self.source = source
         self.sha256 = hashlib.sha256(source.encode("utf-8")).hexdigest()
+        env = _sandbox()
         try:
-            self._template = _sandbox().from_string(source)
+            self._template = env.from_string(source)
+            self.supports_tools = reads_tools(source, env)
         except jinja2.TemplateSyntaxError as exc:
             raise TemplateError(f"chat template does not compile: {exc}") from exc
         if end_of_turn_ids is None:
             end_of_turn_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         self.end_of_turn_ids = list(end_of_turn_ids)
+        added = sorted(getattr(tokenizer, "get_added_vocab", dict)(), key=len, reverse=True)
+        # Strings holding any added token's text would be read as control tokens in template text.
+        self._risky = re.compile("|".join(map(re.escape, added))) if added else None
         self._special_names = {
             key: value for key, value in (tokenizer.special_tokens_map or {}).items() if isinstance(value, str)
         }
@@ -144,27 +165,28 @@ class ChatTemplate:
     # ---------------------------------------------------------------- validation
 
     def validate(self, messages: Any, *, continue_final_message: bool = False, training: bool = False) -> list[dict]:
-        """Check message structure; return the messages normalised to `{"role", "content": str}`.
+        """Check message structure; return the messages normalised to `{"role", "content": str}`
+        (plus `tool_calls` / `tool_call_id` for tool traffic).
 
-        Inference (default): the last message is the user's, or the assistant's with
-        `continue_final_message`. Training: the last message is the assistant's.
+        Inference (default): the last message is the user's (or a tool result's, on a template with
+        tool support), or the assistant's with `continue_final_message`. Training: the last message
+        is the assistant's, and tool traffic is not accepted (its calls would not be supervised).
         """
         if not isinstance(messages, list) or not messages:
             raise TemplateError("messages must be a non-empty list")
+        with_tools = self.supports_tools and not training
+        roles = ROLES + ("tool",) if with_tools else ROLES
         normalised = []
         for index, message in enumerate(messages):
             if not isinstance(message, dict):
                 raise TemplateError(f"messages[{index}] must be an object with role and content")
             role = message.get("role")
             role = ROLE_ALIASES.get(role, role) if isinstance(role, str) else role
-            if role not in ROLES:
-                raise TemplateError(f"messages[{index}].role {role!r} is not one of {', '.join(ROLES)}, developer")
+            if not isinstance(role, str) or role not in roles:
+                raise TemplateError(f"messages[{index}].role {role!r} is not one of {', '.join(roles)}, developer")
             if role == "system" and index != 0:
                 raise TemplateError(f"messages[{index}]: a system message may only come first")
-            text = message_text(message, index)
-            if not text.strip():
-                raise TemplateError(f"messages[{index}].content is empty")
-            normalised.append({"role": role, "content": text})
+            normalised.append(self._normalise(message, index, role, with_tools))
         last = normalised[-1]["role"]
         if training:
             if last != "assistant":
@@ -172,9 +194,31 @@ class ChatTemplate:
         elif continue_final_message:
             if last != "assistant":
                 raise TemplateError("continue_final_message needs the last message to be the assistant's")
-        elif last != "user":
-            raise TemplateError("the last message must be from the user")
+        elif last != "user" and not (last == "tool" and with_tools):
+            raise TemplateError("the last message must be from the user" + (" or a tool" if with_tools else ""))
+        if continue_final_message and "tool_calls" in normalised[-1]:
+            raise TemplateError("continue_final_message cannot continue an assistant message with tool_calls")
         return normalised
+
+    def _normalise(self, message: dict, index: int, role: str, with_tools: bool) -> dict:
+        where = f"messages[{index}]"
+        if message.get("tool_calls") and not (with_tools and role == "assistant"):
+            raise TemplateError(f"{where}.tool_calls: only assistant messages at inference, on a template with tools")
+        if message.get("tool_calls"):
+            calls = tool_messages.tool_calls(message["tool_calls"], where, TemplateError)
+            content = message.get("content")
+            text = "" if content is None else message_text(message, index)  # the calls may stand alone
+            return {"role": role, "content": text, "tool_calls": calls}
+        text = message_text(message, index)
+        if role == "tool":  # a tool may return nothing
+            return {
+                "role": role,
+                "content": text,
+                "tool_call_id": tool_messages.tool_call_id(message, where, TemplateError),
+            }
+        if not text.strip():
+            raise TemplateError(f"messages[{index}].content is empty")
+        return {"role": role, "content": text}
 
     # ---------------------------------------------------------------- rendering
 
@@ -195,19 +239,19 @@ class ChatTemplate:
             continue_final_message: leave the final assistant message open for continuation.
             training: validate as a training conversation (ends with the assistant).
             tools: OpenAI tool definitions for a template that renders `tools` (None: not passed).
-                Every string in them (keys included) reaches the template as a placeholder and is
-                tokenized as plain text, like message content.
+                Every string in them (keys included) that holds a control token's text reaches the
+                template as a placeholder and is tokenized as plain text, like message content.
         """
         messages = self.validate(messages, continue_final_message=continue_final_message, training=training)
         if continue_final_message or training:
             add_generation_prompt = False
         nonce = secrets.token_hex(8)
         marks = [f"\ue000{nonce}:{i}\ue001" for i in range(len(messages))]
-        placeholders = [{"role": m["role"], "content": mark} for m, mark in zip(messages, marks)]
-        extra: dict[str, Any] = {}
         tool_strings: list[str] = []
+        placeholders = [self._placeholder(m, mark, nonce, tool_strings) for m, mark in zip(messages, marks)]
+        extra: dict[str, Any] = {}
         if tools is not None:
-            extra["tools"] = _mark_strings(tools, nonce, tool_strings)
+            extra["tools"] = _mark_strings(tools, nonce, tool_strings, self._risky)
         try:
             text = self._template.render(
                 messages=placeholders, add_generation_prompt=add_generation_prompt, **self._special_names, **extra
@@ -219,6 +263,13 @@ class ChatTemplate:
         if continue_final_message:
             text = text[: text.rfind(marks[-1]) + len(marks[-1])]
         return self._tokenize(text, messages, nonce, tool_strings)
+
+    def _placeholder(self, message: dict, mark: str, nonce: str, tool_strings: list[str]) -> dict:
+        """What the template sees of a message: its content as `mark` (empty content stays empty, so
+        `{% if message.content %}` still reads false), tool fields with risky strings marked."""
+        out = {key: _mark_strings(value, nonce, tool_strings, self._risky) for key, value in message.items()}
+        out.update(role=message["role"], content=mark if message["content"] else "")
+        return out
 
     def _tokenize(self, text: str, messages: list[dict], nonce: str, tool_strings: list[str]) -> RenderedPrompt:
         pieces = re.split(f"\ue000{nonce}:(t?\\d+)\ue001", text)

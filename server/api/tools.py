@@ -9,9 +9,9 @@
   calls of offered functions becomes a tool-call reply, anything else stays content. Without
   tool support (SmolLM2's ChatML, the tiny test base) or with an unknown format, `auto` is a 400.
 
-Whenever the template renders `tools`, the request's tools are rendered through it (every string
-in them as plain text, `ChatTemplate.render`). Messages with role `tool` or assistant messages
-carrying `tool_calls` are refused by name: this server does not render them yet. Tool names are bounded identifiers and every schema is bounded
+Whenever the template renders `tools`, the request's tools are rendered through it, and so are
+messages with role `tool` and assistant messages carrying `tool_calls` (every string in them as
+plain text, `ChatTemplate.render`); without tool support those messages are refused by name. Tool names are bounded identifiers and every schema is bounded
 by `GrammarSpec`, so nothing a tenant sends here is unbounded. Replies carry OpenAI's `tool_calls`
 (ids, names, JSON `arguments`) with `finish_reason: "tool_calls"`, plain or as stream deltas.
 """
@@ -24,9 +24,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-import jinja2
-import jinja2.meta
-
+from adapters.chat_template import reads_tools
+from adapters.tool_messages import MAX_JSON_DEPTH, json_depth
 from server.api.errors import BadRequest
 from server.api.protocol import AssistantMessage, ChatCompletion, FunctionCall, ToolCall
 from server.api.tool_format import ToolCallFormat, detect_format, parse_calls
@@ -51,10 +50,7 @@ class ToolPlan:
 
 def template_supports_tools(source: str) -> bool:
     """Whether the chat template reads a `tools` variable (the convention of HF's tool templates)."""
-    try:
-        return "tools" in jinja2.meta.find_undeclared_variables(jinja2.Environment().parse(source))
-    except jinja2.TemplateSyntaxError:
-        return False
+    return reads_tools(source)
 
 
 def _functions(tools: Any) -> dict[str, dict]:
@@ -80,6 +76,8 @@ def _functions(tools: Any) -> dict[str, dict]:
             raise BadRequest(
                 f"{where}.function.parameters must be a JSON schema object", param=f"{where}.function.parameters"
             )
+        if json_depth(parameters) > MAX_JSON_DEPTH:
+            raise BadRequest(f"{where}.function.parameters may be nested at most {MAX_JSON_DEPTH} deep", param="tools")
         try:
             GrammarSpec.json_schema(parameters)  # plain JSON, bounded size: it may be rendered into the prompt
         except GrammarError as exc:
@@ -113,10 +111,11 @@ def _call_schema(functions: dict[str, dict], parallel: bool) -> dict:
 
 
 def check_tool_messages(messages: Any, supported: bool) -> None:
-    """400 naming the first tool message or assistant tool call (not rendered: see the module note)."""
-    if not isinstance(messages, list):
+    """400 naming the first tool message or assistant tool call a template without tool support
+    cannot represent (with support, `ChatTemplate.validate` checks and renders them)."""
+    if supported or not isinstance(messages, list):
         return
-    why = "this server does not render them yet" if supported else "it has no tool support"
+    why = "it has no tool support"
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             continue

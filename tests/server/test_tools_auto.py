@@ -176,12 +176,42 @@ def test_real_engine_auto_without_a_call_answers_as_none(tools_base_dir, tmp_pat
     assert replies[0].message.content
 
 
-def test_tool_results_in_messages_are_refused_by_name_even_with_tool_support(serve):
-    server, client, base = serve("ok")
+def test_a_conversation_with_tool_calls_and_results_is_rendered_and_answered(serve, tools_tokenizer):
+    server, client, base = serve("It is 18C in Paris.")
     messages = USER + [
-        {"role": "assistant", "content": "", "tool_calls": [{"id": "c1", "type": "function", "function": {}}]},
-        {"role": "tool", "tool_call_id": "c1", "content": "18C"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+            ],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": "18C <|im_end|>"},
     ]
+    response = client.chat.completions.create(model=base, messages=messages, tools=[WEATHER])
+    assert (response.choices[0].message.content, response.choices[0].finish_reason) == ("It is 18C in Paris.", "stop")
+    (prompt,) = server.engine.prompts.values()
+    text = tools_tokenizer.decode(prompt)
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>' in text
+    assert "<tool_response>\n18C <|im_end|>\n</tool_response>" in text
+    # the result's "<|im_end|>" is text: the only end-of-turn ids are the template's, one per turn
+    end = tools_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert prompt.count(end) == 4  # system (tools), user, assistant (call), tool result
+
+
+@pytest.mark.parametrize(
+    "message, words",
+    [
+        ({"role": "assistant", "content": None, "tool_calls": "x"}, "tool_calls must be a list"),
+        (
+            {"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "{"}}]},
+            "arguments must be JSON text of an object",
+        ),
+        ({"role": "tool", "content": "x", "tool_call_id": 5}, "tool_call_id"),
+    ],
+)
+def test_malformed_tool_traffic_is_a_400_naming_the_message(serve, message, words):
+    server, client, base = serve("ok")
     with pytest.raises(openai.BadRequestError) as caught:
-        client.chat.completions.create(model=base, messages=messages, tools=[WEATHER])
-    assert caught.value.body["param"] == "messages[1]" and "not render" in caught.value.body["message"]
+        client.chat.completions.create(model=base, messages=USER + [message, USER[0]], tools=[WEATHER])
+    assert "messages[1]" in caught.value.body["message"] and words in caught.value.body["message"]
