@@ -17,20 +17,11 @@ import pytest
 
 from tests.server.fake_engine import FakeEngine
 from tests.server.real import openai_client, real_live_server
+from tests.server.test_tools import CLOCK, USER, WEATHER
 
-USER = [{"role": "user", "content": "What is the weather in Paris?"}]
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Current weather",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-    },
-}
-CLOCK = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
 TWO_CALLS = (
     'Checking both.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
-    '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>'
+    '<tool_call>\n{"name": "get_time", "arguments": {"zone": 1}}\n</tool_call>'
 )
 
 
@@ -65,7 +56,7 @@ def test_calls_in_the_output_become_tool_calls(serve):
     choice = response.choices[0]
     assert choice.finish_reason == "tool_calls"
     assert choice.message.content == "Checking both.\n"
-    assert _calls(choice.message) == [("get_weather", {"city": "Paris"}), ("get_time", {})]
+    assert _calls(choice.message) == [("get_weather", {"city": "Paris"}), ("get_time", {"zone": 1})]
     assert all(c.id.startswith("call_") and c.type == "function" for c in choice.message.tool_calls)
     assert len({c.id for c in choice.message.tool_calls}) == 2
 
@@ -123,7 +114,7 @@ def test_streamed_calls_arrive_as_tool_call_deltas(serve):
     assert content == "Checking both.\n"  # streamed before the opener, never the call text
     assert [(c["name"], json.loads(c["arguments"])) for c in calls.values()] == [
         ("get_weather", {"city": "Paris"}),
-        ("get_time", {}),
+        ("get_time", {"zone": 1}),
     ]
     assert all(c["id"].startswith("call_") for c in calls.values())
     assert finish == ["tool_calls"]
