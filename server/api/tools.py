@@ -76,8 +76,8 @@ def _functions(tools: Any) -> dict[str, dict]:
             raise BadRequest(
                 f"{where}.function.parameters must be a JSON schema object", param=f"{where}.function.parameters"
             )
-        if json_depth(parameters) > MAX_JSON_DEPTH:
-            raise BadRequest(f"{where}.function.parameters may be nested at most {MAX_JSON_DEPTH} deep", param="tools")
+        if json_depth(tool) > MAX_JSON_DEPTH:  # the whole definition may be rendered (and recursed over)
+            raise BadRequest(f"{where} may be nested at most {MAX_JSON_DEPTH} deep", param="tools")
         try:
             GrammarSpec.json_schema(parameters)  # plain JSON, bounded size: it may be rendered into the prompt
         except GrammarError as exc:

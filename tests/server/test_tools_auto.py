@@ -206,3 +206,14 @@ def test_malformed_tool_traffic_is_a_400_naming_the_message(serve, message, word
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(model=base, messages=USER + [message, USER[0]], tools=[WEATHER])
     assert "messages[1]" in caught.value.body["message"] and words in caught.value.body["message"]
+
+
+def test_deeply_nested_tool_definitions_are_a_400_not_a_crash(serve):
+    server, client, base = serve("ok")
+    junk: list = []
+    for _ in range(200):
+        junk = [junk]
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}, "x": junk}}
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=base, messages=USER, tools=[tool])
+    assert caught.value.body["param"] == "tools" and "nested" in caught.value.body["message"]
