@@ -6,7 +6,8 @@ base. Both runs generate exactly `requests x new_tokens` tokens: free rows use m
 constrained rows use a schema whose values cannot end within `new_tokens` (a list of at least 64
 strings), so they too stop at max_tokens, with a mask every step. Throughput is tokens per second of
 CPU time (time.process_time, all threads: a shared machine makes wall clock meaningless) and, for
-reference, of wall time. Compile time is the first `GrammarCache.compile` of three schemas on a cold
+reference, of wall time; the two batches run interleaved `--repeats` times and the best of each is
+kept. Compile time is the first `GrammarCache.compile` of three schemas on a cold
 cache (CPU ms), plus the one-off llguidance tokenizer build.
 """
 
@@ -68,6 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quant", default="none", choices=["none", "nf4"])
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats of each batch (best kept)")
     parser.add_argument("--masks-only", action="store_true", help="skip the engine runs (compile + mask cost)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
@@ -117,17 +119,26 @@ def main(argv: list[str] | None = None) -> None:
 
     free = SamplingParams(max_tokens=n, min_tokens=n, temperature=0, ignore_eos=True)
     constrained = SamplingParams(max_tokens=n, temperature=0, grammar=grammar)
-    engine.generate(prompts[:2], sampling=free)  # warm-up
-    for key, params in (
-        ("free", [free] * len(prompts)),
-        ("mixed", [constrained if i % 2 == 0 else free for i in range(len(prompts))]),
-    ):
-        outputs, cpu, wall = _timed(lambda params=params: engine.generate(prompts, sampling=params))
-        tokens = sum(len(o) for o in outputs)
-        assert tokens == len(prompts) * n, f"{key}: {tokens} tokens, expected {len(prompts) * n}"
+    batches = {
+        "free": [free] * len(prompts),
+        "mixed": [constrained if i % 2 == 0 else free for i in range(len(prompts))],
+    }
+    for params in batches.values():
+        engine.generate(prompts[:2], sampling=params[:2])  # warm-up: first-use costs of both paths
+    best: dict[str, tuple[float, float]] = {}
+    # Interleaved (free, mixed, free, mixed, ...) and best-of: load from other processes hits both alike
+    # and the fastest repeat is the one least disturbed.
+    for _ in range(args.repeats):
+        for key, params in batches.items():
+            outputs, cpu, wall = _timed(lambda params=params: engine.generate(prompts, sampling=params))
+            tokens = sum(len(o) for o in outputs)
+            assert tokens == len(prompts) * n, f"{key}: {tokens} tokens, expected {len(prompts) * n}"
+            cpu_rate, wall_rate = best.get(key, (0.0, 0.0))
+            best[key] = (max(cpu_rate, tokens / cpu), max(wall_rate, tokens / wall))
+    for key, (cpu_rate, wall_rate) in best.items():
         label = "unconstrained batch" if key == "free" else "half schema-constrained"
-        report.add(Measure(f"{key}_cpu", label, tokens / cpu, "tok/s", "per CPU second"))
-        report.add(Measure(f"{key}_wall", label, tokens / wall, "tok/s", "per wall second (shared machine)"))
+        report.add(Measure(f"{key}_cpu", label, cpu_rate, "tok/s", f"per CPU second, best of {args.repeats}"))
+        report.add(Measure(f"{key}_wall", label, wall_rate, "tok/s", "per wall second (shared machine)"))
     report.notes.append(
         "constrained rows decode the same number of tokens as free ones (a schema that cannot "
         "end sooner), so the ratio is the cost of the masks alone"

@@ -5,7 +5,7 @@ submits the engine request (so the engine's refusals are still plain HTTP errors
 releases everything before it raises). `events()` relays its token events while recording latency
 and token metrics. The request ends when the `with generation:` block that owns it exits: the plain
 path wraps its wait in that block, the streaming path wraps the response's whole send in it
-(`chat._EventStream`). The exit (`close()`) releases everything exactly once: the ticket, the
+(`sse.EventStream`). The exit (`close()`) releases everything exactly once: the ticket, the
 in-flight count and, if the engine has not finished the request, an `engine.abort`. It is
 synchronous, so it is safe under cancellation (a client disconnect cancels the consuming task).
 """

@@ -206,6 +206,7 @@ class ServerState:
         max_tokens: int | None,
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
+        tools: list[dict] | None = None,
     ) -> tuple[RenderedPrompt, int]:
         """`prepare_prompt` in the render pool, after the cheap structural bounds (400 `messages`).
 
@@ -220,6 +221,7 @@ class ServerState:
             max_tokens=max_tokens,
             add_generation_prompt=add_generation_prompt,
             continue_final_message=continue_final_message,
+            tools=tools,
         )
 
     def prepare_prompt(
@@ -229,6 +231,7 @@ class ServerState:
         max_tokens: int | None,
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
+        tools: list[dict] | None = None,
     ) -> tuple[RenderedPrompt, int]:
         """Validate and render `messages`, then check the length; returns (prompt, max_tokens).
 
@@ -239,7 +242,10 @@ class ServerState:
             PromptTooLong: prompt tokens + max_tokens exceed max_model_len (-> 400, both counts).
         """
         rendered = self.template.render(
-            messages, add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+            tools=tools,  # checked by `api.tools.plan_tools`; rendered only by templates with tool support
         )
         limit = self.max_model_len
         count = len(rendered.ids)

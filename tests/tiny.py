@@ -17,6 +17,27 @@ CHATML_TEMPLATE = (
     "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+# ChatML with Hermes / Qwen2.5-style tools: the definitions as JSON in the system turn, and calls
+# written as `<tool_call>\n{"name": ..., "arguments": ...}\n</tool_call>` (plain text, no special tokens).
+HERMES_TOOLS_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\n"
+    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}{% else %}You are a helpful AI assistant.{% endif %}"
+    "\n\n# Tools\n\n<tools>{% for tool in tools %}{{ '\n' }}{{ tool | tojson }}{% endfor %}\n</tools>\n\n"
+    "For each function call, return a json object with function name and arguments within "
+    '<tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}'
+    "\n</tool_call><|im_end|>\n"
+    "{% elif messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant.<|im_end|>\n' }}"
+    "{% endif %}"
+    "{% for message in messages %}{% if tools and loop.first and message['role'] == 'system' %}"
+    "{% elif message['role'] == 'assistant' and message.tool_calls %}<|im_start|>assistant\n"
+    "{% if message.content %}{{ message.content }}\n{% endif %}{% for call in message.tool_calls %}"
+    '<tool_call>\n{"name": "{{ call.function.name }}", "arguments": {{ call.function.arguments | tojson }}}'
+    "\n</tool_call>{% endfor %}<|im_end|>\n"
+    "{% elif message['role'] == 'tool' %}"
+    "<|im_start|>user\n<tool_response>\n{{ message['content'] }}\n</tool_response><|im_end|>\n"
+    "{% else %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 _CORPUS = [
     "The capital of France is Paris. The capital of Italy is Rome.",
@@ -91,4 +112,19 @@ def build_tiny_base(directory: Path, seed: int = 0, **config_overrides) -> Path:
                 p.mul_(4.0)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
+    return directory
+
+
+def with_chat_template(base_dir: Path, directory: Path, template: str) -> Path:
+    """A copy of the tiny base at `directory` whose tokenizer carries `template` (same weights)."""
+    import json
+    import shutil
+
+    directory = Path(directory)
+    shutil.copytree(base_dir, directory)
+    config_path = directory / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config.pop("chat_template", None)
+    config_path.write_text(json.dumps(config))
+    (directory / "chat_template.jinja").write_text(template)
     return directory

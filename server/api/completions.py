@@ -9,13 +9,10 @@ engine request per prompt -> choices indexed like the prompts. A client that lea
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
-from contextlib import ExitStack
 
-from fastapi import APIRouter, Depends, Request, Response
-from fastapi.responses import StreamingResponse
+from fastapi import APIRouter, Depends, Request
 
 from server.api.completion_protocol import (
     MAX_PROMPTS,
@@ -24,14 +21,16 @@ from server.api.completion_protocol import (
     CompletionLogprobs,
     CompletionRequest,
 )
+from server.api.admit import check_request, resolve, start_generations
 from server.api.decoding import decoding_controls
 from server.api.deps import get_state, get_tenant
 from server.api.abort import abort_error
 from server.api.errors import BadRequest, PromptTooLong
 from server.api.protocol import Usage
-from server.api.request_fields import COMPLETION_FIELDS, check_fields
+from server.api.request_fields import COMPLETION_FIELDS
+from server.api.sampling import sampling_params
+from server.api.sse import DONE, EventStream, error_line, sse_line, unless_disconnected, usage
 from server.bounds import check_lengths
-from server.engine.types import SamplingParams
 from server.generation import Generation
 from server.state import ServerState
 
@@ -68,27 +67,6 @@ def tokenize_plain(state: ServerState, text: str, max_tokens: int | None) -> tup
     return ids, wanted
 
 
-def _sampling(body: CompletionRequest, max_tokens: int, controls: dict) -> SamplingParams:
-    stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
-    if any(not s for s in stop):
-        raise BadRequest("stop strings must be non-empty", param="stop")
-    try:
-        return SamplingParams(
-            max_tokens=max_tokens,
-            min_tokens=body.min_tokens,
-            temperature=1.0 if body.temperature is None else body.temperature,
-            top_p=1.0 if body.top_p is None else body.top_p,
-            top_k=body.top_k if body.top_k and body.top_k > 0 else 0,
-            seed=body.seed,
-            stop=stop,
-            ignore_eos=body.ignore_eos,
-            logprobs=body.logprobs,
-            **controls,
-        )
-    except ValueError as exc:
-        raise BadRequest(str(exc)) from None
-
-
 @router.post("/v1/completions")
 async def create_completion(
     body: CompletionRequest,
@@ -96,46 +74,28 @@ async def create_completion(
     tenant: str = Depends(get_tenant),
     state: ServerState = Depends(get_state),
 ):
-    check_fields(body.model_dump(exclude_unset=True), COMPLETION_FIELDS)
-    if body.n not in (None, 1):
-        raise BadRequest("only n=1 is supported", param="n")
+    check_request(body, COMPLETION_FIELDS)
     if body.echo and body.logprobs is not None:
         raise BadRequest("echo with logprobs is not supported: prompt logprobs are not computed", param="echo")
     prompts = plain_prompts(body.prompt)
     check_lengths(body.max_tokens, None, body.min_tokens, state.max_model_len)
-    state.resolve_model(tenant, body.model)  # 404 before any tokenizing
+    resolve(state, tenant, body)  # 404 before any tokenizing
     # Tokenizing costs time linear in the prompts: in the render pool, as chat's rendering.
     encoded = await state.pools.run(
         state.pools.render, lambda: [tokenize_plain(state, p, body.max_tokens) for p in prompts]
     )
     controls = await decoding_controls(body, state, tenant)
-    samplings = [_sampling(body, max_tokens, controls) for _, max_tokens in encoded]
-    # Again after the grammar compile's await (the adapter may have changed); nothing awaits from here on.
-    model = state.resolve_model(tenant, body.model)
+    samplings = [
+        sampling_params(body, max_tokens, logprobs=body.logprobs, controls=controls) for _, max_tokens in encoded
+    ]
     request_id = f"cmpl-{uuid.uuid4().hex}"
-    generations: list[Generation] = []
-    with ExitStack() as starting:  # a refused start releases the generations already started
-        for i, ((ids, _), sampling) in enumerate(zip(encoded, samplings)):
-            ticket = state.admission.acquire(tenant)
-            generation = starting.enter_context(
-                Generation(
-                    state,
-                    request_id=f"{request_id}-{i}",
-                    tenant=tenant,
-                    model=model,
-                    prompt_ids=ids,
-                    sampling=sampling,
-                    ticket=ticket,
-                )
-            )
-            generations.append(generation)
-            generation.start()
-        owned = starting.pop_all()  # from here the response (or the plain wait below) owns them
+    runs = [(f"{request_id}-{i}", ids, sampling) for i, ((ids, _), sampling) in enumerate(zip(encoded, samplings))]
+    generations, owned = start_generations(state, tenant, body, runs)
     view = _View(state, body, request_id, prompts, generations)
     if body.stream:
-        return _EventStream(view.sse(), owned)
+        return EventStream(view.sse(), owned)
     with owned:
-        return await _unless_disconnected(view.collect(), request)
+        return await unless_disconnected(view.collect(), request)
 
 
 class _View:
@@ -190,9 +150,9 @@ class _View:
         return None
 
     def usage(self) -> Usage:
-        prompt = sum(len(g.prompt_ids) for g in self.generations)
-        completion = sum(g.completion_tokens for g in self.generations)
-        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+        return usage(
+            sum(len(g.prompt_ids) for g in self.generations), sum(g.completion_tokens for g in self.generations)
+        )
 
     async def collect(self) -> Completion:
         texts = [[self.prompts[i]] if self.body.echo else [] for i in range(len(self.prompts))]
@@ -216,14 +176,9 @@ class _View:
         return Completion(id=self.id, created=self.created, model=self.body.model, choices=choices, usage=self.usage())
 
     def _chunk(self, choices: list[CompletionChoice], usage: Usage | None = None) -> str:
-        payload = Completion(
-            id=self.id, created=self.created, model=self.body.model, choices=choices, usage=usage
-        ).model_dump(exclude_none=True)
-        for choice, raw in zip(choices, payload["choices"]):
-            raw["finish_reason"] = choice.finish_reason  # OpenAI sends an explicit null
-        if self.body.stream_options and self.body.stream_options.include_usage:
-            payload["usage"] = usage.model_dump() if usage else None
-        return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+        include_usage = bool(self.body.stream_options and self.body.stream_options.include_usage)
+        chunk = Completion(id=self.id, created=self.created, model=self.body.model, choices=choices, usage=usage)
+        return sse_line(chunk, include_usage)
 
     async def sse(self):
         offsets = [0] * len(self.prompts)
@@ -242,39 +197,7 @@ class _View:
                 )
         failure = self._failure()
         if failure is not None:
-            yield f"data: {json.dumps(failure.envelope())}\n\n"
+            yield error_line(failure)
         elif self.body.stream_options and self.body.stream_options.include_usage:
             yield self._chunk([], usage=self.usage())
-        yield "data: [DONE]\n\n"
-
-
-async def _unless_disconnected(collect, request: Request):
-    async def disconnected():
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    task, watch = asyncio.ensure_future(collect), asyncio.ensure_future(disconnected())
-    try:
-        done, _ = await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watch.cancel()
-        if not task.done():
-            task.cancel()  # the client left (or we are being cancelled); the caller's `with` aborts them
-    if task not in done:
-        return Response(status_code=499)  # nobody is listening
-    return task.result()
-
-
-class _EventStream(StreamingResponse):
-    """SSE that owns its generations while it sends (as chat's `_EventStream`): however the send
-    ends, even never started, leaving the block releases them all."""
-
-    def __init__(self, content, owned: ExitStack):
-        super().__init__(
-            content, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        )
-        self._owned = owned
-
-    async def __call__(self, scope, receive, send) -> None:
-        with self._owned:
-            await super().__call__(scope, receive, send)
+        yield DONE

@@ -21,42 +21,47 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(BaseModel):
-    """`POST /v1/chat/completions` body (OpenAI), with vLLM's `top_k`, `min_tokens`, `ignore_eos`."""
+class SamplingFields(BaseModel):
+    """The fields chat and legacy completions share (OpenAI's, and vLLM's `top_k`, `min_p`,
+    `repetition_penalty`, `min_tokens`, `ignore_eos`), each bounded at the edge."""
 
     model_config = ConfigDict(extra="allow")
 
     model: str = Field(min_length=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    seed: int | None = Field(default=None, ge=MIN_SEED, le=MAX_SEED)
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None  # bounds and ids checked against the vocabulary
+    # vLLM-compatible extensions
+    top_k: int | None = Field(default=None, ge=-1, le=MAX_TOP_K)
+    min_p: float | None = Field(default=None, ge=0, le=1)
+    repetition_penalty: float | None = Field(default=None, ge=0.01, le=2)
+    min_tokens: int = Field(default=0, ge=0)
+    ignore_eos: bool = False
+
+
+class ChatCompletionRequest(SamplingFields):
+    """`POST /v1/chat/completions` body (OpenAI), with the shared sampling fields."""
+
     messages: list[dict[str, Any]]
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
     n: int = 1
-    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = None
-    seed: int | None = Field(default=None, ge=MIN_SEED, le=MAX_SEED)
     stream: bool = False
-    stream_options: StreamOptions | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
-    user: str | None = None
-    # vLLM-compatible extensions
-    top_k: int | None = Field(default=None, ge=-1, le=MAX_TOP_K)
-    min_tokens: int = Field(default=0, ge=0)
-    ignore_eos: bool = False
     return_tokens_as_token_ids: bool = False  # logprobs name tokens "token_id:<id>" (vLLM)
     continue_final_message: bool = False
     add_generation_prompt: bool = True
     # Refused when set (a request may not bring its own template); declared so we can say so.
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
-    # Sampling controls and structured outputs (request_fields.py: every OpenAI field's policy)
-    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
-    repetition_penalty: float | None = Field(default=None, ge=0.01, le=2)  # vLLM's
-    min_p: float | None = Field(default=None, ge=0, le=1)  # vLLM's
-    logit_bias: dict[str, float] | None = None  # bounds and ids checked against the vocabulary
-    response_format: dict[str, Any] | None = None  # parsed by server/api/response_format.py
+    response_format: dict[str, Any] | None = None  # parsed by server/api/decoding.py (request_fields.py: policies)
 
 
 class TokenizeRequest(BaseModel):

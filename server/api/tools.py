@@ -4,11 +4,14 @@
 - `required`: the output is constrained to `[{"name": <one of the tools>, "arguments": {...}}, ...]`
   (one call unless `parallel_tool_calls`), each `arguments` valid against that tool's `parameters`.
 - a named function: the output is constrained to that function's `arguments` object.
-- `auto`: needs a chat template that renders `tools` and a tool-call format to recognise; the served
-  templates (SmolLM2's ChatML, the tiny test base) have none, so `auto` is a 400 that says so.
+- `auto`: needs a chat template that renders `tools` and writes a tool-call format we recognise
+  (`tool_format.py`: Hermes / Qwen2.5). The output is free; a completion that ends in well-formed
+  calls of offered functions becomes a tool-call reply, anything else stays content. Without
+  tool support (SmolLM2's ChatML, the tiny test base) or with an unknown format, `auto` is a 400.
 
-Messages with role `tool` or assistant messages carrying `tool_calls` need the same template support
-and are refused by name otherwise. Tool names are bounded identifiers and every schema is bounded
+Whenever the template renders `tools`, the request's tools are rendered through it, and so are
+messages with role `tool` and assistant messages carrying `tool_calls` (every string in them as
+plain text, `ChatTemplate.render`); without tool support those messages are refused by name. Tool names are bounded identifiers and every schema is bounded
 by `GrammarSpec`, so nothing a tenant sends here is unbounded. Replies carry OpenAI's `tool_calls`
 (ids, names, JSON `arguments`) with `finish_reason: "tool_calls"`, plain or as stream deltas.
 """
@@ -21,32 +24,33 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-import jinja2
-import jinja2.meta
-
+from adapters.chat_template import reads_tools
+from adapters.tool_messages import MAX_JSON_DEPTH, json_depth
 from server.api.errors import BadRequest
 from server.api.protocol import AssistantMessage, ChatCompletion, FunctionCall, ToolCall
+from server.api.tool_format import ToolCallFormat, detect_format, parse_calls
 from server.engine.grammar import GrammarError, GrammarSpec
 
 MAX_TOOLS = 64
 MAX_PARALLEL_CALLS = 8
+MAX_DESCRIPTION_CHARS = 4096
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
 @dataclass(frozen=True)
 class ToolPlan:
-    """What a request's tools mean for decoding: `spec` constrains it; `named` is the forced function."""
+    """What a request's tools mean for decoding: `spec` constrains it; `named` is the forced function;
+    `auto` is the text format to recognise calls in when the output is free (`spec` None)."""
 
-    spec: GrammarSpec
+    spec: GrammarSpec | None
     named: str | None  # the output is that function's arguments; None: a list of {"name", "arguments"}
+    auto: ToolCallFormat | None = None
+    functions: frozenset[str] = frozenset()
 
 
 def template_supports_tools(source: str) -> bool:
     """Whether the chat template reads a `tools` variable (the convention of HF's tool templates)."""
-    try:
-        return "tools" in jinja2.meta.find_undeclared_variables(jinja2.Environment().parse(source))
-    except jinja2.TemplateSyntaxError:
-        return False
+    return reads_tools(source)
 
 
 def _functions(tools: Any) -> dict[str, dict]:
@@ -72,6 +76,18 @@ def _functions(tools: Any) -> dict[str, dict]:
             raise BadRequest(
                 f"{where}.function.parameters must be a JSON schema object", param=f"{where}.function.parameters"
             )
+        if json_depth(tool) > MAX_JSON_DEPTH:  # the whole definition may be rendered (and recursed over)
+            raise BadRequest(f"{where} may be nested at most {MAX_JSON_DEPTH} deep", param="tools")
+        try:
+            GrammarSpec.json_schema(parameters)  # plain JSON, bounded size: it may be rendered into the prompt
+        except GrammarError as exc:
+            raise BadRequest(f"{where}.function.parameters: {exc}", param="tools", code="invalid_schema") from None
+        description = function.get("description", "")
+        if not isinstance(description, str) or len(description) > MAX_DESCRIPTION_CHARS:
+            raise BadRequest(
+                f"{where}.function.description must be a string of at most {MAX_DESCRIPTION_CHARS} characters",
+                param=f"{where}.function.description",
+            )
         out[name] = parameters
     return out
 
@@ -95,26 +111,34 @@ def _call_schema(functions: dict[str, dict], parallel: bool) -> dict:
 
 
 def check_tool_messages(messages: Any, supported: bool) -> None:
-    """400 naming the first tool message or assistant tool call the template cannot represent."""
+    """400 naming the first tool message or assistant tool call a template without tool support
+    cannot represent (with support, `ChatTemplate.validate` checks and renders them)."""
     if supported or not isinstance(messages, list):
         return
+    why = "it has no tool support"
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             continue
         if message.get("role") == "tool":
             raise BadRequest(
-                f"messages[{i}].role 'tool': the base's chat template cannot represent tool results "
-                "(it has no tool support)",
+                f"messages[{i}].role 'tool': the base's chat template cannot represent tool results ({why})",
                 param=f"messages[{i}]",
                 code="invalid_messages",
             )
         if message.get("tool_calls"):
             raise BadRequest(
-                f"messages[{i}].tool_calls: the base's chat template cannot represent tool calls "
-                "(it has no tool support)",
+                f"messages[{i}].tool_calls: the base's chat template cannot represent tool calls ({why})",
                 param=f"messages[{i}]",
                 code="invalid_messages",
             )
+
+
+def template_tools(body: Any, template_source: str) -> list[dict] | None:
+    """The request's tools to render through the template (None: no tools, or it cannot render them).
+
+    Called after `plan_tools`, which has checked the definitions."""
+    tools = getattr(body, "tools", None)
+    return tools if tools and template_supports_tools(template_source) else None
 
 
 def plan_tools(body, template_source: str) -> ToolPlan | None:
@@ -152,15 +176,32 @@ def plan_tools(body, template_source: str) -> ToolPlan | None:
     except GrammarError as exc:
         raise BadRequest(f"tools: {exc}", param="tools", code="invalid_schema") from None
     if choice == "auto":
+        return _auto_plan(template_source, supported, functions)
+    raise BadRequest(
+        'tool_choice must be \'none\', \'auto\', \'required\' or {"type": "function", "function": {"name": ...}}',
+        param="tool_choice",
+    )
+
+
+def _auto_plan(template_source: str, supported: bool, functions: dict[str, dict]) -> ToolPlan:
+    if not supported:
         raise BadRequest(
             "tool_choice 'auto' needs a chat template with tool support, and this base's template "
             "has none; use 'required' or name a function",
             param="tool_choice",
         )
-    raise BadRequest(
-        'tool_choice must be \'none\', \'auto\', \'required\' or {"type": "function", "function": {"name": ...}}',
-        param="tool_choice",
-    )
+    fmt = detect_format(template_source)
+    if fmt is None:
+        raise BadRequest(
+            "tool_choice 'auto': the base's chat template renders tools, but its tool-call format is "
+            "not one this server recognises (hermes); use 'required' or name a function",
+            param="tool_choice",
+        )
+    return ToolPlan(None, None, auto=fmt, functions=frozenset(functions))
+
+
+def new_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
 
 
 def tool_calls(plan: ToolPlan, text: str) -> list[ToolCall] | None:
@@ -173,7 +214,7 @@ def tool_calls(plan: ToolPlan, text: str) -> list[ToolCall] | None:
     return [
         ToolCall(
             index=i,
-            id=f"call_{uuid.uuid4().hex[:24]}",
+            id=new_call_id(),
             type="function",
             function=FunctionCall(name=name, arguments=json.dumps(arguments, ensure_ascii=False)),
         )
@@ -181,14 +222,39 @@ def tool_calls(plan: ToolPlan, text: str) -> list[ToolCall] | None:
     ]
 
 
+def auto_calls(plan: ToolPlan, text: str) -> tuple[str | None, list[ToolCall]] | None:
+    """(content, calls) when a free output ends in well-formed calls of offered functions, else None."""
+    if plan.auto is None:
+        return None
+    parsed = parse_calls(plan.auto, text, set(plan.functions))
+    if parsed is None:
+        return None
+    content, calls = parsed
+    return content, [
+        ToolCall(
+            index=i,
+            id=new_call_id(),
+            type="function",
+            function=FunctionCall(name=call.name, arguments=call.arguments),
+        )
+        for i, call in enumerate(calls)
+    ]
+
+
 def as_tool_reply(plan: ToolPlan, completion: ChatCompletion) -> ChatCompletion:
-    """A finished chat completion whose text is the constrained call(s) -> OpenAI's tool-call reply."""
+    """A finished chat completion whose text is the call(s) -> OpenAI's tool-call reply (constrained
+    output, or `auto`'s recognised calls); otherwise the completion as it is."""
     choice = completion.choices[0]
-    calls = tool_calls(plan, choice.message.content or "") if choice.finish_reason == "stop" else None
+    content: str | None = None
+    if plan.auto is not None:
+        found = auto_calls(plan, choice.message.content or "") if choice.finish_reason == "stop" else None
+        content, calls = found if found is not None else (None, None)
+    else:
+        calls = tool_calls(plan, choice.message.content or "") if choice.finish_reason == "stop" else None
     if calls is None:
-        return completion  # cut short (length): the partial text is returned as it is
+        return completion  # no calls, or cut short (length): the text is returned as it is
     for call in calls:
         call.index = None  # `index` belongs to stream deltas only
-    choice.message = AssistantMessage(content=None, tool_calls=calls)
+    choice.message = AssistantMessage(content=content, tool_calls=calls)
     choice.finish_reason = "tool_calls"
     return completion

@@ -23,6 +23,8 @@ def test_structured_bench_on_tiny_base(tiny_base_dir, tmp_path, capsys):
                 "6",
                 "--threads",
                 "1",
+                "--repeats",
+                "2",
                 "--out",
                 str(tmp_path),
                 "--skip-hf",

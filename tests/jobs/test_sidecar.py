@@ -23,7 +23,8 @@ import pytest
 import torch
 
 from jobs.config import JobsConfig
-from tests.server.live import LiveServer, wait_until
+from tests.server.live import wait_until
+from tests.server.real import real_live_server
 from tests.server.test_real_engine import MAX_TOKENS, QUESTION, _reference_reply
 
 KEYS = {"alice": "sk-alice-0123456789", "bob": "sk-bob-9876543210"}
@@ -51,39 +52,14 @@ def _jsonl(rows) -> bytes:
 
 @pytest.fixture(scope="module")
 def live(tiny_base_dir, tmp_path_factory):
-    from adapters.base import BaseInfo
-    from adapters.store import AdapterStore
-    from server.app import create_app
-    from server.engine.config import EngineConfig
-    from server.engine.engine import Engine
     from server.settings import ServerConfig
 
     root = tmp_path_factory.mktemp("ft")
-    engine = Engine(
-        EngineConfig(
-            base=tiny_base_dir,
-            quant="none",
-            dtype="float32",
-            device="cpu",
-            max_loras=2,
-            max_cpu_loras=4,
-            max_model_len=512,
-            block_size=8,
-            num_kv_blocks=256,
-            fold="off",
-        )
-    )
     jobs = JobsConfig(root=root / "jobs", service_key=SERVICE_KEY)
-    app = create_app(
-        ServerConfig(max_model_len=512, api_keys=tuple(KEYS.items()), jobs=jobs),
-        engine,
-        AdapterStore(root / "store"),
-        base_info=BaseInfo.from_dir(tiny_base_dir),
-    )
-    with LiveServer(app) as server:
-        server.engine, server.state, server.jobs, server.base_dir = engine, app.state.loraswap, jobs, tiny_base_dir
+    config = ServerConfig(max_model_len=512, api_keys=tuple(KEYS.items()), jobs=jobs)
+    with real_live_server(tiny_base_dir, root / "store", config) as server:
+        server.jobs, server.base_dir = jobs, tiny_base_dir
         yield server
-    engine.close()
 
 
 def _client(live, tenant="alice"):

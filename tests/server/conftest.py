@@ -109,18 +109,19 @@ class FakeServer:
 
 @pytest.fixture
 def make_fake_server(tiny_tokenizer, tiny_base_info, tmp_path):
-    """Factory: `make_fake_server(**config_overrides)` -> a started FakeServer (stopped at teardown)."""
+    """Factory: `make_fake_server(engine=, base_info=, **config_overrides)` -> a started FakeServer
+    (stopped at teardown); `base_info` (its chat template) defaults to the tiny base's."""
     from adapters.store import AdapterStore
     from server.app import create_app
 
     started = []
 
-    def make(engine: FakeEngine | None = None, **overrides) -> FakeServer:
+    def make(engine: FakeEngine | None = None, base_info=None, **overrides) -> FakeServer:
         settings = dict(max_model_len=256, api_keys=tuple(KEYS.items()), admin_key=ADMIN_KEY)
         settings.update(overrides)
         engine = engine or FakeEngine(tiny_tokenizer)
         store = AdapterStore(tmp_path / f"store-{len(started)}")
-        app = create_app(ServerConfig(**settings), engine, store, base_info=tiny_base_info)
+        app = create_app(ServerConfig(**settings), engine, store, base_info=base_info or tiny_base_info)
         live = LiveServer(app).__enter__()
         server = FakeServer(live, engine, store, app.state.loraswap)
         started.append(server)
@@ -135,3 +136,22 @@ def make_fake_server(tiny_tokenizer, tiny_base_info, tmp_path):
 @pytest.fixture
 def fake_server(make_fake_server) -> FakeServer:
     return make_fake_server()
+
+
+@pytest.fixture(scope="session")
+def real_server(tiny_base_dir, tmp_path_factory):
+    """One live server over the real engine on the tiny base, shared by the whole session (building
+    an engine costs seconds). Tests upload adapters under names of their own and compare counters
+    with their values at the test's start, so sharing cannot couple them."""
+    from tests.server.real import real_live_server
+
+    with real_live_server(tiny_base_dir, tmp_path_factory.mktemp("real-store")) as live:
+        yield live
+
+
+@pytest.fixture(scope="session")
+def tools_base_dir(tiny_base_dir, tmp_path_factory):
+    """The tiny base with a Hermes / Qwen2.5-style tool template (same weights and tokenizer)."""
+    from tests.tiny import HERMES_TOOLS_TEMPLATE, with_chat_template
+
+    return with_chat_template(tiny_base_dir, tmp_path_factory.mktemp("tools-base") / "base", HERMES_TOOLS_TEMPLATE)

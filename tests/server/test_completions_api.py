@@ -127,48 +127,15 @@ def test_another_tenants_adapter_is_not_found(fake_server, peft_adapters):
         fake_server.openai("bob").completions.create(model="mine", prompt="x", max_tokens=2)
 
 
-def test_real_engine_greedy_equals_hf_generate(tiny_base_dir, tmp_path):
-    from adapters.base import BaseInfo
-    from adapters.store import AdapterStore
-    from server.app import create_app
-    from server.engine.config import EngineConfig
-    from server.engine.engine import Engine
-    from server.settings import ServerConfig
+def test_real_engine_greedy_equals_hf_generate(real_server, tiny_base_dir):
     from tests.engine.helpers import hf_greedy, hf_model
-    from tests.server.live import LiveServer
+    from tests.server.real import openai_client
 
-    engine = Engine(
-        EngineConfig(
-            base=tiny_base_dir,
-            quant="none",
-            dtype="float32",
-            device="cpu",
-            max_loras=1,
-            max_model_len=256,
-            block_size=8,
-            num_kv_blocks=128,
-            fold="off",
-        )
-    )
-    app = create_app(
-        ServerConfig(max_model_len=256),
-        engine,
-        AdapterStore(tmp_path / "store"),
-        base_info=BaseInfo.from_dir(tiny_base_dir),
-    )
     prompt = "The capital of France is"
-    try:
-        with LiveServer(app) as live:
-            client = openai.OpenAI(base_url=f"{live.url}/v1", api_key="x", max_retries=0, timeout=60)
-            response = client.completions.create(
-                model=app.state.loraswap.base_id,
-                prompt=prompt,
-                max_tokens=8,
-                temperature=0,
-                extra_body={"ignore_eos": True},
-            )
-    finally:
-        engine.close()
+    response = openai_client(real_server, timeout=60).completions.create(
+        model=real_server.base, prompt=prompt, max_tokens=8, temperature=0, extra_body={"ignore_eos": True}
+    )
+    engine = real_server.engine
     tokenizer = engine.tokenizer
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     with torch.inference_mode():

@@ -9,51 +9,18 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
-from server.settings import ServerConfig
 from tests.server.conftest import upload, write_peft_adapter
-from tests.server.live import LiveServer, wait_until
+from tests.server.live import wait_until
+from tests.server.real import openai_client
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 MAX_TOKENS = 12
 
 
-@pytest.fixture(scope="module")
-def real_server(tiny_base_dir, tmp_path_factory):
-    from adapters.base import BaseInfo
-    from adapters.store import AdapterStore
-    from server.app import create_app
-    from server.engine.config import EngineConfig
-    from server.engine.engine import Engine
-
-    engine = Engine(
-        EngineConfig(
-            base=tiny_base_dir,
-            quant="none",
-            dtype="float32",
-            device="cpu",
-            max_loras=2,
-            max_cpu_loras=4,
-            max_model_len=512,
-            block_size=8,
-            num_kv_blocks=256,
-            fold="off",
-        )
-    )
-    store = AdapterStore(tmp_path_factory.mktemp("real-store"))
-    app = create_app(ServerConfig(max_model_len=512), engine, store, base_info=BaseInfo.from_dir(tiny_base_dir))
-    with LiveServer(app) as live:
-        live.engine, live.state = engine, app.state.loraswap
-        yield live
-    engine.close()
-
-
 def _client(server):
-    import openai
-
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
+    return openai_client(server, timeout=60)
 
 
 def _reference_reply(model, tokenizer, prompt_ids: list[int]) -> tuple[list[int], str, str]:

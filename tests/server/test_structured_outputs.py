@@ -16,9 +16,8 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
-from server.settings import ServerConfig
 from tests.server.conftest import upload, write_peft_adapter
-from tests.server.live import LiveServer
+from tests.server.real import openai_client
 
 USER = [{"role": "user", "content": "Describe a person as JSON."}]
 
@@ -51,44 +50,20 @@ BOUNDED = {
 
 
 @pytest.fixture(scope="module")
-def server(tiny_base_dir, tmp_path_factory):
-    from adapters.base import BaseInfo
-    from adapters.store import AdapterStore
-    from server.app import create_app
-    from server.engine.config import EngineConfig
-    from server.engine.engine import Engine
+def server(real_server, tiny_base_dir, tmp_path_factory):
+    """The session's real server with two adapters of this module's own."""
+    import httpx
 
-    engine = Engine(
-        EngineConfig(
-            base=tiny_base_dir,
-            quant="none",
-            dtype="float32",
-            device="cpu",
-            max_loras=2,
-            max_cpu_loras=4,
-            max_model_len=512,
-            block_size=8,
-            num_kv_blocks=512,
-            fold="off",
-        )
-    )
-    store = AdapterStore(tmp_path_factory.mktemp("structured-store"))
-    app = create_app(ServerConfig(max_model_len=512), engine, store, base_info=BaseInfo.from_dir(tiny_base_dir))
     root = tmp_path_factory.mktemp("structured-adapters")
-    with LiveServer(app) as live:
-        import httpx
-
-        with httpx.Client(base_url=live.url, timeout=120) as http:
-            for name, seed in (("ada", 1), ("bob", 2)):
-                response = upload(http, name, write_peft_adapter(tiny_base_dir, root / name, seed=seed, scale=3.0))
-                assert response.status_code in (200, 201), response.text
-        live.engine, live.state = engine, app.state.loraswap
-        yield live
-    engine.close()
+    with httpx.Client(base_url=real_server.url, timeout=120) as http:
+        for name, seed in (("ada", 1), ("bob", 2)):
+            response = upload(http, name, write_peft_adapter(tiny_base_dir, root / name, seed=seed, scale=3.0))
+            assert response.status_code in (200, 201), response.text
+    return real_server
 
 
 def _client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+    return openai_client(server)
 
 
 def _check_bounded(value: dict) -> None:

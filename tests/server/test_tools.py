@@ -13,8 +13,7 @@ import json
 import openai
 import pytest
 
-from server.settings import ServerConfig
-from tests.server.live import LiveServer
+from tests.server.real import openai_client
 
 USER = [{"role": "user", "content": "What is the weather in Paris?"}]
 WEATHER = {
@@ -45,37 +44,9 @@ CLOCK = {
 
 
 @pytest.fixture(scope="module")
-def server(tiny_base_dir, tmp_path_factory):
-    from adapters.base import BaseInfo
-    from adapters.store import AdapterStore
-    from server.app import create_app
-    from server.engine.config import EngineConfig
-    from server.engine.engine import Engine
-
-    engine = Engine(
-        EngineConfig(
-            base=tiny_base_dir,
-            quant="none",
-            dtype="float32",
-            device="cpu",
-            max_loras=1,
-            max_model_len=512,
-            block_size=8,
-            num_kv_blocks=256,
-            fold="off",
-        )
-    )
-    app = create_app(
-        ServerConfig(max_model_len=512),
-        engine,
-        AdapterStore(tmp_path_factory.mktemp("tools-store")),
-        base_info=BaseInfo.from_dir(tiny_base_dir),
-    )
-    with LiveServer(app) as live:
-        live.base = app.state.loraswap.base_id
-        live.client = openai.OpenAI(base_url=f"{live.url}/v1", api_key="x", max_retries=0, timeout=120)
-        yield live
-    engine.close()
+def server(real_server):
+    real_server.client = openai_client(real_server)
+    return real_server
 
 
 def _valid(name: str, arguments: str) -> None:
