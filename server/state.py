@@ -40,6 +40,15 @@ class ResolvedModel:
     name: str
     adapter: AdapterRef | None
     record: AdapterRecord | None = None  # the store's record, for adapters
+    components: tuple[AdapterRecord, ...] = ()  # a mix's adapters (server/mix.py); `adapter` is its MixRef
+
+    def in_use(self) -> list[tuple[str, str | None]]:
+        """(adapter id, blob sha256) of every stored adapter a request for this model reads."""
+        if self.components:
+            return [(record.id, record.sha256) for record in self.components]
+        if self.adapter is None:
+            return []
+        return [(self.adapter.id, getattr(self.record, "sha256", None))]
 
 
 @dataclass
@@ -63,6 +72,7 @@ class ServerState:
     # tombstone is durable.
     deleting: dict[tuple[str, str], str] = field(default_factory=dict)
     grammars: Any = None  # GrammarCache, made on the first structured-output request (api/decoding.py)
+    mixes: Any = None  # MixChecks, made on the first request with an adapters mix (server/mix.py)
     # adapter id -> record of deleted content the engine may still cache, until its blob is gone.
     forget_pending: dict[str, AdapterRecord] = field(default_factory=dict)
     gc_wanted: bool = False  # a delete or publish may have left garbage that in-flight users hold

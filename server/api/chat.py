@@ -44,6 +44,7 @@ from server.api.tool_stream import tool_sse
 from server.api.tools import as_tool_reply, plan_tools
 from server.engine.types import SamplingParams, TokenEvent
 from server.generation import Generation
+from server.mix import resolve_again, resolve_request
 from server.state import ServerState
 
 router = APIRouter()
@@ -114,7 +115,7 @@ async def create_chat_completion(
     if body.n != 1:
         raise BadRequest("only n=1 is supported", param="n")
     check_lengths(body.max_tokens, body.max_completion_tokens, body.min_tokens, state.max_model_len)
-    state.resolve_model(tenant, body.model)  # 404 before any rendering
+    first = await resolve_request(state, tenant, body.model, body.adapters)  # 404 / mix checks before rendering
     plan = plan_tools(body, state.template.source)  # None unless tool calls constrain the output
     prompt, max_tokens = await state.render_prompt(
         body.messages,
@@ -126,7 +127,7 @@ async def create_chat_completion(
     sampling = sampling_params(body, max_tokens, state.template.end_of_turn_ids, **controls)
     # Again after the render's and the grammar compile's awaits: the adapter may have been deleted
     # or re-uploaded meanwhile, and from here to `Generation` (which counts it in use) nothing awaits.
-    model = state.resolve_model(tenant, body.model)
+    model = resolve_again(state, tenant, body.model, body.adapters, first)
     ticket = state.admission.acquire(tenant)
     generation = Generation(
         state,

@@ -5,11 +5,12 @@ Like chat, unknown fields are accepted; OpenAI's own fields are judged by `reque
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from server.api.protocol import StreamOptions, Usage
+from server.api.protocol import MixComponent, StreamOptions, Usage
+from server.limits import MAX_MIX_COMPONENTS
 
 MAX_PROMPTS = 16  # prompts in one request; each is a sequence with its own admission ticket
 
@@ -41,6 +42,8 @@ class CompletionRequest(BaseModel):
     repetition_penalty: float | None = Field(default=None, ge=0.01, le=2)
     min_tokens: int = Field(default=0, ge=0)
     ignore_eos: bool = False
+    # loraswap's extension: a weighted mix of the caller's adapters (model = the base; server/mix.py)
+    adapters: Annotated[list[MixComponent], Field(max_length=MAX_MIX_COMPONENTS)] | None = None
 
 
 class CompletionLogprobs(BaseModel):
