@@ -20,18 +20,25 @@ import math
 from collections import OrderedDict
 from collections.abc import Sequence
 from contextlib import ExitStack
+from typing import Protocol
 
 from adapters.bounds import AdapterBounds, check_bounds
 from adapters.errors import AdapterNotFound, AdapterOutOfRange, InvalidName
 from adapters.format import read_peft
 from adapters.mix import compose_mix, mix_ranks
-from server.api.protocol import MixComponent
 from server.engine.mixes import make_mix_ref
 from server.engine.types import AdapterRef, MixRef
 from server.errors import BadRequest, Conflict
 from server.state import ResolvedModel, ServerState
 
 VERDICTS_KEPT = 1024  # (tenant, mix id) pairs remembered as checked
+
+
+class MixPart(Protocol):
+    """One entry of a request's `adapters` (server/api/protocol.py `MixComponent`)."""
+
+    name: str
+    weight: float
 
 
 class MixChecks:
@@ -65,7 +72,7 @@ def checks(state: ServerState) -> MixChecks:
 
 
 async def resolve_request(
-    state: ServerState, tenant: str, model: str, adapters: Sequence[MixComponent] | None
+    state: ServerState, tenant: str, model: str, adapters: Sequence[MixPart] | None
 ) -> ResolvedModel:
     """`model` (and `adapters`, when given) -> what the engine runs; every refusal is an HTTP error.
 
@@ -88,7 +95,7 @@ def resolve_again(
     state: ServerState,
     tenant: str,
     model: str,
-    adapters: Sequence[MixComponent] | None,
+    adapters: Sequence[MixPart] | None,
     first: ResolvedModel,
 ) -> ResolvedModel:
     """The same resolution right before admission, without awaiting: 404 if an adapter is gone,
@@ -101,7 +108,7 @@ def resolve_again(
     return resolved
 
 
-def _lookup(state: ServerState, tenant: str, model: str, adapters: Sequence[MixComponent]) -> ResolvedModel:
+def _lookup(state: ServerState, tenant: str, model: str, adapters: Sequence[MixPart]) -> ResolvedModel:
     """The cheap checks and the store lookups (no I/O beyond the store's index)."""
     limits = state.config.limits
     if model != state.base_id:
