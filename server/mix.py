@@ -42,7 +42,8 @@ class MixPart(Protocol):
 
 
 class MixChecks:
-    """The (tenant, mix id) pairs whose rank and bounds were checked (LRU-bounded).
+    """The (tenant, mix id) pairs whose rank and bounds were checked (LRU-bounded), with the
+    content ids of each mix's adapters (so a deleted adapter's mixes leave the engine with it).
 
     Keyed by tenant too: identical bytes uploaded by two tenants make the same mix id, and a
     verdict one tenant's request left must not make another's measurably faster.
@@ -50,7 +51,7 @@ class MixChecks:
 
     def __init__(self, kept: int = VERDICTS_KEPT):
         self.kept = kept
-        self._passed: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._passed: OrderedDict[tuple[str, str], frozenset[str]] = OrderedDict()
 
     def passed(self, tenant: str, mix_id: str) -> bool:
         key = (tenant, mix_id)
@@ -59,10 +60,17 @@ class MixChecks:
             return True
         return False
 
-    def record(self, tenant: str, mix_id: str) -> None:
-        self._passed[(tenant, mix_id)] = None
+    def record(self, tenant: str, mix_id: str, adapter_ids: frozenset[str]) -> None:
+        self._passed[(tenant, mix_id)] = adapter_ids
         while len(self._passed) > self.kept:
             self._passed.popitem(last=False)
+
+    def forget_adapter(self, adapter_id: str) -> set[str]:
+        """Drop the verdicts of mixes made with `adapter_id`; returns those mix ids."""
+        keys = [key for key, adapter_ids in self._passed.items() if adapter_id in adapter_ids]
+        for key in keys:
+            del self._passed[key]
+        return {mix_id for _, mix_id in keys}
 
 
 def checks(state: ServerState) -> MixChecks:
@@ -87,7 +95,7 @@ async def resolve_request(
     mix_id = resolved.adapter.id if resolved.adapter is not None else ""
     if not checks(state).passed(tenant, mix_id):
         await _check_off_loop(state, tenant, resolved)
-        checks(state).record(tenant, mix_id)
+        checks(state).record(tenant, mix_id, frozenset(record.id for record in resolved.components))
     return resolved
 
 

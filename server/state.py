@@ -175,6 +175,8 @@ class ServerState:
             if not self.store.adapter_dir(record).is_dir():
                 del self.forget_pending[adapter_id]
                 self.engine.forget_adapter(adapter_id)
+                for mix_id in self.mixes.forget_adapter(adapter_id) if self.mixes is not None else ():
+                    self.engine.forget_adapter(mix_id)  # the mixes composed from it (server/mix.py)
 
     def residency(self, tenant: str) -> dict[str, AdapterResidency]:
         """adapter id -> where it lives now as `tenant` may see it; absent means on disk only."""

@@ -78,6 +78,7 @@ def test_every_adapter_of_a_running_mix_is_in_use(server):
     assert {aid for tenant, aid in server.state.inflight.counts if tenant == "alice"} == ids
     # a DELETE of a component waits for the mix's request: its blob stays until the request ends
     blob = server.store.adapter_dir(server.store.get("alice", "b"))  # (bob shares a's blob, not b's)
+    ids_of_b = server.store.get("alice", "b").id
     assert server.client().delete("/v1/adapters/b").status_code == 200
     assert blob.is_dir()
     server.engine.gate.set()
@@ -86,6 +87,9 @@ def test_every_adapter_of_a_running_mix_is_in_use(server):
     assert text.rstrip().endswith("data: [DONE]")
     assert wait_until(lambda: not server.state.inflight.counts)
     assert wait_until(lambda: not blob.exists())
+    # its content is gone everywhere: the engine drops it and the mixes composed from it
+    mix_id = next(iter(server.engine.adapters_seen.values()))
+    assert wait_until(lambda: {mix_id, ids_of_b} <= set(server.engine.forgotten))
 
 
 @pytest.mark.parametrize(
