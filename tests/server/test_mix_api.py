@@ -160,3 +160,19 @@ def test_max_mix_adapters_is_a_limit(make_fake_server, peft_adapters):
     assert "1 to 1 adapters" in error["message"]
     assert "[-2, 2]" in _error(_chat(server, adapters=[{"name": "a", "weight": 3}]), 400)["message"]
     assert _chat(server, adapters=[{"name": "a", "weight": 2}]).status_code == 200
+
+
+def test_a_mix_whose_adapter_changed_meanwhile_is_409(server, tiny_base_dir, tmp_path):
+    from server.api.protocol import MixComponent
+    from server.errors import Conflict
+    from server.mix import _lookup, resolve_again
+
+    state, base = server.state, server.state.base_id
+    mix = [MixComponent(name="a", weight=0.5), MixComponent(name="b")]
+    first = _lookup(state, "alice", base, mix)  # what the route resolved before rendering
+    assert resolve_again(state, "alice", base, mix, first) == first
+    newer = write_peft_adapter(tiny_base_dir, tmp_path / "a2", seed=7)
+    assert upload(server.client(), "a", newer).status_code == 201  # a new version of `a`
+    with pytest.raises(Conflict) as refused:
+        resolve_again(state, "alice", base, mix, first)
+    assert refused.value.status == 409 and refused.value.param == "adapters"
