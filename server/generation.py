@@ -63,17 +63,13 @@ class Generation:
         self._started_at = 0.0
         # Counted from construction (no await since the model was resolved), so a DELETE
         # arriving before the first step still waits for this request.
-        if self._adapter_id is not None:
-            state.inflight.enter(tenant, self._adapter_id, getattr(model.record, "sha256", None))
+        for adapter_id, sha256 in model.in_use():  # a mix's adapters each count
+            state.inflight.enter(tenant, adapter_id, sha256)
 
     @property
     def _kind(self) -> str:
         """The metrics label for the model: never an adapter's name (other tenants' secrets)."""
         return "adapter" if self.model.adapter is not None else "base"
-
-    @property
-    def _adapter_id(self) -> str | None:
-        return self.model.adapter.id if self.model.adapter is not None else None
 
     def __enter__(self) -> Generation:
         return self
@@ -131,8 +127,8 @@ class Generation:
             if self.started and self.finish_reason is None:
                 self.state.engine.abort(self.request_id)
         finally:
-            if self._adapter_id is not None:
-                self.state.inflight.leave(self.tenant, self._adapter_id)
+            for adapter_id, _ in self.model.in_use():
+                self.state.inflight.leave(self.tenant, adapter_id)
             self.ticket.release()
             status = self.finish_reason or "aborted"
             self.state.metrics.requests.labels(self.tenant, self._kind, status).inc()

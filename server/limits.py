@@ -19,6 +19,9 @@ MAX_TOP_LOGPROBS = 20
 MAX_TOP_K = 2**31 - 1
 MIN_SEED, MAX_SEED = -(2**63), 2**63 - 1
 GREEDY_BELOW = 1e-5  # vLLM's rule: a temperature this small means greedy, never a division by it
+# A request's `adapters` mix on the wire; `Limits.max_mix_adapters` is the (smaller) served bound.
+MAX_MIX_COMPONENTS = 64
+MAX_MIX_NAME_CHARS = 64  # an adapter name's bound (adapters/store.py `check_name`)
 
 
 class Limits(BaseModel):
@@ -53,6 +56,10 @@ class Limits(BaseModel):
         gt=0,
         le=1,
         description="fraction of the admission capacity (running + queued) one tenant may hold (429 beyond)",
+    )
+    max_mix_adapters: int = Field(4, gt=0, description="most adapters in one request's 'adapters' mix (400 'adapters')")
+    max_mix_weight: float = Field(
+        10.0, gt=0, allow_inf_nan=False, description="largest |weight| of an adapter in a mix (400 'adapters')"
     )
     gc_interval_s: float = Field(60.0, gt=0, description="seconds between collections of unreferenced adapter blobs")
     # Store quotas: enforced by the store (adapters/store.py), configured here with the rest.

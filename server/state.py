@@ -41,6 +41,15 @@ class ResolvedModel:
     name: str
     adapter: AdapterRef | None
     record: AdapterRecord | None = None  # the store's record, for adapters
+    components: tuple[AdapterRecord, ...] = ()  # a mix's adapters (server/mix.py); `adapter` is its MixRef
+
+    def in_use(self) -> list[tuple[str, str | None]]:
+        """(adapter id, blob sha256) of every stored adapter a request for this model reads."""
+        if self.components:
+            return [(record.id, record.sha256) for record in self.components]
+        if self.adapter is None:
+            return []
+        return [(self.adapter.id, getattr(self.record, "sha256", None))]
 
 
 @dataclass
@@ -64,6 +73,7 @@ class ServerState:
     # tombstone is durable.
     deleting: dict[tuple[str, str], str] = field(default_factory=dict)
     grammars: Any = None  # GrammarCache, made on the first structured-output request (api/decoding.py)
+    mixes: Any = None  # MixChecks, made on the first request with an adapters mix (server/mix.py)
     # adapter id -> record of deleted content the engine may still cache, until its blob is gone.
     forget_pending: dict[str, AdapterRecord] = field(default_factory=dict)
     gc_wanted: bool = False  # a delete or publish may have left garbage that in-flight users hold
@@ -194,6 +204,8 @@ class ServerState:
             if not self.store.adapter_dir(record).is_dir():
                 del self.forget_pending[adapter_id]
                 self.engine.forget_adapter(adapter_id)
+                for mix_id in self.mixes.forget_adapter(adapter_id) if self.mixes is not None else ():
+                    self.engine.forget_adapter(mix_id)  # the mixes composed from it (server/mix.py)
 
     def residency(self, tenant: str) -> dict[str, AdapterResidency]:
         """adapter id -> where it lives now as `tenant` may see it; absent means on disk only."""

@@ -76,7 +76,7 @@ async def create_chat_completion(
     if body.chat_template is not None or body.chat_template_kwargs:
         raise BadRequest("a request may not supply its own chat template; the base's is used", param="chat_template")
     check_lengths(body.max_tokens, body.max_completion_tokens, body.min_tokens, state.max_model_len)
-    resolve(state, tenant, body)  # 404 before any rendering
+    first = await resolve(state, tenant, body)  # 404 / the mix's checks before the expensive work
     plan = plan_tools(body, state.template.source)  # None unless tool calls constrain the output
     prompt, max_tokens = await state.render_prompt(
         body.messages,
@@ -94,7 +94,7 @@ async def create_chat_completion(
         controls=controls,
     )
     (generation,), owned = start_generations(
-        state, tenant, body, [(f"chatcmpl-{uuid.uuid4().hex}", prompt.ids, sampling)]
+        state, tenant, body, first, [(f"chatcmpl-{uuid.uuid4().hex}", prompt.ids, sampling)]
     )
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -79,7 +79,7 @@ async def create_completion(
         raise BadRequest("echo with logprobs is not supported: prompt logprobs are not computed", param="echo")
     prompts = plain_prompts(body.prompt)
     check_lengths(body.max_tokens, None, body.min_tokens, state.max_model_len)
-    resolve(state, tenant, body)  # 404 before any tokenizing
+    first = await resolve(state, tenant, body)  # 404 / the mix's checks before the expensive work
     # Tokenizing costs time linear in the prompts: in the render pool, as chat's rendering.
     encoded = await state.pools.run(
         state.pools.render, lambda: [tokenize_plain(state, p, body.max_tokens) for p in prompts]
@@ -90,7 +90,7 @@ async def create_completion(
     ]
     request_id = f"cmpl-{uuid.uuid4().hex}"
     runs = [(f"{request_id}-{i}", ids, sampling) for i, ((ids, _), sampling) in enumerate(zip(encoded, samplings))]
-    generations, owned = start_generations(state, tenant, body, runs)
+    generations, owned = start_generations(state, tenant, body, first, runs)
     view = _View(state, body, request_id, prompts, generations)
     if body.stream:
         return EventStream(view.sse(), owned)

@@ -11,7 +11,16 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from server.limits import MAX_SEED, MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_TOP_K, MAX_TOP_LOGPROBS, MIN_SEED
+from server.limits import (
+    MAX_MIX_COMPONENTS,
+    MAX_MIX_NAME_CHARS,
+    MAX_SEED,
+    MAX_STOP_CHARS,
+    MAX_STOP_STRINGS,
+    MAX_TOP_K,
+    MAX_TOP_LOGPROBS,
+    MIN_SEED,
+)
 
 # A stop string as the contract bounds it: 1..256 characters, at most 16 of them.
 StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
@@ -19,6 +28,16 @@ StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+
+
+class MixComponent(BaseModel):
+    """One adapter of a request's `adapters` mix (a loraswap extension): the caller's adapter name
+    and its weight (finite; the `--limits.max-mix-weight` bound is checked by server/mix.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=MAX_MIX_NAME_CHARS)
+    weight: float = Field(default=1.0, allow_inf_nan=False)
 
 
 class SamplingFields(BaseModel):
@@ -43,6 +62,8 @@ class SamplingFields(BaseModel):
     repetition_penalty: float | None = Field(default=None, ge=0.01, le=2)
     min_tokens: int = Field(default=0, ge=0)
     ignore_eos: bool = False
+    # loraswap's extension: a weighted mix of the caller's adapters (model = the base; server/mix.py)
+    adapters: Annotated[list[MixComponent], Field(max_length=MAX_MIX_COMPONENTS)] | None = None
 
 
 class ChatCompletionRequest(SamplingFields):

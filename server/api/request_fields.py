@@ -98,6 +98,10 @@ CHAT_FIELDS: dict[str, FieldPolicy] = {
     "function_call": FieldPolicy(
         REFUSED, "the deprecated functions API is not supported", off=lambda value: value in (None, "none")
     ),
+    # loraswap's extension (not OpenAI's): a per-request weighted mix of the caller's adapters
+    "adapters": FieldPolicy(
+        HONOURED, "[{name, weight}]: a weighted mix of the caller's own adapters, with model = the base (server/mix.py)"
+    ),
 }
 
 
@@ -136,4 +140,5 @@ COMPLETION_FIELDS: dict[str, FieldPolicy] = {
     "user": CHAT_FIELDS["user"],
     "best_of": FieldPolicy(REFUSED, "best_of is not supported (one sample per prompt)", off=lambda v: v in (None, 1)),
     "suffix": FieldPolicy(REFUSED, "insertion (suffix) is not supported by these models", off=lambda v: not v),
+    "adapters": CHAT_FIELDS["adapters"],
 }

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 
 import torch
 
-from adapters.format import read_peft
 from server.engine.errors import AdapterLoadError
 from server.engine.lora import MultiLoraLinear
+from server.engine.mixes import read_weights
 from server.engine.sequence import NO_SLOT, Sequence
 from server.engine.types import AdapterRef
 
@@ -61,7 +61,7 @@ def read_host_adapter(
 ) -> HostAdapter:
     """Read a PEFT directory and shape it for the slots (runs in the loader thread)."""
     try:
-        weights = read_peft(ref.path)
+        weights = read_weights(ref)  # a mix is composed from its parts here
     except (OSError, ValueError, KeyError) as exc:
         logger.warning("adapter %s: cannot read %s: %r", ref.id, ref.path, exc)
         raise AdapterLoadError(f"adapter {ref.id}: its stored files cannot be read") from exc

@@ -25,6 +25,18 @@ class AdapterRef:
     path: Path
 
 
+@dataclass(frozen=True)
+class MixRef(AdapterRef):
+    """A per-request weighted mix of adapters, served as one adapter (adapters/mix.py).
+
+    `id` is the mix's content id ("mix:<sha256>" over its parts); `parts` are the components and
+    their weights in canonical order. A mix has no directory (`path` is empty): the slots' reader
+    composes it from its parts' directories (server/engine/mixes.py).
+    """
+
+    parts: tuple[tuple[AdapterRef, float], ...] = ()
+
+
 GREEDY_BELOW = 1e-5  # vLLM's rule: a smaller temperature is greedy (no division by tiny numbers)
 MAX_TOP_K = 2**31 - 1
 SEED_RANGE = (-(2**63), 2**63 - 1)
