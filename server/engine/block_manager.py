@@ -10,12 +10,22 @@ first writes them, so no sequence ever holds another's stale (possibly non-finit
 unwritten tail of a block. Zeroing on allocation costs one small write per block per sequence
 lifetime; masking stale values in attention instead would cost a select over every gathered key
 and value in every layer of every step.
+
+Prefix caching (see prefix_cache.py for the identities): once a full block's K/V is computed it
+is registered under its identity. A sequence admitted later takes the registered blocks of its
+longest cached prefix (a reference each, never zeroed again) and starts computing after them. A
+registered block nobody holds is not free but *evictable*: it keeps its values and identity in
+an LRU until an allocation finds no truly free block and takes it back (fresh: zeroed, identity
+dropped). A block is therefore in exactly one of: the free list, the evictable LRU, or held
+(refcount > 0); a registered block is never written again, because sequences only write
+positions past their own `num_computed` and hits are whole blocks.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
 
+from server.engine.prefix_cache import extend_hashes, weights_key
 from server.engine.sequence import Sequence
 
 
@@ -32,14 +42,25 @@ class BlockManager:
         self._free: deque[int] = deque(range(num_blocks))
         self._refcount = [0] * num_blocks
         self._fresh: list[int] = []  # allocated since the last take_fresh(); the runner zeroes them
+        self._cached: dict[bytes, int] = {}  # identity -> the block registered under it
+        self._identity: dict[int, bytes] = {}  # the inverse: registered block -> identity
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # registered, unheld; oldest first
+        self.cache_queries = 0  # prompt tokens looked up (monotonic)
+        self.cache_hits = 0  # of those, found in the cache (monotonic)
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        """Blocks an allocation may take: truly free ones and evictable cached ones."""
+        return len(self._free) + len(self._evictable)
 
     @property
     def num_used(self) -> int:
-        return self.num_blocks - len(self._free)
+        return self.num_blocks - self.num_free
+
+    @property
+    def num_cached(self) -> int:
+        """Registered blocks (held or evictable)."""
+        return len(self._cached)
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -49,18 +70,88 @@ class BlockManager:
         return max(0, self.blocks_for(num_tokens) - len(seq.block_table))
 
     def can_cover(self, seq: Sequence, num_tokens: int) -> bool:
-        return self.missing_blocks(seq, num_tokens) <= len(self._free)
+        return self.missing_blocks(seq, num_tokens) <= self.num_free
 
     def allocate(self, seq: Sequence, num_tokens: int) -> None:
         """Grow `seq.block_table` to cover `num_tokens` positions (all or nothing)."""
         missing = self.missing_blocks(seq, num_tokens)
-        if missing > len(self._free):
-            raise NoFreeBlocks(f"need {missing} blocks, {len(self._free)} free")
+        if missing > self.num_free:
+            raise NoFreeBlocks(f"need {missing} blocks, {self.num_free} free")
         for _ in range(missing):
-            block = self._free.popleft()
+            block = self._take()
             self._refcount[block] = 1
             seq.block_table.append(block)
             self._fresh.append(block)
+
+    def _take(self) -> int:
+        """A truly free block if any, else the least recently used evictable one (its identity goes)."""
+        if self._free:
+            return self._free.popleft()
+        block, _ = self._evictable.popitem(last=False)
+        del self._cached[self._identity.pop(block)]
+        return block
+
+    # -- prefix cache ---------------------------------------------------------------------
+    def hashes(self, seq: Sequence, num_blocks: int) -> list[bytes]:
+        """The identities of `seq`'s first `num_blocks` full blocks (computed once, kept on seq)."""
+        assert seq.cache_key is not None
+        key = weights_key(seq.cache_key, seq.weights)
+        return extend_hashes(seq.block_hashes, num_blocks, self.block_size, seq.token_ids, key)
+
+    def match_prefix(self, seq: Sequence) -> int:
+        """Give a sequence with no blocks yet the cached blocks of its longest cached prefix.
+
+        Hits are whole blocks and stop before the last token, which is always computed (its
+        logits are needed). Sets `num_computed` past the hit; returns the tokens hit."""
+        if seq.cache_key is None or seq.block_table:
+            return 0
+        max_blocks = (seq.num_tokens - 1) // self.block_size
+        for identity in self.hashes(seq, max_blocks):
+            block = self._cached.get(identity)
+            if block is None:
+                break
+            if self._refcount[block] == 0:
+                del self._evictable[block]
+            self._refcount[block] += 1
+            seq.block_table.append(block)
+        hit = len(seq.block_table) * self.block_size
+        seq.num_registered = len(seq.block_table)
+        seq.num_computed = hit
+        return hit
+
+    def is_cached(self, identity: bytes) -> bool:
+        return identity in self._cached
+
+    def count_lookup(self, num_prompt_tokens: int, hit: int) -> None:
+        """Hit-rate counters, once per request (a readmission after preemption is not counted)."""
+        self.cache_queries += num_prompt_tokens
+        self.cache_hits += hit
+
+    def pending(self, seq: Sequence) -> list[bytes]:
+        """Identities of `seq`'s prompt blocks that it will compute but has not registered yet."""
+        if seq.cache_key is None:
+            return []
+        full = min(seq.num_prompt_tokens, seq.cache_limit) // self.block_size
+        return self.hashes(seq, full)[seq.num_registered :]
+
+    def register(self, seq: Sequence) -> None:
+        """Enter `seq`'s newly completed full blocks into the cache index.
+
+        Only blocks computed under the weights its identities name (before `cache_limit`); a block
+        whose identity is already registered (computed twice) stays private and is freed as usual.
+        """
+        if seq.cache_key is None:
+            return
+        full = min(seq.num_computed, seq.cache_limit) // self.block_size
+        if full <= seq.num_registered:
+            return
+        identities = self.hashes(seq, full)
+        for i in range(seq.num_registered, full):
+            block = seq.block_table[i]
+            if identities[i] not in self._cached and block not in self._identity:
+                self._cached[identities[i]] = block
+                self._identity[block] = identities[i]
+        seq.num_registered = full
 
     def take_fresh(self) -> list[int]:
         """Blocks allocated since the last call (to be zeroed before they are written)."""
@@ -74,20 +165,33 @@ class BlockManager:
         dst.block_table = list(src.block_table)
 
     def free(self, seq: Sequence) -> None:
-        """Drop `seq`'s references; blocks nobody else holds go back to the free list."""
+        """Drop `seq`'s references; blocks nobody else holds go back to the free list, or, when
+        registered, to the evictable LRU (the tail first, so a prefix outlives its suffixes)."""
         for block in reversed(seq.block_table):
             self._refcount[block] -= 1
             if self._refcount[block] == 0:
-                self._free.append(block)
+                if block in self._identity:
+                    self._evictable[block] = None
+                else:
+                    self._free.append(block)
         seq.block_table = []
+        seq.num_registered = 0
 
     def refcount(self, block: int) -> int:
         return self._refcount[block]
 
     def check(self) -> None:
-        """Raise AssertionError if a block is both free and held, or counts disagree."""
+        """Raise AssertionError if a block is both free and held, or the cache index disagrees:
+        every block is exactly one of free (no identity), evictable (an identity, unheld) or held."""
         free = set(self._free)
         assert len(free) == len(self._free), "a block is on the free list twice"
+        assert not free & set(self._evictable), "a block is both free and evictable"
         for block, count in enumerate(self._refcount):
             assert count >= 0, f"block {block} has refcount {count}"
-            assert (count == 0) == (block in free), f"block {block}: refcount {count}, free={block in free}"
+            idle = block in free or block in self._evictable
+            assert (count == 0) == idle, f"block {block}: refcount {count}, free={block in free}"
+            assert block not in free or block not in self._identity, f"free block {block} has an identity"
+            assert block not in self._evictable or block in self._identity, f"evictable block {block} has none"
+        assert len(self._cached) == len(self._identity), "cache index and its inverse differ in size"
+        for identity, block in self._cached.items():
+            assert self._identity.get(block) == identity, f"block {block} is registered under two identities"

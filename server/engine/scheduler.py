@@ -9,17 +9,26 @@ and releases everything a finished sequence held. No tensors live here.
 Tenants share fairly (see fair_share.py): the waiting queue is admitted round-robin across
 tenants (FIFO within a tenant), and while another tenant waits for an adapter slot, a tenant
 already holding `ceil(max_loras / active tenants)` slots gets no further one.
+
+Prefix caching (block_manager.py): a sequence admitted with no blocks first takes the cached
+blocks of its longest cached prefix and computes only the rest; its full blocks are registered
+as they complete. A waiting sequence whose next uncached block another running sequence is
+computing right now waits a step rather than compute it twice (so `n` samples of one prompt, or
+a burst of chats on one system prompt, prefill the shared part once). A preempted sequence drops
+its references like any other and may hit its own blocks when it is readmitted.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from server.engine.block_manager import BlockManager
 from server.engine.fair_share import SlotShare, round_robin
+from server.engine.prefix_cache import LORA
 from server.engine.sequence import Sequence, SeqStatus
 
 logger = logging.getLogger(__name__)
@@ -81,11 +90,15 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         max_loras: int | None = None,
+        weights_for: Callable[[Sequence], str] | None = None,
     ):
         """Args:
         max_loras: device slots shared by the tenants; None turns the per-tenant slot share off.
+        weights_for: the weights (prefix_cache.LORA or FOLDED) a sequence admitted now will
+            compute under, part of its blocks' identities; LORA when None.
         """
         self.blocks = blocks
+        self.weights_for = weights_for or (lambda seq: LORA)
         self.max_loras = max_loras
         self._last_tenant: str | None = None  # round-robin position across steps
         self.gate = gate
@@ -143,19 +156,33 @@ class Scheduler:
     def _admit_waiting(self, batch: Batch, budget: int) -> None:
         admitted: set[int] = set()
         share = SlotShare(self.running, self.waiting, self.max_loras)
+        pending: set[bytes] | None = None  # blocks running prefills are computing, built on first use
         for seq in round_robin(self.waiting, self._last_tenant):
             if budget <= 0 or len(self.running) >= self.max_num_seqs:
                 break
             if not share.allows(seq):
                 continue  # its tenant holds its fair share of slots while another tenant waits
+            if seq.cache_key is not None:
+                if pending is None:
+                    pending = {h for s in self.running for h in self.blocks.pending(s)}
+                if self._computing_elsewhere(seq, pending):
+                    continue  # its next block is being computed now: hit it next step instead
             if not self.gate.acquire(seq):
                 continue  # adapter still loading or no free slot: others go ahead
+            hit = self.blocks.match_prefix(seq)
             num_new = min(seq.num_tokens - seq.num_computed, budget)
             end = seq.num_computed + num_new
             if not self.blocks.can_cover(seq, end):
+                self.blocks.free(seq)  # hands the hit blocks back (they stay cached)
+                seq.num_computed = 0
                 self.gate.release(seq)
                 break  # out of KV memory: admit nobody else this step
+            if seq.num_cached_tokens is None:  # first admission: what usage and the hit rate report
+                seq.num_cached_tokens = hit
+                self.blocks.count_lookup(seq.num_prompt_tokens, hit)
             self.blocks.allocate(seq, end)
+            if pending is not None:
+                pending.update(self.blocks.pending(seq))
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             batch.entries.append(ScheduledSeq(seq, seq.num_computed, num_new))
@@ -166,11 +193,37 @@ class Scheduler:
         if admitted:
             self.waiting = deque(s for s in self.waiting if s.seq_id not in admitted)
 
+    def _computing_elsewhere(self, seq: Sequence, pending: set[bytes]) -> bool:
+        """Whether `seq`'s first uncached prompt block is one a running sequence is computing.
+
+        Identities include the scope, so this only ever waits on the same tenant's (or, with the
+        global scope, the deployment's) own requests."""
+        if seq.block_table:
+            return False
+        weights = self.weights_for(seq)
+        if weights != seq.weights:
+            seq.weights, seq.block_hashes = weights, []  # identities name the weights
+        if not pending:
+            return False
+        max_blocks = (seq.num_tokens - 1) // self.blocks.block_size
+        for identity in self.blocks.hashes(seq, max_blocks):
+            if not self.blocks.is_cached(identity):
+                return identity in pending
+        return False
+
+    def ran_under(self, batch: Batch, weights: str) -> None:
+        """This step computes under `weights`: a sequence whose identities name other weights
+        registers nothing from the first position computed now on."""
+        for e in batch.entries:
+            if e.seq.weights != weights:
+                e.seq.cache_limit = min(e.seq.cache_limit, e.start)
+
     def _preempt(self, seq: Sequence) -> None:
         """Recompute later: drop the cache and the slot pin, go back to the head of the queue."""
         self.blocks.free(seq)
         self.gate.release(seq)
         seq.num_computed = 0
+        seq.cache_limit = Sequence.cache_limit  # recomputed from scratch under whatever weights then
         seq.num_preemptions += 1
         seq.status = SeqStatus.WAITING
         self.num_preemptions += 1
@@ -208,6 +261,7 @@ class Scheduler:
                 self._finish(seq, "abort")
                 continue
             seq.num_computed = entry.start + entry.num_new
+            self.blocks.register(seq)
             if sample is None:
                 continue
             token = sample if isinstance(sample, int) else sample.token_id
