@@ -103,7 +103,7 @@ class BlockManager:
 
         Hits are whole blocks and stop before the last token, which is always computed (its
         logits are needed). Sets `num_computed` past the hit; returns the tokens hit."""
-        if seq.cache_key is None or seq.block_table:
+        if seq.cache_key is None or seq.block_table or not seq.cache_lookup:
             return 0
         max_blocks = (seq.num_tokens - 1) // self.block_size
         for identity in self.hashes(seq, max_blocks):

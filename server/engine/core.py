@@ -344,6 +344,8 @@ class EngineCore:
             return
         fold_slot = self._fold_for(batch)
         self.scheduler.ran_under(batch, LORA if fold_slot is None else FOLDED)
+        if not batch:
+            return  # its only sequence met a fold change on cached blocks: readmitted next step
         tokens = run_isolated(self.runner.run, batch, fold_slot)
         outputs = self.scheduler.postprocess(batch, tokens)
         self.num_steps += 1

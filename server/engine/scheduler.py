@@ -49,6 +49,7 @@ class ScheduledSeq:
     seq: Sequence
     start: int  # first position computed this step (= seq.num_computed before the step)
     num_new: int  # tokens computed this step
+    hit: int = 0  # tokens taken from the prefix cache at this step's admission
 
     @property
     def samples(self) -> bool:
@@ -185,7 +186,7 @@ class Scheduler:
                 pending.update(self.blocks.pending(seq))
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
-            batch.entries.append(ScheduledSeq(seq, seq.num_computed, num_new))
+            batch.entries.append(ScheduledSeq(seq, seq.num_computed, num_new, hit))
             budget -= num_new
             admitted.add(seq.seq_id)
             share.admitted(seq)
@@ -198,7 +199,7 @@ class Scheduler:
 
         Identities include the scope, so this only ever waits on the same tenant's (or, with the
         global scope, the deployment's) own requests."""
-        if seq.block_table:
+        if seq.block_table or not seq.cache_lookup:
             return False
         weights = self.weights_for(seq)
         if weights != seq.weights:
@@ -212,11 +213,35 @@ class Scheduler:
         return False
 
     def ran_under(self, batch: Batch, weights: str) -> None:
-        """This step computes under `weights`: a sequence whose identities name other weights
-        registers nothing from the first position computed now on."""
+        """This step computes under `weights` (the fold was decided after admission).
+
+        A sequence whose identities name other weights registers nothing from the first position
+        computed now on. One that was just admitted onto cached blocks of the other weights would
+        mix the two in one cache: it leaves the batch and is readmitted next step without a
+        lookup, computing its whole prompt under the weights it then meets (once, so a fold that
+        flaps with the traffic cannot hold it back)."""
+        kept = []
         for e in batch.entries:
-            if e.seq.weights != weights:
-                e.seq.cache_limit = min(e.seq.cache_limit, e.start)
+            seq = e.seq
+            if seq.weights != weights and e.hit:
+                self._bounce(seq, weights)
+                continue
+            if seq.weights != weights:
+                seq.cache_limit = min(seq.cache_limit, e.start)
+            kept.append(e)
+        batch.entries = kept
+
+    def _bounce(self, seq: Sequence, weights: str) -> None:
+        self.blocks.count_lookup(-seq.num_prompt_tokens, -(seq.num_cached_tokens or 0))  # counted again
+        self.blocks.free(seq)
+        self.gate.release(seq)
+        seq.num_computed = 0
+        seq.num_cached_tokens = None
+        seq.cache_lookup = False
+        seq.weights, seq.block_hashes = weights, []
+        seq.status = SeqStatus.WAITING
+        self.running.remove(seq)
+        self.waiting.appendleft(seq)
 
     def _preempt(self, seq: Sequence) -> None:
         """Recompute later: drop the cache and the slot pin, go back to the head of the queue."""
