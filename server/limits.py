@@ -19,6 +19,7 @@ MAX_TOP_LOGPROBS = 20
 MAX_TOP_K = 2**31 - 1
 MIN_SEED, MAX_SEED = -(2**63), 2**63 - 1
 GREEDY_BELOW = 1e-5  # vLLM's rule: a temperature this small means greedy, never a division by it
+MAX_CACHE_SALT_CHARS = 256  # `cache_salt` (vLLM's prefix-cache isolation field); the engine checks it too
 
 
 class Limits(BaseModel):
@@ -64,6 +65,9 @@ class Limits(BaseModel):
     )
     max_versions_kept: int = Field(
         3, gt=0, description="versions kept per adapter name; older ones are pruned at publish"
+    )
+    max_n: int = Field(
+        8, gt=0, description="most choices (n) one chat request may ask for (400 'n'); each holds an admission slot"
     )
 
     @model_validator(mode="after")

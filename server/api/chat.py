@@ -24,6 +24,7 @@ from server.api.decoding import decoding_controls
 from server.api.deps import get_state, get_tenant
 from server.api.abort import abort_error
 from server.api.errors import BadRequest
+from server.api.parallel import check_n, parallel_chat
 from server.bounds import check_lengths
 from server.limits import GREEDY_BELOW
 from server.api.protocol import (
@@ -35,6 +36,7 @@ from server.api.protocol import (
     Choice,
     ChunkChoice,
     Delta,
+    PromptTokensDetails,
     TokenLogprob,
     TopLogprob,
     Usage,
@@ -77,6 +79,7 @@ def sampling_params(
             stop_token_ids=() if body.ignore_eos else tuple(end_of_turn_ids),
             ignore_eos=body.ignore_eos,
             logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+            cache_salt=body.cache_salt,
             **controls,
         )
     except ValueError as exc:
@@ -111,11 +114,10 @@ async def create_chat_completion(
     check_fields(body.model_dump(exclude_unset=True))  # every OpenAI field honoured or refused by name
     if body.chat_template is not None or body.chat_template_kwargs:
         raise BadRequest("a request may not supply its own chat template; the base's is used", param="chat_template")
-    if body.n != 1:
-        raise BadRequest("only n=1 is supported", param="n")
     check_lengths(body.max_tokens, body.max_completion_tokens, body.min_tokens, state.max_model_len)
     state.resolve_model(tenant, body.model)  # 404 before any rendering
     plan = plan_tools(body, state.template.source)  # None unless tool calls constrain the output
+    check_n(body, state.config.limits.max_n, constrained=plan is not None)
     prompt, max_tokens = await state.render_prompt(
         body.messages,
         max_tokens=body.max_completion_tokens or body.max_tokens,
@@ -127,6 +129,18 @@ async def create_chat_completion(
     # Again after the render's and the grammar compile's awaits: the adapter may have been deleted
     # or re-uploaded meanwhile, and from here to `Generation` (which counts it in use) nothing awaits.
     model = state.resolve_model(tenant, body.model)
+    if body.n > 1:
+        return await parallel_chat(
+            state,
+            body,
+            request,
+            tenant=tenant,
+            model=model,
+            prompt_ids=prompt.ids,
+            sampling=sampling,
+            request_id=f"chatcmpl-{uuid.uuid4().hex}",
+            token_logprob=_token_logprob,
+        )
     ticket = state.admission.acquire(tenant)
     generation = Generation(
         state,
@@ -194,6 +208,7 @@ async def _collect(state: ServerState, body: ChatCompletionRequest, generation: 
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
             total_tokens=prompt_tokens + completion_tokens,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=generation.cached_tokens),
         ),
     )
 
@@ -237,6 +252,7 @@ async def _sse(state: ServerState, body: ChatCompletionRequest, generation: Gene
                 prompt_tokens=prompt_tokens,
                 completion_tokens=completion_tokens,
                 total_tokens=prompt_tokens + completion_tokens,
+                prompt_tokens_details=PromptTokensDetails(cached_tokens=generation.cached_tokens),
             )
             last = ChatCompletionChunk(
                 id=generation.request_id, created=created, model=body.model, choices=[], usage=usage

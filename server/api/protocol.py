@@ -11,7 +11,15 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from server.limits import MAX_SEED, MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_TOP_K, MAX_TOP_LOGPROBS, MIN_SEED
+from server.limits import (
+    MAX_CACHE_SALT_CHARS,
+    MAX_SEED,
+    MAX_STOP_CHARS,
+    MAX_STOP_STRINGS,
+    MAX_TOP_K,
+    MAX_TOP_LOGPROBS,
+    MIN_SEED,
+)
 
 # A stop string as the contract bounds it: 1..256 characters, at most 16 of them.
 StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
@@ -45,6 +53,7 @@ class ChatCompletionRequest(BaseModel):
     min_tokens: int = Field(default=0, ge=0)
     ignore_eos: bool = False
     return_tokens_as_token_ids: bool = False  # logprobs name tokens "token_id:<id>" (vLLM)
+    cache_salt: str | None = Field(default=None, min_length=1, max_length=MAX_CACHE_SALT_CHARS)  # vLLM's
     continue_final_message: bool = False
     add_generation_prompt: bool = True
     # Refused when set (a request may not bring its own template); declared so we can say so.
@@ -79,7 +88,7 @@ class TokenizeResponse(BaseModel):
 
 
 class PromptTokensDetails(BaseModel):
-    """Known exactly: no prefix cache (every prompt token is computed) and no audio input."""
+    """`cached_tokens`: prompt tokens whose KV came from the prefix cache; no audio input."""
 
     cached_tokens: int = 0
     audio_tokens: int = 0

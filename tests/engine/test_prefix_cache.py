@@ -168,7 +168,7 @@ def test_randomized_workload_leaves_no_reference_behind():
     rng = random.Random(0)
     sched = make_sched(num_blocks=24, block_size=4, max_num_seqs=5, budget=16)
     stems = [[rng.randrange(1000) for _ in range(rng.randrange(4, 20))] for _ in range(4)]
-    for step in range(400):
+    for _ in range(400):
         if rng.random() < 0.3:
             prompt = rng.choice(stems) + [rng.randrange(1000) for _ in range(rng.randrange(1, 12))]
             seq = cached_seq(

@@ -106,7 +106,8 @@ def test_eviction_under_memory_pressure_keeps_outputs(tiny_base_dir, adapters):
     for round_ in range(2):
         for i, (p, a) in enumerate(zip(prompts, chosen)):
             submit(engine, f"{round_}-{i}", p, a, GREEDY, out)
-        engine.run_until(lambda: sum(k.endswith(":finish") for k in out) == 8 * (round_ + 1))
+        finished = 8 * (round_ + 1)
+        engine.run_until(lambda finished=finished: sum(k.endswith(":finish") for k in out) == finished)
         assert [out[f"{round_}-{i}"] for i in range(8)] == want
         engine.blocks.check()
     assert engine.stats().prefix_cache_hits > 0
