@@ -107,7 +107,9 @@ def multi_turn(engines: dict[str, object], template, adapters, args) -> dict[str
 
     sp = SamplingParams(max_tokens=args.new_tokens, min_tokens=args.new_tokens, temperature=0, ignore_eos=True)
     rounds = {key: Rounds(engine) for key, engine in engines.items()}
-    histories = {key: [[{"role": "system", "content": args.system}] for _ in range(args.conversations)] for key in engines}
+    histories = {
+        key: [[{"role": "system", "content": args.system}] for _ in range(args.conversations)] for key in engines
+    }
     chosen = [adapters[c % len(adapters)] if adapters else None for c in range(args.conversations)]
     for turn in range(args.turns):
         for key, engine in engines.items():  # interleaved: cache on, cache off, on, off, ...
