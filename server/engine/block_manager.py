@@ -19,13 +19,18 @@ an LRU until an allocation finds no truly free block and takes it back (fresh: z
 dropped). A block is therefore in exactly one of: the free list, the evictable LRU, or held
 (refcount > 0); a registered block is never written again, because sequences only write
 positions past their own `num_computed` and hits are whole blocks.
+
+The prompt's last block (1..block_size tokens, the *tail*) is usually partial, so it cannot be
+shared. While the sequence that computed it holds it, its identity is indexed too, and a sequence
+with the same prompt (the other `n` choices) copies its rows into a fresh block of its own
+(copy on write: the runner copies the K/V rows before the step) and computes only the last token.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict, deque
 
-from server.engine.prefix_cache import extend_hashes, weights_key
+from server.engine.prefix_cache import block_hash, extend_hashes, weights_key
 from server.engine.sequence import Sequence
 
 
@@ -45,6 +50,9 @@ class BlockManager:
         self._cached: dict[bytes, int] = {}  # identity -> the block registered under it
         self._identity: dict[int, bytes] = {}  # the inverse: registered block -> identity
         self._evictable: OrderedDict[int, None] = OrderedDict()  # registered, unheld; oldest first
+        self._tails: dict[bytes, tuple[int, int]] = {}  # held prompt tails: identity -> (block, rows)
+        self._tail_of: dict[int, bytes] = {}  # the inverse: block -> tail identity
+        self._copies: list[tuple[int, int, int]] = []  # (src, dst, rows) since take_copies()
         self.cache_queries = 0  # prompt tokens looked up (monotonic)
         self.cache_hits = 0  # of those, found in the cache (monotonic)
 
@@ -116,11 +124,40 @@ class BlockManager:
             seq.block_table.append(block)
         hit = len(seq.block_table) * self.block_size
         seq.num_registered = len(seq.block_table)
+        tail = self._tails.get(self.tail_identity(seq)) if hit == self._tail_start(seq) else None
+        if tail is not None and seq.num_tokens == seq.num_prompt_tokens and self.num_free:
+            src, rows = tail
+            dst = self._take()
+            self._refcount[dst] = 1
+            seq.block_table.append(dst)
+            self._fresh.append(dst)  # zeroed first, then the rows are copied in
+            self._copies.append((src, dst, rows))
+            hit = seq.num_prompt_tokens - 1  # the last token is computed again: its logits are needed
         seq.num_computed = hit
         return hit
 
+    def _tail_start(self, seq: Sequence) -> int:
+        return (seq.num_prompt_tokens - 1) // self.block_size * self.block_size
+
+    def tail_identity(self, seq: Sequence) -> bytes:
+        """The identity of `seq`'s prompt tail: its last block, as far as the prompt fills it."""
+        assert seq.cache_key is not None
+        start = self._tail_start(seq)
+        full = start // self.block_size
+        parent = self.hashes(seq, full)[-1] if full else None
+        key = weights_key(seq.cache_key, seq.weights) + b"\x00tail"
+        return block_hash(parent, seq.prompt_ids[start:], key)
+
+    def take_copies(self) -> list[tuple[int, int, int]]:
+        """Tail copies (src block, dst block, rows) since the last call, for the runner."""
+        copies, self._copies = self._copies, []
+        return copies
+
     def is_cached(self, identity: bytes) -> bool:
         return identity in self._cached
+
+    def has_tail(self, identity: bytes) -> bool:
+        return identity in self._tails
 
     def count_lookup(self, num_prompt_tokens: int, hit: int) -> None:
         """Hit-rate counters, once per request (a readmission after preemption is not counted)."""
@@ -128,11 +165,12 @@ class BlockManager:
         self.cache_hits += hit
 
     def pending(self, seq: Sequence) -> list[bytes]:
-        """Identities of `seq`'s prompt blocks that it will compute but has not registered yet."""
-        if seq.cache_key is None:
+        """Identities of `seq`'s prompt blocks (and tail) that it computes but has not registered yet."""
+        if seq.cache_key is None or seq.num_computed >= seq.num_prompt_tokens:
             return []
         full = min(seq.num_prompt_tokens, seq.cache_limit) // self.block_size
-        return self.hashes(seq, full)[seq.num_registered :]
+        tail = [self.tail_identity(seq)] if seq.cache_limit >= seq.num_prompt_tokens else []
+        return self.hashes(seq, full)[seq.num_registered :] + tail
 
     def register(self, seq: Sequence) -> None:
         """Enter `seq`'s newly completed full blocks into the cache index.
@@ -142,6 +180,13 @@ class BlockManager:
         """
         if seq.cache_key is None:
             return
+        if not seq.tail_registered and seq.num_prompt_tokens <= min(seq.num_computed, seq.cache_limit):
+            seq.tail_registered = True
+            block = seq.block_table[self._tail_start(seq) // self.block_size]
+            identity = self.tail_identity(seq)
+            if identity not in self._tails and block not in self._tail_of:
+                self._tails[identity] = (block, seq.num_prompt_tokens - self._tail_start(seq))
+                self._tail_of[block] = identity
         full = min(seq.num_computed, seq.cache_limit) // self.block_size
         if full <= seq.num_registered:
             return
@@ -170,12 +215,18 @@ class BlockManager:
         for block in reversed(seq.block_table):
             self._refcount[block] -= 1
             if self._refcount[block] == 0:
+                tail = self._tail_of.pop(block, None)
+                if tail is not None:
+                    del self._tails[tail]  # a tail is copied only from a block someone holds
                 if block in self._identity:
                     self._evictable[block] = None
                 else:
                     self._free.append(block)
+        if self._copies:  # a copy into a block given back before its step ran is dropped
+            self._copies = [c for c in self._copies if c[1] not in seq.block_table]
         seq.block_table = []
         seq.num_registered = 0
+        seq.tail_registered = False
 
     def refcount(self, block: int) -> int:
         return self._refcount[block]
@@ -193,5 +244,8 @@ class BlockManager:
             assert block not in free or block not in self._identity, f"free block {block} has an identity"
             assert block not in self._evictable or block in self._identity, f"evictable block {block} has none"
         assert len(self._cached) == len(self._identity), "cache index and its inverse differ in size"
+        assert len(self._tails) == len(self._tail_of), "tail index and its inverse differ in size"
+        for identity, (block, _) in self._tails.items():
+            assert self._refcount[block] > 0 and self._tail_of[block] == identity, f"tail block {block} not held"
         for identity, block in self._cached.items():
             assert self._identity.get(block) == identity, f"block {block} is registered under two identities"

@@ -61,6 +61,7 @@ class ScheduledSeq:
 class Batch:
     entries: list[ScheduledSeq] = field(default_factory=list)
     fresh_blocks: list[int] = field(default_factory=list)  # newly allocated: zeroed before the run
+    copies: list[tuple[int, int, int]] = field(default_factory=list)  # (src, dst, rows): prompt tails, after zeroing
 
     def __bool__(self) -> bool:
         return bool(self.entries)
@@ -124,6 +125,7 @@ class Scheduler:
         if not preempted:
             self._admit_waiting(batch, budget)
         batch.fresh_blocks = self.blocks.take_fresh()
+        batch.copies = self.blocks.take_copies()
         return batch
 
     def _continue_running(self, batch: Batch, budget: int) -> bool:
@@ -210,7 +212,10 @@ class Scheduler:
         for identity in self.blocks.hashes(seq, max_blocks):
             if not self.blocks.is_cached(identity):
                 return identity in pending
-        return False
+        if seq.num_tokens != seq.num_prompt_tokens:
+            return False
+        tail = self.blocks.tail_identity(seq)
+        return not self.blocks.has_tail(tail) and tail in pending
 
     def ran_under(self, batch: Batch, weights: str) -> None:
         """This step computes under `weights` (the fold was decided after admission).
@@ -224,6 +229,7 @@ class Scheduler:
         for e in batch.entries:
             seq = e.seq
             if seq.weights != weights and e.hit:
+                batch.copies = [c for c in batch.copies if c[1] not in seq.block_table]
                 self._bounce(seq, weights)
                 continue
             if seq.weights != weights:
@@ -249,6 +255,7 @@ class Scheduler:
         self.gate.release(seq)
         seq.num_computed = 0
         seq.cache_limit = Sequence.cache_limit  # recomputed from scratch under whatever weights then
+        seq.tail_registered = False
         seq.num_preemptions += 1
         seq.status = SeqStatus.WAITING
         self.num_preemptions += 1

@@ -65,6 +65,7 @@ class Sequence:
     num_registered: int = 0  # leading blocks of block_table that are in the cache index
     cache_limit: int = 1 << 62  # positions from here on were computed under other weights: never shared
     num_cached_tokens: int | None = None  # prompt tokens found in the cache at first admission
+    tail_registered: bool = False  # its prompt's last block is indexed for copies (block_manager)
     cache_lookup: bool = True  # False after a fold change met its cached blocks (scheduler.ran_under)
 
     @property

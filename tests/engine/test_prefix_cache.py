@@ -164,25 +164,44 @@ def test_same_prefix_in_flight_is_computed_once():
     assert first.num_cached_tokens == 0 and second.num_cached_tokens == 12
 
 
+def test_same_prompt_copies_the_held_tail_and_computes_only_the_last_token():
+    sched = make_sched(max_num_seqs=8, budget=64)
+    prompt = list(range(700, 714))  # 14 tokens: 3 full blocks of 4 and a tail of 2
+    leader, others = cached_seq(prompt, max_tokens=5), [cached_seq(prompt, max_tokens=5) for _ in range(3)]
+    for s in (leader, *others):
+        sched.add(s)
+    first = sched.schedule()
+    assert [(e.seq, e.start, e.num_new) for e in first.entries] == [(leader, 0, 14)]  # the others wait
+    sched.postprocess(first, [7])
+    second = sched.schedule()
+    tail = leader.block_table[3]
+    assert {(e.start, e.num_new) for e in second.entries if e.seq is not leader} == {(13, 1)}
+    assert sorted(second.copies) == sorted((tail, s.block_table[3], 2) for s in others)
+    assert all(s.block_table[:3] == leader.block_table[:3] for s in others)  # full blocks shared
+    assert set(second.fresh_blocks) >= {s.block_table[3] for s in others}  # zeroed, then copied into
+    sched.postprocess(second, [7 if e.samples else None for e in second.entries])
+    run_to_completion(sched)
+    assert [s.num_cached_tokens for s in others] == [13, 13, 13]
+    sched.blocks.check()
+    assert all(sched.blocks.refcount(b) == 0 for b in range(sched.blocks.num_blocks))
+
+
 def test_randomized_workload_leaves_no_reference_behind():
     rng = random.Random(0)
-    sched = make_sched(num_blocks=24, block_size=4, max_num_seqs=5, budget=16)
+    sched = make_sched(num_blocks=18, block_size=4, max_num_seqs=5, budget=16)
     stems = [[rng.randrange(1000) for _ in range(rng.randrange(4, 20))] for _ in range(4)]
+    copied = [0]
     for _ in range(400):
         if rng.random() < 0.3:
             prompt = rng.choice(stems) + [rng.randrange(1000) for _ in range(rng.randrange(1, 12))]
-            seq = cached_seq(
-                prompt,
-                tenant=rng.choice("ab"),
-                adapter=rng.choice([None, "x"]),
-                scope=rng.choice(["tenant", "global"]),
-                max_tokens=rng.randrange(1, 10),
-            )
-            sched.add(seq)
+            who = dict(tenant=rng.choice("ab"), adapter=rng.choice([None, "x"]), scope=rng.choice(["tenant", "global"]))
+            for _ in range(rng.choice([1, 1, 3])):  # a burst of one prompt (n > 1): tails are copied
+                sched.add(cached_seq(prompt, **who, max_tokens=rng.randrange(1, 10)))
         if rng.random() < 0.05 and (sched.running or sched.waiting):
             sched.abort(rng.choice(list(sched.running) + list(sched.waiting)).request_id)
         if sched.has_work():
             batch = sched.schedule()
+            copied[0] += len(batch.copies)
             if batch:
                 sched.ran_under(batch, rng.choice([LORA, LORA, LORA, FOLDED]))
             sched.postprocess(batch, [rng.randrange(1000) if e.samples else None for e in batch.entries])
@@ -190,4 +209,4 @@ def test_randomized_workload_leaves_no_reference_behind():
     run_to_completion(sched)
     sched.blocks.check()
     assert all(sched.blocks.refcount(b) == 0 for b in range(sched.blocks.num_blocks))
-    assert sched.num_preemptions > 0 and sched.blocks.cache_hits > 0
+    assert sched.num_preemptions > 0 and sched.blocks.cache_hits > 0 and copied[0] > 0

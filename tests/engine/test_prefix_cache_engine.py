@@ -137,3 +137,21 @@ def test_default_base_cached_equals_uncached(default_base_dir):
     assert got[2][1] > 0 and got[3][1] > 0
     want = engine(False).generate(turns, sampling=sp)
     assert [tokens for tokens, _ in got] == want + want
+
+
+def test_n_samples_share_the_prompt_and_copy_its_tail(tiny_base_dir, adapters):
+    """Four seeded samples of one prompt (as the API's n=4 sends them) equal four unshared runs:
+    the full blocks are shared, the partial tail is copied into each sample's own block."""
+    from server.api.parallel import choice_sampling
+
+    prompt = TURNS[0][:34]  # 8 full blocks of 4 and a tail of 2
+    sampled = SamplingParams(max_tokens=10, temperature=1.0, seed=5, ignore_eos=True)
+    params = [choice_sampling(sampled, i) for i in range(4)]
+    for adapter in (None, adapters[1]):
+        plain = tiny_engine(tiny_base_dir, enable_prefix_caching=False)
+        want = [plain.generate([prompt], [adapter], sp)[0] for sp in params]
+        engine = tiny_engine(tiny_base_dir)
+        got = engine.generate([prompt] * 4, [adapter] * 4, params)
+        assert got == want and len({tuple(t) for t in want}) > 1
+        assert engine.stats().prefix_cache_hits == 3 * 33  # every token but the last, three times
+        assert_released(engine)
