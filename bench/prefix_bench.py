@@ -118,6 +118,7 @@ def multi_turn(engines: dict[str, object], template, adapters, args) -> dict[str
                 chat.append({"role": "user", "content": QUESTIONS[(c + turn) % len(QUESTIONS)]})
             prompts = [template.render(chat).ids for chat in chats]
             replies = rounds[key].run(prompts, chosen, [sp] * len(prompts))
+            print(f"  turn {turn + 1}/{args.turns}, cache {key}: {rounds[key].wall:.1f}s so far", flush=True)
             for chat, reply in zip(chats, replies):
                 text = engine.tokenizer.decode(reply, skip_special_tokens=True)
                 chat.append({"role": "assistant", "content": text if text.strip() else "(no reply)"})
@@ -140,6 +141,7 @@ def parallel(engines: dict[str, object], template, args) -> dict[str, Rounds]:
             batch = [p for p in prompts for _ in range(4)]
             samplings = [choice_sampling(sp, i) for _ in prompts for i in range(4)]
             rounds[key].run(batch, [None] * len(batch), samplings)
+            print(f"  parallel round {repeat + 1}/{args.repeats}, {key}: {rounds[key].wall:.1f}s so far", flush=True)
     return rounds
 
 
