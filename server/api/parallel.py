@@ -3,8 +3,8 @@
 Each choice is its own engine request (a `Generation`, holding its own admission ticket, so `n`
 counts against the tenant's share like `n` requests). The engine computes the shared prompt once:
 the first choice's prefill registers its full blocks in the prefix cache and the others, held
-back while it computes them (scheduler `_computing_elsewhere`), start on those blocks and
-compute only the prompt's last partial block. With `seed`, choice `i` samples with `seed + i`:
+back while it computes them (scheduler `_computing_elsewhere`), start on those blocks, copy the
+prompt's partial last block (copy on write) and compute only the last token. With `seed`, choice `i` samples with `seed + i`:
 reproducible and distinct. Usage counts the prompt once and every choice's completion.
 Streaming interleaves the choices' chunks as their tokens arrive, each chunk naming its `index`.
 """
