@@ -20,6 +20,7 @@ def plan(extra: list[str]) -> list[list[str]]:
     """The child commands, in order."""
     commands = [[sys.executable, "-m", "bench.engine_bench", *flags, *extra] for flags in ENGINE_RUNS]
     commands.append([sys.executable, "-m", "bench.structured_bench", *extra])  # issue 10: constrained batch
+    commands.append([sys.executable, "-m", "bench.prefix_bench", *extra])  # issue 13: prefix cache, n=4
     if (BENCH_DIR / "train_bench.py").is_file():
         commands.append([sys.executable, "-m", "bench.train_bench"])
     return commands

@@ -55,6 +55,7 @@ class Generation:
         self.started = False
         self.finish_reason: str | None = None
         self.completion_tokens = 0
+        self.cached_tokens = 0  # prompt tokens the engine found in its prefix cache
         self.error: str | None = None  # the engine's reason when it aborted on its own
         self.error_code: str | None = None  # the contract's code for it, e.g. "non_finite_output"
         self.error_status: int | None = None  # the HTTP status the engine says it deserves
@@ -106,6 +107,7 @@ class Generation:
                 last = now
                 self.completion_tokens += 1
                 metrics.generation_tokens.labels(*labels).inc()
+            self.cached_tokens = event.cached_tokens
             if event.finish_reason is not None:
                 self.finish_reason = event.finish_reason
                 self.error = event.error

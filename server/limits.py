@@ -22,6 +22,7 @@ GREEDY_BELOW = 1e-5  # vLLM's rule: a temperature this small means greedy, never
 # A request's `adapters` mix on the wire; `Limits.max_mix_adapters` is the (smaller) served bound.
 MAX_MIX_COMPONENTS = 64
 MAX_MIX_NAME_CHARS = 64  # an adapter name's bound (adapters/store.py `check_name`)
+MAX_CACHE_SALT_CHARS = 256  # `cache_salt` (vLLM's prefix-cache isolation field); the engine checks it too
 
 
 class Limits(BaseModel):
@@ -71,6 +72,9 @@ class Limits(BaseModel):
     )
     max_versions_kept: int = Field(
         3, gt=0, description="versions kept per adapter name; older ones are pruned at publish"
+    )
+    max_n: int = Field(
+        8, gt=0, description="most choices (n) one chat request may ask for (400 'n'); each holds an admission slot"
     )
 
     @model_validator(mode="after")

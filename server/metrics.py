@@ -73,6 +73,12 @@ class EngineCollector(Collector):
             ("waiting", stats.waiting, "Requests waiting in the engine queue"),
             ("running", stats.running, "Requests running in the engine batch"),
             ("kv_blocks_used", stats.kv_blocks_used, "KV cache blocks in use (0 when idle: the soak's leak check)"),
+            ("kv_blocks_cached", stats.kv_blocks_cached, "KV blocks registered in the prefix cache"),
+            (
+                "prefix_cache_hit_rate",
+                stats.prefix_cache_hit_rate,
+                "Prompt tokens found in the prefix cache / looked up",
+            ),
         ):
             gauge = GaugeMetricFamily(f"loraswap_engine_{key}", help_)
             gauge.add_metric([], float(value))
@@ -80,6 +86,8 @@ class EngineCollector(Collector):
         for key, value, help_ in (
             ("slot_loads", stats.slot_loads, "Adapter loads into device slots"),
             ("slot_evictions", stats.slot_evictions, "Adapter evictions from device slots"),
+            ("prefix_cache_queries", stats.prefix_cache_queries, "Prompt tokens looked up in the prefix cache"),
+            ("prefix_cache_hits", stats.prefix_cache_hits, "Prompt tokens found in the prefix cache"),
         ):
             counter = CounterMetricFamily(f"loraswap_engine_{key}", help_)
             counter.add_metric([], float(value))

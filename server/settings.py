@@ -35,7 +35,7 @@ from pydantic_settings import (
 )
 
 from jobs.config import JobsConfig
-from server.engine.config import DType, Device, EngineConfig, Fold, Quant
+from server.engine.config import DType, Device, EngineConfig, Fold, PrefixCacheScope, Quant
 from server.limits import Limits
 
 DEFAULT_TENANT = "default"
@@ -105,6 +105,10 @@ class ServerConfig(BaseSettings):
     max_model_len: int = engine_knob("max_model_len", "prompt + completion tokens per request")
     max_num_seqs: int = engine_knob("max_num_seqs", "requests in the running batch")
     fold: Fold = engine_knob("fold", "off, pinned or auto: when to fold an adapter into dense weights")
+    enable_prefix_caching: bool = engine_knob("enable_prefix_caching", "reuse the KV blocks of prompt prefixes")
+    prefix_cache_scope: PrefixCacheScope = engine_knob(
+        "prefix_cache_scope", "tenant (blocks shared within a tenant) or global (single-tenant deployments only)"
+    )
     kv_cache_mb: float = engine_knob("kv_cache_bytes", "memory for the paged KV cache in MiB", scale=MiB)
     api_keys_file: Path | None = Field(
         None, description="file of tenant:key lines (LORASWAP_API_KEYS='tenant:key,...' also works)"

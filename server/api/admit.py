@@ -1,6 +1,6 @@
 """From a checked completion request to running generations: the steps chat and legacy share.
 
-`check_request` refuses what neither route honours (fields by policy, `n` other than 1);
+`check_request` refuses what neither route honours (fields by policy);
 `resolve` maps the request's `model` (and its `adapters` mix, server/mix.py) to the base, the
 caller's adapter or a mix of the caller's adapters (404 otherwise); it is looked up twice per request: before the expensive work (render, tokenize, grammar compile), and again
 inside `start_generations` after those awaits, because the adapter may have been deleted or
@@ -13,7 +13,6 @@ from __future__ import annotations
 from contextlib import ExitStack
 from typing import Any
 
-from server.api.errors import BadRequest
 from server.api.request_fields import FieldPolicy, check_fields
 from server.engine.types import SamplingParams
 from server.generation import Generation
@@ -22,10 +21,8 @@ from server.state import ResolvedModel, ServerState
 
 
 def check_request(body: Any, fields: dict[str, FieldPolicy]) -> None:
-    """400 naming the first refused OpenAI field, then for `n` other than 1."""
+    """400 naming the first refused OpenAI field (`n` is each route's: chat serves n > 1)."""
     check_fields(body.model_dump(exclude_unset=True), fields)  # every OpenAI field honoured or refused by name
-    if body.n not in (None, 1):
-        raise BadRequest("only n=1 is supported", param="n")
 
 
 async def resolve(state: ServerState, tenant: str, body: Any) -> ResolvedModel:

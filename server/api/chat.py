@@ -22,6 +22,7 @@ from server.api.admit import check_request, resolve, start_generations
 from server.api.decoding import decoding_controls
 from server.api.deps import get_state, get_tenant
 from server.api.errors import BadRequest
+from server.api.parallel import check_n, parallel_chat
 from server.api.protocol import (
     AssistantMessage,
     ChatCompletion,
@@ -78,6 +79,7 @@ async def create_chat_completion(
     check_lengths(body.max_tokens, body.max_completion_tokens, body.min_tokens, state.max_model_len)
     first = await resolve(state, tenant, body)  # 404 / the mix's checks before the expensive work
     plan = plan_tools(body, state.template.source)  # None unless tool calls constrain the output
+    check_n(body, state.config.limits.max_n, constrained=plan is not None)
     prompt, max_tokens = await state.render_prompt(
         body.messages,
         max_tokens=body.max_completion_tokens or body.max_tokens,
@@ -93,9 +95,20 @@ async def create_chat_completion(
         stop_token_ids=() if body.ignore_eos else state.template.end_of_turn_ids,
         controls=controls,
     )
-    (generation,), owned = start_generations(
-        state, tenant, body, first, [(f"chatcmpl-{uuid.uuid4().hex}", prompt.ids, sampling)]
-    )
+    request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    if body.n > 1:
+        return await parallel_chat(
+            state,
+            body,
+            request,
+            tenant=tenant,
+            first=first,
+            prompt_ids=prompt.ids,
+            sampling=sampling,
+            request_id=request_id,
+            token_logprob=_token_logprob,
+        )
+    (generation,), owned = start_generations(state, tenant, body, first, [(request_id, prompt.ids, sampling)])
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         if plan is not None:
@@ -128,7 +141,7 @@ async def _collect(state: ServerState, body: ChatCompletionRequest, generation: 
                 finish_reason=generation.finish_reason or "stop",  # events() always sets it
             )
         ],
-        usage=usage(len(generation.prompt_ids), completion_tokens),
+        usage=usage(len(generation.prompt_ids), completion_tokens, generation.cached_tokens),
     )
 
 
@@ -161,7 +174,7 @@ async def _sse(state: ServerState, body: ChatCompletionRequest, generation: Gene
                 created=created,
                 model=body.model,
                 choices=[],
-                usage=usage(len(generation.prompt_ids), completion_tokens),
+                usage=usage(len(generation.prompt_ids), completion_tokens, generation.cached_tokens),
             )
             yield sse_line(last, include_usage)
     yield DONE

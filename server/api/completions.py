@@ -75,6 +75,8 @@ async def create_completion(
     state: ServerState = Depends(get_state),
 ):
     check_request(body, COMPLETION_FIELDS)
+    if body.n not in (None, 1):
+        raise BadRequest("only n=1 is supported on the legacy endpoint (chat completions serve n > 1)", param="n")
     if body.echo and body.logprobs is not None:
         raise BadRequest("echo with logprobs is not supported: prompt logprobs are not computed", param="echo")
     prompts = plain_prompts(body.prompt)

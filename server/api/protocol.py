@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from server.limits import (
     MAX_MIX_COMPONENTS,
     MAX_MIX_NAME_CHARS,
+    MAX_CACHE_SALT_CHARS,
     MAX_SEED,
     MAX_STOP_CHARS,
     MAX_STOP_STRINGS,
@@ -62,6 +63,8 @@ class SamplingFields(BaseModel):
     repetition_penalty: float | None = Field(default=None, ge=0.01, le=2)
     min_tokens: int = Field(default=0, ge=0)
     ignore_eos: bool = False
+    # vLLM's: only requests with the same salt share prefix-cache blocks
+    cache_salt: str | None = Field(default=None, min_length=1, max_length=MAX_CACHE_SALT_CHARS)
     # loraswap's extension: a weighted mix of the caller's adapters (model = the base; server/mix.py)
     adapters: Annotated[list[MixComponent], Field(max_length=MAX_MIX_COMPONENTS)] | None = None
 
@@ -105,7 +108,7 @@ class TokenizeResponse(BaseModel):
 
 
 class PromptTokensDetails(BaseModel):
-    """Known exactly: no prefix cache (every prompt token is computed) and no audio input."""
+    """`cached_tokens`: prompt tokens whose KV came from the prefix cache; no audio input."""
 
     cached_tokens: int = 0
     audio_tokens: int = 0

@@ -53,7 +53,7 @@ CHAT_FIELDS: dict[str, FieldPolicy] = {
     "max_completion_tokens": FieldPolicy(HONOURED, "completion length cap (wins over max_tokens)"),
     "temperature": FieldPolicy(HONOURED, "0..2; 0 is greedy"),
     "top_p": FieldPolicy(HONOURED, "nucleus sampling"),
-    "n": FieldPolicy(HONOURED, "1 only; other values are refused"),
+    "n": FieldPolicy(HONOURED, "1..max_n choices (--limits.max_n), the prompt computed once; not with tool calls"),
     "stop": FieldPolicy(HONOURED, "stop strings, cut before the match"),
     "seed": FieldPolicy(HONOURED, "per-request generator: reproducible whatever shares the batch"),
     "stream": FieldPolicy(HONOURED, "server-sent events in OpenAI's chunk shape"),
@@ -69,8 +69,8 @@ CHAT_FIELDS: dict[str, FieldPolicy] = {
         HINT, "an end-user identifier for OpenAI's abuse monitoring; accepted, not stored"
     ),
     "metadata": FieldPolicy(HINT, "tags for stored completions; nothing is stored (store is refused)"),
-    "prompt_cache_key": FieldPolicy(HINT, "a cache-routing hint; there is one engine and no prompt cache"),
-    "prompt_cache_retention": FieldPolicy(HINT, "a cache-retention hint; there is no prompt cache"),
+    "prompt_cache_key": FieldPolicy(HINT, "a cache-routing hint; the prefix cache is automatic (per tenant)"),
+    "prompt_cache_retention": FieldPolicy(HINT, "a cache-retention hint; cached blocks are evicted LRU"),
     "service_tier": FieldPolicy(
         REFUSED, "this server has one service tier; only 'auto' or 'default'", off=_default_tier
     ),
@@ -82,7 +82,7 @@ CHAT_FIELDS: dict[str, FieldPolicy] = {
     "reasoning_effort": FieldPolicy(REFUSED, "the served models are not reasoning models"),
     "verbosity": FieldPolicy(REFUSED, "the served models have no verbosity control"),
     "moderation": FieldPolicy(REFUSED, "moderation is not available on this server"),
-    "prompt_cache_options": FieldPolicy(REFUSED, "there is no prompt cache to configure"),
+    "prompt_cache_options": FieldPolicy(REFUSED, "the prefix cache is configured by the operator, not per request"),
     "tools": FieldPolicy(HONOURED, "function definitions (bounded); see tool_choice"),
     "tool_choice": FieldPolicy(
         HONOURED,
@@ -127,7 +127,7 @@ COMPLETION_FIELDS: dict[str, FieldPolicy] = {
     "max_tokens": FieldPolicy(HONOURED, "completion length cap (default 16, as OpenAI)"),
     "temperature": CHAT_FIELDS["temperature"],
     "top_p": CHAT_FIELDS["top_p"],
-    "n": CHAT_FIELDS["n"],
+    "n": FieldPolicy(HONOURED, "1 only; other values are refused"),
     "stop": CHAT_FIELDS["stop"],
     "seed": CHAT_FIELDS["seed"],
     "stream": CHAT_FIELDS["stream"],

@@ -56,6 +56,7 @@ def sampling_params(
             stop_token_ids=tuple(stop_token_ids),
             ignore_eos=body.ignore_eos,
             logprobs=logprobs,
+            cache_salt=body.cache_salt,
             **controls,
         )
     except ValueError as exc:

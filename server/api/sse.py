@@ -18,7 +18,7 @@ from fastapi.responses import StreamingResponse
 
 from adapters.errors import LoraswapError
 from server.api.completion_protocol import Completion
-from server.api.protocol import ChatCompletionChunk, Usage
+from server.api.protocol import ChatCompletionChunk, PromptTokensDetails, Usage
 
 DONE = "data: [DONE]\n\n"
 
@@ -43,9 +43,13 @@ def error_line(error: LoraswapError) -> str:
     return f"data: {json.dumps(error.envelope())}\n\n"
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> Usage:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> Usage:
+    """OpenAI's usage; `cached_tokens`: prompt tokens served from the prefix cache."""
     return Usage(
-        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens),
     )
 
 

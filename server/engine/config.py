@@ -16,10 +16,12 @@ Quant = Literal["nf4", "none"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 Device = Literal["auto", "cpu", "cuda"]
 Fold = Literal["off", "auto", "pinned"]
+PrefixCacheScope = Literal["tenant", "global"]
 QUANT_CHOICES = get_args(Quant)
 DTYPE_CHOICES = get_args(DType)
 DEVICE_CHOICES = get_args(Device)
 FOLD_CHOICES = get_args(Fold)
+PREFIX_CACHE_SCOPE_CHOICES = get_args(PrefixCacheScope)
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,10 @@ class EngineConfig:
         running traffic for fold_window steps.
     fold_window: steps of sole ownership before an auto fold.
     fold_budget: bytes allowed for dense folded weight copies.
+    enable_prefix_caching: reuse the KV blocks of prompt prefixes computed before (prefix_cache.py).
+    prefix_cache_scope: "tenant" shares cached blocks only within a tenant (no tenant can learn
+        another's prompts from timing); "global" shares them across tenants, an opt-in for
+        single-tenant deployments.
     """
 
     base: Path | str
@@ -66,6 +72,8 @@ class EngineConfig:
     fold: Fold = "auto"
     fold_window: int = 32  # steps; a dense build costs ~1 s on a CPU, so do not flap
     fold_budget: int = 1 * 2**30
+    enable_prefix_caching: bool = True
+    prefix_cache_scope: PrefixCacheScope = "tenant"
 
     def __post_init__(self):
         if self.quant not in QUANT_CHOICES:
@@ -76,6 +84,10 @@ class EngineConfig:
             raise ValueError(f"device must be one of {DEVICE_CHOICES}, got {self.device!r}")
         if self.fold not in FOLD_CHOICES:
             raise ValueError(f"fold must be one of {FOLD_CHOICES}, got {self.fold!r}")
+        if self.prefix_cache_scope not in PREFIX_CACHE_SCOPE_CHOICES:
+            raise ValueError(
+                f"prefix_cache_scope must be one of {PREFIX_CACHE_SCOPE_CHOICES}, got {self.prefix_cache_scope!r}"
+            )
         for name in (
             "max_model_len",
             "max_num_seqs",

@@ -25,6 +25,7 @@ from server.engine.containment import run_isolated
 from server.engine.detokenizer import IncrementalText
 from server.engine.errors import AdapterLoadError, DuplicateRequest, PromptTooLong
 from server.engine.fold import FoldManager, fold_dtype
+from server.engine.prefix_cache import FOLDED, LORA, cache_key
 from server.engine.loader import (
     allocate_kv_cache,
     kv_bytes_per_block,
@@ -84,7 +85,12 @@ class EngineCore:
         )
         self.blocks = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(
-            self.blocks, self.slots, config.max_num_seqs, config.max_num_batched_tokens, max_loras=config.max_loras
+            self.blocks,
+            self.slots,
+            config.max_num_seqs,
+            config.max_num_batched_tokens,
+            max_loras=config.max_loras,
+            weights_for=self._weights_for,
         )
         self.tenants = TenantState()
         self.runner = ModelRunner(
@@ -160,6 +166,9 @@ class EngineCore:
             kv_blocks_used=self.blocks.num_used,
             steps=self.num_steps,
             generated_tokens=self.num_generated,
+            kv_blocks_cached=self.blocks.num_cached,
+            prefix_cache_queries=self.blocks.cache_queries,
+            prefix_cache_hits=self.blocks.cache_hits,
         )
 
     def close(self) -> None:
@@ -243,6 +252,8 @@ class EngineCore:
             text=IncrementalText(self.tokenizer, prompt_ids, sampling.stop),
             tenant=tenant,
         )
+        if self.config.enable_prefix_caching:
+            seq.cache_key = cache_key(self.config.prefix_cache_scope, tenant, seq.adapter_id, sampling.cache_salt)
         self.send(AddRequest(seq, sink))
 
     def run_until(self, finished: Callable[[], bool]) -> None:
@@ -332,12 +343,22 @@ class EngineCore:
             self.slots.wait_for_loads(timeout=0.05)  # nothing runnable until an adapter arrives
             return
         fold_slot = self._fold_for(batch)
+        self.scheduler.ran_under(batch, LORA if fold_slot is None else FOLDED)
+        if not batch:
+            return  # its only sequence met a fold change on cached blocks: readmitted next step
         tokens = run_isolated(self.runner.run, batch, fold_slot)
         outputs = self.scheduler.postprocess(batch, tokens)
         self.num_steps += 1
         self.num_generated += sum(1 for out in outputs if out.token_id is not None)
         for out in outputs:
             self._emit(out)
+
+    def _weights_for(self, seq: Sequence) -> str:
+        """The weights a sequence admitted now computes under: only the folded adapter's own
+        sequences run on dense folded copies (and only in batches it owns; `ran_under` catches
+        the rest). Base rows never run folded: a batch with base tokens takes the LoRA path."""
+        folded = self.fold.folded_id
+        return FOLDED if folded is not None and seq.adapter_id == folded else LORA
 
     def _fold_for(self, batch) -> int | None:
         """The folded slot for this batch; a fold that fails (e.g. out of memory) runs unfolded."""
@@ -401,6 +422,7 @@ class EngineCore:
                 top_logprobs=out.top_logprobs,
                 prompt_tokens=seq.num_prompt_tokens,
                 completion_tokens=len(seq.output_ids),
+                cached_tokens=seq.num_cached_tokens or 0,
                 error=out.error,
                 error_code=out.error_code,
                 error_status=out.error_status,

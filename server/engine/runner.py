@@ -43,6 +43,8 @@ class ModelRunner:
         """Returns, per batch entry, the sampled token (None for a prefill chunk that does not end)."""
         if batch.fresh_blocks:
             self.zero_blocks(batch.fresh_blocks)
+        if batch.copies:
+            self.copy_rows(batch.copies)
         order = sorted(range(len(batch.entries)), key=lambda i: batch.entries[i].num_new != 1)
         entries = [batch.entries[i] for i in order]
         num_decodes = sum(1 for e in entries if e.num_new == 1)
@@ -79,6 +81,15 @@ class ModelRunner:
             if e.samples:
                 out[order[j]] = next(it)
         return out
+
+    def copy_rows(self, copies: list[tuple[int, int, int]]) -> None:
+        """Copy on write: the first `rows` K/V rows of block `src` into block `dst`, every layer."""
+        for layer in self.model.model.layers:
+            attn = layer.self_attn
+            for cache in (attn.k_cache, attn.v_cache):
+                blocks = cache.view(-1, self.block_size, *cache.shape[1:])  # (num_blocks, block_size, heads, dim)
+                for src, dst, rows in copies:
+                    blocks[dst, :rows] = blocks[src, :rows]
 
     def zero_blocks(self, blocks: list[int]) -> None:
         """Clear newly allocated KV blocks in every layer, so no stale value is ever read."""

@@ -58,6 +58,15 @@ class Sequence:
     generator: torch.Generator | None = None  # the sampler's per-request torch.Generator (seeded requests)
     tenant: str = "default"  # whose request: fair slot share and per-tenant state key on it
     grammar_state: object = None  # the grammar matcher of a constrained request (engine/logits.py)
+    # Prefix cache (prefix_cache.py, block_manager.py). None: this sequence neither hits nor registers.
+    cache_key: bytes | None = None
+    weights: str = "lora"  # the weights its KV is computed under since admission (LORA or FOLDED)
+    block_hashes: list[bytes] = field(default_factory=list)  # identities of its full blocks so far
+    num_registered: int = 0  # leading blocks of block_table that are in the cache index
+    cache_limit: int = 1 << 62  # positions from here on were computed under other weights: never shared
+    num_cached_tokens: int | None = None  # prompt tokens found in the cache at first admission
+    tail_registered: bool = False  # its prompt's last block is indexed for copies (block_manager)
+    cache_lookup: bool = True  # False after a fold change met its cached blocks (scheduler.ran_under)
 
     @property
     def adapter_id(self) -> str | None:

@@ -43,6 +43,7 @@ SEED_RANGE = (-(2**63), 2**63 - 1)
 MAX_TOP_LOGPROBS = 20
 MAX_STOPS, MAX_STOP_CHARS = 16, 256
 MAX_STOP_TOKEN_IDS = 256
+MAX_CACHE_SALT_CHARS = 256  # server/limits.py holds the edge's copy
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ class SamplingParams:
     min_p: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()
     grammar: object = field(default=None, compare=False)  # a compiled grammar (server/engine/grammar.py)
+    cache_salt: str | None = None  # only requests with the same salt share prefix-cache blocks
 
     def __post_init__(self):
         _check_int("max_tokens", self.max_tokens, 1, None)
@@ -93,6 +95,10 @@ class SamplingParams:
             raise ValueError(f"stop_token_ids must hold at most {MAX_STOP_TOKEN_IDS} ids, got {len(ids)}")
         for t in ids:
             _check_int("stop_token_ids", t, 0, MAX_TOP_K)
+        if self.cache_salt is not None and not (
+            isinstance(self.cache_salt, str) and 1 <= len(self.cache_salt) <= MAX_CACHE_SALT_CHARS
+        ):
+            raise ValueError(f"cache_salt must be a string of 1..{MAX_CACHE_SALT_CHARS} characters")
         # normalise (frozen dataclass: set through object.__setattr__)
         object.__setattr__(self, "temperature", 0.0 if temperature < GREEDY_BELOW else temperature)
         object.__setattr__(self, "top_p", top_p)
@@ -146,6 +152,7 @@ class TokenEvent:
     top_logprobs: list[tuple[int, float]] = field(default_factory=list)
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     error: str | None = None  # set with finish_reason "abort" when the engine could not serve it
     error_code: str | None = None
     error_status: int | None = None
@@ -202,10 +209,17 @@ class EngineStats:
     kv_blocks_used: int = 0
     steps: int = 0
     generated_tokens: int = 0
+    kv_blocks_cached: int = 0  # blocks registered in the prefix cache (held or evictable)
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache (monotonic)
+    prefix_cache_hits: int = 0  # of those, found there (monotonic)
 
     @property
     def kv_usage(self) -> float:
         return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
 
     def residency(self) -> dict[str, AdapterResidency]:
         """adapter id -> AdapterResidency for every adapter the engine holds, folds or pins."""

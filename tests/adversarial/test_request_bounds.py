@@ -68,7 +68,7 @@ def test_an_8_mib_message_is_refused_by_size(alive):
 
 @pytest.mark.parametrize(
     "field,value",
-    [("n", 2), ("max_tokens", 10**9), ("top_logprobs", 21), ("temperature", 2.5), ("top_p", 0), ("min_tokens", 10**6)],
+    [("n", 9), ("max_tokens", 10**9), ("top_logprobs", 21), ("temperature", 2.5), ("top_p", 0), ("min_tokens", 10**6)],
 )
 def test_other_fields_out_of_bounds_name_the_field(alive, field, value):
     adv = alive

@@ -21,9 +21,9 @@ MESSAGES = [
 ]
 
 
-def chat_prompts(tokenizer) -> list[list[int]]:
+def chat_prompts(tokenizer, conversations=MESSAGES) -> list[list[int]]:
     out = []
-    for messages in MESSAGES:
+    for messages in conversations:
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         out.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
     return out

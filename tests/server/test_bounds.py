@@ -41,7 +41,7 @@ def _chat(server, tenant="alice", **fields):
         ({"max_tokens": 257}, "max_tokens"),
         ({"max_tokens": None, "max_completion_tokens": 10**9}, "max_completion_tokens"),
         ({"min_tokens": 5, "max_tokens": 4}, "min_tokens"),
-        ({"n": 2}, "n"),
+        ({"n": 9}, "n"),  # above --limits.max_n (8)
     ],
 )
 def test_out_of_range_fields_are_400_naming_the_field(fake_server, fields, param):

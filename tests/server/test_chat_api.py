@@ -148,7 +148,7 @@ def test_openai_client_raises_typed_errors(fake_server):
         ({"model": "BASE", "messages": USER, "max_tokens": 0}, "max_tokens"),
         ({"model": "BASE", "messages": USER, "temperature": -1}, "temperature"),
         ({"model": "BASE", "messages": USER, "top_p": 0}, "top_p"),
-        ({"model": "BASE", "messages": USER, "n": 2}, "n"),
+        ({"model": "BASE", "messages": USER, "n": 0}, "n"),
         ({"model": "BASE", "messages": USER, "chat_template": "{{ messages }}"}, "chat_template"),
         ({"model": "BASE", "messages": USER, "min_tokens": 9, "max_tokens": 3}, "min_tokens"),
         ({"model": "BASE", "messages": USER, "stop": [""]}, "stop"),

@@ -203,6 +203,6 @@ def test_usage_details_are_reported_in_openai_shape(server):
     ]
     legacy = client.completions.create(model=base, prompt="Hi", max_tokens=4).usage
     for usage in (plain, streamed[-1], legacy):
-        assert usage.prompt_tokens_details.cached_tokens == 0  # no prefix cache: all computed
+        assert usage.prompt_tokens_details.cached_tokens == 0  # the fake engine caches nothing
         assert usage.completion_tokens_details.reasoning_tokens == 0
         assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens > 0
