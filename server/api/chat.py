@@ -114,7 +114,7 @@ async def create_chat_completion(
     if body.n != 1:
         raise BadRequest("only n=1 is supported", param="n")
     check_lengths(body.max_tokens, body.max_completion_tokens, body.min_tokens, state.max_model_len)
-    state.resolve_model(tenant, body.model)  # 404 before any rendering
+    await state.aresolve_model(tenant, body.model)  # 404 before any rendering
     plan = plan_tools(body, state.template.source)  # None unless tool calls constrain the output
     prompt, max_tokens = await state.render_prompt(
         body.messages,
@@ -126,7 +126,7 @@ async def create_chat_completion(
     sampling = sampling_params(body, max_tokens, state.template.end_of_turn_ids, **controls)
     # Again after the render's and the grammar compile's awaits: the adapter may have been deleted
     # or re-uploaded meanwhile, and from here to `Generation` (which counts it in use) nothing awaits.
-    model = state.resolve_model(tenant, body.model)
+    model = await state.aresolve_model(tenant, body.model)
     ticket = state.admission.acquire(tenant)
     generation = Generation(
         state,

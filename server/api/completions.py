@@ -103,7 +103,7 @@ async def create_completion(
         raise BadRequest("echo with logprobs is not supported: prompt logprobs are not computed", param="echo")
     prompts = plain_prompts(body.prompt)
     check_lengths(body.max_tokens, None, body.min_tokens, state.max_model_len)
-    state.resolve_model(tenant, body.model)  # 404 before any tokenizing
+    await state.aresolve_model(tenant, body.model)  # 404 before any tokenizing
     # Tokenizing costs time linear in the prompts: in the render pool, as chat's rendering.
     encoded = await state.pools.run(
         state.pools.render, lambda: [tokenize_plain(state, p, body.max_tokens) for p in prompts]
@@ -111,7 +111,7 @@ async def create_completion(
     controls = await decoding_controls(body, state, tenant)
     samplings = [_sampling(body, max_tokens, controls) for _, max_tokens in encoded]
     # Again after the grammar compile's await (the adapter may have changed); nothing awaits from here on.
-    model = state.resolve_model(tenant, body.model)
+    model = await state.aresolve_model(tenant, body.model)
     request_id = f"cmpl-{uuid.uuid4().hex}"
     generations: list[Generation] = []
     with ExitStack() as starting:  # a refused start releases the generations already started
