@@ -3,15 +3,15 @@
 `add_request` / `abort` / `pin` / `unpin` / `forget_adapter` / `stats` / `tokenizer` /
 `max_model_len` / `start` / `stop` behave as the in-process engine's do, but each request runs on an
 `EngineReplica` that Ray Serve picks: `multiplexed_model_id` = the adapter's content id, empty for
-the base (Serve's power-of-two-choices over queue lengths, i.e. the less loaded of two replicas).
+the base; `router.AdapterRouter` picks the replica.
 
 Failure: if a replica dies before the request produced a token, the request is sent again to
 another replica (`retries` times, default once). Otherwise the request ends with finish_reason
 "abort" and a 503 `replica_lost` error (retryable, `Retry-After`): the error response when it was
 not streaming, an error event in SSE. Errors a replica raised on purpose keep their status (a
-deleted adapter's 404); anything else is a 500. Which replica served each
-request is kept for the response header (see `ingress.ReplicaHeader`). `forget_adapter` reaches
-every replica (Serve's `broadcast`).
+deleted adapter's 404); anything else is a 500. Which replica served each request is kept for the
+response header (see `ingress.ReplicaHeader`). `forget_adapter` reaches every replica (Serve's
+`broadcast`).
 """
 
 from __future__ import annotations
@@ -228,11 +228,6 @@ class ReplicaEngineClient:
         task = asyncio.ensure_future(wait())
         self._commands.add(task)  # held until done, so the loop does not drop it
         task.add_done_callback(self._commands.discard)
-
-    async def settle(self) -> None:
-        """Wait for the replica commands sent so far (pins, forgets) to be answered."""
-        while self._commands:
-            await asyncio.gather(*list(self._commands), return_exceptions=True)
 
     def stats(self) -> EngineStats:
         """The replicas' last reports merged (see `merge_stats`); each replica reports with every
