@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: install serve lint test test-gpu bench base clean fuzz soak
+.PHONY: install serve lint test test-gpu bench bench-ray base clean fuzz soak
 
 install: $(STAMP)
 
@@ -40,6 +40,11 @@ test-gpu: install
 bench: install
 	$(VENV)/bin/loraswap base >/dev/null
 	$(PY) -m bench.run_all
+
+# issue 11: the Ray Serve path vs the single-process server, interleaved in one run (starts Ray).
+bench-ray: install
+	$(VENV)/bin/loraswap base >/dev/null
+	$(PY) -m bench.ray_overhead
 
 # issue 9: a long schemathesis run (no 5xx, server alive) and a bounded chaos run over loopback.
 fuzz: install

@@ -1,10 +1,13 @@
 """The Ray Serve path's overhead over the single-process server, measured in one run on one machine.
 
 Starts `loraswap serve` (one process) and `loraswap serve --replicas N` (Ray Serve) on two ports
-with the same flags, then for each: the latency of one chat request (median of `--repeats`) and the
-throughput of 16 concurrent requests (completion tokens / wall time). Greedy, `min_tokens` =
-`max_tokens` so every request generates the same count. Prints a table and writes JSON + PNG.
-Figures only mean something on a quiet machine; with N replicas on one CPU the engines share cores.
+with the same flags, both at once, then measures them interleaved (single, ray, single, ray, ... for
+`--rounds` rounds, so a load change on a shared machine hits both alike): the latency of one chat
+request and the throughput of 16 concurrent requests (completion tokens / wall time), each the
+median over the rounds. Greedy, `min_tokens` = `max_tokens` so every request generates the same
+count. Prints a table (with the load average) and writes JSON + PNG. `make bench-ray` runs it; it is
+not part of `make bench` (starting Ray costs a minute and several hundred MB per replica). Figures
+only mean something on a quiet machine; with N replicas on one CPU the engines share its cores.
 """
 
 from __future__ import annotations
@@ -60,41 +63,44 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def measure(url: str, tokens: int, repeats: int, concurrent: int) -> tuple[float, float]:
-    """(median single-request latency in ms, tok/s of `concurrent` requests at once)."""
-    with httpx.Client(base_url=url, timeout=600) as http:
-        model = http.get("/v1/models").json()["data"][0]["id"]
-        body = {
+class Target:
+    """One running server and the request every measurement sends it."""
+
+    def __init__(self, url: str, tokens: int):
+        self.http = httpx.Client(base_url=url, timeout=600)
+        model = self.http.get("/v1/models").json()["data"][0]["id"]
+        self.body = {
             "model": model,
             "messages": [{"role": "user", "content": "Tell me about Paris."}],
             "max_tokens": tokens,
             "min_tokens": tokens,
             "temperature": 0,
         }
+        self.one()  # warm-up
 
-        def one(_=None) -> int:
-            response = http.post("/v1/chat/completions", json=body)
-            response.raise_for_status()
-            return response.json()["usage"]["completion_tokens"]
+    def one(self, _=None) -> int:
+        response = self.http.post("/v1/chat/completions", json=self.body)
+        response.raise_for_status()
+        return response.json()["usage"]["completion_tokens"]
 
-        one()  # warm-up
-        latencies = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            one()
-            latencies.append(time.perf_counter() - start)
+    def latency_ms(self) -> float:
+        start = time.perf_counter()
+        self.one()
+        return 1000 * (time.perf_counter() - start)
+
+    def throughput(self, concurrent: int) -> float:
+        """Completion tokens per second of `concurrent` requests sent at once."""
         with ThreadPoolExecutor(concurrent) as pool:
             start = time.perf_counter()
-            total = sum(pool.map(one, range(concurrent)))
-            wall = time.perf_counter() - start
-    return 1000 * statistics.median(latencies), total / wall
+            total = sum(pool.map(self.one, range(concurrent)))
+            return total / (time.perf_counter() - start)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (single, ray) per figure")
     parser.add_argument("--concurrent", type=int, default=16)
     parser.add_argument("--serve-args", default="", help="extra `loraswap serve` flags for both, e.g. '--base DIR'")
     parser.add_argument("--store", type=Path, default=Path("/tmp/loraswap-ray-overhead"))
@@ -103,18 +109,37 @@ def main(argv: list[str] | None = None) -> int:
     extra = args.serve_args.split()
     report = Report(
         f"Ray Serve path vs single process ({args.replicas} replicas, {args.tokens} tokens, "
-        f"{args.concurrent} concurrent)"
+        f"{args.concurrent} concurrent, {args.rounds} interleaved rounds)"
     )
-    for label, flags in (("single", []), ("ray", ["--replicas", str(args.replicas)])):
-        port = _port()
-        proc = _start(extra + flags, port, args.store / label)
-        try:
-            _wait_ready(f"http://127.0.0.1:{port}", proc, 600)
-            latency, throughput = measure(f"http://127.0.0.1:{port}", args.tokens, args.repeats, args.concurrent)
-        finally:
+    variants = {"single": [], "ray": ["--replicas", str(args.replicas)]}
+    procs: dict[str, tuple[subprocess.Popen, str]] = {}
+    try:
+        for label, flags in variants.items():
+            port = _port()
+            procs[label] = (_start(extra + flags, port, args.store / label), f"http://127.0.0.1:{port}")
+        for proc, url in procs.values():
+            _wait_ready(url, proc, 900)
+        targets = {label: Target(url, args.tokens) for label, (_, url) in procs.items()}
+        latency: dict[str, list[float]] = {label: [] for label in variants}
+        throughput: dict[str, list[float]] = {label: [] for label in variants}
+        for _ in range(args.rounds):
+            for label, target in targets.items():
+                latency[label].append(target.latency_ms())
+            for label, target in targets.items():
+                throughput[label].append(target.throughput(args.concurrent))
+        for target in targets.values():
+            target.http.close()
+    finally:
+        for proc, _ in procs.values():
             _stop(proc)
-        report.add(Measure(f"{label}_lat", f"{label}: one request", latency, "ms"))
-        report.add(Measure(f"{label}_tput", f"{label}: {args.concurrent} concurrent", throughput, "tok/s"))
+    for label in variants:
+        report.add(Measure(f"{label}_lat", f"{label}: one request", statistics.median(latency[label]), "ms"))
+        report.add(
+            Measure(
+                f"{label}_tput", f"{label}: {args.concurrent} concurrent", statistics.median(throughput[label]), "tok/s"
+            )
+        )
+    report.notes.append(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     values = report.values()
     report.notes.append(
         f"latency overhead {values['ray_lat'] / values['single_lat']:.2f}x, "

@@ -63,7 +63,7 @@ def main(argv: list[str]) -> int:
     from server.cluster.flags import split_cluster_flags
 
     try:
-        argv, cluster = split_cluster_flags(argv)  # --replicas N, --ray-address ADDR (Ray Serve)
+        argv, cluster = split_cluster_flags(argv)  # --replicas N, --ray-address ADDR, --router (Ray Serve)
         config = parse_args(argv)
     except ValueError as exc:
         print(f"loraswap serve: {exc}", file=sys.stderr)
@@ -71,7 +71,7 @@ def main(argv: list[str]) -> int:
     if cluster.replicas is not None:
         from server.cluster.launch import main as serve_on_ray
 
-        return serve_on_ray(config, cluster.replicas, cluster.ray_address)
+        return serve_on_ray(config, cluster.replicas, cluster.ray_address, cluster.router or "bounded")
     base_dir = resolve_base(config.base)
     base_info = BaseInfo.from_dir(base_dir)
     engine = build_engine(config, base_dir)

@@ -90,7 +90,7 @@ async def resolve_request(
         AdapterOutOfRange: 422 when the composed adapter is out of the upload bounds.
     """
     if adapters is None:
-        return state.resolve_model(tenant, model)
+        return await state.aresolve_model(tenant, model)
     resolved = _lookup(state, tenant, model, adapters)
     mix_id = resolved.adapter.id if resolved.adapter is not None else ""
     if not checks(state).passed(tenant, mix_id):
@@ -99,7 +99,7 @@ async def resolve_request(
     return resolved
 
 
-def resolve_again(
+async def resolve_again(
     state: ServerState,
     tenant: str,
     model: str,
@@ -109,7 +109,7 @@ def resolve_again(
     """The same resolution right before admission, without awaiting: 404 if an adapter is gone,
     409 if one was re-uploaded with other content since `first` was checked."""
     if adapters is None:
-        return state.resolve_model(tenant, model)
+        return await state.aresolve_model(tenant, model)
     resolved = _lookup(state, tenant, model, adapters)
     if first.adapter is None or resolved.adapter is None or resolved.adapter.id != first.adapter.id:
         raise Conflict("an adapter of the mix changed while the request was prepared; retry", param="adapters")

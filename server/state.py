@@ -106,6 +106,44 @@ class ServerState:
             raise AdapterNotFound(model, param="model") from None
         return ResolvedModel(model, AdapterRef(id=record.id, path=self.store.adapter_dir(record)), record)
 
+    async def aresolve_model(self, tenant: str, model: str) -> ResolvedModel:
+        """`resolve_model` for async routes: a store that lives elsewhere is awaited, never waited on.
+
+        A store with an `aio` view (the cluster's `RemoteStore`, whose every call is a round trip to
+        the store actor) is awaited so the event loop keeps serving other tenants meanwhile; the
+        local store's lookups are small file reads and stay inline, as they always were.
+        """
+        aio = getattr(self.store, "aio", None)
+        if aio is None or model == self.base_id:
+            return self.resolve_model(tenant, model)
+        try:
+            record = await self.aget_adapter(tenant, model)
+        except (AdapterNotFound, InvalidName):
+            raise AdapterNotFound(model, param="model") from None
+        path = await aio.adapter_dir(record)
+        if self.is_deleting(tenant, model):  # a DELETE began while we awaited the store
+            raise AdapterNotFound(model, param="model")
+        return ResolvedModel(model, AdapterRef(id=record.id, path=path), record)
+
+    async def aget_adapter(self, tenant: str, name: str) -> AdapterRecord:
+        """`get_adapter` for async routes (see `aresolve_model`)."""
+        aio = getattr(self.store, "aio", None)
+        if aio is None or self.is_deleting(tenant, name):
+            return self.get_adapter(tenant, name)
+        return await aio.get(tenant, name)
+
+    async def alist_adapters(self, tenant: str) -> list[AdapterRecord]:
+        """`list_adapters` for async routes (see `aresolve_model`)."""
+        aio = getattr(self.store, "aio", None)
+        if aio is None:
+            return self.list_adapters(tenant)
+        return [record for record in await aio.list(tenant) if not self.is_deleting(tenant, record.name)]
+
+    async def aadapter_dir(self, record: AdapterRecord):
+        """`store.adapter_dir` for async routes (see `aresolve_model`)."""
+        aio = getattr(self.store, "aio", None)
+        return self.store.adapter_dir(record) if aio is None else await aio.adapter_dir(record)
+
     def is_deleting(self, tenant: str, name: str) -> bool:
         return (tenant, name) in self.deleting
 
@@ -124,7 +162,7 @@ class ServerState:
         The store's tombstone is durable before this returns; blobs are collected later
         (`collect_garbage(in_use)`), skipping those a request or merge still reads on any version.
         """
-        record = self.get_adapter(tenant, name)
+        record = await self.aget_adapter(tenant, name)
         self.deleting[(tenant, name)] = record.id
         try:
             versions = await self.pools.run(self.pools.store, self.store.versions, tenant, name)
@@ -194,14 +232,14 @@ class ServerState:
                 log.exception("garbage collection of the adapter store failed")
             # What was in use may hold garbage back: collect again when its users leave.
             self.gc_wanted = bool(in_use)
-            self._forget_collected()
+            await self._forget_collected()
             if not self._gc_again:
                 return
 
-    def _forget_collected(self) -> None:
+    async def _forget_collected(self) -> None:
         """The engine drops deleted content once no blob of it is left (no tenant holds it)."""
         for adapter_id, record in list(self.forget_pending.items()):
-            if not self.store.adapter_dir(record).is_dir():
+            if not (await self.aadapter_dir(record)).is_dir():
                 del self.forget_pending[adapter_id]
                 self.engine.forget_adapter(adapter_id)
                 for mix_id in self.mixes.forget_adapter(adapter_id) if self.mixes is not None else ():

@@ -161,13 +161,14 @@ async def _upload(request: Request, tenant: str, state: ServerState):
 
 @router.get("/v1/adapters", response_model=AdapterList)
 async def list_adapters(tenant: str = Depends(get_tenant), state: ServerState = Depends(get_state)):
+    records = await state.alist_adapters(tenant)
     residency = state.residency(tenant)
-    return AdapterList(data=[adapter_card(record, residency) for record in state.list_adapters(tenant)])
+    return AdapterList(data=[adapter_card(record, residency) for record in records])
 
 
 @router.get("/v1/adapters/{name}", response_model=AdapterCard)
 async def get_adapter(name: str, tenant: str = Depends(get_tenant), state: ServerState = Depends(get_state)):
-    return adapter_card(state.get_adapter(tenant, name), state.residency(tenant))
+    return adapter_card(await state.aget_adapter(tenant, name), state.residency(tenant))
 
 
 @router.delete("/v1/adapters/{name}", response_model=AdapterDeleted)
@@ -181,9 +182,9 @@ async def delete_adapter(name: str, tenant: str = Depends(get_tenant), state: Se
 
 
 async def _set_pin(name: str, tenant: str, state: ServerState, pinned: bool) -> AdapterCard:
-    record = state.get_adapter(tenant, name)
+    record = await state.aget_adapter(tenant, name)
     if pinned:
-        state.pins.pin(tenant, AdapterRef(id=record.id, path=state.store.adapter_dir(record)))
+        state.pins.pin(tenant, AdapterRef(id=record.id, path=await state.aadapter_dir(record)))
     else:
         state.pins.unpin(tenant, record.id)
     card = adapter_card(record, state.residency(tenant))

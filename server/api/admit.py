@@ -31,7 +31,7 @@ async def resolve(state: ServerState, tenant: str, body: Any) -> ResolvedModel:
     return await resolve_request(state, tenant, body.model, body.adapters)
 
 
-def start_generations(
+async def start_generations(
     state: ServerState,
     tenant: str,
     body: Any,
@@ -48,7 +48,7 @@ def start_generations(
     Returns the generations and the `ExitStack` that owns them (the caller's `with` or the
     streaming response releases them). A refused admission or start releases those already started.
     """
-    model = resolve_again(state, tenant, body.model, body.adapters, first)
+    model = await resolve_again(state, tenant, body.model, body.adapters, first)
     generations: list[Generation] = []
     with ExitStack() as starting:
         for request_id, prompt_ids, sampling in runs:

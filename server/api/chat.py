@@ -108,7 +108,7 @@ async def create_chat_completion(
             request_id=request_id,
             token_logprob=_token_logprob,
         )
-    (generation,), owned = start_generations(state, tenant, body, first, [(request_id, prompt.ids, sampling)])
+    (generation,), owned = await start_generations(state, tenant, body, first, [(request_id, prompt.ids, sampling)])
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         if plan is not None:

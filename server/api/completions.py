@@ -92,7 +92,7 @@ async def create_completion(
     ]
     request_id = f"cmpl-{uuid.uuid4().hex}"
     runs = [(f"{request_id}-{i}", ids, sampling) for i, ((ids, _), sampling) in enumerate(zip(encoded, samplings))]
-    generations, owned = start_generations(state, tenant, body, first, runs)
+    generations, owned = await start_generations(state, tenant, body, first, runs)
     view = _View(state, body, request_id, prompts, generations)
     if body.stream:
         return EventStream(view.sse(), owned)

@@ -91,13 +91,13 @@ async def merge(body: MergeRequest, tenant: str = Depends(get_tenant), state: Se
 
 async def _merge(state: ServerState, tenant: str, body: MergeRequest):
     pools = state.pools
-    records = [state.get_adapter(tenant, source.name) for source in body.adapters]
+    records = [await state.aget_adapter(tenant, source.name) for source in body.adapters]
     # Counted in use from here (no await since the lookups): a DELETE now waits for us, and
     # garbage collection skips these blobs until the merge has read them.
     for record in records:
         state.inflight.enter(tenant, record.id, record.sha256)
     try:
-        sources = [(source, record, state.store.adapter_dir(record)) for source, record in zip(body.adapters, records)]
+        sources = [(source, record, await state.aadapter_dir(record)) for source, record in zip(body.adapters, records)]
         staging = Path(tempfile.mkdtemp(prefix="loraswap-merge-"))
         try:
             validated = await pools.run(pools.merge, _merge_into, state, sources, body, staging / "adapter")

@@ -24,7 +24,7 @@ def _created(record) -> int:
         return 0
 
 
-def _cards(state: ServerState, tenant: str) -> list[ModelCard]:
+def _cards(state: ServerState, tenant: str, records: list) -> list[ModelCard]:
     cards = [
         ModelCard(
             id=state.base_id,
@@ -35,7 +35,7 @@ def _cards(state: ServerState, tenant: str) -> list[ModelCard]:
         )
     ]
     residency = state.residency(tenant)
-    for record in state.list_adapters(tenant):
+    for record in records:
         where = residency.get(record.id, AdapterResidency())
         cards.append(
             ModelCard(
@@ -57,10 +57,10 @@ def _cards(state: ServerState, tenant: str) -> list[ModelCard]:
 
 @router.get("/v1/models", response_model=ModelList, response_model_exclude_none=True)
 async def list_models(tenant: str = Depends(get_tenant), state: ServerState = Depends(get_state)):
-    return ModelList(data=_cards(state, tenant))
+    return ModelList(data=_cards(state, tenant, await state.alist_adapters(tenant)))
 
 
 @router.get("/v1/models/{model:path}", response_model=ModelCard, response_model_exclude_none=True)
 async def retrieve_model(model: str, tenant: str = Depends(get_tenant), state: ServerState = Depends(get_state)):
-    state.resolve_model(tenant, model)  # 404 model_not_found, exactly as chat completions answer
-    return next(card for card in _cards(state, tenant) if card.id == model)
+    await state.aresolve_model(tenant, model)  # 404 model_not_found, exactly as chat completions answer
+    return next(card for card in _cards(state, tenant, await state.alist_adapters(tenant)) if card.id == model)

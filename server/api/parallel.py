@@ -82,7 +82,7 @@ async def parallel_chat(
         token_logprob: `chat._token_logprob` (tokenizer, event, as_ids) -> TokenLogprob.
     """
     runs = [(f"{request_id}-{i}", prompt_ids, choice_sampling(sampling, i)) for i in range(body.n)]
-    generations, owned = start_generations(state, tenant, body, first, runs)
+    generations, owned = await start_generations(state, tenant, body, first, runs)
     view = _Choices(state, body, request_id, generations, token_logprob)
     if body.stream:
         return EventStream(view.sse(), owned)

@@ -22,7 +22,7 @@ router = APIRouter()
 async def tokenize(body: TokenizeRequest, tenant: str = Depends(get_tenant), state: ServerState = Depends(get_state)):
     if body.chat_template is not None:
         raise BadRequest("a request may not supply its own chat template; the base's is used", param="chat_template")
-    state.resolve_model(tenant, body.model)
+    await state.aresolve_model(tenant, body.model)
     if body.max_tokens is not None:
         check_lengths(body.max_tokens, None, 0, state.max_model_len)
     prompt, _ = await state.render_prompt(

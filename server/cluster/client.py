@@ -3,12 +3,15 @@
 `add_request` / `abort` / `pin` / `unpin` / `forget_adapter` / `stats` / `tokenizer` /
 `max_model_len` / `start` / `stop` behave as the in-process engine's do, but each request runs on an
 `EngineReplica` that Ray Serve picks: `multiplexed_model_id` = the adapter's content id, empty for
-the base (Serve's power-of-two-choices over queue lengths, i.e. the less loaded of two replicas).
+the base; `router.AdapterRouter` picks the replica.
 
-Failure: if a replica dies before the request produced a token, the request is sent again (once per
-replica lost, up to `retries`); after a token was sent, the stream ends with finish_reason "abort"
-and an error that says the replica was lost. Which replica served each request is kept for the
-response header (see `ingress.ReplicaHeader`).
+Failure: if a replica dies before the request produced a token, the request is sent again to
+another replica (`retries` times, default once). Otherwise the request ends with finish_reason
+"abort" and a 503 `replica_lost` error (retryable, `Retry-After`): the error response when it was
+not streaming, an error event in SSE. Errors a replica raised on purpose keep their status (a
+deleted adapter's 404); anything else is a 500. Which replica served each request is kept for the
+response header (see `ingress.ReplicaHeader`). `forget_adapter` reaches every replica (Serve's
+`broadcast`).
 """
 
 from __future__ import annotations
@@ -21,14 +24,13 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
-from server.engine.errors import EngineStopped
+from adapters.errors import LoraswapError
+from server.cluster.errors import LOST, replica_lost, unwrap
 from server.engine.types import AdapterRef, AdapterResidency, EngineStats, FoldView, SamplingParams, TokenEvent
 
 log = logging.getLogger("loraswap.cluster")
 # Set by the ingress middleware for each HTTP request; the client writes the replica's name into it.
 current_replica: contextvars.ContextVar[dict | None] = contextvars.ContextVar("loraswap_replica", default=None)
-
-LOST = "the engine replica serving this request was lost; retry the request"
 
 
 _TIER_RANK = {"device": 0, "loading": 1, "host": 2, "failed": 3}
@@ -72,12 +74,6 @@ def merge_stats(reports: Iterable[EngineStats]) -> EngineStats:
     return EngineStats(adapters=adapters, slots=slots, fold=fold, **counters)
 
 
-def _replica_lost(exc: BaseException) -> bool:
-    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
-
-    return isinstance(exc, (RayActorError, ActorDiedError, ActorUnavailableError))
-
-
 class ReplicaEngineClient:
     """The ingress's `EngineClient` (server/engine/types.py) over the `EngineReplica` deployment.
 
@@ -94,7 +90,7 @@ class ReplicaEngineClient:
     tokenizer: Any
     max_model_len: int
 
-    def __init__(self, handle, tokenizer, max_model_len: int, retries: int = 2):
+    def __init__(self, handle, tokenizer, max_model_len: int, retries: int = 1):
         self.handle = handle
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
@@ -103,6 +99,7 @@ class ReplicaEngineClient:
         self._stats: dict[str, EngineStats] = {}  # replica -> its last reported engine stats
         self._used: dict[str, set[str]] = defaultdict(set)  # tenant -> adapter ids it ran or pinned
         self._pins: dict[str, set[str]] = defaultdict(set)  # adapter id -> tenants pinning it
+        self._commands: set[asyncio.Task] = set()  # fire-and-forget replica commands still running
 
     @property
     def replicas(self) -> list[str]:
@@ -134,13 +131,20 @@ class ReplicaEngineClient:
         self, request_id: str, prompt_ids: list[int], adapter: AdapterRef | None, sampling: SamplingParams, tenant: str
     ) -> AsyncIterator[TokenEvent]:
         holder = current_replica.get()
-        sent, attempt = 0, 0
+        sent = 0
+        lost: list[str] = []  # replicas lost before this request produced anything: not asked again
         options = {"stream": True, "multiplexed_model_id": adapter.id if adapter is not None else ""}
         while True:
-            response = self.handle.options(**options).generate.remote(request_id, prompt_ids, sampling, tenant)
+            response = self.handle.options(**options).generate.remote(
+                request_id, prompt_ids, sampling, tenant, avoid=tuple(lost)
+            )
             self._responses[request_id] = response
+            serving = ""
             try:
                 async for replica, event, stats in response:
+                    serving = replica
+                    if event is None:  # the replica's first word: it has the request
+                        continue
                     if holder is not None:
                         holder["replica"] = replica
                     if stats is not None:
@@ -149,18 +153,33 @@ class ReplicaEngineClient:
                     yield event
                 return
             except Exception as exc:
-                if not _replica_lost(exc):
-                    raise
-                attempt += 1
-                if sent == 0 and attempt <= self.retries:
-                    log.warning("request %s lost its replica before any token; resending", request_id)
+                if replica_lost(exc) and sent == 0 and len(lost) < self.retries:
+                    log.warning("request %s lost replica %s before any token; resending", request_id, serving)
+                    lost.append(serving)
                     continue
-                if sent == 0:  # nothing was relayed: the caller answers 503 before any response starts
-                    raise EngineStopped(LOST) from exc
-                yield TokenEvent(request_id, None, "", finish_reason="abort", error=LOST)
+                yield self._failed(request_id, exc)
                 return
             finally:
                 self._responses.pop(request_id, None)
+
+    @staticmethod
+    def _failed(request_id: str, exc: Exception) -> TokenEvent:
+        """The last event of a request its replica could not finish, with the status to answer.
+
+        An event rather than an exception: a stream has started by the time the replica's answer
+        arrives; a non-streaming request turns it into the same error response (api/abort.py).
+        """
+        if replica_lost(exc):
+            error, code, status = LOST, "replica_lost", 503
+        else:
+            cause = unwrap(exc)
+            if not isinstance(cause, LoraswapError):
+                log.error("request %s failed on its replica", request_id, exc_info=exc)
+                cause = LoraswapError("the engine replica failed", code="engine_error", status=500)
+            error, code, status = str(cause), cause.code or "engine_error", cause.status
+        return TokenEvent(
+            request_id, None, "", finish_reason="abort", error=error, error_code=code, error_status=status
+        )
 
     def abort(self, request_id: str) -> None:
         response = self._responses.pop(request_id, None)
@@ -180,21 +199,35 @@ class ReplicaEngineClient:
         self._fire(self.handle.options(multiplexed_model_id=adapter_id).unpin.remote(adapter_id, tenant))
 
     def forget_adapter(self, adapter_id: str, tenant: str | None = None) -> None:
-        # Best effort: requests resolve names through the store, so a deleted name is never routed
-        # again; this only frees the memory of the replica Serve picks (the others' LRUs age it out).
+        """Every replica drops the content (engine slots and host cache, its local blob copy).
+
+        Names resolve through the store before routing, so a deleted name is never sent to a
+        replica after its DELETE answered; this frees the memory everywhere and makes a replica
+        refuse the content id itself from then on (`EngineReplica.forget_adapter`).
+        """
         self._pins.pop(adapter_id, None)
         for used in self._used.values():
             used.discard(adapter_id)
-        self._fire(self.handle.options(multiplexed_model_id=adapter_id).forget_adapter.remote(adapter_id))
+        self._fire(self.broadcast("forget_adapter", adapter_id))
 
-    def _fire(self, response) -> None:
+    async def broadcast(self, method: str, *args) -> list:
+        """`method(*args)` on every running replica; a replica lost meanwhile is logged and skipped."""
+        results = await self.handle.broadcast(method, *args).results_async(return_exceptions=True)
+        for result in results:
+            if isinstance(result, Exception):
+                log.warning("replica %s failed: %s", method, result)
+        return [result for result in results if not isinstance(result, Exception)]
+
+    def _fire(self, awaitable) -> None:
         async def wait():
             try:
-                await response
+                await awaitable
             except Exception as exc:  # a lost replica loses its pins and caches with it
                 log.warning("replica command failed: %s", exc)
 
-        asyncio.ensure_future(wait())
+        task = asyncio.ensure_future(wait())
+        self._commands.add(task)  # held until done, so the loop does not drop it
+        task.add_done_callback(self._commands.discard)
 
     def stats(self) -> EngineStats:
         """The replicas' last reports merged (see `merge_stats`); each replica reports with every

@@ -3,13 +3,15 @@
 `build_application(config, base_dir, replicas, store_actor)` returns what `serve.run` takes. The
 ingress builds the app with `create_app(config, ReplicaEngineClient(...), RemoteStore(...))`, so
 auth, tenancy, template validation, uploads, merges and errors are the single-process server's own
-code. `ReplicaHeader` adds `x-loraswap-replica: <replica>` to each response that ran on a replica.
+code. `ReplicaHeader` adds `x-loraswap-replica: <replica>` to each response that ran on a replica,
+streams included.
 """
 
 from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from ray import serve
 
@@ -23,8 +25,10 @@ REPLICA_HEADER = b"x-loraswap-replica"
 class ReplicaHeader:
     """ASGI middleware: names the replica that served the request in a response header.
 
-    The header goes out with the response start, so streams that start before the first token
-    carry it only when the replica was known by then (plain responses always do).
+    A plain response starts after its replica answered, so it always carries the header. A stream
+    (`text/event-stream`) starts before the first token; its start and first chunks are held back
+    until the replica's first token names it (or the stream ends), so streams carry it too. Only
+    the role-only first chunk waits, and no longer than the first token would anyway.
     """
 
     def __init__(self, app):
@@ -34,18 +38,41 @@ class ReplicaHeader:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         holder: dict = {}
+        held: list[dict] = []  # a stream's start and chunks, until the replica is known
         token = current_replica.set(holder)
 
+        def named(message: dict) -> dict:
+            if not holder.get("replica"):
+                return message
+            headers = list(message.get("headers", [])) + [(REPLICA_HEADER, holder["replica"].encode())]
+            return {**message, "headers": headers}
+
         async def send_with_replica(message):
-            if message["type"] == "http.response.start" and holder.get("replica"):
-                headers = list(message.get("headers", [])) + [(REPLICA_HEADER, holder["replica"].encode())]
-                message = {**message, "headers": headers}
+            if message["type"] == "http.response.start" and not holder.get("replica") and _is_stream(message):
+                held.append(message)
+                return
+            if held:
+                last = message["type"] == "http.response.body" and not message.get("more_body", False)
+                if not holder.get("replica") and not last:
+                    held.append(message)
+                    return
+                start, *chunks = held
+                held.clear()
+                await send(named(start))
+                for chunk in chunks:
+                    await send(chunk)
+            if message["type"] == "http.response.start":
+                message = named(message)
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_replica)
         finally:
             current_replica.reset(token)
+
+
+def _is_stream(start: dict) -> bool:
+    return any(k.lower() == b"content-type" and v.startswith(b"text/event-stream") for k, v in start.get("headers", []))
 
 
 @serve.ingress()
@@ -82,6 +109,7 @@ def build_application(
     replica_cpus: float = 1.0,
     replica_gpus: float = 0.0,
     ingress_cpus: float = 0.5,
+    router: str = "bounded",
 ):
     """The bound Serve application.
 
@@ -91,7 +119,17 @@ def build_application(
         replicas: engine replicas (one engine each; one GPU each when `replica_gpus` is 1).
         store_actor: the `StoreService` actor.
         ingress_config: the ingress's settings when they differ (its admission covers all replicas).
+        router: the replica routing policy, "bounded" or "ray" (see `server/cluster/router.py`).
     """
+    from ray.serve.config import RequestRouterConfig
+
+    from server.cluster.replica import MODELS_PER_REPLICA
+
+    options: dict[str, Any] = {  # a dict: Ray's pydantic model types its fields oddly for mypy
+        "request_router_class": "server.cluster.router.AdapterRouter",
+        "request_router_kwargs": {"policy": router, "bound": 1.25, "max_models": MODELS_PER_REPLICA},
+    }
+    routing = RequestRouterConfig(**options)
     engine = serve.deployment(
         name="EngineReplica",
         num_replicas=replicas,
@@ -101,6 +139,7 @@ def build_application(
         health_check_period_s=2,
         health_check_timeout_s=30,
         graceful_shutdown_timeout_s=5,
+        request_router_config=routing,
     )(EngineReplica).bind(config, str(base_dir), store_actor)
     ingress = serve.deployment(name="Ingress", num_replicas=1, ray_actor_options={"num_cpus": ingress_cpus})(Ingress)
     return ingress.bind(ingress_config or config, str(base_dir), engine, store_actor)
@@ -109,7 +148,8 @@ def build_application(
 def app_builder(args: dict):
     """Application builder for `serve run server.cluster.ingress:app_builder key=value ...` and KubeRay.
 
-    `replicas` (default 2) and `store` (the store actor's directory, default /data/store) are ours;
+    `replicas` (default 2), `router` (default "bounded") and `store` (the store actor's directory,
+    default /data/store) are ours;
     every other key is a `loraswap serve` setting by its field name (e.g. `max_loras=8`). Creates the
     store actor on the node that builds the application (get-or-create, so redeploys reuse it).
     """
@@ -122,6 +162,7 @@ def app_builder(args: dict):
 
     args = dict(args)
     replicas = int(args.pop("replicas", 2))
+    router = str(args.pop("router", "bounded"))
     root = args.pop("store", "/data/store")
     config = ServerSettings(**args)  # the keys, then LORASWAP_* in the builder's environment
     # A node that offers the custom resource `loraswap_store` (the one with the store's volume) hosts it.
@@ -139,4 +180,5 @@ def app_builder(args: dict):
         store,
         ingress_config=ingress_config(config, replicas),
         replica_gpus=gpus,
+        router=router,
     )

@@ -54,6 +54,7 @@ def deploy(
     replica_cpus: float = 1.0,
     replica_gpus: float | None = None,
     ingress_cpus: float = 0.5,
+    router: str = "bounded",
 ):
     """Deploy on the connected Ray cluster; returns the store actor. `serve.start` must have run."""
     import ray
@@ -78,12 +79,13 @@ def deploy(
         replica_cpus=replica_cpus,
         replica_gpus=replica_gpus,
         ingress_cpus=ingress_cpus,
+        router=router,
     )
     serve.run(app, name=APP_NAME, route_prefix="/")
     return store
 
 
-def main(config, replicas: int, ray_address: str | None) -> int:
+def main(config, replicas: int, ray_address: str | None, router: str = "bounded") -> int:
     import ray
     from ray import serve
 
@@ -95,8 +97,8 @@ def main(config, replicas: int, ray_address: str | None) -> int:
     base_dir = resolve_base(config.base)
     ray.init(address=ray_address, namespace=APP_NAME)
     serve.start(http_options={"host": config.host, "port": config.port})
-    deploy(config, base_dir, replicas, Path(config.store) if config.store else default_store_root())
-    log.info("serving on http://%s:%d with %d engine replicas", config.host, config.port, replicas)
+    deploy(config, base_dir, replicas, Path(config.store) if config.store else default_store_root(), router=router)
+    log.info("serving on http://%s:%d with %d engine replicas (%s router)", config.host, config.port, replicas, router)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

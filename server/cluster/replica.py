@@ -5,12 +5,15 @@ name: tenancy stays at the ingress, a new version is a new id, and identical byt
 share one load). Serve routes it to a replica that reports that id when one can take it; the
 replica fetches the blob from the store actor on first use and hands the engine an `AdapterRef`.
 Many adapters still share each engine step: Ray only chooses the replica, the engine batches.
+A forgotten content id (the ingress broadcasts `forget_adapter` once a deleted adapter's blob is
+gone) is refused here unless the store has it again, even while Serve's LRU still lists it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -41,6 +44,7 @@ class EngineReplica:
         self.store = RemoteStore(store_actor, Path(tempfile.mkdtemp(prefix="loraswap-replica-")))
         self.pins = TenantPins(self.engine)  # per (tenant, content id), whatever this engine supports
         self._started: asyncio.Task | None = None
+        self.forgotten: set[str] = set()  # content ids forgotten since Serve's LRU last loaded them
 
     async def _ensure_started(self) -> None:
         if self._started is None:
@@ -52,10 +56,32 @@ class EngineReplica:
         path = await asyncio.to_thread(self.store.materialize, content_id)
         return AdapterRef(id=content_id, path=path)
 
-    async def generate(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams, tenant: str = "default"):
+    async def adapter(self, content_id: str) -> AdapterRef:
+        """The adapter to run for `content_id`; AdapterNotFound once forgotten and gone from the store."""
+        if content_id in self.forgotten:
+            # Serve's LRU may still hold the old ref: ask the store (identical bytes may be back).
+            path = await asyncio.to_thread(self.store.materialize, content_id)
+            self.forgotten.discard(content_id)
+            return AdapterRef(id=content_id, path=path)
+        return await self.get_adapter(content_id)
+
+    async def serves(self, content_id: str) -> str:
+        """This replica's name if it would serve `content_id` now (raises AdapterNotFound if not)."""
+        await self.adapter(content_id)
+        return self.name
+
+    async def generate(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        sampling: SamplingParams,
+        tenant: str = "default",
+        avoid: tuple[str, ...] = (),  # read by the request router (replicas lost on earlier tries)
+    ):
+        yield self.name, None, None  # first word: the ingress knows who holds the request
         await self._ensure_started()
         content_id = serve.get_multiplexed_model_id()
-        adapter = await self.get_adapter(content_id) if content_id else None
+        adapter = await self.adapter(content_id) if content_id else None
         stream = submit(self.engine, request_id, prompt_ids, adapter, sampling, tenant)
         try:
             async for event in stream:
@@ -68,15 +94,19 @@ class EngineReplica:
 
     async def pin(self, adapter_id: str, tenant: str = "default") -> str:
         await self._ensure_started()
-        adapter = await self.get_adapter(adapter_id)
+        adapter = await self.adapter(adapter_id)
         self.pins.pin(tenant, adapter)
         return self.name
 
     async def unpin(self, adapter_id: str, tenant: str = "default") -> None:
         self.pins.unpin(tenant, adapter_id)
 
-    async def forget_adapter(self, adapter_id: str) -> None:
+    async def forget_adapter(self, adapter_id: str) -> str:
+        """Drop the content from the engine and the local blob cache, and refuse it from now on."""
+        self.forgotten.add(adapter_id)
         self.engine.forget_adapter(adapter_id)
+        await asyncio.to_thread(shutil.rmtree, self.store.cache / adapter_id, True)
+        return self.name
 
     async def ready(self) -> dict:
         """Started and answering: its name and stats (the ingress's `/ready` and metrics ask this)."""

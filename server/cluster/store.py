@@ -16,6 +16,7 @@ replicas keep serving adapters they already hold. The head node's death ends the
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import contextlib
 import shutil
@@ -85,11 +86,17 @@ class RemoteStore:
         self.cache = Path(cache)
         self.cache.mkdir(parents=True, exist_ok=True)
         self._held: dict[str, int] = {}  # sha256 -> open `hold` blocks on its local copy
+        self.aio = AsyncStoreView(self)
 
     def _call(self, method: str, *args):
+        """A blocking round trip: only from worker threads (the store pool, uploads, merges)."""
         import ray
 
         return ray.get(getattr(self.actor, method).remote(*args))
+
+    async def _acall(self, method: str, *args):
+        """The same round trip awaited: the actor's ObjectRef is awaitable, so no thread waits."""
+        return await getattr(self.actor, method).remote(*args)
 
     def get(self, tenant: str, name: str, version: int | None = None) -> AdapterRecord:
         return self._call("get", tenant, name, version)
@@ -134,6 +141,10 @@ class RemoteStore:
             if not self._held[record.sha256]:
                 del self._held[record.sha256]
 
+    def _drop_stale(self, record: AdapterRecord, local: Path) -> None:
+        if record.sha256 not in self._held:
+            shutil.rmtree(local, ignore_errors=True)
+
     def adapter_dir(self, record: AdapterRecord) -> Path:
         """A local copy of the record's blob (fetched on first use); absent once the store dropped it.
 
@@ -142,8 +153,7 @@ class RemoteStore:
         """
         local = self.cache / record.sha256
         if not self._call("has_blob", record.sha256):
-            if record.sha256 not in self._held:
-                shutil.rmtree(local, ignore_errors=True)
+            self._drop_stale(record, local)
             return local
         if not local.is_dir():
             self.materialize(record.id, local)
@@ -151,8 +161,9 @@ class RemoteStore:
 
     def materialize(self, content_id: str, local: Path | None = None) -> Path:
         """Fetch the blob with adapter id `content_id` into the cache (atomic rename), return its dir."""
-        files = self._call("blob", content_id)
-        local = local or self.cache / content_id
+        return self._write(self._call("blob", content_id), local or self.cache / content_id)
+
+    def _write(self, files: dict[str, bytes], local: Path) -> Path:
         if local.is_dir():
             return local
         staging = Path(tempfile.mkdtemp(dir=self.cache))
@@ -163,3 +174,32 @@ class RemoteStore:
         except OSError:  # another task fetched it first; same bytes
             shutil.rmtree(staging, ignore_errors=True)
         return local
+
+
+class AsyncStoreView:
+    """`RemoteStore`'s lookups as coroutines, for the ingress's event loop (`ServerState.aresolve_model`).
+
+    Every call awaits the actor's ObjectRef: a slow or busy store actor delays only the requests
+    that need it, never `/health` or another tenant's stream; a fetched blob is written to the
+    local cache in a worker thread.
+    """
+
+    def __init__(self, store: RemoteStore):
+        self.store = store
+
+    async def get(self, tenant: str, name: str, version: int | None = None) -> AdapterRecord:
+        return await self.store._acall("get", tenant, name, version)
+
+    async def list(self, tenant: str) -> builtins.list[AdapterRecord]:
+        return await self.store._acall("list", tenant)
+
+    async def adapter_dir(self, record: AdapterRecord) -> Path:
+        """As `RemoteStore.adapter_dir`: the local copy, fetched on first use; absent once the store dropped it."""
+        local = self.store.cache / record.sha256
+        if not await self.store._acall("has_blob", record.sha256):
+            self.store._drop_stale(record, local)
+            return local
+        if local.is_dir():
+            return local
+        files = await self.store._acall("blob", record.id)
+        return await asyncio.to_thread(self.store._write, files, local)  # megabytes: not on the loop

@@ -45,6 +45,13 @@ class RayServed:
         names = [a for a in ray.util.list_named_actors(all_namespaces=True) if "EngineReplica" in a["name"]]
         return [ray.get_actor(a["name"], namespace=a["namespace"]) for a in names]
 
+    def replica_names(self) -> list[str]:
+        """The running replicas' names as they report them (Serve's replica unique ids)."""
+        from ray import serve
+
+        handle = serve.get_deployment_handle("EngineReplica", app_name="loraswap")
+        return [report["replica"] for report in handle.broadcast("ready").results(timeout_s=120)]
+
     def running_replicas(self) -> int:
         from ray import serve
 

@@ -42,3 +42,13 @@ def test_ingress_admits_what_all_replicas_hold():
 
     config = ServerConfig(max_num_seqs=8, max_queue=4)
     assert ingress_config(config, 3).capacity == 3 * config.capacity
+
+
+def test_router_flag_picks_the_policy():
+    rest, flags = split_cluster_flags(["--replicas", "2", "--router", "ray"])
+    assert rest == [] and flags.router == "ray"
+    assert split_cluster_flags(["--replicas", "2"])[1].router is None  # the launcher's default: bounded
+    with pytest.raises(ValueError, match="--router must be one of bounded, ray"):
+        split_cluster_flags(["--replicas", "2", "--router", "random"])
+    with pytest.raises(ValueError, match="--router needs --replicas"):
+        split_cluster_flags(["--router", "ray"])

@@ -53,15 +53,45 @@ def test_requests_for_an_adapter_stay_on_the_replica_that_holds_it(ray_served, a
     assert later == {first}
 
 
-def test_upload_via_the_ingress_then_chat_on_every_replica(ray_served, adapter):
-    # 4 concurrent requests fill both replicas (2 sequences each), so Serve spills to the second.
-    base_text = _chat(ray_served, _base_id(ray_served))[1].choices[0].message.content
-    results = []
+def _on_both_replicas(served, model: str) -> list:
+    # 4 concurrent requests fill both replicas (2 sequences each), so the router spills to the second.
+    results: list = []
     for _ in range(5):  # rounds until both replicas served it (timing decides when requests overlap)
         with ThreadPoolExecutor(4) as pool:
-            results += list(pool.map(lambda _: _chat(ray_served, "persona", max_tokens=24), range(4)))
+            results += list(pool.map(lambda _: _chat(served, model, max_tokens=24), range(4)))
         if len({replica for replica, _ in results}) == 2:
             break
+    return results
+
+
+def _replicas_handle():
+    from ray import serve
+
+    return serve.get_deployment_handle("EngineReplica", app_name="loraswap")
+
+
+def test_our_router_routes_around_a_replica_a_request_must_avoid(ray_served, adapter):
+    """Serve's own router knows nothing of `avoid` (the retry after a lost replica): ours never
+    picks an avoided replica while another runs, for the base and for an adapter it holds."""
+    from server.engine.types import SamplingParams
+
+    names = ray_served.replica_names()
+    assert len(names) == 2
+    handle = _replicas_handle()
+    record = ray_served.client().get("/v1/adapters/persona").json()
+    for avoided in names:
+        for model_id in ("", record["id"], "", record["id"]):
+            response = handle.options(stream=True, multiplexed_model_id=model_id).generate.remote(
+                f"avoid-{avoided}-{model_id}", [1, 2, 3], SamplingParams(max_tokens=1, temperature=0), "alice",
+                avoid=(avoided,),
+            )  # fmt: skip
+            served = {replica for replica, _, _ in response}
+            assert served == set(names) - {avoided}
+
+
+def test_upload_via_the_ingress_then_chat_on_every_replica(ray_served, adapter):
+    base_text = _chat(ray_served, _base_id(ray_served))[1].choices[0].message.content
+    results = _on_both_replicas(ray_served, "persona")
     replicas = {replica for replica, _ in results}
     texts = {completion.choices[0].message.content for _, completion in results}
     assert len(replicas) == 2, replicas
@@ -85,6 +115,48 @@ def test_other_tenants_and_deleted_names_answer_404(ray_served, tiny_base_dir, t
 
     sha = record.get("sha256") or record.get("id")
     assert not any(ray.get(ray_served.store.has_blob.remote(s)) for s in [sha] if s and len(s) == 64)
+
+
+def test_a_stream_names_its_replica_too(ray_served, adapter):
+    body = {"model": "persona", "messages": QUESTION, "max_tokens": 4, "stream": True}
+    with ray_served.client() as http, http.stream("POST", "/v1/chat/completions", json=body) as response:
+        assert response.status_code == 200
+        assert response.headers.get(HEADER)
+        lines = [line for line in response.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]" and '"role": "assistant"' in lines[0]
+
+
+def test_a_delete_reaches_every_replica(ray_served, tiny_base_dir, tmp_path):
+    """Warm the adapter on both replicas, delete it: once its blob is gone every replica refuses
+    its content id (Serve's LRU would still hand out the old copy) and none lists it resident."""
+    import ray
+    from adapters.errors import AdapterNotFound
+
+    folder = write_peft_adapter(tiny_base_dir, tmp_path / "doomed", seed=5, scale=6.0)
+    with ray_served.client() as http:
+        record = upload_files(http, "doomed", folder).json()
+    assert len({replica for replica, _ in _on_both_replicas(ray_served, "doomed")}) == 2
+    content_id = record["id"]
+    handle = _replicas_handle()
+    assert sorted(handle.broadcast("serves", content_id).results(timeout_s=120)) == sorted(ray_served.replica_names())
+    with ray_served.client() as http:
+        assert http.delete("/v1/adapters/doomed").status_code == 200
+    import openai
+
+    with pytest.raises(openai.NotFoundError):  # the name is gone at once, on whichever replica
+        _chat(ray_served, "doomed")
+    deadline = time.monotonic() + 120  # hang guard: collection and the broadcast are asynchronous
+    while time.monotonic() < deadline:
+        refusals = handle.broadcast("serves", content_id).results(timeout_s=120, return_exceptions=True)
+        if all(isinstance(r, Exception) for r in refusals):
+            break
+        time.sleep(0.5)
+    assert refusals and all(
+        isinstance(r, AdapterNotFound) or isinstance(getattr(r, "cause", None), AdapterNotFound) for r in refusals
+    ), refusals
+    assert not ray.get(ray_served.store.has_blob.remote(record["sha256"]))
+    for report in handle.broadcast("ready").results(timeout_s=120):
+        assert content_id not in report["stats"].adapters, report["replica"]
 
 
 def test_killing_a_replica_under_traffic(ray_served, adapter):
@@ -114,9 +186,10 @@ def test_killing_a_replica_under_traffic(ray_served, adapter):
         t.join(timeout=120)
     errors = [e for kind, e in outcomes if kind == "error"]
     assert sum(kind == "ok" for kind, _ in outcomes) > len(errors)
-    for exc in errors:  # a clear error in the OpenAI envelope, never a hang or a bare 500 without a body
-        assert getattr(exc, "status_code", None) in (500, 502, 503), exc
+    for exc in errors:  # a typed, retryable error in the OpenAI envelope: never a hang, never a 500
+        assert getattr(exc, "status_code", None) == 503, exc
         assert isinstance(getattr(exc, "body", None), dict) and exc.body.get("message"), exc
+        assert exc.response.headers.get("retry-after"), exc
     deadline = time.monotonic() + 240
     while ray_served.running_replicas() < 2 and time.monotonic() < deadline:
         time.sleep(2)
