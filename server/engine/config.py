@@ -45,6 +45,8 @@ class EngineConfig:
         running traffic for fold_window steps.
     fold_window: steps of sole ownership before an auto fold.
     fold_budget: bytes allowed for dense folded weight copies.
+    fold_slice_bytes: dense bytes a fold builds per step (the build is spread over steps so no
+        step stalls for all of it); 0 builds it in one step.
     """
 
     base: Path | str
@@ -66,6 +68,7 @@ class EngineConfig:
     fold: Fold = "auto"
     fold_window: int = 32  # steps; a dense build costs ~1 s on a CPU, so do not flap
     fold_budget: int = 1 * 2**30
+    fold_slice_bytes: int = 64 * 2**20  # ~0.1 s of dense build per step on a 2-core CPU
 
     def __post_init__(self):
         if self.quant not in QUANT_CHOICES:
@@ -89,7 +92,14 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.adapter_load_timeout_s > 0:
             raise ValueError(f"adapter_load_timeout_s must be > 0, got {self.adapter_load_timeout_s}")
-        for name in ("max_loras", "max_cpu_loras", "max_cpu_lora_bytes", "fold_budget", "kv_cache_bytes"):
+        for name in (
+            "max_loras",
+            "max_cpu_loras",
+            "max_cpu_lora_bytes",
+            "fold_budget",
+            "fold_slice_bytes",
+            "kv_cache_bytes",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.max_cpu_loras < self.max_loras:
