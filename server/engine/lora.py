@@ -210,6 +210,8 @@ class MultiLoraLinear(nn.Module):
         if At is None:
             return y  # no active adapter touches this layer
         P, T = self.num_parts, x.shape[0]
+        if lora.mode != "grouped" and P == 1:  # one slot, one part: shrink, then expand-and-add in one op
+            return y.addmm_(torch.mm(x, At[0]), Bt[0])
         if lora.mode != "grouped":  # every token uses one slot: no gather, no scatter
             delta = self._expand(torch.mm(x, At[0]).unsqueeze(0), Bt).view(P, T, -1)  # (P, T, out_part)
             y.view(T, P, self.part_out).add_(delta.transpose(0, 1))
