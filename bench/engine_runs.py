@@ -93,7 +93,9 @@ def fold_run(engine: Engine, requests: list[Request], refs: list[AdapterRef], ne
     ref = refs[index]
     engine.pin(ref)
     try:
-        run = warm_then_run(engine, requests, refs, new_tokens, repeats)
+        # a full-length warm-up: the fold is built in slices over its first steps, and only when
+        # the pinned traffic's remaining work pays for it (a 2-token warm-up would not)
+        run = warm_then_run(engine, requests, refs, new_tokens, repeats, warmup_tokens=new_tokens)
     finally:
         engine.unpin(ref.id)
     return run
