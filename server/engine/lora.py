@@ -197,8 +197,17 @@ class MultiLoraLinear(nn.Module):
     def unfold(self) -> None:
         self.folded_weight, self.folded_slot = None, None
 
-    def forward(self, x: torch.Tensor, lora: LoraStep | None = None) -> torch.Tensor:
-        """x (T, in) -> (T, out)."""
+    @staticmethod
+    def group_input(x: torch.Tensor, lora: LoraStep | None) -> torch.Tensor | None:
+        """x (T, in) gathered into the grouped `(S, M, in)` layout, or None if the step is not
+        grouped; layers reading the same x (q and k/v) share it through `forward`'s `xs`."""
+        if lora is None or lora.mode != "grouped":
+            return None
+        assert lora.gather is not None
+        return x.index_select(0, lora.gather).view(-1, lora.max_tokens, x.shape[1])
+
+    def forward(self, x: torch.Tensor, lora: LoraStep | None = None, xs: torch.Tensor | None = None) -> torch.Tensor:
+        """x (T, in) -> (T, out); `xs` = `group_input(x, lora)` when already computed."""
         weight = self.folded_weight  # set together with folded_slot
         if lora is not None and lora.mode == "fold" and weight is not None and self.folded_slot == lora.slot:
             bias = None if self.base.bias is None else self.base.bias.to(weight.dtype)
@@ -216,7 +225,8 @@ class MultiLoraLinear(nn.Module):
             delta = self._expand(torch.mm(x, At[0]).unsqueeze(0), Bt).view(P, T, -1)  # (P, T, out_part)
             y.view(T, P, self.part_out).add_(delta.transpose(0, 1))
             return y
-        xs = x.index_select(0, lora.gather).view(-1, lora.max_tokens, self.in_features)  # (S, M, in)
+        if xs is None:
+            xs = self.group_input(x, lora)  # (S, M, in)
         h = torch.bmm(xs, At)  # (S, M, P*r)
         rows = h.shape[0] * P * lora.max_tokens
         out = None
