@@ -36,6 +36,7 @@ TARGETS = [
     Target("mixed vs matmul bound", "a", 0.5, "d"),
     Target("cold load", "e", 50.0, kind="max"),
     Target("fold vs base", "f", 0.95, "b"),
+    Target("fold on vs off, rotating adapters 1 at a time", "f_rot_on", 0.95, "f_rot_off"),
     Target("64 adapters vs 8", "g", 0.7, "a"),
 ]
 
@@ -181,6 +182,19 @@ def measure_engine(args, report: Report, base_dir: Path, dirs: list[Path], workl
             Measure("f", "engine, 1 adapter folded", run.tok_s, "tok/s", "folded" if folded else "WARNING: not folded")
         )
         outputs["f"] = run.outputs
+        log(f"(f_rot) one request at a time over {args.adapters} rotating adapters, fold auto vs off")
+        rotating = round_robin_one_each(workloads["mixed"], args.adapters)
+        runs = engine_runs.rotating_fold_runs(engine, rotating, refs, n, args.repeats + 1)
+        for key, mode in (("f_rot_on", "auto"), ("f_rot_off", "off")):
+            report.add(
+                Measure(
+                    key,
+                    f"engine, 1 at a time over rotating adapters, fold {mode}",
+                    runs[mode].tok_s,
+                    "tok/s",
+                    f"{len(rotating)} requests, interleaved with the other mode",
+                )
+            )
         for key, label in (("g_cold", "1st pass"), ("g", "2nd pass")):
             log(f"({key}) engine, {args.many_adapters} adapters over {args.slots} slots, {label}")
             before = engine.stats()
@@ -205,6 +219,14 @@ def measure_engine(args, report: Report, base_dir: Path, dirs: list[Path], workl
     finally:
         engine.close()
     return outputs
+
+
+def round_robin_one_each(mixed, adapters: int):
+    """One request per adapter (the first of each in `mixed`), in adapter order."""
+    seen: dict = {}
+    for r in mixed:
+        seen.setdefault(r.adapter, r)
+    return [seen[a] for a in sorted(k for k in seen if k is not None)][:adapters]
 
 
 def first_difference(left: list[int], right: list[int]) -> int:

@@ -93,7 +93,9 @@ def fold_run(engine: Engine, requests: list[Request], refs: list[AdapterRef], ne
     ref = refs[index]
     engine.pin(ref)
     try:
-        run = warm_then_run(engine, requests, refs, new_tokens, repeats)
+        # a full-length warm-up: the fold is built in slices over its first steps, and only when
+        # the pinned traffic's remaining work pays for it (a 2-token warm-up would not)
+        run = warm_then_run(engine, requests, refs, new_tokens, repeats, warmup_tokens=new_tokens)
     finally:
         engine.unpin(ref.id)
     return run
@@ -122,3 +124,29 @@ def cold_load_seconds(engine: Engine, ref: AdapterRef) -> float:
     seconds = time.perf_counter() - start
     slots.release(probe)
     return seconds
+
+
+def rotating_fold_runs(
+    engine: Engine, requests: list[Request], refs: list[AdapterRef], new_tokens: int, rounds: int = 2
+) -> dict[str, Run]:
+    """(f_rot): requests one at a time, each over the next adapter, with fold "auto" and "off"
+    interleaved (auto, off, auto, off, ...) on the same engine; the fastest run of each mode.
+
+    The case a naive fold loses: every request owns the batch alone, so an eager fold would pay
+    a dense build per request. Fold must be at least as fast as no fold here."""
+    mode = engine.fold.mode
+    best: dict[str, Run] = {}
+    try:
+        for _ in range(rounds):
+            for fold in ("auto", "off"):
+                engine.fold.mode = fold
+                start, outputs = time.perf_counter(), []
+                for r in requests:
+                    adapter = None if r.adapter is None else refs[r.adapter]
+                    outputs += engine.generate([list(r.prompt_ids)], [adapter], fixed_length(new_tokens))
+                run = Run(time.perf_counter() - start, outputs, engine.stats())
+                if fold not in best or run.seconds < best[fold].seconds:
+                    best[fold] = run
+    finally:
+        engine.fold.mode = mode
+    return best

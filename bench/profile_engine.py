@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     engine, requests, refs = build(args)
     if args.workload == "single":
         engine.pin(refs[0])
-    engine_runs.run_requests(engine, requests, refs, 2)  # warm-up: slots loaded, fold built
+    # warm-up: slots loaded; for "single", full length so the (sliced, cost-gated) fold is built
+    engine_runs.run_requests(engine, requests, refs, args.new_tokens if args.workload == "single" else 2)
     steps_before = engine.num_steps
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         start = time.perf_counter()

@@ -24,7 +24,7 @@ from server.engine.config import EngineConfig
 from server.engine.containment import run_isolated
 from server.engine.detokenizer import IncrementalText
 from server.engine.errors import AdapterLoadError, DuplicateRequest, PromptTooLong
-from server.engine.fold import FoldManager, fold_dtype
+from server.engine.fold import FoldManager, fold_dtype, remaining_steps
 from server.engine.prefix_cache import FOLDED, LORA, cache_key
 from server.engine.loader import (
     allocate_kv_cache,
@@ -71,6 +71,7 @@ class EngineCore:
             config.fold_window,
             config.fold_budget,
             fold_dtype(config.quant, self.device, self.dtype),
+            slice_bytes=config.fold_slice_bytes or None,
         )
         self.slots = AdapterSlots(
             self.model.lora_targets(),
@@ -363,7 +364,7 @@ class EngineCore:
     def _fold_for(self, batch) -> int | None:
         """The folded slot for this batch; a fold that fails (e.g. out of memory) runs unfolded."""
         try:
-            return self.fold.update({e.seq.adapter_id: e.seq.slot for e in batch.entries})
+            return self.fold.update({e.seq.adapter_id: e.seq.slot for e in batch.entries}, remaining_steps(batch))
         except Exception:  # noqa: BLE001 - folding is an optimisation, never a reason to fail
             logger.exception("fold failed; running unfolded")
             self.fold.unfold()

@@ -5,7 +5,9 @@ Each `MultiLoraLinear` holds every slot's A and B in layouts the `bmm`s read dir
 zeros (the base alone) and B is stored pre-multiplied by the adapter's scaling. Routing
 is an index built once per step (`LoraStep`, shared by all layers): the step's tokens grouped by
 slot into a padded `(num_active, max_tokens)` layout, so each layer does one gather, two `bmm`s
-against the active slots and one `index_add_` — no Python loop over adapters. A step whose
+against the active slots and one gather back into token order — no Python loop over adapters
+(the way back is a gather, not a scatter: CPU `index_add_` ran as a `scatter_add_` costing more
+than the whole base matmul, and a gather simply drops the pads). A step whose
 tokens all use one slot takes a two-matmul path; a folded slot runs a dense weight instead.
 This module knows nothing about residency (slots.py) or when to fold (fold.py).
 """
@@ -28,20 +30,28 @@ class LoraStep:
     active: torch.Tensor | None = None  # (num_active,) slot ids
     key: tuple = ()  # identifies (active slots, slot contents) for per-layer caches
     gather: torch.Tensor | None = None  # (num_active * max_tokens,) token rows; pads -> the group's first row
-    pad: torch.Tensor | None = None  # (num_active, max_tokens, 1) bool: True on pads; None if no pads
     max_tokens: int = 0
-    _part_gathers: dict = field(default_factory=dict, compare=False, repr=False)
+    # Each token's position in the grouped layout (slot s, index m -> s * max_tokens + m); a base
+    # token points one past the end, at a row the layer keeps exactly zero.
+    position: list[int] = field(default_factory=list, compare=False, repr=False)
+    has_base: bool = False  # some token uses no adapter: the grouped output needs its zero row
+    _part_positions: dict = field(default_factory=dict, compare=False, repr=False)
 
-    def part_gather(self, parts: int) -> torch.Tensor:
-        """Rows of the (T*parts, out_part) view of a fused output, in (slot, part, token) order."""
-        assert self.gather is not None, "part_gather is for grouped steps"
-        if parts == 1:
-            return self.gather
-        if parts not in self._part_gathers:
-            g = self.gather.view(-1, 1, self.max_tokens) * parts  # (S, 1, M)
-            offsets = torch.arange(parts, device=g.device).view(1, parts, 1)
-            self._part_gathers[parts] = (g + offsets).reshape(-1)  # (S*P*M,)
-        return self._part_gathers[parts]
+    def part_position(self, parts: int) -> torch.Tensor:
+        """For the (T*parts, out_part) view of a fused output (token t, part p = row t*P + p): the row
+        of the grouped `(S*P*M [+1 zero row], out_part)` update to add, built once per step per P."""
+        if parts not in self._part_positions:
+            S, M = len(self.key[0]), self.max_tokens
+            rows = []
+            for g in self.position:
+                if g == S * M:  # a base token: every part reads the zero row
+                    rows += [S * parts * M] * parts
+                else:
+                    s, m = divmod(g, M)
+                    rows += [(s * parts + p) * M + m for p in range(parts)]
+            device = self.gather.device if self.gather is not None else None
+            self._part_positions[parts] = torch.tensor(rows, dtype=torch.long, device=device)
+        return self._part_positions[parts]
 
 
 def build_lora_step(
@@ -63,21 +73,22 @@ def build_lora_step(
         if s:
             rows[s].append(i)
     max_tokens = max(len(r) for r in rows.values())
-    # Pads read and write a row of their own group (its first token), never another adapter's
-    # or the base's row: whatever this adapter makes of it (inf, NaN) stays within its own tokens.
-    gather, pad_flags = [], []
-    for s in active:
-        pad = max_tokens - len(rows[s])
-        gather += rows[s] + [rows[s][0]] * pad
-        pad_flags += [False] * len(rows[s]) + [True] * pad
-    even = all(len(r) == max_tokens for r in rows.values())
+    # Pads read a row of their own group (its first token), never another adapter's or the base's
+    # row, and their results are never gathered back: nothing of a pad reaches any token.
+    gather: list[int] = []
+    position = [len(active) * max_tokens] * len(token_slots)  # base tokens: the zero row
+    for i, s in enumerate(active):
+        for m, row in enumerate(rows[s]):
+            position[row] = i * max_tokens + m
+        gather += rows[s] + [rows[s][0]] * (max_tokens - len(rows[s]))
     return LoraStep(
         "grouped",
         active=torch.tensor(active, dtype=torch.long, device=device),
         key=(tuple(active), version),
         gather=torch.tensor(gather, dtype=torch.long, device=device),
-        pad=None if even else torch.tensor(pad_flags, device=device).view(len(active), max_tokens, 1),
         max_tokens=max_tokens,
+        position=position,
+        has_base=0 in token_slots,
     )
 
 
@@ -186,8 +197,17 @@ class MultiLoraLinear(nn.Module):
     def unfold(self) -> None:
         self.folded_weight, self.folded_slot = None, None
 
-    def forward(self, x: torch.Tensor, lora: LoraStep | None = None) -> torch.Tensor:
-        """x (T, in) -> (T, out)."""
+    @staticmethod
+    def group_input(x: torch.Tensor, lora: LoraStep | None) -> torch.Tensor | None:
+        """x (T, in) gathered into the grouped `(S, M, in)` layout, or None if the step is not
+        grouped; layers reading the same x (q and k/v) share it through `forward`'s `xs`."""
+        if lora is None or lora.mode != "grouped":
+            return None
+        assert lora.gather is not None
+        return x.index_select(0, lora.gather).view(-1, lora.max_tokens, x.shape[1])
+
+    def forward(self, x: torch.Tensor, lora: LoraStep | None = None, xs: torch.Tensor | None = None) -> torch.Tensor:
+        """x (T, in) -> (T, out); `xs` = `group_input(x, lora)` when already computed."""
         weight = self.folded_weight  # set together with folded_slot
         if lora is not None and lora.mode == "fold" and weight is not None and self.folded_slot == lora.slot:
             bias = None if self.base.bias is None else self.base.bias.to(weight.dtype)
@@ -199,27 +219,36 @@ class MultiLoraLinear(nn.Module):
         if At is None:
             return y  # no active adapter touches this layer
         P, T = self.num_parts, x.shape[0]
+        if lora.mode != "grouped" and P == 1:  # one slot, one part: shrink, then expand-and-add in one op
+            return y.addmm_(torch.mm(x, At[0]), Bt[0])
         if lora.mode != "grouped":  # every token uses one slot: no gather, no scatter
-            delta = self._expand(torch.mm(x, At[0]).unsqueeze(0), Bt)  # (P, T, out_part)
+            delta = self._expand(torch.mm(x, At[0]).unsqueeze(0), Bt).view(P, T, -1)  # (P, T, out_part)
             y.view(T, P, self.part_out).add_(delta.transpose(0, 1))
             return y
-        xs = x.index_select(0, lora.gather).view(-1, lora.max_tokens, self.in_features)  # (S, M, in)
+        if xs is None:
+            xs = self.group_input(x, lora)  # (S, M, in)
         h = torch.bmm(xs, At)  # (S, M, P*r)
-        if lora.pad is not None:
-            # Replace (not multiply: 0 * inf = NaN) so a pad adds exactly B @ 0 to its group's row.
-            h.masked_fill_(lora.pad, 0.0)
-        delta = self._expand(h, Bt)  # (S*P, M, out_part)
+        rows = h.shape[0] * P * lora.max_tokens
+        out = None
+        if lora.has_base:  # base tokens gather an exact zero row placed after the grouped updates
+            out = torch.empty(rows + 1, self.part_out, dtype=y.dtype, device=y.device)
+            out[rows:].zero_()
+        delta = self._expand(h, Bt, out)  # (S*P*M [+1], out_part)
         # y viewed as (T*P, out_part): token t's part p is row t*P + p
-        y.view(T * P, self.part_out).index_add_(0, lora.part_gather(P), delta.view(-1, self.part_out))
+        y.view(T * P, self.part_out).add_(delta.index_select(0, lora.part_position(P)))
         return y
 
-    def _expand(self, h: torch.Tensor, Bt: torch.Tensor) -> torch.Tensor:
-        """h (S, M, P*r) -> updates (S*P, M, out_part), batch entry s*P + p."""
+    def _expand(self, h: torch.Tensor, Bt: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """h (S, M, P*r) -> updates (S*P*M, out_part), batch entry s*P + p; written into the first
+        rows of `out` when given (which is returned)."""
         S, M, _ = h.shape
         P = self.num_parts
         if P > 1:
             h = h.view(S, M, P, -1).transpose(1, 2).reshape(S * P, M, -1)  # (S*P, M, r): a small copy
-        return torch.bmm(h, Bt)
+        if out is None:
+            return torch.bmm(h, Bt).view(S * P * M, -1)
+        torch.bmm(h, Bt, out=out[: S * P * M].view(S * P, M, -1))
+        return out
 
     def _active(self, lora: LoraStep):
         """The active slots' A^T (S, in, P*r) and B^T (S*P, r, out_part), cached while the key holds.

@@ -139,8 +139,9 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         T = x.shape[0]
-        q = self.q_proj(x, ctx.lora).view(T, self.num_heads, self.head_dim)
-        k, v = self.kv_proj(x, ctx.lora).view(T, 2, self.num_kv_heads, self.head_dim).unbind(1)
+        xs = MultiLoraLinear.group_input(x, ctx.lora)  # q and k/v read one x: gather it once
+        q = self.q_proj(x, ctx.lora, xs).view(T, self.num_heads, self.head_dim)
+        k, v = self.kv_proj(x, ctx.lora, xs).view(T, 2, self.num_kv_heads, self.head_dim).unbind(1)
         q, k = apply_rope(q, ctx), apply_rope(k, ctx)
         out = paged_attention(q, k, v, self.k_cache, self.v_cache, ctx.attn)  # (T, H, D)
         return self.o_proj(out.reshape(T, -1), ctx.lora)

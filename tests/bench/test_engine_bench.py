@@ -46,7 +46,7 @@ def test_engine_bench_on_tiny_base(tiny_base_dir, tmp_path, monkeypatch, restore
     assert code == 0
     data = json.loads((out / "engine_none.json").read_text())
     measures = {m["key"]: m for m in data["measures"]}
-    required = {"a", "b", "b_slots", "c", "c0", "d", "e", "e_peft", "f", "g", "g_cold"}
+    required = {"a", "b", "b_slots", "c", "c0", "d", "e", "e_peft", "f", "f_rot_on", "f_rot_off", "g", "g_cold"}
     assert required <= set(measures) <= required | {"a_dec"}  # a_dec is derived, absent if noise ate it
     assert all(m["value"] > 0 for m in measures.values())
     assert measures["f"]["note"] == "folded"
@@ -55,7 +55,7 @@ def test_engine_bench_on_tiny_base(tiny_base_dir, tmp_path, monkeypatch, restore
     assert set(checks) == {"(a)", "(f)", "(g)"}
     for check in checks.values():
         assert check["agree"] == check["total"] > 0, check
-    assert [t["verdict"] in ("met", "not met") for t in data["targets"]] == [True] * 6
+    assert [t["verdict"] in ("met", "not met") for t in data["targets"]] == [True] * 7
     assert not any(note.startswith("WARNING") for note in data["notes"])
     assert (out / "engine_none.png").read_bytes()[:4] == b"\x89PNG"
     assert "targets:" in capsys.readouterr().out

@@ -3,6 +3,8 @@ engine, in-use accounting while a mix runs, and every refusal in OpenAI's error 
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from tests.server.conftest import upload, write_peft_adapter
@@ -170,9 +172,9 @@ def test_a_mix_whose_adapter_changed_meanwhile_is_409(server, tiny_base_dir, tmp
     state, base = server.state, server.state.base_id
     mix = [MixComponent(name="a", weight=0.5), MixComponent(name="b")]
     first = _lookup(state, "alice", base, mix)  # what the route resolved before rendering
-    assert resolve_again(state, "alice", base, mix, first) == first
+    assert asyncio.run(resolve_again(state, "alice", base, mix, first)) == first
     newer = write_peft_adapter(tiny_base_dir, tmp_path / "a2", seed=7)
     assert upload(server.client(), "a", newer).status_code == 201  # a new version of `a`
     with pytest.raises(Conflict) as refused:
-        resolve_again(state, "alice", base, mix, first)
+        asyncio.run(resolve_again(state, "alice", base, mix, first))
     assert refused.value.status == 409 and refused.value.param == "adapters"

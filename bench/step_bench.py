@@ -1,0 +1,90 @@
+"""Engine step cost vs number of active adapters, interleaved in one process (issue 15, item 1).
+
+`python -m bench.step_bench --quant none` builds the engine once, then for each round runs the
+same batch of `--requests` concurrent requests with no adapter and with 1, 4 and 8 adapters mixed
+(fold off, so the LoRA path itself is measured), interleaved A,B,C,D,A,B,... so drifting machine
+load hits every variant alike. A variant's decode step time is
+`(t(long run) - t(short run)) / (long - short tokens)`: the difference cancels prefill and
+admission. Prints ms/step per variant, the median over rounds, and the ratios to the base;
+writes `bench/results/step_<quant>.json` (+ `.png`) via the shared Report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from adapters.base import resolve_base
+from bench import engine_runs
+from bench.engine_bench import adapters_dir
+from bench.report import RESULTS_DIR, Measure, Report
+from bench.workload import chat_prompts, round_robin, write_adapters
+from server.engine.config import EngineConfig
+from server.engine.engine import Engine
+
+VARIANTS = (None, 1, 4, 8)
+
+
+def decode_ms(engine: Engine, requests, refs, short: int, long: int) -> float:
+    """Milliseconds per decode step (one token for every request), prefill cancelled out."""
+    t_short = engine_runs.run_requests(engine, requests, refs, short).seconds
+    t_long = engine_runs.run_requests(engine, requests, refs, long).seconds
+    return 1000 * (t_long - t_short) / (long - short)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.step_bench", description=__doc__.split("\n")[0])
+    p.add_argument("--base", default="default")
+    p.add_argument("--quant", choices=("none", "nf4"), default="none")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--requests", type=int, default=16)
+    p.add_argument("--short", type=int, default=4)
+    p.add_argument("--long", type=int, default=20)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--out", type=Path, default=RESULTS_DIR)
+    args = p.parse_args(argv)
+    base_dir = resolve_base(args.base)
+    prompts = chat_prompts(base_dir, args.requests)
+    refs = engine_runs.refs_for(write_adapters(base_dir, adapters_dir(base_dir), max(v or 0 for v in VARIANTS)))
+    engine = Engine(
+        EngineConfig(base=base_dir, quant=args.quant, dtype=args.dtype, device="cpu", max_loras=8, fold="off")
+    )
+    workloads = {v: round_robin(prompts, v) for v in VARIANTS}
+    samples: dict[int | None, list[float]] = {v: [] for v in VARIANTS}
+    try:
+        for v in VARIANTS:  # warm-up: slots written, first-call allocations done
+            engine_runs.run_requests(engine, workloads[v], refs, 2)
+        for r in range(args.rounds):
+            for v in VARIANTS:
+                samples[v].append(decode_ms(engine, workloads[v], refs, args.short, args.long))
+            print(f"round {r}: " + ", ".join(f"{v or 0}:{samples[v][-1]:.1f}ms" for v in VARIANTS), flush=True)
+    finally:
+        engine.close()
+    load = os.getloadavg()
+    title = (
+        f"step time vs active adapters: {base_dir.name}, quant={args.quant}, dtype={args.dtype}, "
+        f"batch {args.requests}, {torch.get_num_threads()} threads, median of {args.rounds} interleaved rounds, "
+        f"load {load[0]:.2f}"
+    )
+    report = Report(title, targets=[])
+    base_ms = statistics.median(samples[None])
+    for v in VARIANTS:
+        ms = statistics.median(samples[v])
+        key = f"step_{v or 0}"
+        report.add(Measure(key, f"decode step, {v or 0} adapters", ms, "ms", f"x{ms / base_ms:.2f} of base"))
+    report.extra["samples_ms"] = {str(v or 0): s for v, s in samples.items()}
+    report.extra["loadavg"] = load
+    print(report.table(), flush=True)
+    json_path, png_path = report.write(f"step_{args.quant}", args.out)
+    print(f"wrote {json_path} and {png_path} at {time.strftime('%H:%M:%S')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
