@@ -40,6 +40,7 @@ from server.api.protocol import (
     Usage,
 )
 from server.api.request_fields import check_fields
+from server.api.sse import TextLines
 from server.api.tool_stream import tool_sse
 from server.api.tools import as_tool_reply, plan_tools
 from server.engine.types import SamplingParams, TokenEvent
@@ -218,14 +219,15 @@ async def _sse(state: ServerState, body: ChatCompletionRequest, generation: Gene
         )
 
     yield chunk(Delta(role="assistant", content=""))
+    text_line = TextLines(lambda text: chunk(Delta(content=text)))  # a token's line without pydantic
     completion_tokens = 0
     async for event in generation.events():
         completion_tokens = max(event.completion_tokens, generation.completion_tokens)
-        logprobs = None
         if body.logprobs and event.token_id is not None:
             logprobs = ChoiceLogprobs(content=[_token_logprob(state.tokenizer, event, body.return_tokens_as_token_ids)])
-        if event.text or logprobs is not None:
             yield chunk(Delta(content=event.text), logprobs=logprobs)
+        elif event.text:
+            yield text_line(event.text)
     if generation.finish_reason == "abort":
         error = abort_error(generation)
         yield f"data: {json.dumps(error.envelope())}\n\n"
