@@ -109,3 +109,14 @@ def upload_adapter(url: str, name: str, directory: Path, timeout: float = 300) -
     if response.status_code >= 400:
         raise RuntimeError(f"upload of {name} failed: {response.status_code} {response.text[:300]}")
     return response.json()
+
+
+def engine_counters(url: str) -> dict[str, float]:
+    """The engine's step and token counters from `/metrics` (open on a server without keys)."""
+    wanted = ("loraswap_engine_steps_total", "loraswap_engine_generated_tokens_total")
+    found = {}
+    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in wanted:
+            found[name.removeprefix("loraswap_engine_").removesuffix("_total")] = float(value)
+    return found

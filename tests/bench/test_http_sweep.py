@@ -20,6 +20,7 @@ def test_http_sweep_quick_on_tiny_base(tiny_base_dir, tmp_path, monkeypatch):
     expected |= {f"{kind}@{c}" for kind in ("base", "mixed") for c in (1, 4)}
     assert set(measures) == expected
     assert all(m["value"] > 0 for m in measures.values())
+    assert "tokens/step" in measures["base@4"]["note"]  # the engine's step counters reached /metrics
     assert not [note for note in data["notes"] if note.startswith("WARNING")]  # every request made 4 tokens
     assert {t["name"] for t in data["targets"]} == {t.name for t in http_sweep.TARGETS}
     assert (out / "http_none.png").read_bytes()[:4] == b"\x89PNG"
