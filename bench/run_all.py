@@ -1,8 +1,9 @@
-"""`make bench`: the engine benchmark in fp32 and NF4, structured outputs, then the trainer benchmark.
+"""`make bench`: the engine benchmark and the HTTP sweep in fp32 and NF4, structured outputs, the trainer.
 
 Each benchmark runs in its own child process (`python -m bench.<name> ...`), so one's memory and
 thread state never colours the next one's figures, and one failing does not hide the others.
-Extra arguments are passed to every engine run (e.g. `python -m bench.run_all --threads 2`).
+Extra arguments are passed to every engine run (e.g. `python -m bench.run_all --threads 2`); the
+HTTP sweep (`bench.http_sweep`, a real `loraswap serve` child) takes none of them.
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ ENGINE_RUNS = (["--quant", "none", "--dtype", "float32"], ["--quant", "nf4"])
 def plan(extra: list[str]) -> list[list[str]]:
     """The child commands, in order."""
     commands = [[sys.executable, "-m", "bench.engine_bench", *flags, *extra] for flags in ENGINE_RUNS]
+    commands += [
+        [sys.executable, "-m", "bench.step_bench", *flags] for flags in ENGINE_RUNS
+    ]  # issue 15: step vs adapters
+    commands += [[sys.executable, "-m", "bench.http_sweep", *flags] for flags in ENGINE_RUNS]  # issue 15
     commands.append([sys.executable, "-m", "bench.structured_bench", *extra])  # issue 10: constrained batch
     commands.append([sys.executable, "-m", "bench.prefix_bench", *extra])  # issue 13: prefix cache, n=4
     if (BENCH_DIR / "train_bench.py").is_file():

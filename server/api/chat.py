@@ -38,6 +38,7 @@ from server.api.protocol import (
 from server.api.request_fields import CHAT_FIELDS
 from server.api.sampling import sampling_params
 from server.api.sse import DONE, EventStream, error_line, sse_line, unless_disconnected, usage
+from server.api.sse_template import TextLines
 from server.api.tool_stream import tool_sse
 from server.api.tools import as_tool_reply, plan_tools, template_tools
 from server.bounds import check_lengths
@@ -156,14 +157,15 @@ async def _sse(state: ServerState, body: ChatCompletionRequest, generation: Gene
         )
 
     yield chunk(Delta(role="assistant", content=""))
+    text_line = TextLines(lambda text: chunk(Delta(content=text)))  # a token's line without pydantic
     completion_tokens = 0
     async for event in generation.events():
         completion_tokens = max(event.completion_tokens, generation.completion_tokens)
-        logprobs = None
         if body.logprobs and event.token_id is not None:
             logprobs = ChoiceLogprobs(content=[_token_logprob(state.tokenizer, event, body.return_tokens_as_token_ids)])
-        if event.text or logprobs is not None:
             yield chunk(Delta(content=event.text), logprobs=logprobs)
+        elif event.text:
+            yield text_line(event.text)
     if generation.finish_reason == "abort":
         yield error_line(abort_error(generation))
     else:

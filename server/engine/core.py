@@ -273,6 +273,11 @@ class EngineCore:
                 except Exception:  # noqa: BLE001 - a bug outside the run must not kill the loop
                     logger.exception("engine step failed outside the model run; failing the requests in flight")
                     self._fail_all("internal engine error")
+            self._delivered()
+
+    def _delivered(self) -> None:
+        """After each loop iteration (the step's and the commands' events were sent): a front that
+        buffers its sinks delivers here (`Engine` batches them per event loop); nothing by default."""
 
     def _drain_inbox(self) -> None:
         while True:

@@ -2,7 +2,8 @@
 
 `await start()` runs the core's loop (`run_until`) in a dedicated thread, so model steps never
 block the asyncio event loop; `add_request` returns an async iterator of `TokenEvent`s fed from
-that thread; `await stop()` ends the loop, aborting what is still in flight. Everything about
+that thread, all of a step's events in one hop (`server.engine.delivery`); `await stop()` ends the
+loop, aborting what is still in flight. Everything about
 models, steps and commands is in `server.engine.core`.
 """
 
@@ -15,6 +16,7 @@ from typing import Any
 
 from server.engine.config import EngineConfig
 from server.engine.core import EngineCore
+from server.engine.delivery import EventStream, Outbox
 from server.engine.errors import EngineStopped
 from server.engine.types import AdapterRef, SamplingParams, TokenEvent
 
@@ -29,6 +31,7 @@ class Engine(EngineCore):
         super().__init__(config)
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._outbox = Outbox()
 
     def add_request(
         self,
@@ -46,28 +49,23 @@ class Engine(EngineCore):
         """
         if not self.running:
             raise EngineStopped("the engine loop is not running; await engine.start() first")
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue[TokenEvent] = asyncio.Queue()
-        self._submit(
-            request_id,
-            prompt_ids,
-            adapter,
-            sampling,
-            lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
-            tenant,
-        )
-        return self._stream(request_id, events)
+        stream = EventStream(asyncio.get_running_loop())
+        self._submit(request_id, prompt_ids, adapter, sampling, self._outbox.sink(stream), tenant)
+        return self._stream(request_id, stream)
 
-    async def _stream(self, request_id: str, events: asyncio.Queue[TokenEvent]) -> AsyncIterator[TokenEvent]:
+    async def _stream(self, request_id: str, stream: EventStream) -> AsyncIterator[TokenEvent]:
         finished = False
         try:
-            while not finished:
-                event = await events.get()
+            async for event in stream:
                 finished = event.finish_reason is not None
                 yield event
         finally:
             if not finished:
                 self.abort(request_id)
+
+    def _delivered(self) -> None:
+        """After each loop iteration: this iteration's events go out, one hop per event loop."""
+        self._outbox.flush()
 
     @property
     def running(self) -> bool:
@@ -91,8 +89,11 @@ class Engine(EngineCore):
         self._thread = None
 
     def _loop(self) -> None:
-        self.run_until(lambda: self._stopping)
-        self.abort_all()
+        try:
+            self.run_until(lambda: self._stopping)
+            self.abort_all()
+        finally:
+            self._outbox.flush()
 
     def _wait(self, done: threading.Event) -> None:
         """`generate` while the loop thread runs: that thread serves it; wait."""
