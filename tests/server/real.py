@@ -33,8 +33,11 @@ def tiny_engine(base_dir: Path, **overrides):
 
 
 @contextmanager
-def real_live_server(base_dir: Path, store_dir: Path, config: ServerConfig | None = None) -> Iterator[LiveServer]:
-    """A live app over `tiny_engine(base_dir)` and a fresh store; the engine is closed on exit.
+def real_live_server(
+    base_dir: Path, store_dir: Path, config: ServerConfig | None = None, **engine_overrides
+) -> Iterator[LiveServer]:
+    """A live app over `tiny_engine(base_dir, **engine_overrides)` and a fresh store; the engine is
+    closed on exit.
 
     The yielded server also carries `engine`, `state` (the app's `ServerState`) and `base` (its id).
     """
@@ -42,7 +45,7 @@ def real_live_server(base_dir: Path, store_dir: Path, config: ServerConfig | Non
     from adapters.store import AdapterStore
     from server.app import create_app
 
-    engine = tiny_engine(base_dir)
+    engine = tiny_engine(base_dir, **engine_overrides)
     try:
         app = create_app(
             config or ServerConfig(max_model_len=512),

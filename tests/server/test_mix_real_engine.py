@@ -10,9 +10,8 @@ import pytest
 
 from adapters.format import read_peft, write_peft
 from adapters.merge import MergeInput, merge_adapters
-from server.settings import ServerConfig
 from tests.server.conftest import upload, write_peft_adapter
-from tests.server.live import LiveServer
+from tests.server.real import real_live_server
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 MAX_TOKENS = 10
@@ -21,42 +20,20 @@ WEIGHTS = {"m1": 0.7, "m2": -0.4, "m3": 1.3}
 
 @pytest.fixture(scope="module")
 def mix_server(tiny_base_dir, tmp_path_factory):
-    from adapters.base import BaseInfo
-    from adapters.store import AdapterStore
-    from server.app import create_app
-    from server.engine.config import EngineConfig
-    from server.engine.engine import Engine
-
-    engine = Engine(
-        EngineConfig(
-            base=tiny_base_dir,
-            quant="none",
-            dtype="float32",
-            device="cpu",
-            max_loras=3,
-            max_cpu_loras=8,
-            max_model_len=512,
-            block_size=8,
-            num_kv_blocks=256,
-            fold="off",
-        )
-    )
-    store = AdapterStore(tmp_path_factory.mktemp("mix-store"))
-    app = create_app(ServerConfig(max_model_len=512), engine, store, base_info=BaseInfo.from_dir(tiny_base_dir))
     root = tmp_path_factory.mktemp("mix-peft")
     sources = {
         "m1": write_peft_adapter(tiny_base_dir, root / "m1", seed=31, rank=4, scale=2.0),
         "m2": write_peft_adapter(tiny_base_dir, root / "m2", seed=32, rank=8, targets=("o_proj", "down_proj")),
         "m3": write_peft_adapter(tiny_base_dir, root / "m3", seed=33, rank=4, targets=("q_proj", "gate_proj")),
     }
-    with LiveServer(app) as live:
+    store = tmp_path_factory.mktemp("mix-store")
+    with real_live_server(tiny_base_dir, store, max_loras=3, max_cpu_loras=8, num_kv_blocks=256) as live:
         http = httpx.Client(base_url=live.url, timeout=60)
         for name, directory in sources.items():
             assert upload(http, name, directory).status_code == 201
-        live.engine, live.state, live.sources, live.http = engine, app.state.loraswap, sources, http
+        live.sources, live.http = sources, http
         yield live
         http.close()
-    engine.close()
 
 
 def _client(server):

@@ -13,7 +13,8 @@ import pytest
 
 from server.limits import Limits
 from server.settings import ServerConfig
-from tests.server.live import LiveServer, wait_until
+from tests.server.live import wait_until
+from tests.server.real import real_live_server
 
 QUESTION = [
     {"role": "system", "content": "You are a helpful assistant who answers briefly and precisely."},
@@ -23,33 +24,9 @@ QUESTION = [
 
 @pytest.fixture(scope="module")
 def server(tiny_base_dir, tmp_path_factory):
-    from adapters.base import BaseInfo
-    from adapters.store import AdapterStore
-    from server.app import create_app
-    from server.engine.config import EngineConfig
-    from server.engine.engine import Engine
-
-    engine = Engine(
-        EngineConfig(
-            base=tiny_base_dir,
-            quant="none",
-            dtype="float32",
-            device="cpu",
-            max_loras=2,
-            max_cpu_loras=4,
-            max_model_len=512,
-            block_size=8,
-            num_kv_blocks=256,
-            fold="off",
-        )
-    )
-    store = AdapterStore(tmp_path_factory.mktemp("parallel-store"))
     config = ServerConfig(max_model_len=512, limits=Limits(max_n=4))
-    app = create_app(config, engine, store, base_info=BaseInfo.from_dir(tiny_base_dir))
-    with LiveServer(app) as live:
-        live.engine, live.state = engine, app.state.loraswap
+    with real_live_server(tiny_base_dir, tmp_path_factory.mktemp("parallel-store"), config, num_kv_blocks=256) as live:
         yield live
-    engine.close()
 
 
 def client(server):
