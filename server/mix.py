@@ -11,7 +11,9 @@ ranks per module) within `max_rank` (400 `adapters`) and the composed adapter wi
 bounds (adapters/bounds.py, 422), so a mix cannot serve what an upload could not.
 
 Chat and legacy completions share this: `resolve_request` before rendering, `resolve_again` after
-the last await (the adapters may have been deleted or re-uploaded meanwhile).
+the last await (the adapters may have been deleted or re-uploaded meanwhile). With the local store
+`resolve_again` never suspends; with the cluster's store its lookups are awaited, and a DELETE
+begun meanwhile still answers 404 (`ServerState.is_deleting`), as for one adapter.
 """
 
 from __future__ import annotations
@@ -91,7 +93,7 @@ async def resolve_request(
     """
     if adapters is None:
         return await state.aresolve_model(tenant, model)
-    resolved = _lookup(state, tenant, model, adapters)
+    resolved = await _lookup(state, tenant, model, adapters)
     mix_id = resolved.adapter.id if resolved.adapter is not None else ""
     if not checks(state).passed(tenant, mix_id):
         await _check_off_loop(state, tenant, resolved)
@@ -106,18 +108,22 @@ async def resolve_again(
     adapters: Sequence[MixPart] | None,
     first: ResolvedModel,
 ) -> ResolvedModel:
-    """The same resolution right before admission, without awaiting: 404 if an adapter is gone,
-    409 if one was re-uploaded with other content since `first` was checked."""
+    """The same resolution right before admission (with the local store, without suspending): 404
+    if an adapter is gone, 409 if one was re-uploaded with other content since `first` was checked."""
     if adapters is None:
         return await state.aresolve_model(tenant, model)
-    resolved = _lookup(state, tenant, model, adapters)
+    resolved = await _lookup(state, tenant, model, adapters)
     if first.adapter is None or resolved.adapter is None or resolved.adapter.id != first.adapter.id:
         raise Conflict("an adapter of the mix changed while the request was prepared; retry", param="adapters")
     return resolved
 
 
-def _lookup(state: ServerState, tenant: str, model: str, adapters: Sequence[MixPart]) -> ResolvedModel:
-    """The cheap checks and the store lookups (no I/O beyond the store's index)."""
+async def _lookup(state: ServerState, tenant: str, model: str, adapters: Sequence[MixPart]) -> ResolvedModel:
+    """The cheap checks and the store lookups (no I/O beyond the store's index).
+
+    The local store answers inline (nothing here suspends); a store elsewhere (the cluster's
+    `RemoteStore`) is awaited, never waited on, so the event loop serves other tenants meanwhile.
+    """
     limits = state.config.limits
     if model != state.base_id:
         # The same answer whether `model` names an adapter, another tenant's or nothing at all.
@@ -139,16 +145,20 @@ def _lookup(state: ServerState, tenant: str, model: str, adapters: Sequence[MixP
     records = []
     for component in adapters:
         try:
-            records.append(state.get_adapter(tenant, component.name))
+            records.append(await state.aget_adapter(tenant, component.name))
         except (AdapterNotFound, InvalidName):
             raise AdapterNotFound(component.name, param="adapters") from None
     templates = {record.template_sha256 for record in records} - {None}
     if len(templates) > 1:
         raise BadRequest("the adapters of a mix were trained with different chat templates", param="adapters")
+    paths = [await state.aadapter_dir(record) for record in records]
+    for component in adapters:
+        if state.is_deleting(tenant, component.name):  # a DELETE began while we awaited the store
+            raise AdapterNotFound(component.name, param="adapters")
     ref = make_mix_ref(
         [
-            (AdapterRef(id=record.id, path=state.store.adapter_dir(record)), component.weight)
-            for record, component in zip(records, adapters)
+            (AdapterRef(id=record.id, path=path), component.weight)
+            for record, path, component in zip(records, paths, adapters)
         ]
     )
     return ResolvedModel(model, ref, None, tuple(records))

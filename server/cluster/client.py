@@ -3,7 +3,9 @@
 `add_request` / `abort` / `pin` / `unpin` / `forget_adapter` / `stats` / `tokenizer` /
 `max_model_len` / `start` / `stop` behave as the in-process engine's do, but each request runs on an
 `EngineReplica` that Ray Serve picks: `multiplexed_model_id` = the adapter's content id, empty for
-the base; `router.AdapterRouter` picks the replica.
+the base; `router.AdapterRouter` picks the replica. A per-request mix is sent as its mix id (so
+its requests keep their affinity) with its parts' content ids and weights, from which the replica
+builds it (server/cluster/mixes.py).
 
 Failure: if a replica dies before the request produced a token, the request is sent again to
 another replica (`retries` times, default once). Otherwise the request ends with finish_reason
@@ -26,7 +28,7 @@ from typing import Any
 
 from adapters.errors import LoraswapError
 from server.cluster.errors import LOST, replica_lost, unwrap
-from server.engine.types import AdapterRef, AdapterResidency, EngineStats, FoldView, SamplingParams, TokenEvent
+from server.engine.types import AdapterRef, AdapterResidency, EngineStats, FoldView, MixRef, SamplingParams, TokenEvent
 
 log = logging.getLogger("loraswap.cluster")
 # Set by the ingress middleware for each HTTP request; the client writes the replica's name into it.
@@ -72,6 +74,13 @@ def merge_stats(reports: Iterable[EngineStats]) -> EngineStats:
         unfolds += stats.fold.unfolds
     fold = FoldView(folded=folded, pinned=tuple(sorted(pinned)), bytes=fold_bytes, folds=folds, unfolds=unfolds)
     return EngineStats(adapters=adapters, slots=slots, fold=fold, **counters)
+
+
+def mix_parts(adapter: AdapterRef | None) -> tuple[tuple[str, float], ...]:
+    """What a replica needs to build a mix: its parts' content ids and weights (no names, no paths)."""
+    if not isinstance(adapter, MixRef):
+        return ()
+    return tuple((part.id, weight) for part, weight in adapter.parts)
 
 
 class ReplicaEngineClient:
@@ -123,7 +132,8 @@ class ReplicaEngineClient:
         sampling: SamplingParams,
         tenant: str = "default",
     ) -> AsyncIterator[TokenEvent]:
-        if adapter is not None:
+        if adapter is not None and not isinstance(adapter, MixRef):
+            # a mix is no adapter of the tenant's (never listed), and its ids are unbounded in number
             self._used[tenant].add(adapter.id)
         return self._stream(request_id, prompt_ids, adapter, sampling, tenant)
 
@@ -134,9 +144,10 @@ class ReplicaEngineClient:
         sent = 0
         lost: list[str] = []  # replicas lost before this request produced anything: not asked again
         options = {"stream": True, "multiplexed_model_id": adapter.id if adapter is not None else ""}
+        mix = mix_parts(adapter)
         while True:
             response = self.handle.options(**options).generate.remote(
-                request_id, prompt_ids, sampling, tenant, avoid=tuple(lost)
+                request_id, prompt_ids, sampling, tenant, avoid=tuple(lost), mix=mix
             )
             self._responses[request_id] = response
             serving = ""

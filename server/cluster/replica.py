@@ -7,6 +7,10 @@ replica fetches the blob from the store actor on first use and hands the engine 
 Many adapters still share each engine step: Ray only chooses the replica, the engine batches.
 A forgotten content id (the ingress broadcasts `forget_adapter` once a deleted adapter's blob is
 gone) is refused here unless the store has it again, even while Serve's LRU still lists it.
+
+A per-request mix (server/mix.py) arrives as its mix id plus its parts' content ids and weights
+(`mix=`): the replica fetches every part's blob and builds the `MixRef` itself, and forgetting a
+part forgets the mixes built from it (server/cluster/mixes.py).
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ from pathlib import Path
 
 from ray import serve
 
+from server.cluster.mixes import ReplicaMixes, is_mix
 from server.cluster.store import RemoteStore
+from server.engine.mixes import make_mix_ref
 from server.engine.types import AdapterRef, SamplingParams
 from server.tenancy import TenantPins, submit
 
@@ -45,6 +51,7 @@ class EngineReplica:
         self.pins = TenantPins(self.engine)  # per (tenant, content id), whatever this engine supports
         self._started: asyncio.Task | None = None
         self.forgotten: set[str] = set()  # content ids forgotten since Serve's LRU last loaded them
+        self.mixes = ReplicaMixes()  # the mixes asked of this replica and their parts
 
     async def _ensure_started(self) -> None:
         if self._started is None:
@@ -53,21 +60,33 @@ class EngineReplica:
 
     @serve.multiplexed(max_num_models_per_replica=MODELS_PER_REPLICA)
     async def get_adapter(self, content_id: str) -> AdapterRef:
-        path = await asyncio.to_thread(self.store.materialize, content_id)
-        return AdapterRef(id=content_id, path=path)
+        return await self._load(content_id)
 
-    async def adapter(self, content_id: str) -> AdapterRef:
-        """The adapter to run for `content_id`; AdapterNotFound once forgotten and gone from the store."""
+    async def _load(self, content_id: str) -> AdapterRef:
+        """Fetch the blob (a mix: every part's blob) from the store; AdapterNotFound once gone."""
+        parts = self.mixes.parts(content_id) if is_mix(content_id) else None
+        if parts is None:
+            path = await asyncio.to_thread(self.store.materialize, content_id)
+            return AdapterRef(id=content_id, path=path)
+        refs = [await self._load(part) for part, _ in parts]
+        return make_mix_ref([(ref, weight) for ref, (_, weight) in zip(refs, parts)])
+
+    async def adapter(self, content_id: str, mix: tuple[tuple[str, float], ...] = ()) -> AdapterRef:
+        """The adapter to run for `content_id` (with `mix`, the parts of a mix id); AdapterNotFound
+        once forgotten and gone from the store."""
+        if is_mix(content_id):
+            for fallen in self.mixes.declare(content_id, mix):
+                self._forget(fallen)
         if content_id in self.forgotten:
             # Serve's LRU may still hold the old ref: ask the store (identical bytes may be back).
-            path = await asyncio.to_thread(self.store.materialize, content_id)
+            ref = await self._load(content_id)
             self.forgotten.discard(content_id)
-            return AdapterRef(id=content_id, path=path)
+            return ref
         return await self.get_adapter(content_id)
 
-    async def serves(self, content_id: str) -> str:
+    async def serves(self, content_id: str, mix: tuple[tuple[str, float], ...] = ()) -> str:
         """This replica's name if it would serve `content_id` now (raises AdapterNotFound if not)."""
-        await self.adapter(content_id)
+        await self.adapter(content_id, mix)
         return self.name
 
     async def generate(
@@ -77,11 +96,12 @@ class EngineReplica:
         sampling: SamplingParams,
         tenant: str = "default",
         avoid: tuple[str, ...] = (),  # read by the request router (replicas lost on earlier tries)
+        mix: tuple[tuple[str, float], ...] = (),  # a mix id's parts: (content id, weight) pairs
     ):
         yield self.name, None, None  # first word: the ingress knows who holds the request
         await self._ensure_started()
         content_id = serve.get_multiplexed_model_id()
-        adapter = await self.adapter(content_id) if content_id else None
+        adapter = await self.adapter(content_id, mix) if content_id else None
         stream = submit(self.engine, request_id, prompt_ids, adapter, sampling, tenant)
         try:
             async for event in stream:
@@ -102,11 +122,16 @@ class EngineReplica:
         self.pins.unpin(tenant, adapter_id)
 
     async def forget_adapter(self, adapter_id: str) -> str:
-        """Drop the content from the engine and the local blob cache, and refuse it from now on."""
-        self.forgotten.add(adapter_id)
-        self.engine.forget_adapter(adapter_id)
+        """Drop the content and the mixes built from it from the engine, drop the local blob copy,
+        and refuse them from now on (unless the store has the content again)."""
+        for forgotten in (adapter_id, *self.mixes.built_from(adapter_id)):
+            self._forget(forgotten)
         await asyncio.to_thread(shutil.rmtree, self.store.cache / adapter_id, True)
         return self.name
+
+    def _forget(self, content_id: str) -> None:
+        self.forgotten.add(content_id)
+        self.engine.forget_adapter(content_id)
 
     async def ready(self) -> dict:
         """Started and answering: its name and stats (the ingress's `/ready` and metrics ask this)."""

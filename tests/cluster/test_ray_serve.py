@@ -214,3 +214,31 @@ def test_app_builder_for_serve_run_and_kuberay_builds_the_application(ray_served
         }
     )
     assert isinstance(app, Application)
+
+
+def test_a_mix_on_the_cluster_equals_its_saved_cat_merge(ray_served, adapter, tiny_base_dir, tmp_path):
+    """A per-request mix reaches a replica as its id plus its parts' content ids; the replica builds
+    it from the store's blobs. Reference: the `cat` merge of the same parts and weights, saved and
+    served as one adapter (greedy, fp32: equal text). Deleting a part ends the mix: 404."""
+    import openai
+
+    folder = write_peft_adapter(tiny_base_dir, tmp_path / "mix-part", seed=6, scale=6.0)
+    parts = [{"name": "persona", "weight": 0.7}, {"name": "mix-part", "weight": 0.3}]
+    with ray_served.client() as http:
+        assert upload_files(http, "mix-part", folder).status_code in (200, 201)
+        merged = http.post("/v1/adapters/merge", json={"name": "mix-saved", "method": "cat", "adapters": parts})
+        assert merged.status_code in (200, 201), merged.text
+    base = _base_id(ray_served)
+
+    def mixed():
+        return ray_served.openai().chat.completions.create(
+            model=base, messages=QUESTION, max_tokens=8, temperature=0, extra_body={"adapters": parts}
+        )
+
+    text = mixed().choices[0].message.content
+    assert text == _chat(ray_served, "mix-saved")[1].choices[0].message.content
+    assert text != _chat(ray_served, base)[1].choices[0].message.content
+    with ray_served.client() as http:
+        assert http.delete("/v1/adapters/mix-part").status_code == 200
+    with pytest.raises(openai.NotFoundError):
+        mixed()

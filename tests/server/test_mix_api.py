@@ -171,7 +171,7 @@ def test_a_mix_whose_adapter_changed_meanwhile_is_409(server, tiny_base_dir, tmp
 
     state, base = server.state, server.state.base_id
     mix = [MixComponent(name="a", weight=0.5), MixComponent(name="b")]
-    first = _lookup(state, "alice", base, mix)  # what the route resolved before rendering
+    first = asyncio.run(_lookup(state, "alice", base, mix))  # what the route resolved before rendering
     assert asyncio.run(resolve_again(state, "alice", base, mix, first)) == first
     newer = write_peft_adapter(tiny_base_dir, tmp_path / "a2", seed=7)
     assert upload(server.client(), "a", newer).status_code == 201  # a new version of `a`
