@@ -17,6 +17,7 @@ from server.limits import Limits
 from server.settings import ServerConfig
 
 KEYS = {"alice": "key-alice", "bob": "key-bob"}
+ADMIN_KEY = "key-admin"
 
 
 def _free_port() -> int:
@@ -87,6 +88,7 @@ def ray_served(tiny_base_dir, tmp_path_factory):
             fold="off",
             kv_cache_bytes=8 * 1024 * 1024,
             api_keys=tuple(KEYS.items()),
+            admin_key=ADMIN_KEY,
             # one tenant fills both replicas here (routing tests, not fairness ones)
             limits=Limits(tenant_queue_share=1.0),
         )
