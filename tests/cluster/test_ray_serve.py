@@ -126,11 +126,26 @@ def test_a_stream_names_its_replica_too(ray_served, adapter):
     assert lines[-1] == "data: [DONE]" and '"role": "assistant"' in lines[0]
 
 
+def _refused_everywhere(handle, *serves_args) -> None:
+    """Every replica refuses `serves(*serves_args)` with AdapterNotFound, once the asynchronous
+    collection and forget broadcast have run (120 s hang guard)."""
+    from adapters.errors import AdapterNotFound
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        refusals = handle.broadcast("serves", *serves_args).results(timeout_s=120, return_exceptions=True)
+        if all(isinstance(r, Exception) for r in refusals):
+            break
+        time.sleep(0.5)
+    assert refusals and all(
+        isinstance(r, AdapterNotFound) or isinstance(getattr(r, "cause", None), AdapterNotFound) for r in refusals
+    ), refusals
+
+
 def test_a_delete_reaches_every_replica(ray_served, tiny_base_dir, tmp_path):
     """Warm the adapter on both replicas, delete it: once its blob is gone every replica refuses
     its content id (Serve's LRU would still hand out the old copy) and none lists it resident."""
     import ray
-    from adapters.errors import AdapterNotFound
 
     folder = write_peft_adapter(tiny_base_dir, tmp_path / "doomed", seed=5, scale=6.0)
     with ray_served.client() as http:
@@ -145,15 +160,7 @@ def test_a_delete_reaches_every_replica(ray_served, tiny_base_dir, tmp_path):
 
     with pytest.raises(openai.NotFoundError):  # the name is gone at once, on whichever replica
         _chat(ray_served, "doomed")
-    deadline = time.monotonic() + 120  # hang guard: collection and the broadcast are asynchronous
-    while time.monotonic() < deadline:
-        refusals = handle.broadcast("serves", content_id).results(timeout_s=120, return_exceptions=True)
-        if all(isinstance(r, Exception) for r in refusals):
-            break
-        time.sleep(0.5)
-    assert refusals and all(
-        isinstance(r, AdapterNotFound) or isinstance(getattr(r, "cause", None), AdapterNotFound) for r in refusals
-    ), refusals
+    _refused_everywhere(handle, content_id)
     assert not ray.get(ray_served.store.has_blob.remote(record["sha256"]))
     for report in handle.broadcast("ready").results(timeout_s=120):
         assert content_id not in report["stats"].adapters, report["replica"]
@@ -223,7 +230,6 @@ def test_a_mix_on_the_cluster_equals_its_saved_cat_merge(ray_served, adapter, ti
     mix: 404 at the ingress, and every replica that built it refuses its id."""
     import openai
 
-    from adapters.errors import AdapterNotFound
     from adapters.mix import canonical_parts, mix_id
     from server.engine.types import SamplingParams
 
@@ -265,12 +271,4 @@ def test_a_mix_on_the_cluster_equals_its_saved_cat_merge(ray_served, adapter, ti
         assert http.delete("/v1/adapters/mix-part").status_code == 200
     with pytest.raises(openai.NotFoundError):
         mixed()
-    deadline = time.monotonic() + 120  # hang guard: collection and the forget broadcast are asynchronous
-    while time.monotonic() < deadline:
-        refusals = handle.broadcast("serves", mix_id(mix), mix).results(timeout_s=120, return_exceptions=True)
-        if all(isinstance(r, Exception) for r in refusals):
-            break
-        time.sleep(0.5)
-    assert refusals and all(
-        isinstance(r, AdapterNotFound) or isinstance(getattr(r, "cause", None), AdapterNotFound) for r in refusals
-    ), refusals
+    _refused_everywhere(handle, mix_id(mix), mix)
