@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -26,41 +23,7 @@ from pathlib import Path
 import httpx
 
 from bench.report import RESULTS_DIR, Measure, Report
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start(extra: list[str], port: int, store: Path) -> subprocess.Popen:
-    command = [sys.executable, "-m", "loraswap.cli", "serve", "--port", str(port), "--store", str(store), *extra]
-    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-
-
-def _wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(f"{url}/ready", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise RuntimeError(f"{url} not ready after {timeout:.0f}s")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+from loraswap.serve_process import ServeProcess
 
 
 class Target:
@@ -112,14 +75,16 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.concurrent} concurrent, {args.rounds} interleaved rounds)"
     )
     variants = {"single": [], "ray": ["--replicas", str(args.replicas)]}
-    procs: dict[str, tuple[subprocess.Popen, str]] = {}
+    servers = {
+        label: ServeProcess(None, args.store / label, args.store / f"{label}.log", extra + flags, ready_timeout=900)
+        for label, flags in variants.items()
+    }
     try:
-        for label, flags in variants.items():
-            port = _port()
-            procs[label] = (_start(extra + flags, port, args.store / label), f"http://127.0.0.1:{port}")
-        for proc, url in procs.values():
-            _wait_ready(url, proc, 900)
-        targets = {label: Target(url, args.tokens) for label, (_, url) in procs.items()}
+        for server in servers.values():  # both start at once: Ray's start-up overlaps the other's
+            server.launch()
+        for server in servers.values():
+            server.wait_ready()
+        targets = {label: Target(server.url, args.tokens) for label, server in servers.items()}
         latency: dict[str, list[float]] = {label: [] for label in variants}
         throughput: dict[str, list[float]] = {label: [] for label in variants}
         for _ in range(args.rounds):
@@ -130,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         for target in targets.values():
             target.http.close()
     finally:
-        for proc, _ in procs.values():
-            _stop(proc)
+        for server in servers.values():
+            server.stop()
     for label in variants:
         report.add(Measure(f"{label}_lat", f"{label}: one request", statistics.median(latency[label]), "ms"))
         report.add(

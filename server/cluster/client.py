@@ -5,7 +5,9 @@
 `EngineReplica` that Ray Serve picks: `multiplexed_model_id` = the adapter's content id, empty for
 the base; `router.AdapterRouter` picks the replica. A per-request mix is sent as its mix id (so
 its requests keep their affinity) with its parts' content ids and weights, from which the replica
-builds it (server/cluster/mixes.py).
+builds it (server/cluster/mixes.py). A compiled grammar (structured output, tool calls) cannot
+cross processes: its spec and end-of-turn ids travel instead and the replica compiles it again
+(`sendable`).
 
 Failure: if a replica dies before the request produced a token, the request is sent again to
 another replica (`retries` times, default once). Otherwise the request ends with finish_reason
@@ -28,6 +30,7 @@ from typing import Any
 
 from adapters.errors import LoraswapError
 from server.cluster.errors import LOST, replica_lost, unwrap
+from server.engine.grammar import CompiledGrammar, GrammarSpec
 from server.engine.types import AdapterRef, AdapterResidency, EngineStats, FoldView, MixRef, SamplingParams, TokenEvent
 
 log = logging.getLogger("loraswap.cluster")
@@ -81,6 +84,15 @@ def mix_parts(adapter: AdapterRef | None) -> tuple[tuple[str, float], ...]:
     if not isinstance(adapter, MixRef):
         return ()
     return tuple((part.id, weight) for part, weight in adapter.parts)
+
+
+def sendable(sampling: SamplingParams) -> tuple[SamplingParams, tuple[GrammarSpec, tuple[int, ...]] | None]:
+    """`sampling` without its compiled grammar (llguidance's matcher does not pickle), and what the
+    replica compiles it from: the spec the ingress checked and the end-of-turn ids it allows."""
+    grammar = sampling.grammar
+    if not isinstance(grammar, CompiledGrammar):
+        return sampling, None
+    return dataclasses.replace(sampling, grammar=None), (grammar.spec, tuple(grammar.end_ids))
 
 
 class ReplicaEngineClient:
@@ -145,9 +157,10 @@ class ReplicaEngineClient:
         lost: list[str] = []  # replicas lost before this request produced anything: not asked again
         options = {"stream": True, "multiplexed_model_id": adapter.id if adapter is not None else ""}
         mix = mix_parts(adapter)
+        sampling, grammar = sendable(sampling)
         while True:
             response = self.handle.options(**options).generate.remote(
-                request_id, prompt_ids, sampling, tenant, avoid=tuple(lost), mix=mix
+                request_id, prompt_ids, sampling, tenant, avoid=tuple(lost), mix=mix, grammar=grammar
             )
             self._responses[request_id] = response
             serving = ""

@@ -10,12 +10,14 @@ gone) is refused here unless the store has it again, even while Serve's LRU stil
 
 A per-request mix (server/mix.py) arrives as its mix id plus its parts' content ids and weights
 (`mix=`): the replica fetches every part's blob and builds the `MixRef` itself, and forgetting a
-part forgets the mixes built from it (server/cluster/mixes.py).
+part forgets the mixes built from it (server/cluster/mixes.py). A constrained request's grammar
+arrives as its spec (`grammar=`) and is compiled here, cached per tenant as at the ingress.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -25,6 +27,7 @@ from ray import serve
 
 from server.cluster.mixes import ReplicaMixes, is_mix
 from server.cluster.store import RemoteStore
+from server.engine.grammar import CompiledGrammar, GrammarCache, GrammarSpec
 from server.engine.mixes import make_mix_ref
 from server.engine.types import AdapterRef, SamplingParams
 from server.tenancy import TenantPins, submit
@@ -52,6 +55,7 @@ class EngineReplica:
         self._started: asyncio.Task | None = None
         self.forgotten: set[str] = set()  # content ids forgotten since Serve's LRU last loaded them
         self.mixes = ReplicaMixes()  # the mixes asked of this replica and their parts
+        self.grammars: GrammarCache | None = None  # made on the first constrained request
 
     async def _ensure_started(self) -> None:
         if self._started is None:
@@ -97,11 +101,14 @@ class EngineReplica:
         tenant: str = "default",
         avoid: tuple[str, ...] = (),  # read by the request router (replicas lost on earlier tries)
         mix: tuple[tuple[str, float], ...] = (),  # a mix id's parts: (content id, weight) pairs
+        grammar: tuple[GrammarSpec, tuple[int, ...]] | None = None,  # (spec, end-of-turn ids) to compile
     ):
         yield self.name, None, None  # first word: the ingress knows who holds the request
         await self._ensure_started()
         content_id = serve.get_multiplexed_model_id()
         adapter = await self.adapter(content_id, mix) if content_id else None
+        if grammar is not None:
+            sampling = dataclasses.replace(sampling, grammar=await asyncio.to_thread(self._compile, tenant, *grammar))
         stream = submit(self.engine, request_id, prompt_ids, adapter, sampling, tenant)
         try:
             async for event in stream:
@@ -111,6 +118,12 @@ class EngineReplica:
                     break
         finally:
             await stream.aclose()
+
+    def _compile(self, tenant: str, spec: GrammarSpec, end_ids: tuple[int, ...]) -> CompiledGrammar:
+        """The grammar the ingress compiled and checked, compiled again for this engine (blocking)."""
+        if self.grammars is None or tuple(self.grammars.end_ids) != end_ids:
+            self.grammars = GrammarCache(self.engine.tokenizer, list(end_ids))
+        return self.grammars.compile(tenant, spec)
 
     async def pin(self, adapter_id: str, tenant: str = "default") -> str:
         await self._ensure_started()

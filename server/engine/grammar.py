@@ -121,6 +121,10 @@ class CompiledGrammar:
         self._end_ids = end_ids
         self._lock = threading.Lock()
 
+    @property
+    def end_ids(self) -> list[int]:
+        return list(self._end_ids)
+
     def matcher(self) -> GrammarMatcher:
         with self._lock:
             return GrammarMatcher(self._prototype.deep_copy(), self._end_ids)

@@ -1,5 +1,8 @@
 """A real `loraswap serve` process on a free loopback port, for the adversarial suite and the soak.
 
+The process handling is loraswap/serve_process.py (shared with the benchmarks); this module holds
+the suite's tenants, admin key, flags and limits.
+
 The suite attacks the server the way a hostile tenant would: over real sockets, against the
 process a deployment runs (`python -m loraswap.cli serve`), so body caps before the body,
 slowloris timeouts, chunked uploads and a restart over the same store behave as in production.
@@ -11,16 +14,9 @@ is what lets this suite run, and fail, on code that predates the contract.
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import httpx
-
-REPO = Path(__file__).resolve().parents[2]
+from loraswap.serve_process import ServeProcess
 
 TENANT_KEYS = {"alice": "sk-alice-adv-0123456789", "bob": "sk-bob-adv-9876543210", "carol": "sk-carol-adv-5555555555"}
 ADMIN_KEY = "sk-admin-adv-4242424242"
@@ -53,127 +49,20 @@ SERVE_FLAGS = {
 }
 
 
-def _die_with_parent() -> None:
-    """In the child: SIGTERM when the test process dies, even by SIGKILL (Linux prctl)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class ServerProcess:
-    """`loraswap serve` in a child process; `start()`, `stop()`, `restart()` over the same store."""
+class ServerProcess(ServeProcess):
+    """`loraswap serve` with the suite's tenants, admin key, flags and limits
+    (loraswap/serve_process.py); `start()`, `stop()`, `restart()` over the same store."""
 
     def __init__(
         self, base_dir: Path, store: Path, log_path: Path, *, env: dict | None = None, flags: dict | None = None
     ):
-        self.base_dir, self.store, self.log_path = Path(base_dir), Path(store), Path(log_path)
-        self.env = {**LIMITS_ENV, **(env or {})}
-        self.flags = {**SERVE_FLAGS, **(flags or {})}
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def command(self) -> list[str]:
-        argv = [
-            sys.executable,
-            "-m",
-            "loraswap.cli",
-            "serve",
-            "--base",
-            str(self.base_dir),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--store",
-            str(self.store),
-        ]
-        for flag, value in self.flags.items():
-            argv += [flag, value]
-        return argv
-
-    def start(self, timeout: float = 180) -> "ServerProcess":
-        env = {k: v for k, v in os.environ.items() if not k.startswith("LORASWAP_")}
-        env.update(self.env)
-        env["LORASWAP_API_KEYS"] = ",".join(f"{t}:{k}" for t, k in TENANT_KEYS.items())
-        env["LORASWAP_ADMIN_KEY"] = ADMIN_KEY
-        env["HF_HUB_OFFLINE"] = "1"  # nothing may download at run time
-        env.setdefault("OMP_NUM_THREADS", "1")
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            self.command(),
-            cwd=REPO,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=_die_with_parent,
+        env = {
+            **LIMITS_ENV,
+            **(env or {}),
+            "LORASWAP_API_KEYS": ",".join(f"{t}:{k}" for t, k in TENANT_KEYS.items()),
+            "LORASWAP_ADMIN_KEY": ADMIN_KEY,
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+        }
+        super().__init__(
+            base_dir, store, log_path, {**SERVE_FLAGS, **(flags or {})}, env=env, ready_timeout=180, stop_timeout=30
         )
-        log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"the server was not ready after {timeout}s:\n{self.log_tail()}")
-
-    def stop(self, timeout: float = 30) -> None:
-        """SIGTERM (graceful drain), then SIGKILL if it does not exit in time."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=30)
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
-    def alive(self) -> bool:
-        if self.proc is None or self.proc.poll() is not None:
-            return False
-        try:
-            return httpx.get(f"{self.url}/health", timeout=30).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    def rss_bytes(self) -> int:
-        """The server's resident set size, from /proc (Linux)."""
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-        return 0
-
-    def log_tail(self, lines: int = 60) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-    def __enter__(self) -> "ServerProcess":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()

@@ -91,17 +91,18 @@ def test_240000_tensor_header_is_refused(alive):
     assert_envelope(response, range(400, 500))
 
 
+def _merge_alice_ab(adv, name, weights):
+    """Alice's linear merge of her `alice-a` and `alice-b` at `weights`: the response."""
+    parts = [{"name": part, "weight": weight} for part, weight in zip(("alice-a", "alice-b"), weights)]
+    with client(adv.url, "alice") as http:
+        return http.post("/v1/adapters/merge", json={"name": name, "method": "linear", "adapters": parts})
+
+
 def test_merge_with_huge_weight_is_a_4xx(alive):
     """`weight: 1e300` multiplies deltas to inf: today a 500; the contract: 4xx (422 out of range)."""
     adv = alive
-    body = {
-        "name": "merged-huge",
-        "method": "linear",
-        "adapters": [{"name": "alice-a", "weight": 1e300}, {"name": "alice-b", "weight": 1.0}],
-    }
     with _victims(adv) as victims:
-        with client(adv.url, "alice") as http:
-            response = http.post("/v1/adapters/merge", json=body)
+        response = _merge_alice_ab(adv, "merged-huge", (1e300, 1.0))
     victims.check()
     if response.status_code in (200, 201):
         _delete(adv, "alice", "merged-huge")
@@ -110,13 +111,6 @@ def test_merge_with_huge_weight_is_a_4xx(alive):
 
 def test_a_sane_merge_still_works(alive):
     """The bound must not refuse ordinary merges: two small adapters at weight 0.5 merge fine."""
-    adv = alive
-    body = {
-        "name": "merged-sane",
-        "method": "linear",
-        "adapters": [{"name": "alice-a", "weight": 0.5}, {"name": "alice-b", "weight": 0.5}],
-    }
-    with client(adv.url, "alice") as http:
-        response = http.post("/v1/adapters/merge", json=body)
-        assert response.status_code in (200, 201), response.text
-        http.delete("/v1/adapters/merged-sane")
+    response = _merge_alice_ab(alive, "merged-sane", (0.5, 0.5))
+    assert response.status_code in (200, 201), response.text
+    _delete(alive, "alice", "merged-sane")

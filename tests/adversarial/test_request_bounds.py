@@ -33,21 +33,18 @@ def test_stop_lists_are_bounded(alive, case):
     assert_envelope(result, 400, "invalid_request", "stop")
 
 
-def test_forty_thousand_messages_are_refused_before_rendering(alive):
+@pytest.mark.parametrize(
+    "messages",
+    [
+        # 40,001 valid turns, ending with the user: refused before rendering
+        [{"role": "user" if i % 2 == 0 else "assistant", "content": "hi"} for i in range(40_001)],
+        # 100,000 characters (under the 4 MiB body cap, over max_prompt_chars=65536)
+        [{"role": "user", "content": "Paris " * 16_667}],
+    ],
+    ids=["forty thousand messages", "too many characters"],
+)
+def test_too_many_messages_or_characters_is_a_400(alive, messages):
     adv = alive
-    messages = [
-        {"role": "user" if i % 2 == 0 else "assistant", "content": "hi"} for i in range(40_001)
-    ]  # valid turns, ending with the user
-    with _victims(adv) as victims:
-        result = plain_chat(adv.url, "alice", chat_body("alice-a", 16, messages=messages))
-    victims.check()
-    assert_envelope(result, 400, "invalid_request", "messages")
-
-
-def test_too_many_characters_in_messages_is_a_400(alive):
-    """100,000 characters (under the 4 MiB body cap, over max_prompt_chars=65536)."""
-    adv = alive
-    messages = [{"role": "user", "content": "Paris " * 16_667}]
     with _victims(adv) as victims:
         result = plain_chat(adv.url, "alice", chat_body("alice-a", 16, messages=messages))
     victims.check()

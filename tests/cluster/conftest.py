@@ -7,22 +7,17 @@ requests fill both replicas. Ray and Serve are shut down at the end of the sessi
 
 from __future__ import annotations
 
-import socket
 import time
 
 import httpx
 import pytest
 
+from loraswap.serve_process import free_port
 from server.limits import Limits
 from server.settings import ServerConfig
 
 KEYS = {"alice": "key-alice", "bob": "key-bob"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+ADMIN_KEY = "key-admin"
 
 
 class RayServed:
@@ -71,7 +66,7 @@ def ray_served(tiny_base_dir, tmp_path_factory):
 
     from server.cluster.launch import deploy
 
-    port = _free_port()
+    port = free_port()
     ray.init(num_cpus=3, include_dashboard=False, namespace="loraswap", log_to_driver=False, configure_logging=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -87,6 +82,7 @@ def ray_served(tiny_base_dir, tmp_path_factory):
             fold="off",
             kv_cache_bytes=8 * 1024 * 1024,
             api_keys=tuple(KEYS.items()),
+            admin_key=ADMIN_KEY,
             # one tenant fills both replicas here (routing tests, not fairness ones)
             limits=Limits(tenant_queue_share=1.0),
         )

@@ -126,11 +126,26 @@ def test_a_stream_names_its_replica_too(ray_served, adapter):
     assert lines[-1] == "data: [DONE]" and '"role": "assistant"' in lines[0]
 
 
+def _refused_everywhere(handle, *serves_args) -> None:
+    """Every replica refuses `serves(*serves_args)` with AdapterNotFound, once the asynchronous
+    collection and forget broadcast have run (120 s hang guard)."""
+    from adapters.errors import AdapterNotFound
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        refusals = handle.broadcast("serves", *serves_args).results(timeout_s=120, return_exceptions=True)
+        if all(isinstance(r, Exception) for r in refusals):
+            break
+        time.sleep(0.5)
+    assert refusals and all(
+        isinstance(r, AdapterNotFound) or isinstance(getattr(r, "cause", None), AdapterNotFound) for r in refusals
+    ), refusals
+
+
 def test_a_delete_reaches_every_replica(ray_served, tiny_base_dir, tmp_path):
     """Warm the adapter on both replicas, delete it: once its blob is gone every replica refuses
     its content id (Serve's LRU would still hand out the old copy) and none lists it resident."""
     import ray
-    from adapters.errors import AdapterNotFound
 
     folder = write_peft_adapter(tiny_base_dir, tmp_path / "doomed", seed=5, scale=6.0)
     with ray_served.client() as http:
@@ -145,15 +160,7 @@ def test_a_delete_reaches_every_replica(ray_served, tiny_base_dir, tmp_path):
 
     with pytest.raises(openai.NotFoundError):  # the name is gone at once, on whichever replica
         _chat(ray_served, "doomed")
-    deadline = time.monotonic() + 120  # hang guard: collection and the broadcast are asynchronous
-    while time.monotonic() < deadline:
-        refusals = handle.broadcast("serves", content_id).results(timeout_s=120, return_exceptions=True)
-        if all(isinstance(r, Exception) for r in refusals):
-            break
-        time.sleep(0.5)
-    assert refusals and all(
-        isinstance(r, AdapterNotFound) or isinstance(getattr(r, "cause", None), AdapterNotFound) for r in refusals
-    ), refusals
+    _refused_everywhere(handle, content_id)
     assert not ray.get(ray_served.store.has_blob.remote(record["sha256"]))
     for report in handle.broadcast("ready").results(timeout_s=120):
         assert content_id not in report["stats"].adapters, report["replica"]
@@ -219,8 +226,12 @@ def test_app_builder_for_serve_run_and_kuberay_builds_the_application(ray_served
 def test_a_mix_on_the_cluster_equals_its_saved_cat_merge(ray_served, adapter, tiny_base_dir, tmp_path):
     """A per-request mix reaches a replica as its id plus its parts' content ids; the replica builds
     it from the store's blobs. Reference: the `cat` merge of the same parts and weights, saved and
-    served as one adapter (greedy, fp32: equal text). Deleting a part ends the mix: 404."""
+    served as one adapter (greedy, fp32: equal text), on each replica. Deleting a part ends the
+    mix: 404 at the ingress, and every replica that built it refuses its id."""
     import openai
+
+    from adapters.mix import canonical_parts, mix_id
+    from server.engine.types import SamplingParams
 
     folder = write_peft_adapter(tiny_base_dir, tmp_path / "mix-part", seed=6, scale=6.0)
     parts = [{"name": "persona", "weight": 0.7}, {"name": "mix-part", "weight": 0.3}]
@@ -228,17 +239,36 @@ def test_a_mix_on_the_cluster_equals_its_saved_cat_merge(ray_served, adapter, ti
         assert upload_files(http, "mix-part", folder).status_code in (200, 201)
         merged = http.post("/v1/adapters/merge", json={"name": "mix-saved", "method": "cat", "adapters": parts})
         assert merged.status_code in (200, 201), merged.text
+        ids = {p["name"]: http.get(f"/v1/adapters/{p['name']}").json()["id"] for p in parts}
+        saved_id = http.get("/v1/adapters/mix-saved").json()["id"]
     base = _base_id(ray_served)
 
     def mixed():
-        return ray_served.openai().chat.completions.create(
+        return ray_served.openai().chat.completions.with_raw_response.create(
             model=base, messages=QUESTION, max_tokens=8, temperature=0, extra_body={"adapters": parts}
         )
 
-    text = mixed().choices[0].message.content
+    first = mixed()
+    text = first.parse().choices[0].message.content
     assert text == _chat(ray_served, "mix-saved")[1].choices[0].message.content
     assert text != _chat(ray_served, base)[1].choices[0].message.content
+    assert {mixed().headers.get(HEADER) for _ in range(2)} == {first.headers.get(HEADER)}  # affinity by mix id
+
+    # every replica (forced with `avoid`) builds the mix and answers with the saved merge's tokens
+    mix = tuple(canonical_parts([(ids[p["name"]], p["weight"]) for p in parts]))
+    handle, names = _replicas_handle(), ray_served.replica_names()
+    for avoided in names:
+        answers = []
+        for model_id, extra in ((mix_id(mix), {"mix": mix}), (saved_id, {})):
+            response = handle.options(stream=True, multiplexed_model_id=model_id).generate.remote(
+                f"mix-{avoided}-{model_id}", [1, 2, 3, 4], SamplingParams(max_tokens=6, temperature=0), "alice",
+                avoid=(avoided,), **extra,
+            )  # fmt: skip
+            answers.append([event.token_id for _, event, _ in response if event is not None])
+        assert answers[0] == answers[1], avoided
+
     with ray_served.client() as http:
         assert http.delete("/v1/adapters/mix-part").status_code == 200
     with pytest.raises(openai.NotFoundError):
         mixed()
+    _refused_everywhere(handle, mix_id(mix), mix)
