@@ -309,7 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     report = run(args)
     print(report.table(), flush=True)
-    json_path, png_path = report.write(f"engine_{args.quant}", args.out)
+    # the dense bf16 path (issue 15) writes beside the fp32 one instead of over it
+    suffix = "" if args.dtype == "float32" else f"_{args.dtype}"
+    json_path, png_path = report.write(f"engine_{args.quant}{suffix}", args.out)
     print(f"wrote {json_path} and {png_path}")
     return 0
 

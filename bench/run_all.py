@@ -15,13 +15,16 @@ from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
 ENGINE_RUNS = (["--quant", "none", "--dtype", "float32"], ["--quant", "nf4"])
+# issue 15: the dense bf16 path (AMX/AVX512-BF16 GEMMs); engine figures only, the HF baselines are fp32
+BF16_RUN = ["--quant", "none", "--dtype", "bfloat16"]
 
 
 def plan(extra: list[str]) -> list[list[str]]:
     """The child commands, in order."""
     commands = [[sys.executable, "-m", "bench.engine_bench", *flags, *extra] for flags in ENGINE_RUNS]
+    commands.append([sys.executable, "-m", "bench.engine_bench", *BF16_RUN, "--skip-hf", *extra])
     commands += [
-        [sys.executable, "-m", "bench.step_bench", *flags] for flags in ENGINE_RUNS
+        [sys.executable, "-m", "bench.step_bench", *flags] for flags in (*ENGINE_RUNS, BF16_RUN)
     ]  # issue 15: step vs adapters
     commands += [[sys.executable, "-m", "bench.http_sweep", *flags] for flags in ENGINE_RUNS]  # issue 15
     commands.append([sys.executable, "-m", "bench.structured_bench", *extra])  # issue 10: constrained batch

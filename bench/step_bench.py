@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.step_bench", description=__doc__.split("\n")[0])
     p.add_argument("--base", default="default")
     p.add_argument("--quant", choices=("none", "nf4"), default="none")
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--requests", type=int, default=16)
     p.add_argument("--short", type=int, default=4)
     p.add_argument("--long", type=int, default=20)
@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     report.extra["samples_ms"] = {str(v or 0): s for v, s in samples.items()}
     report.extra["loadavg"] = load
     print(report.table(), flush=True)
-    json_path, png_path = report.write(f"step_{args.quant}", args.out)
+    suffix = "" if args.dtype == "float32" else f"_{args.dtype}"  # bf16 beside fp32, not over it
+    json_path, png_path = report.write(f"step_{args.quant}{suffix}", args.out)
     print(f"wrote {json_path} and {png_path} at {time.strftime('%H:%M:%S')}")
     return 0
 

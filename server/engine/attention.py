@@ -124,8 +124,11 @@ def _attend(q: torch.Tensor, k_cache, v_cache, g: AttnGroup) -> torch.Tensor:
     """q holds exactly the group's rows. Returns (rows, H, D)."""
     blocked = (-1, g.block_size, *k_cache.shape[1:])  # (num_blocks, block_size, KV, D)
     padded = (g.num_seqs, -1, *k_cache.shape[1:])  # (B, max_blocks * block_size, KV, D)
-    keys = k_cache.view(blocked)[g.kv_index].view(padded).transpose(1, 2)  # (B, KV, L, D)
-    values = v_cache.view(blocked)[g.kv_index].view(padded).transpose(1, 2)
+    # index_select over the flat block ids copies whole blocks; advanced indexing with the 2-D
+    # table (aten::index) ran 2.6x (fp32) to 11x (bf16) slower and was ~16 % of a batch-16 step
+    blocks = g.kv_index.view(-1)  # (B * max_blocks,)
+    keys = k_cache.view(blocked).index_select(0, blocks).view(padded).transpose(1, 2)  # (B, KV, L, D)
+    values = v_cache.view(blocked).index_select(0, blocks).view(padded).transpose(1, 2)
     if g.max_q == 1 and g.q_index is None and g.num_seqs == q.shape[0]:
         qb = q.unsqueeze(2)  # (B, H, 1, D)
         out = F.scaled_dot_product_attention(qb, keys, values, attn_mask=g.mask, enable_gqa=True)

@@ -107,9 +107,12 @@ class FoldManager:
         )
         if not wanted:
             return None
-        self.unfold()
-        if not self._start(sole, slot, remaining_steps):
+        # Judge the new fold before dropping the current one: a candidate whose remaining work
+        # cannot pay (or that is over budget) must not cost the adapter already folded its copy.
+        if not self._affordable(sole, slot, remaining_steps):
             return None
+        self.unfold()
+        self._start(sole, slot)
         return slot if self._build_slice() else None
 
     def pays(self, needed: int, remaining_steps: int | None, pinned: bool) -> bool:
@@ -128,7 +131,8 @@ class FoldManager:
         itemsize = torch.empty((), dtype=self.dtype).element_size()
         return sum(l.out_features * l.in_features * itemsize for l in self.layers.values() if l.slot_rank[slot])
 
-    def _start(self, adapter_id: str, slot: int, remaining_steps: int | None) -> bool:
+    def _affordable(self, adapter_id: str, slot: int, remaining_steps: int | None) -> bool:
+        """Within budget and paid for by the owner's remaining work (counted in the stats if not)."""
         needed = self._needed(slot)
         if needed > self.budget:
             self.stats.over_budget += 1
@@ -136,9 +140,11 @@ class FoldManager:
         if not self.pays(needed, remaining_steps, adapter_id in self.pinned):
             self.stats.unpaid += 1
             return False
-        todo = [layer for layer in self.layers.values() if layer.slot_rank[slot]]
-        self.building = _Build(adapter_id, slot, needed, todo)
         return True
+
+    def _start(self, adapter_id: str, slot: int) -> None:
+        todo = [layer for layer in self.layers.values() if layer.slot_rank[slot]]
+        self.building = _Build(adapter_id, slot, self._needed(slot), todo)
 
     def _build_slice(self) -> bool:
         """Build the next slice of the current build; True (and folded) when it is complete."""
@@ -165,8 +171,9 @@ class FoldManager:
         """Fold `adapter_id` (in `slot`) now, whole, regardless of its traffic."""
         self.unfold()
         self._abandon()
-        if not self._start(adapter_id, slot, None):
+        if not self._affordable(adapter_id, slot, None):
             return False
+        self._start(adapter_id, slot)
         slice_bytes, self.slice_bytes = self.slice_bytes, None
         try:
             return self._build_slice()

@@ -67,6 +67,18 @@ def test_a_fold_that_cannot_pay_for_its_build_is_not_started():
     assert fm.pays(3 * LAYER_BYTES, 3, pinned=True) and not fm.pays(3 * LAYER_BYTES, 2, pinned=True)
 
 
+def test_a_candidate_that_cannot_pay_keeps_the_current_fold():
+    ls = layers(3)
+    fm = FoldManager(ls, "auto", window=2, budget=1 << 20, slice_bytes=LAYER_BYTES)
+    fm.fold("a", 1)
+    # "b" owns the batch for the window, but one step left cannot pay for its 3 slices:
+    # "a"'s dense copies must survive (dropping them would cost a's next request a rebuild)
+    assert [fm.update({"b": 2}, remaining_steps=1) for _ in range(3)] == [None, None, None]
+    assert fm.folded_id == "a" and fm.stats.unfolds == 0 and fm.stats.unpaid >= 1
+    assert all(layer.folded_slot == 1 for layer in ls.values())
+    assert fm.update({"a": 1}, remaining_steps=1) == 1
+
+
 @pytest.mark.parametrize("interrupt", ["other traffic", "slot change", "unpin"])
 def test_an_interrupted_build_leaves_no_dense_copy_behind(interrupt):
     ls = layers(3)
