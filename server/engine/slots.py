@@ -138,6 +138,7 @@ class AdapterSlots:
         self.on_slot_change = on_slot_change  # fold manager hook: slot contents changed
         self._pool = ThreadPoolExecutor(max_workers=max(1, loader_threads), thread_name_prefix="adapter-loader")
         self._lock = threading.Lock()  # guards `host` against readers of stats()
+        self._wanted: frozenset[str] = frozenset()  # adapters waiting sequences need (keep_resident)
 
     # -- AdapterGate ----------------------------------------------------------------------
     def acquire(self, seq: Sequence) -> bool:
@@ -178,6 +179,11 @@ class AdapterSlots:
         if seq.adapter is None or seq.adapter.id in self.slot_of or seq.adapter.id not in self.host:
             return False
         return self._victim() is None
+
+    def keep_resident(self, adapter_ids: frozenset[str]) -> None:
+        """The adapters waiting sequences need: an eviction takes another unpinned slot first, so a
+        waiting sequence finds its adapter still in a slot instead of stalling on a rewrite."""
+        self._wanted = adapter_ids
 
     # -- loading --------------------------------------------------------------------------
     def request(self, ref: AdapterRef) -> None:
@@ -273,10 +279,11 @@ class AdapterSlots:
         for slot in self.recency:  # least recently used first; empty slots are never touched
             if self.owner[slot] is None:
                 return slot
-        for slot in self.recency:
-            if self.pins[slot] == 0:
+        unpinned = [slot for slot in self.recency if self.pins[slot] == 0]
+        for slot in unpinned:  # least recently used among those no waiting sequence needs
+            if self.owner[slot] not in self._wanted:
                 return slot
-        return None
+        return unpinned[0] if unpinned else None
 
     def _write(self, slot: int, host: HostAdapter) -> None:
         evicted = self.owner[slot]
