@@ -1,7 +1,8 @@
 """Adapter residency: device slots <- host cache <- disk, behind the scheduler's `AdapterGate`.
 
 `acquire(seq)` pins a device slot for the sequence's adapter when it is resident (writing it from
-the host cache into the slot tensors if needed, evicting the least recently used unpinned slot);
+the host cache into the slot tensors if needed, evicting the least recently used unpinned slot
+whose adapter no waiting sequence needs, see `keep_resident`, else the least recently used one);
 when the adapter is only on disk it starts a background read and answers "not yet", so the rest
 of the batch keeps running. A slot pinned by a running sequence is never evicted. The host cache
 is LRU-bounded in count and in bytes. Nothing here decides what runs; `SlotTable` is the little
