@@ -48,6 +48,9 @@ class AdapterGate(Protocol):
     def waits_for_slot(self, seq: Sequence) -> bool:
         """Whether seq's adapter is ready to go into a slot but every slot is pinned."""
 
+    # Optional: `keep_resident(adapter_ids)`, called before admission with the adapters the waiting
+    # sequences need, so evictions spare them (AdapterSlots implements it).
+
 
 @dataclass
 class ScheduledSeq:
@@ -165,6 +168,9 @@ class Scheduler:
 
     def _admit_waiting(self, batch: Batch, budget: int) -> None:
         admitted: set[int] = set()
+        keep = getattr(self.gate, "keep_resident", None)  # optional: a gate may ignore what waits
+        if keep is not None:
+            keep(frozenset(s.adapter_id for s in self.waiting if s.adapter_id is not None))
         share = SlotShare(self.running, self.waiting, self.max_loras)
         pending: set[bytes] | None = None  # blocks running prefills are computing, built on first use
         for seq in round_robin(self.waiting, self._last_tenant):

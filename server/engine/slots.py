@@ -1,7 +1,8 @@
 """Adapter residency: device slots <- host cache <- disk, behind the scheduler's `AdapterGate`.
 
 `acquire(seq)` pins a device slot for the sequence's adapter when it is resident (writing it from
-the host cache into the slot tensors if needed, evicting the least recently used unpinned slot);
+the host cache into the slot tensors if needed, evicting the least recently used unpinned slot
+whose adapter no waiting sequence needs, see `keep_resident`, else the least recently used one);
 when the adapter is only on disk it starts a background read and answers "not yet", so the rest
 of the batch keeps running. A slot pinned by a running sequence is never evicted. The host cache
 is LRU-bounded in count and in bytes. Nothing here decides what runs; `SlotTable` is the little
@@ -138,6 +139,7 @@ class AdapterSlots:
         self.on_slot_change = on_slot_change  # fold manager hook: slot contents changed
         self._pool = ThreadPoolExecutor(max_workers=max(1, loader_threads), thread_name_prefix="adapter-loader")
         self._lock = threading.Lock()  # guards `host` against readers of stats()
+        self._wanted: frozenset[str] = frozenset()  # adapters waiting sequences need (keep_resident)
 
     # -- AdapterGate ----------------------------------------------------------------------
     def acquire(self, seq: Sequence) -> bool:
@@ -178,6 +180,11 @@ class AdapterSlots:
         if seq.adapter is None or seq.adapter.id in self.slot_of or seq.adapter.id not in self.host:
             return False
         return self._victim() is None
+
+    def keep_resident(self, adapter_ids: frozenset[str]) -> None:
+        """The adapters waiting sequences need: an eviction takes another unpinned slot first, so a
+        waiting sequence finds its adapter still in a slot instead of stalling on a rewrite."""
+        self._wanted = adapter_ids
 
     # -- loading --------------------------------------------------------------------------
     def request(self, ref: AdapterRef) -> None:
@@ -273,10 +280,11 @@ class AdapterSlots:
         for slot in self.recency:  # least recently used first; empty slots are never touched
             if self.owner[slot] is None:
                 return slot
-        for slot in self.recency:
-            if self.pins[slot] == 0:
+        unpinned = [slot for slot in self.recency if self.pins[slot] == 0]
+        for slot in unpinned:  # least recently used among those no waiting sequence needs
+            if self.owner[slot] not in self._wanted:
                 return slot
-        return None
+        return unpinned[0] if unpinned else None
 
     def _write(self, slot: int, host: HostAdapter) -> None:
         evicted = self.owner[slot]

@@ -16,10 +16,12 @@ def test_http_sweep_quick_on_tiny_base(tiny_base_dir, tmp_path, monkeypatch):
     assert code == 0
     data = json.loads((out / "http_none.json").read_text())
     measures = {m["key"]: m for m in data["measures"]}
-    expected = {"d@16", "hf@1", "base@4/plain", "churn_cold@16", "churn@16"}
+    expected = {"d@16", "hf@1", "base@4/plain", "churn_cold@16", "churn@16", "mixed@8/slots"}
     expected |= {f"{kind}@{c}" for kind in ("base", "mixed") for c in (1, 4)}
     assert set(measures) == expected
     assert all(m["value"] > 0 for m in measures.values())
+    assert "best of 2 passes" in measures["base@4"]["note"]  # passes interleaved, the fastest kept
+    assert "1 pass" in measures["churn_cold@16"]["note"]  # a second pass would no longer be cold
     assert "tokens/step" in measures["base@4"]["note"]  # the engine's step counters reached /metrics
     assert not [note for note in data["notes"] if note.startswith("WARNING")]  # every request made 4 tokens
     assert {t["name"] for t in data["targets"]} == {t.name for t in http_sweep.TARGETS}
