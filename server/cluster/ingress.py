@@ -20,6 +20,7 @@ from server.cluster.replica import EngineReplica
 from server.cluster.store import RemoteStore
 
 REPLICA_HEADER = b"x-loraswap-replica"
+OVERFLOW_ANSWERS = 32  # requests past admission the ingress may be turning away (503) at once
 
 
 class ReplicaHeader:
@@ -141,8 +142,18 @@ def build_application(
         graceful_shutdown_timeout_s=5,
         request_router_config=routing,
     )(EngineReplica).bind(config, str(base_dir), store_actor)
-    ingress = serve.deployment(name="Ingress", num_replicas=1, ray_actor_options={"num_cpus": ingress_cpus})(Ingress)
-    return ingress.bind(ingress_config or config, str(base_dir), engine, store_actor)
+    admits = ingress_config or config
+    ingress = serve.deployment(
+        name="Ingress",
+        num_replicas=1,
+        # Serve's default is 5 ongoing requests per replica: its proxy would queue the rest, and 16
+        # concurrent clients would reach the engines 5 at a time (batches of ~4: a third of the
+        # throughput, measured by bench/ray_overhead.py). The ingress takes what every replica's
+        # batch and queue hold, plus room to answer the overflow with the API's own 503 at once.
+        max_ongoing_requests=admits.capacity + OVERFLOW_ANSWERS,
+        ray_actor_options={"num_cpus": ingress_cpus},
+    )(Ingress)
+    return ingress.bind(admits, str(base_dir), engine, store_actor)
 
 
 def app_builder(args: dict):

@@ -55,8 +55,13 @@ def deploy(
     replica_gpus: float | None = None,
     ingress_cpus: float = 0.5,
     router: str = "bounded",
+    local: bool = False,
 ):
-    """Deploy on the connected Ray cluster; returns the store actor. `serve.start` must have run."""
+    """Deploy on the connected Ray cluster; returns the store actor. `serve.start` must have run.
+
+    `local`: Ray was started by this process (no `--ray-address`), so this machine's cores are all
+    the cluster has and the replicas share what the ingress leaves (replica.py sets threads to it).
+    """
     import ray
     from ray import serve
 
@@ -65,6 +70,8 @@ def deploy(
     cpus = ray.cluster_resources().get("CPU", 1)
     if replicas * replica_cpus + ingress_cpus > cpus:  # e.g. 2 replicas on a 2-core machine: share the cores
         ingress_cpus = min(ingress_cpus, cpus / (2 * replicas + 1))
+        replica_cpus = (cpus - ingress_cpus) / replicas
+    elif local:  # this process started Ray on this machine alone: the replicas take the spare cores
         replica_cpus = (cpus - ingress_cpus) / replicas
     if replica_gpus is None:  # one GPU per replica when the cluster has enough and the config allows
         gpus = ray.cluster_resources().get("GPU", 0)
@@ -95,9 +102,18 @@ def main(config, replicas: int, ray_address: str | None, router: str = "bounded"
     if replicas < 1:
         raise ValueError(f"replicas must be >= 1, got {replicas}")
     base_dir = resolve_base(config.base)
-    ray.init(address=ray_address, namespace=APP_NAME)
+    # A local instance runs without the dashboard: on a small machine its polling takes a fifth of a
+    # core from the engines (join a `ray start --head` cluster to have one).
+    ray.init(address=ray_address, namespace=APP_NAME, include_dashboard=False if ray_address is None else None)
     serve.start(http_options={"host": config.host, "port": config.port})
-    deploy(config, base_dir, replicas, Path(config.store) if config.store else default_store_root(), router=router)
+    deploy(
+        config,
+        base_dir,
+        replicas,
+        Path(config.store) if config.store else default_store_root(),
+        router=router,
+        local=ray_address is None,
+    )
     log.info("serving on http://%s:%d with %d engine replicas (%s router)", config.host, config.port, replicas, router)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 import os
 import shutil
 import tempfile
@@ -42,12 +43,27 @@ def replica_name() -> str:
     return str(getattr(replica_id, "unique_id", None) or getattr(context, "replica_tag", None) or "replica")
 
 
+def compute_threads() -> int:
+    """Intra-op threads for this replica's engine: its CPU share, rounded half up, at least 1.
+
+    Ray sets OMP_NUM_THREADS to 1 for a fractional share, so 1.5 CPUs (one replica beside the
+    ingress on a 2-core machine) would compute on one core while the other idles.
+    """
+    import ray
+
+    share = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+    return max(1, math.floor(share + 0.5))
+
+
 class EngineReplica:
     """Runs one engine; `generate` streams `(replica, TokenEvent)` pairs, the last with the engine's stats."""
 
     def __init__(self, config, base_dir: str, store_actor):
+        import torch
+
         from server.cli import build_engine
 
+        torch.set_num_threads(compute_threads())
         self.name = replica_name()
         self.engine = build_engine(config, Path(base_dir))
         self.store = RemoteStore(store_actor, Path(tempfile.mkdtemp(prefix="loraswap-replica-")))

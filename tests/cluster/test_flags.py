@@ -52,3 +52,26 @@ def test_router_flag_picks_the_policy():
         split_cluster_flags(["--replicas", "2", "--router", "random"])
     with pytest.raises(ValueError, match="--router needs --replicas"):
         split_cluster_flags(["--router", "ray"])
+
+
+def test_serve_lets_every_admitted_request_reach_the_ingress_at_once(tmp_path):
+    """Serve's default (5 ongoing requests per replica) made 16 clients reach the engines 5 at a
+    time; the ingress must take all it admits, and more, so overflow gets the API's own 503."""
+    pytest.importorskip("ray")
+    from server.cluster.ingress import build_application
+    from server.cluster.launch import ingress_config
+
+    config = ServerConfig(max_num_seqs=16, max_queue=8)
+    admits = ingress_config(config, 2)
+    app = build_application(config, tmp_path, 2, store_actor=None, ingress_config=admits)
+    assert app._bound_deployment.max_ongoing_requests > admits.capacity == 2 * config.capacity
+
+
+def test_replica_threads_follow_its_cpu_share(monkeypatch):
+    ray = pytest.importorskip("ray")
+    from server.cluster import replica
+
+    for share, threads in [(0.4, 1), (0.8, 1), (1.0, 1), (1.5, 2), (2.0, 2), (4.0, 4)]:
+        context = type("Context", (), {"get_assigned_resources": lambda self, s=share: {"CPU": s}})()
+        monkeypatch.setattr(ray, "get_runtime_context", lambda c=context: c)
+        assert replica.compute_threads() == threads, share
