@@ -5,11 +5,12 @@
 - (d) `matmul_bound`: a (batch, hidden) activation pushed through every linear weight of the
   model in order (each layer's q, k, v, o, gate, up, down, then lm_head) as plain
   `F.linear` calls, once per decode step: the ceiling any decode step with these weights can
-  reach. Under NF4 the layers' own `Linear4bit.forward` (dequantise + matmul) stands in for
+  reach. In bf16 the weights are prepacked for oneDNN (server/engine/packed.py), the fastest
+  bf16 kernel here and the one the engine runs. Under NF4 the layers' own `Linear4bit.forward` (dequantise + matmul) stands in for
   `F.linear`, since that is the work an NF4 decode step cannot avoid.
 - (e) `peft_load_times`: `PeftModel.load_adapter` wall time for one adapter, repeated.
 
-Nothing here knows our engine; `engine_bench.py` puts the figures side by side.
+Nothing here knows our engine (packed.py is a kernel helper); `engine_bench.py` puts the figures side by side.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from adapters.base import LINEAR_MODULES
+from server.engine import packed
 
 BASE_NAME = "__base__"  # PEFT's adapter_names value for "no adapter" in a mixed batch
 
@@ -128,7 +130,12 @@ def matmul_bound(model, batch: int, steps: int, quant: str) -> float:
 
 
 def _plain(layer):
+    """The fastest dense kernel this machine has for the weight's dtype: oneDNN's prepacked layout
+    for bf16 on a CPU that supports it (what the engine runs, server/engine/packed.py), else F.linear."""
     weight, bias = layer.weight, layer.bias
+    if packed.supported(weight.device, weight.dtype):
+        weight = packed.pack(weight.detach())
+        return lambda x: packed.linear(x, weight, bias)
     return lambda x: F.linear(x, weight, bias)
 
 

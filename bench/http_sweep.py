@@ -282,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     report = run(args)
     print(report.table(), flush=True)
-    json_path, png_path = report.write(f"http_{args.quant}", args.out)
+    suffix = "" if args.dtype == "float32" else f"_{args.dtype}"  # as engine_bench names its files
+    json_path, png_path = report.write(f"http_{args.quant}{suffix}", args.out)
     print(f"wrote {json_path} and {png_path}")
     return 0
 

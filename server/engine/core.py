@@ -34,6 +34,7 @@ from server.engine.loader import (
     resolve_device_dtype,
 )
 from server.engine.runner import ModelRunner
+from server.engine.lora import lora_dtype
 from server.engine.sampler import Sampler
 from server.engine.scheduler import Scheduler, StepOutput
 from server.engine.sequence import Sequence
@@ -78,7 +79,7 @@ class EngineCore:
             config.max_loras,
             config.max_cpu_loras,
             config.max_rank,
-            self.dtype,
+            lora_dtype(self.dtype, self.device),  # the host cache holds what the slots hold
             on_slot_change=self.fold.on_slot_change,
             max_cpu_bytes=config.max_cpu_lora_bytes,
             loader_threads=config.loader_threads,

@@ -19,6 +19,7 @@ from safetensors import safe_open
 from torch import nn
 
 from adapters.quant import DTYPES, nf4_linear
+from server.engine import packed
 from server.engine.errors import UnsupportedModel
 from server.engine.lora import MultiLoraLinear
 from server.engine.model import CausalLM, ModelSpec
@@ -47,6 +48,8 @@ def read_generation_eos(model_dir: Path) -> frozenset[int]:
 
 def _make_base_linear(weight: torch.Tensor, bias: torch.Tensor | None, quant: str, dtype, device) -> nn.Module:
     out_features, in_features = weight.shape
+    if quant == "none" and packed.supported(device, dtype):  # bf16 on a CPU: oneDNN's prepacked layout
+        return packed.PackedLinear(weight.to(dtype), None if bias is None else bias.to(dtype))
     if quant == "none":
         layer = nn.Linear(in_features, out_features, bias=bias is not None, device="meta")
         layer.weight = nn.Parameter(weight.to(device=device, dtype=dtype), requires_grad=False)
@@ -103,10 +106,11 @@ def load_model(
         bias = torch.cat(biases) if layer.expects_bias else None
         layer.base = _make_base_linear(weight, bias, quant, dtype, device)
     head = tensors.pop("lm_head.weight", None)
-    if spec.tie_word_embeddings or head is None:
-        model.lm_head_weight = model.model.embed_tokens.weight
-    else:
-        model.lm_head_weight = head.to(device=device, dtype=dtype)
+    tied = spec.tie_word_embeddings or head is None
+    head_weight = model.model.embed_tokens.weight if tied else head.to(device=device, dtype=dtype)
+    if packed.supported(device, dtype):  # a tied head gets its own packed copy; embeddings stay dense
+        head_weight = packed.pack(head_weight)
+    model.lm_head_weight = head_weight
     return model.eval()
 
 

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from server.engine import packed
 from server.engine.attention import AttnStep, paged_attention
 from server.engine.errors import UnsupportedModel
 from server.engine.lora import MultiLoraLinear, LoraStep
@@ -188,14 +189,14 @@ class CausalLM(nn.Module):
         super().__init__()
         self.spec = spec
         self.model = DecoderModel(spec, make_linear, dtype, device)
-        self.lm_head_weight: torch.Tensor | None = None  # set by the loader (tied or own)
+        self.lm_head_weight: torch.Tensor | None = None  # set by the loader (tied or own; maybe packed.py's)
 
     def forward(self, input_ids: torch.Tensor, ctx: StepContext, logit_rows: torch.Tensor) -> torch.Tensor:
         x = F.embedding(input_ids, self.model.embed_tokens.weight)  # (T, hidden)
         for layer in self.model.layers:
             x = layer(x, ctx)
         x = self.model.norm(x.index_select(0, logit_rows))  # only rows that sample
-        return F.linear(x, self.lm_head_weight).float()
+        return packed.linear(x, self.lm_head_weight).float()
 
     def lora_layers(self) -> dict[str, MultiLoraLinear]:
         """Our module path (fused names like `...self_attn.kv_proj`) -> wrapped layer."""
