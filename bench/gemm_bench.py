@@ -14,6 +14,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -39,7 +40,7 @@ def shapes(spec: ModelSpec) -> list[tuple[int, int]]:
     return layer * spec.num_layers + [(spec.vocab_size, h)]
 
 
-def kernels(spec: ModelSpec) -> dict[str, tuple[torch.dtype, object]]:
+def kernels() -> dict[str, tuple[torch.dtype, Callable[..., torch.Tensor]]]:
     found = {"fp32 F.linear": (torch.float32, F.linear), "bf16 F.linear": (torch.bfloat16, F.linear)}
     if packed.supported(torch.device("cpu"), torch.bfloat16):
         found["bf16 prepacked"] = (torch.bfloat16, packed.linear)
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = ModelSpec.from_config(json.loads((resolve_base(args.base) / "config.json").read_text()))
     torch.manual_seed(0)
     runs = {}  # (kernel, batch) -> list of calls
-    for name, (dtype, linear) in kernels(spec).items():
+    for name, (dtype, linear) in kernels().items():
         weights = [torch.randn(out, inp, dtype=dtype) for out, inp in shapes(spec)]
         if linear is packed.linear:
             weights = [packed.pack(w) for w in weights]
