@@ -61,10 +61,11 @@ def seq(sampling: SamplingParams, eos=(2,)) -> Sequence:
     return Sequence(f"s{id(sampling)}", [1, 3], sampling, eos_ids=frozenset(eos))
 
 
-def test_a_non_finite_row_ends_alone_and_the_others_sample_as_alone():
+@pytest.mark.parametrize("poison", [float("nan"), float("inf"), -float("inf")])
+def test_a_non_finite_row_ends_alone_and_the_others_sample_as_alone(poison):
     logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
     poisoned = logits.clone()
-    poisoned[1, 7] = float("nan")
+    poisoned[1, 7] = poison
     params = [
         SamplingParams(temperature=0),
         SamplingParams(temperature=0.8, seed=5),
