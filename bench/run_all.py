@@ -27,6 +27,7 @@ def plan(extra: list[str]) -> list[list[str]]:
         [sys.executable, "-m", "bench.step_bench", *flags] for flags in (*ENGINE_RUNS, BF16_RUN)
     ]  # issue 15: step vs adapters
     commands += [[sys.executable, "-m", "bench.http_sweep", *flags] for flags in (*ENGINE_RUNS, BF16_RUN)]  # issue 15
+    commands.append([sys.executable, "-m", "bench.gemm_bench"])  # issue 15: the kernels behind packed.py
     commands.append([sys.executable, "-m", "bench.structured_bench", *extra])  # issue 10: constrained batch
     commands.append([sys.executable, "-m", "bench.prefix_bench", *extra])  # issue 13: prefix cache, n=4
     if (BENCH_DIR / "train_bench.py").is_file():

@@ -28,8 +28,8 @@ def test_http_sweep_quick_on_tiny_base(tiny_base_dir, tmp_path, monkeypatch):
     assert (out / "http_none.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_make_bench_runs_the_sweep_in_both_dtypes():
+def test_make_bench_runs_the_sweep_in_every_dtype():
     from bench.run_all import plan
 
     sweeps = [" ".join(c[3:]) for c in plan(["--threads", "2"]) if c[2] == "bench.http_sweep"]
-    assert sweeps == ["--quant none --dtype float32", "--quant nf4"]
+    assert sweeps == ["--quant none --dtype float32", "--quant nf4", "--quant none --dtype bfloat16"]
