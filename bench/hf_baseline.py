@@ -6,11 +6,13 @@
   model in order (each layer's q, k, v, o, gate, up, down, then lm_head) as plain
   `F.linear` calls, once per decode step: the ceiling any decode step with these weights can
   reach. In bf16 the weights are prepacked for oneDNN (server/engine/packed.py), the fastest
-  bf16 kernel here and the one the engine runs. Under NF4 the layers' own `Linear4bit.forward` (dequantise + matmul) stands in for
-  `F.linear`, since that is the work an NF4 decode step cannot avoid.
+  bf16 kernel here and the one the engine runs. Under NF4 the layers' own `Linear4bit.forward`
+  (dequantise + matmul) stands in for `F.linear`, since that is the work an NF4 decode step
+  cannot avoid.
 - (e) `peft_load_times`: `PeftModel.load_adapter` wall time for one adapter, repeated.
 
-Nothing here knows our engine (packed.py is a kernel helper); `engine_bench.py` puts the figures side by side.
+Nothing here knows our engine (packed.py is a kernel helper); `engine_bench.py` puts the figures
+side by side.
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ from server.engine.containment import run_isolated
 from server.engine.detokenizer import IncrementalText
 from server.engine.errors import AdapterLoadError, DuplicateRequest, PromptTooLong
 from server.engine.fold import FoldManager, fold_dtype, remaining_steps
+from server.engine.lora import lora_dtype
 from server.engine.prefix_cache import FOLDED, LORA, cache_key
 from server.engine.loader import (
     allocate_kv_cache,
@@ -34,7 +35,6 @@ from server.engine.loader import (
     resolve_device_dtype,
 )
 from server.engine.runner import ModelRunner
-from server.engine.lora import lora_dtype
 from server.engine.sampler import Sampler
 from server.engine.scheduler import Scheduler, StepOutput
 from server.engine.sequence import Sequence
