@@ -6,7 +6,9 @@ same batch of `--requests` concurrent requests with no adapter and with 1, 4 and
 load hits every variant alike. A variant's decode step time is
 `(t(long run) - t(short run)) / (long - short tokens)`: the difference cancels prefill and
 admission. Prints ms/step per variant, the median over rounds, and the ratios to the base;
-writes `bench/results/step_<quant>.json` (+ `.png`) via the shared Report.
+With `--compare-kernels` each variant also runs with the native kernels off
+(server/engine/fused.py), interleaved the same way. Writes `bench/results/step_<quant>.json`
+(+ `.png`) via the shared Report.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from bench import engine_runs
 from bench.engine_bench import adapters_dir
 from bench.report import RESULTS_DIR, Measure, Report
 from bench.workload import chat_prompts, round_robin, write_adapters
+from server.engine import fused
 from server.engine.config import EngineConfig
 from server.engine.engine import Engine
 
@@ -47,6 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--short", type=int, default=4)
     p.add_argument("--long", type=int, default=20)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument(
+        "--compare-kernels",
+        action="store_true",
+        help="also run every variant with the native kernels off (server/engine/fused.py), interleaved",
+    )
     p.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = p.parse_args(argv)
     base_dir = resolve_base(args.base)
@@ -56,15 +64,19 @@ def main(argv: list[str] | None = None) -> int:
         EngineConfig(base=base_dir, quant=args.quant, dtype=args.dtype, device="cpu", max_loras=8, fold="off")
     )
     workloads = {v: round_robin(prompts, v) for v in VARIANTS}
-    samples: dict[int | None, list[float]] = {v: [] for v in VARIANTS}
+    kernels = (True, False) if args.compare_kernels and fused.enabled() else (fused.enabled(),)
+    runs = [(v, k) for v in VARIANTS for k in kernels]
+    samples: dict[tuple[int | None, bool], list[float]] = {run: [] for run in runs}
     try:
         for v in VARIANTS:  # warm-up: slots written, first-call allocations done
             engine_runs.run_requests(engine, workloads[v], refs, 2)
         for r in range(args.rounds):
-            for v in VARIANTS:
-                samples[v].append(decode_ms(engine, workloads[v], refs, args.short, args.long))
-            print(f"round {r}: " + ", ".join(f"{v or 0}:{samples[v][-1]:.1f}ms" for v in VARIANTS), flush=True)
+            for v, k in runs:
+                fused.set_enabled(k)
+                samples[v, k].append(decode_ms(engine, workloads[v], refs, args.short, args.long))
+            print(f"round {r}: " + ", ".join(f"{_key(*run)}:{samples[run][-1]:.1f}ms" for run in runs), flush=True)
     finally:
+        fused.set_enabled(True)
         engine.close()
     load = os.getloadavg()
     title = (
@@ -73,18 +85,25 @@ def main(argv: list[str] | None = None) -> int:
         f"load {load[0]:.2f}"
     )
     report = Report(title, targets=[])
-    base_ms = statistics.median(samples[None])
-    for v in VARIANTS:
-        ms = statistics.median(samples[v])
-        key = f"step_{v or 0}"
-        report.add(Measure(key, f"decode step, {v or 0} adapters", ms, "ms", f"x{ms / base_ms:.2f} of base"))
-    report.extra["samples_ms"] = {str(v or 0): s for v, s in samples.items()}
+    base_ms = statistics.median(samples[None, kernels[0]])
+    for v, k in runs:
+        ms = statistics.median(samples[v, k])
+        note = f"x{ms / base_ms:.2f} of base"
+        if not k and len(kernels) == 2:
+            note += f"; native kernels x{statistics.median(samples[v, True]) / ms:.2f} of this"
+        label = f"decode step, {v or 0} adapters" + ("" if k else ", eager ops (native kernels off)")
+        report.add(Measure(_key(v, k), label, ms, "ms", note))
+    report.extra["samples_ms"] = {_key(*run): s for run, s in samples.items()}
     report.extra["loadavg"] = load
     print(report.table(), flush=True)
     suffix = "" if args.dtype == "float32" else f"_{args.dtype}"  # bf16 beside fp32, not over it
     json_path, png_path = report.write(f"step_{args.quant}{suffix}", args.out)
     print(f"wrote {json_path} and {png_path} at {time.strftime('%H:%M:%S')}")
     return 0
+
+
+def _key(adapters: int | None, kernels: bool) -> str:
+    return f"step_{adapters or 0}" + ("" if kernels else "_eager")
 
 
 if __name__ == "__main__":

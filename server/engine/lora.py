@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from server.engine import packed
+from server.engine import fused, packed
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,8 @@ class LoraStep:
     # token points one past the end, at a row the layer keeps exactly zero.
     position: list[int] = field(default_factory=list, compare=False, repr=False)
     has_base: bool = False  # some token uses no adapter: the grouped output needs its zero row
+    # The same grouping for the native kernel (fused.lora_sgmv), which needs no padding.
+    segments: fused.LoraSegments | None = field(default=None, compare=False, repr=False)
     _part_positions: dict = field(default_factory=dict, compare=False, repr=False)
 
     def part_position(self, parts: int) -> torch.Tensor:
@@ -66,13 +68,20 @@ def build_lora_step(
     active = sorted(set(token_slots) - {0})
     if not active:
         return None
-    if len(active) == 1 and 0 not in token_slots:
-        mode = "fold" if fold_slot == active[0] else "single"
-        return LoraStep(mode, slot=active[0], active=torch.tensor(active, device=device), key=(tuple(active), version))
     rows: dict[int, list[int]] = {s: [] for s in active}
     for i, s in enumerate(token_slots):
         if s:
             rows[s].append(i)
+    segments = fused.LoraSegments.of(rows) if torch.device(device).type == "cpu" else None
+    if len(active) == 1 and 0 not in token_slots:
+        mode = "fold" if fold_slot == active[0] else "single"
+        return LoraStep(
+            mode,
+            slot=active[0],
+            active=torch.tensor(active, device=device),
+            key=(tuple(active), version),
+            segments=segments,
+        )
     max_tokens = max(len(r) for r in rows.values())
     # Pads read a row of their own group (its first token), never another adapter's or the base's
     # row, and their results are never gathered back: nothing of a pad reaches any token.
@@ -90,6 +99,7 @@ def build_lora_step(
         max_tokens=max_tokens,
         position=position,
         has_base=0 in token_slots,
+        segments=segments,
     )
 
 
@@ -130,6 +140,7 @@ class MultiLoraLinear(nn.Module):
         self.dtype, self.device = dtype, device
         self.lora_dtype = lora_dtype(dtype, device)  # of the slot tensors and the LoRA matmuls
         self.slot_rank = [0] * (num_slots + 1)  # widest part rank held by each slot
+        self._slot_rank_t = torch.zeros(num_slots + 1, dtype=torch.int64, device="cpu")  # for fused.lora_sgmv
         # Empty until `_alloc` (just below) gives them the stacked slot layout.
         self.A: torch.Tensor = torch.zeros(0)
         self.Bt: torch.Tensor = torch.zeros(0)
@@ -154,6 +165,7 @@ class MultiLoraLinear(nn.Module):
             Bt[:, :, :old] = self.Bt
         self.A, self.Bt = A, Bt
         self._cache_key = None
+        self._native_weights = fused.lora_weight_args(A, Bt, self._slot_rank_t)
 
     @property
     def allocated_rank(self) -> int:
@@ -179,6 +191,7 @@ class MultiLoraLinear(nn.Module):
             self.A[slot, p, :r].copy_(A)
             self.Bt[slot, p, :r].copy_(Bt).mul_(scaling)  # B is stored pre-scaled
         self.slot_rank[slot] = rank
+        self._slot_rank_t[slot] = rank
         self._cache_key = None
 
     def dense_weight(self, slot: int, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -222,6 +235,9 @@ class MultiLoraLinear(nn.Module):
         y = self.base(x)
         if lora is None:
             return y
+        if lora.segments is not None and self._native_weights is not None:
+            if fused.lora_sgmv(y, x, self._native_weights, lora.segments):
+                return y  # one native call (fused.py); below, the eager path it stands for
         At, Bt = self._active(lora)
         if At is None:
             return y  # no active adapter touches this layer

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from server.engine import packed
+from server.engine import fused, packed
 from server.engine.attention import AttnStep, paged_attention
 from server.engine.errors import UnsupportedModel
 from server.engine.lora import MultiLoraLinear, LoraStep
@@ -111,8 +111,8 @@ class StepContext:
 
 
 def apply_rope(x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-    """x (T, heads, D) rotated by each token's position."""
-    return torch.addcmul(x * ctx.cos, x.roll(x.shape[-1] // 2, dims=-1), ctx.sin)
+    """x (T, heads, D) rotated by each token's position (in place where fused.py can)."""
+    return fused.rope(x, ctx.cos, ctx.sin)
 
 
 class RMSNorm(nn.Module):
@@ -121,8 +121,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size, dtype=dtype, device=device), requires_grad=False)
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+    def forward(self, x: torch.Tensor, delta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(x + delta, rms_norm(x + delta))`: the residual add fused into the norm; the sum may
+        be written into x (see fused.add_rms_norm)."""
+        return fused.add_rms_norm(x, delta, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -169,9 +171,15 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype, device)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype, device)
 
-    def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), ctx)
-        return x + self.mlp(self.post_attention_layernorm(x), ctx)
+    def forward(
+        self, x: torch.Tensor, delta: torch.Tensor | None, ctx: StepContext
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the residual stream before the previous layer's output `delta` is added (None for
+        the first layer). Returns this layer's (residual stream, output to add): each add is fused
+        into the norm that follows it."""
+        x, h = self.input_layernorm(x, delta)
+        x, h = self.post_attention_layernorm(x, self.self_attn(h, ctx))
+        return x, self.mlp(h, ctx)
 
 
 class DecoderModel(nn.Module):
@@ -193,9 +201,12 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, ctx: StepContext, logit_rows: torch.Tensor) -> torch.Tensor:
         x = F.embedding(input_ids, self.model.embed_tokens.weight)  # (T, hidden)
+        delta = None
         for layer in self.model.layers:
-            x = layer(x, ctx)
-        x = self.model.norm(x.index_select(0, logit_rows))  # only rows that sample
+            x, delta = layer(x, delta, ctx)
+        assert delta is not None  # a model has layers
+        # only rows that sample: add the last output and norm just those
+        _, x = self.model.norm(x.index_select(0, logit_rows), delta.index_select(0, logit_rows))
         return packed.linear(x, self.lm_head_weight).float()
 
     def lora_layers(self) -> dict[str, MultiLoraLinear]:

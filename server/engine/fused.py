@@ -1,0 +1,253 @@
+"""Fused CPU kernels for the step's small ops, with the eager PyTorch ops as the fallback.
+
+At decode sizes a step is mostly dispatch: an RMSNorm is 7 eager ops (81 us in bf16 at batch 16),
+RoPE 3, the sampler's finiteness check and argmax two passes over the vocabulary. `native/fused.c`
+does each in one call: the residual add fused into the next RMSNorm, RoPE in place, and one pass
+over the logits for the argmax and the finiteness check. The C source is compiled once per
+machine with the system C compiler (`cc`, `-O3 -march=native`; about a second) into a cache
+directory, and loaded with ctypes: no PyTorch headers, no build step at install.
+
+The kernels run only for contiguous CPU float32 / bfloat16 tensors and only while `enabled()`;
+everything else (CUDA, float16, no compiler) takes the eager path, which is also the reference
+the tests hold the kernels to. `LORASWAP_NATIVE_KERNELS=0` turns them off; `set_enabled` lets a
+benchmark compare both in one process.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("native") / "fused.c"
+CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
+_DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
+
+_lib: ctypes.PyDLL | None = None
+_tried = False
+_enabled = os.environ.get("LORASWAP_NATIVE_KERNELS", "1") != "0"
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(root) / "loraswap" / "kernels"
+
+
+def _build() -> ctypes.PyDLL | None:
+    """Compile (once per source, flags and machine) and load the kernels; None if that fails."""
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if compiler is None:
+        logger.warning("no C compiler found: the step's small ops run as eager PyTorch ops")
+        return None
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *CFLAGS]).encode()).hexdigest()[:16]
+    target = cache_dir() / f"fused-{digest}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            built = Path(tmp) / target.name
+            result = subprocess.run(
+                [compiler, *CFLAGS, "-o", str(built), str(SOURCE), "-lm"], capture_output=True, text=True
+            )
+            if result.returncode != 0:
+                logger.warning("building %s failed, eager ops instead:\n%s", SOURCE.name, result.stderr[-2000:])
+                return None
+            os.replace(built, target)  # atomic: a concurrent builder's copy is identical
+    # PyDLL keeps the GIL: the kernels take microseconds, and releasing and retaking it on every
+    # call would let a busy thread (the event loop) delay each of the step's ~400 calls.
+    lib = ctypes.PyDLL(str(target))
+    i64, f32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+    for suffix in _DTYPES.values():
+        getattr(lib, f"add_rms_norm_{suffix}").argtypes = [ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, f32]
+        getattr(lib, f"rope_{suffix}").argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ptr]
+    lib.argmax_finite_f32.argtypes = [ptr, i64, i64, i64, ptr, ptr]
+    lib.lora_sgmv.argtypes = [ptr, i64, ptr, i64, ctypes.c_int, ptr, ptr, ptr, i64, i64, i64, i64]
+    lib.lora_sgmv.argtypes += [ptr, ptr, ptr, i64, ptr, ctypes.c_int]
+    return lib
+
+
+def library() -> ctypes.PyDLL | None:
+    """The loaded kernels, building them on first use; None when unavailable or disabled."""
+    global _lib, _tried
+    if not _enabled:
+        return None
+    if not _tried:
+        _tried = True
+        try:
+            _lib = _build()
+        except OSError as exc:  # an unwritable cache, a library the loader refuses
+            logger.warning("native kernels unavailable (%s): eager ops instead", exc)
+    return _lib
+
+
+def set_enabled(on: bool) -> None:
+    global _enabled
+    _enabled = on
+
+
+def enabled() -> bool:
+    return library() is not None
+
+
+def _native(*tensors: torch.Tensor) -> ctypes.PyDLL | None:
+    """The library when every tensor is a CPU tensor of one supported dtype."""
+    dtype = tensors[0].dtype
+    if dtype not in _DTYPES:
+        return None
+    for t in tensors:  # a loop, not any(): this runs ~400 times a step
+        if t.dtype != dtype or t.is_cuda or t.device.type != "cpu":
+            return None
+    return _lib if _enabled and _tried else library()
+
+
+def add_rms_norm(
+    x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`x = x + delta` (when given), then `(x, rms_norm(x) * weight)`; x, delta (T, n).
+
+    The native kernel adds in place into x (the residual stream, owned by the model's loop)."""
+    lib = _native(x, weight) if delta is None else _native(x, delta, weight)
+    rowwise = x.dim() == 2 and x.stride(1) == 1 and (delta is None or (delta.dim() == 2 and delta.stride(1) == 1))
+    if lib is None or not rowwise or not weight.is_contiguous():
+        if delta is not None:
+            x = x + delta
+        return x, F.rms_norm(x, weight.shape, weight, eps)
+    rows, n = x.shape
+    out = torch.empty((rows, n), dtype=x.dtype)
+    getattr(lib, f"add_rms_norm_{_DTYPES[x.dtype]}")(
+        x.data_ptr(),
+        x.stride(0),
+        None if delta is None else delta.data_ptr(),
+        0 if delta is None else delta.stride(0),
+        weight.data_ptr(),
+        out.data_ptr(),
+        n,
+        rows,
+        n,
+        eps,
+    )
+    return x, out
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (T, heads, D) rotated by each token's cos / signed sin (T, 1, D): the native kernel
+    rotates x in place and returns it, the eager form `x * cos + x.roll(D / 2, -1) * sin` (one
+    addcmul) returns a new tensor."""
+    lib = _native(x, cos, sin)
+    if lib is None or x.stride(2) != 1 or not (cos.is_contiguous() and sin.is_contiguous()) or x.shape[2] > 1024:
+        return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin)
+    T, H, D = x.shape
+    getattr(lib, f"rope_{_DTYPES[x.dtype]}")(
+        x.data_ptr(), T, H, D, x.stride(0), x.stride(1), cos.data_ptr(), sin.data_ptr()
+    )
+    return x
+
+
+def argmax_finite(logits: torch.Tensor) -> tuple[list[int], list[bool]]:
+    """Per row of (S, vocab) float32 logits: the first index of its maximum, and whether the
+    row is all finite. The index of a row that is not finite means nothing."""
+    lib = _native(logits) if logits.dtype == torch.float32 else None
+    if lib is None or logits.dim() != 2 or logits.stride(1) != 1:
+        low, high = torch.aminmax(logits, dim=-1)  # aminmax propagates NaN
+        return logits.argmax(dim=-1).tolist(), (torch.isfinite(low) & torch.isfinite(high)).tolist()
+    rows, n = logits.shape
+    index = torch.empty(rows, dtype=torch.int64)
+    finite = torch.empty(rows, dtype=torch.uint8)
+    lib.argmax_finite_f32(logits.data_ptr(), rows, n, logits.stride(0), index.data_ptr(), finite.data_ptr())
+    return index.tolist(), [bool(f) for f in finite.tolist()]
+
+
+@dataclass(frozen=True)
+class LoraSegments:
+    """A step's adapter tokens grouped by slot, for `lora_sgmv` (built once per step, shared by
+    every layer): tokens `rows[start[g] : start[g] + count[g]]` use slot `slot[g]`."""
+
+    slot: torch.Tensor  # (G,) int64
+    start: torch.Tensor  # (G,) int64
+    count: torch.Tensor  # (G,) int64
+    rows: torch.Tensor  # (tokens using an adapter,) int64
+
+    @classmethod
+    def of(cls, groups: dict[int, list[int]]) -> LoraSegments:
+        """slot -> its token rows (in row order)."""
+        slots: list[int] = []
+        starts: list[int] = []
+        counts: list[int] = []
+        rows: list[int] = []
+        for slot, members in groups.items():
+            slots.append(slot)
+            starts.append(len(rows))
+            counts.append(len(members))
+            rows += members
+        t = lambda values: torch.tensor(values, dtype=torch.int64)
+        return cls(t(slots), t(starts), t(counts), t(rows))
+
+    @functools.cached_property
+    def args(self) -> tuple[int, ...]:
+        """The kernel's arguments for these segments (pointers into the tensors above)."""
+        return (
+            self.slot.data_ptr(),
+            self.start.data_ptr(),
+            self.count.data_ptr(),
+            len(self.slot),
+            self.rows.data_ptr(),
+        )
+
+
+def lora_weight_args(A: torch.Tensor, Bt: torch.Tensor, slot_rank: torch.Tensor) -> tuple[int, ...] | None:
+    """One layer's slot tensors as `lora_sgmv` reads them (pointers and sizes; valid while these
+    tensors live unchanged in shape), or None when the kernel does not take them: A
+    (slots, P, R, in) and Bt (slots, P, R, out_part) contiguous float32 on the CPU, slot_rank
+    (slots,) int64."""
+    ok = (
+        A.dtype == Bt.dtype == torch.float32
+        and A.device.type == Bt.device.type == slot_rank.device.type == "cpu"
+        and A.is_contiguous()
+        and Bt.is_contiguous()
+        and slot_rank.dtype == torch.int64
+        and A.dim() == Bt.dim() == 4
+        and slot_rank.numel() == A.shape[0] == Bt.shape[0]
+    )
+    if not ok:
+        return None
+    _, parts, R, in_features = A.shape
+    return (A.data_ptr(), Bt.data_ptr(), slot_rank.data_ptr(), parts, R, in_features, Bt.shape[3])
+
+
+def lora_sgmv(y: torch.Tensor, x: torch.Tensor, weights: tuple[int, ...], seg: LoraSegments) -> bool:
+    """y (T, P * out_part) += each adapter token's `B_s A_s x` in place, summed in float32: one
+    call per projection instead of the ~7 eager ops of MultiLoraLinear's gather / bmm / gather
+    path. `weights` is `lora_weight_args(...)` of the layer. Returns False, touching nothing,
+    when y and x are not tensors the kernel takes."""
+    lib = library()
+    dtype = y.dtype
+    if (
+        lib is None
+        or dtype not in _DTYPES
+        or x.dtype != dtype
+        or y.device.type != "cpu"
+        or x.device.type != "cpu"
+        or x.stride(-1) != 1
+        or y.stride(-1) != 1
+        or x.dim() != 2
+        or y.dim() != 2
+    ):
+        return False
+    bf16 = dtype == torch.bfloat16
+    status = lib.lora_sgmv(
+        y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0), bf16, *weights, *seg.args, torch.get_num_threads()
+    )
+    if status != 0:
+        raise MemoryError("lora_sgmv could not allocate its scratch rows")
+    return True

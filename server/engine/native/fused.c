@@ -1,0 +1,355 @@
+/* Fused CPU kernels for the decode step's small ops (see server/engine/fused.py).
+ *
+ * Each replaces a chain of 3-8 eager PyTorch ops whose per-op dispatch, not arithmetic, is
+ * what they cost at decode sizes. The arithmetic follows the eager ops it replaces, roundings
+ * included: a bf16 value is rounded to nearest-even wherever the eager chain stores a bf16
+ * tensor, and sums are float32. Built with -ffp-contract=off, as PyTorch's vectorized kernels
+ * multiply and add without fusing. Every function is single-threaded and reentrant.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+typedef uint16_t bf16;
+
+static inline float bf2f(bf16 h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline bf16 f2bf(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16; /* round to nearest, ties to even */
+    return (bf16)((u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : rounded); /* NaN as c10 gives it; a select, so loops vectorize */
+}
+
+#define LANES 16
+
+/* Sum of acc[0..n) for n a power of two, as a tree (log2 n dependent steps, the wide ones
+ * vectorized) rather than a chain of n dependent adds. Overwrites acc. */
+static inline float tree_sum(float *acc, int n) {
+    for (int w = n / 2; w >= 1; w /= 2)
+        for (int j = 0; j < w; j++) acc[j] += acc[j + w];
+    return acc[0];
+}
+
+/* Sum of squares of n floats with LANES independent partial sums (vectorizes). */
+static float sum_squares_f32(const float *x, int64_t n) {
+    float acc[LANES] = {0};
+    int64_t i = 0;
+    for (; i + LANES <= n; i += LANES)
+        for (int j = 0; j < LANES; j++) acc[j] += x[i + j] * x[i + j];
+    float s = tree_sum(acc, LANES);
+    for (; i < n; i++) s += x[i] * x[i];
+    return s;
+}
+
+static float sum_squares_bf16(const bf16 *x, int64_t n) {
+    float acc[LANES] = {0};
+    int64_t i = 0;
+    for (; i + LANES <= n; i += LANES)
+        for (int j = 0; j < LANES; j++) {
+            float v = bf2f(x[i + j]);
+            acc[j] += v * v;
+        }
+    float s = tree_sum(acc, LANES);
+    for (; i < n; i++) {
+        float v = bf2f(x[i]);
+        s += v * v;
+    }
+    return s;
+}
+
+/* For each of `rows` rows of n: if delta, x += delta (in place: the residual stream); then
+ * out = rms_norm(x) * weight. Rows are contiguous, row strides given in elements.
+ * As F.rms_norm: normalized and weighted in float32, then rounded to the input dtype once. */
+void add_rms_norm_f32(float *x, int64_t x_stride, const float *delta, int64_t delta_stride, const float *weight,
+                      float *out, int64_t out_stride, int64_t rows, int64_t n, float eps) {
+    for (int64_t r = 0; r < rows; r++) {
+        float *xr = x + r * x_stride;
+        float *o = out + r * out_stride;
+        if (delta) {
+            const float *d = delta + r * delta_stride;
+            for (int64_t i = 0; i < n; i++) xr[i] = xr[i] + d[i];
+        }
+        float scale = 1.0f / sqrtf(sum_squares_f32(xr, n) / (float)n + eps);
+        for (int64_t i = 0; i < n; i++) o[i] = (xr[i] * scale) * weight[i];
+    }
+}
+
+void add_rms_norm_bf16(bf16 *x, int64_t x_stride, const bf16 *delta, int64_t delta_stride, const bf16 *weight,
+                       bf16 *out, int64_t out_stride, int64_t rows, int64_t n, float eps) {
+    for (int64_t r = 0; r < rows; r++) {
+        bf16 *xr = x + r * x_stride;
+        bf16 *o = out + r * out_stride;
+        if (delta) {
+            const bf16 *d = delta + r * delta_stride;
+            for (int64_t i = 0; i < n; i++) xr[i] = f2bf(bf2f(xr[i]) + bf2f(d[i]));
+        }
+        float scale = 1.0f / sqrtf(sum_squares_bf16(xr, n) / (float)n + eps);
+        for (int64_t i = 0; i < n; i++) o[i] = f2bf((bf2f(xr[i]) * scale) * bf2f(weight[i]));
+    }
+}
+
+/* Rotary embedding in place on x (tokens, heads, dim) with the last dim contiguous:
+ * x = x * cos + roll(x, dim/2) * sin_signed, cos/sin (tokens, dim) contiguous. */
+void rope_f32(float *x, int64_t tokens, int64_t heads, int64_t dim, int64_t token_stride, int64_t head_stride,
+              const float *cos, const float *sin) {
+    float tmp[1024];
+    int64_t half = dim / 2;
+    for (int64_t t = 0; t < tokens; t++) {
+        const float *c = cos + t * dim, *s = sin + t * dim;
+        for (int64_t h = 0; h < heads; h++) {
+            float *v = x + t * token_stride + h * head_stride;
+            memcpy(tmp, v, (size_t)dim * sizeof(float));
+            for (int64_t i = 0; i < half; i++) v[i] = tmp[i] * c[i] + tmp[i + half] * s[i];
+            for (int64_t i = half; i < dim; i++) v[i] = tmp[i] * c[i] + tmp[i - half] * s[i];
+        }
+    }
+}
+
+void rope_bf16(bf16 *x, int64_t tokens, int64_t heads, int64_t dim, int64_t token_stride, int64_t head_stride,
+               const bf16 *cos, const bf16 *sin) {
+    float tmp[1024];
+    int64_t half = dim / 2;
+    for (int64_t t = 0; t < tokens; t++) {
+        const bf16 *c = cos + t * dim, *s = sin + t * dim;
+        for (int64_t h = 0; h < heads; h++) {
+            bf16 *v = x + t * token_stride + h * head_stride;
+            for (int64_t i = 0; i < dim; i++) tmp[i] = bf2f(v[i]);
+            /* x * cos is a bf16 tensor, then addcmul rounds once */
+            for (int64_t i = 0; i < half; i++)
+                v[i] = f2bf(bf2f(f2bf(tmp[i] * bf2f(c[i]))) + tmp[i + half] * bf2f(s[i]));
+            for (int64_t i = half; i < dim; i++)
+                v[i] = f2bf(bf2f(f2bf(tmp[i] * bf2f(c[i]))) + tmp[i - half] * bf2f(s[i]));
+        }
+    }
+}
+
+/* For each row of a float32 (rows, n) matrix: the index of its first maximum, and whether
+ * every value is finite (one pass for the max and the check, one for the index). */
+void argmax_finite_f32(const float *x, int64_t rows, int64_t n, int64_t stride, int64_t *index, uint8_t *finite) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *v = x + r * stride;
+        float m[LANES], z[LANES];
+        for (int j = 0; j < LANES; j++) {
+            m[j] = -INFINITY;
+            z[j] = 0.0f;
+        }
+        int64_t i = 0;
+        for (; i + LANES <= n; i += LANES)
+            for (int j = 0; j < LANES; j++) {
+                float a = v[i + j];
+                m[j] = a > m[j] ? a : m[j];
+                z[j] += a * 0.0f; /* NaN for an inf or a NaN */
+            }
+        float best = -INFINITY, bad = 0.0f;
+        for (int j = 0; j < LANES; j++) {
+            best = m[j] > best ? m[j] : best;
+            bad += z[j];
+        }
+        for (; i < n; i++) {
+            best = v[i] > best ? v[i] : best;
+            bad += v[i] * 0.0f;
+        }
+        finite[r] = bad == 0.0f;
+        int64_t at = 0;
+        for (int64_t k = 0; k < n; k++)
+            if (v[k] == best) {
+                at = k;
+                break;
+            }
+        index[r] = at;
+    }
+}
+
+/* ---- multi-LoRA: y[t] += B_s (A_s x[t]) for each token t of each slot s (a segmented GEMV,
+ * the job of punica's / S-LoRA's SGMV kernels). Tokens arrive grouped by slot as segments of
+ * `rows`; each (segment, part, chunk of LORA_CHUNK tokens) is one work item that reads its
+ * slot's A and B once for all its tokens and writes only its own rows and part columns.
+ * A (slots, parts, R, in) and Bt (slots, parts, R, out_part) are float32, ranks past
+ * slot_rank[s] are skipped. The update is summed in float32 and added to y with one rounding
+ * (y's dtype), as `y.add_(delta)` with a float32 delta does. */
+#include <stdlib.h>
+
+#define LORA_CHUNK 16
+
+/* The LoRA update may use fused multiply-adds: the eager path it replaces is BLAS, which does. */
+#pragma GCC optimize("fp-contract=fast")
+
+/* GCC vector extensions: 16 floats, one AVX-512 register (two AVX2 ones, four SSE ones). Locals of
+ * this type stay in registers, which the hot loops below need. */
+typedef float v16 __attribute__((vector_size(64)));
+
+static inline v16 load16(const float *p) {
+    v16 v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline float hsum16(v16 v) {
+    float a[16];
+    memcpy(a, &v, sizeof a);
+    return tree_sum(a, 16);
+}
+
+/* Four independent accumulators: the adds of one wait on each other (no FMA, see above). */
+static inline float dot_f32(const float *a, const float *b, int64_t n) {
+    v16 s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
+    int64_t i = 0;
+    for (; i + 64 <= n; i += 64) {
+        s0 += load16(a + i) * load16(b + i);
+        s1 += load16(a + i + 16) * load16(b + i + 16);
+        s2 += load16(a + i + 32) * load16(b + i + 32);
+        s3 += load16(a + i + 48) * load16(b + i + 48);
+    }
+    v16 t = (s0 + s1) + (s2 + s3);
+    for (; i + 16 <= n; i += 16) t += load16(a + i) * load16(b + i);
+    float s = hsum16(t);
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+/* out[o] = sum over r < rank of h[r] * b[r * stride + o], for o < n: each block of 64 outputs is
+ * summed in registers over every rank and stored once. */
+static void expand_f32(float *out, const float *h, const float *b, int64_t stride, int64_t rank, int64_t n) {
+    int64_t o = 0;
+    for (; o + 64 <= n; o += 64) {
+        v16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+        for (int64_t r = 0; r < rank; r++) {
+            const float *br = b + r * stride + o;
+            float hr = h[r];
+            a0 += hr * load16(br);
+            a1 += hr * load16(br + 16);
+            a2 += hr * load16(br + 32);
+            a3 += hr * load16(br + 48);
+        }
+        memcpy(out + o, &a0, 64);
+        memcpy(out + o + 16, &a1, 64);
+        memcpy(out + o + 32, &a2, 64);
+        memcpy(out + o + 48, &a3, 64);
+    }
+    for (; o < n; o++) {
+        float acc = 0.0f;
+        for (int64_t r = 0; r < rank; r++) acc += h[r] * b[r * stride + o];
+        out[o] = acc;
+    }
+}
+
+/* Row helpers for a y / x of either dtype (is_bf16 picks; the branch is per row, not per value). */
+static void load_row(float *dst, const void *src, int64_t n, int is_bf16) {
+    if (is_bf16) {
+        const bf16 *s = src;
+        for (int64_t i = 0; i < n; i++) dst[i] = bf2f(s[i]);
+    } else {
+        memcpy(dst, src, sizeof(float) * (size_t)n);
+    }
+}
+
+static void add_to_row(void *dst, const float *delta, int64_t n, int is_bf16) {
+    if (is_bf16) {
+        bf16 *d = dst;
+        for (int64_t i = 0; i < n; i++) d[i] = f2bf(bf2f(d[i]) + delta[i]);
+    } else {
+        float *d = dst;
+        for (int64_t i = 0; i < n; i++) d[i] = d[i] + delta[i];
+    }
+}
+
+typedef struct {
+    int64_t slot, part, first, count; /* tokens rows[first : first + count] of one slot, one part */
+    float *h;                         /* their shrunk rows: count x R */
+} lora_item;
+
+/* Phase 1 of a work item: h = A x for its tokens (x rows read once, converted to float). */
+static void lora_shrink(const lora_item *it, const char *x, int64_t x_stride, size_t elem, int is_bf16,
+                        const float *A, int64_t rank, const int64_t *rows, int64_t parts, int64_t R, int64_t in,
+                        float *xf) {
+    const float *a = A + (it->slot * parts + it->part) * R * in;
+    for (int64_t m = 0; m < it->count; m++)
+        load_row(xf + m * in, x + (size_t)(rows[it->first + m] * x_stride) * elem, in, is_bf16);
+    for (int64_t m = 0; m < it->count; m++)
+        for (int64_t r = 0; r < rank; r++) it->h[m * R + r] = dot_f32(a + r * in, xf + m * in, in);
+}
+
+/* Phase 2, for output columns [c0, c1) of the item's part: y += B h, one rounding per value. */
+static void lora_expand(const lora_item *it, char *y, int64_t y_stride, size_t elem, int is_bf16, const float *Bt,
+                        int64_t rank, const int64_t *rows, int64_t parts, int64_t R, int64_t out_part, int64_t c0,
+                        int64_t c1, float *acc) {
+    const float *b = Bt + (it->slot * parts + it->part) * R * out_part;
+    for (int64_t m = 0; m < it->count; m++) {
+        expand_f32(acc, it->h + m * R, b + c0, out_part, rank, c1 - c0);
+        size_t at = (size_t)(rows[it->first + m] * y_stride + it->part * out_part + c0);
+        add_to_row(y + at * elem, acc, c1 - c0, is_bf16);
+    }
+}
+
+/* Output columns per expand task: enough work per task, and tasks enough for every thread. */
+#define EXPAND_COLUMNS 512
+
+/* y (T, parts * out_part) and x (T, in) share one dtype (float32, or bf16 when is_bf16); the
+ * step's LoRA tokens are rows[seg_start[g] : seg_start[g] + seg_count[g]] for slot seg_slot[g].
+ * Returns 0, or -1 when scratch memory could not be had (y is then untouched). */
+int lora_sgmv(void *y, int64_t y_stride, const void *x, int64_t x_stride, int is_bf16, const float *A,
+              const float *Bt, const int64_t *slot_rank, int64_t parts, int64_t R, int64_t in, int64_t out_part,
+              const int64_t *seg_slot, const int64_t *seg_start, const int64_t *seg_count, int64_t segments,
+              const int64_t *rows, int threads) {
+    int64_t n_items = 0, n_tokens = 0;
+    for (int64_t g = 0; g < segments; g++)
+        if (slot_rank[seg_slot[g]] > 0) {
+            n_items += parts * ((seg_count[g] + LORA_CHUNK - 1) / LORA_CHUNK);
+            n_tokens += seg_count[g];
+        }
+    if (n_items == 0) return 0;
+    lora_item *items = malloc(sizeof(lora_item) * (size_t)n_items);
+    float *h = malloc(sizeof(float) * (size_t)(n_tokens * parts * R));
+    if (!items || !h) {
+        free(items);
+        free(h);
+        return -1;
+    }
+    int64_t k = 0;
+    float *next_h = h;
+    for (int64_t g = 0; g < segments; g++) {
+        if (slot_rank[seg_slot[g]] <= 0) continue;
+        for (int64_t c = 0; c < seg_count[g]; c += LORA_CHUNK)
+            for (int64_t p = 0; p < parts; p++) {
+                int64_t left = seg_count[g] - c, count = left < LORA_CHUNK ? left : LORA_CHUNK;
+                items[k++] = (lora_item){seg_slot[g], p, seg_start[g] + c, count, next_h};
+                next_h += count * R;
+            }
+    }
+    size_t elem = is_bf16 ? sizeof(bf16) : sizeof(float);
+    int64_t blocks = (out_part + EXPAND_COLUMNS - 1) / EXPAND_COLUMNS;
+    int failed = 0;
+#pragma omp parallel num_threads(threads) if (n_items * blocks > 1 && threads > 1)
+    {
+        float *xf = malloc(sizeof(float) * (size_t)(LORA_CHUNK * in));
+        float *acc = malloc(sizeof(float) * EXPAND_COLUMNS);
+        if (!xf || !acc) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp barrier
+        if (!failed) {
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t w = 0; w < n_items; w++)
+                lora_shrink(&items[w], x, x_stride, elem, is_bf16, A, slot_rank[items[w].slot], rows, parts, R, in, xf);
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t w = 0; w < n_items * blocks; w++) {
+                const lora_item *it = &items[w / blocks];
+                int64_t c0 = (w % blocks) * EXPAND_COLUMNS, c1 = c0 + EXPAND_COLUMNS;
+                lora_expand(it, y, y_stride, elem, is_bf16, Bt, slot_rank[it->slot], rows, parts, R, out_part, c0,
+                            c1 < out_part ? c1 : out_part, acc);
+            }
+        }
+        free(xf);
+        free(acc);
+    }
+    free(items);
+    free(h);
+    return failed ? -1 : 0;
+}
