@@ -109,6 +109,10 @@ class ServerConfig(BaseSettings):
     prefix_cache_scope: PrefixCacheScope = engine_knob(
         "prefix_cache_scope", "tenant (blocks shared within a tenant) or global (single-tenant deployments only)"
     )
+    native_kernels: bool = engine_knob(
+        "native_kernels",
+        "C kernels for the step's small ops, LoRA and decode attention on a CPU (server/engine/fused.py)",
+    )
     kv_cache_mb: float = engine_knob("kv_cache_bytes", "memory for the paged KV cache in MiB", scale=MiB)
     api_keys_file: Path | None = Field(
         None, description="file of tenant:key lines (LORASWAP_API_KEYS='tenant:key,...' also works)"

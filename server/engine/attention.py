@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from server.engine import fused
+
 
 @dataclass(frozen=True)
 class AttnGroup:
@@ -23,6 +25,7 @@ class AttnGroup:
     row_end: int
     kv_index: torch.Tensor  # (num_seqs, max_blocks) block ids; padding repeats the sequence's own first block
     mask: torch.Tensor | None  # (num_seqs, 1, max_q, max_kv) bool, True = attend; None = causal
+    lengths: torch.Tensor | None  # decodes: (num_seqs,) keys each (CPU int64), for fused.decode_attention
     q_index: torch.Tensor | None  # (num_seqs * max_q,) token rows (padded), None for decodes / one seq
     out_index: torch.Tensor | None  # (row_end - row_start,) padded rows holding the real tokens
     num_seqs: int
@@ -70,7 +73,7 @@ def build_attn_step(entries: list[tuple[list[int], int, int]], block_size: int, 
             mask = (torch.arange(max_kv, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None])[
                 :, None, None, :
             ]  # (B, 1, 1, L)
-        decode = AttnGroup(0, num_decodes, kv, mask, None, None, num_decodes, 1, block_size)
+        decode = AttnGroup(0, num_decodes, kv, mask, torch.tensor(lengths), None, None, num_decodes, 1, block_size)
     if len(entries) > num_decodes:
         prefill = _prefill_group(entries[num_decodes:], num_decodes, block_size, device)
     return AttnStep(slot_mapping, decode, prefill)
@@ -86,7 +89,7 @@ def _prefill_group(pre, row_start: int, block_size: int, device) -> AttnGroup:
     if len(pre) == 1 and starts[0] == 0:
         # SDPA's causal mask is top-left aligned: query i sees keys <= i, so the padding of the
         # last block (keys >= q_len) is never seen either.
-        return AttnGroup(row_start, row_end, kv, None, None, None, 1, max_q, block_size)
+        return AttnGroup(row_start, row_end, kv, None, None, None, None, 1, max_q, block_size)
     q_pos = torch.arange(max_q)[None, :, None]  # (1, Q, 1)
     k_pos = torch.arange(max_kv)[None, None, :]  # (1, 1, L)
     start_t = torch.tensor(starts)[:, None, None]
@@ -102,7 +105,9 @@ def _prefill_group(pre, row_start: int, block_size: int, device) -> AttnGroup:
             offset += n
         q_index = torch.tensor(rows, dtype=torch.long, device=device)
         out_index = torch.tensor(outs, dtype=torch.long, device=device)
-    return AttnGroup(row_start, row_end, kv, mask[:, None].to(device), q_index, out_index, len(pre), max_q, block_size)
+    return AttnGroup(
+        row_start, row_end, kv, mask[:, None].to(device), None, q_index, out_index, len(pre), max_q, block_size
+    )
 
 
 def paged_attention(
@@ -122,6 +127,10 @@ def paged_attention(
 
 def _attend(q: torch.Tensor, k_cache, v_cache, g: AttnGroup) -> torch.Tensor:
     """q holds exactly the group's rows. Returns (rows, H, D)."""
+    if g.lengths is not None and g.kv_index.device.type == "cpu":
+        out = fused.decode_attention(q, k_cache, v_cache, g.kv_index, g.lengths, g.block_size)
+        if out is not None:
+            return out  # read through the block table, no gathered copy (fused.py)
     blocked = (-1, g.block_size, *k_cache.shape[1:])  # (num_blocks, block_size, KV, D)
     padded = (g.num_seqs, -1, *k_cache.shape[1:])  # (B, max_blocks * block_size, KV, D)
     # index_select over the flat block ids copies whole blocks; advanced indexing with the 2-D

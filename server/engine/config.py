@@ -53,6 +53,9 @@ class EngineConfig:
         single-tenant deployments.
     fold_slice_bytes: dense bytes a fold builds per step (the build is spread over steps so no
         step stalls for all of it); 0 builds it in one step.
+    native_kernels: run the step's small ops, the LoRA update and decode attention through the
+        C kernels of fused.py on a CPU (eager PyTorch ops when off or when no compiler is found).
+        Process-wide: the last engine built sets it.
     """
 
     base: Path | str
@@ -77,6 +80,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     prefix_cache_scope: PrefixCacheScope = "tenant"
     fold_slice_bytes: int = 64 * 2**20  # ~0.1 s of dense build per step on a 2-core CPU
+    native_kernels: bool = True
 
     def __post_init__(self):
         if self.quant not in QUANT_CHOICES:

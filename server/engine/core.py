@@ -24,6 +24,7 @@ from server.engine.config import EngineConfig
 from server.engine.containment import run_isolated
 from server.engine.detokenizer import IncrementalText
 from server.engine.errors import AdapterLoadError, DuplicateRequest, PromptTooLong
+from server.engine import fused
 from server.engine.fold import FoldManager, fold_dtype, remaining_steps
 from server.engine.lora import lora_dtype
 from server.engine.prefix_cache import FOLDED, LORA, cache_key
@@ -59,6 +60,7 @@ class EngineCore:
         self.device, self.dtype = resolve_device_dtype(config.device, config.dtype)
         self.tokenizer = AutoTokenizer.from_pretrained(str(base))
         self.eos_ids = read_generation_eos(base)
+        fused.set_enabled(config.native_kernels)
         self.model = load_model(base, config.quant, self.dtype, self.device, config.max_loras, config.max_rank)
         self.max_model_len = min(config.max_model_len, self.model.spec.max_position_embeddings)
         num_blocks = config.num_kv_blocks or max(

@@ -74,6 +74,9 @@ def _build() -> ctypes.PyDLL | None:
     lib.argmax_finite_f32.argtypes = [ptr, i64, i64, i64, ptr, ptr]
     lib.lora_sgmv.argtypes = [ptr, i64, ptr, i64, ctypes.c_int, ptr, ptr, ptr, i64, i64, i64, i64]
     lib.lora_sgmv.argtypes += [ptr, ptr, ptr, i64, ptr, ctypes.c_int]
+    lib.decode_attention.argtypes = [ptr, ptr, ptr, ptr, ctypes.c_int, ptr, i64, ptr, i64, i64, i64, i64, i64, f32]
+    lib.decode_attention.argtypes += [ctypes.c_int]
+    lib.silu_mul.argtypes = [ptr, i64, ptr, ctypes.c_int, i64, i64]
     return lib
 
 
@@ -152,6 +155,18 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x.data_ptr(), T, H, D, x.stride(0), x.stride(1), cos.data_ptr(), sin.data_ptr()
     )
     return x
+
+
+def silu_mul(gate_up: torch.Tensor, n: int) -> torch.Tensor:
+    """`F.silu(gate) * up` for gate_up (T, 2n) = [gate | up]: one pass instead of three ops."""
+    lib = _native(gate_up)
+    if lib is None or gate_up.dim() != 2 or gate_up.stride(1) != 1 or gate_up.shape[1] != 2 * n:
+        gate, up = gate_up.split(n, dim=-1)
+        return F.silu(gate) * up
+    rows = gate_up.shape[0]
+    out = torch.empty((rows, n), dtype=gate_up.dtype)
+    lib.silu_mul(gate_up.data_ptr(), gate_up.stride(0), out.data_ptr(), gate_up.dtype == torch.bfloat16, rows, n)
+    return out
 
 
 def argmax_finite(logits: torch.Tensor) -> tuple[list[int], list[bool]]:
@@ -251,3 +266,51 @@ def lora_sgmv(y: torch.Tensor, x: torch.Tensor, weights: tuple[int, ...], seg: L
     if status != 0:
         raise MemoryError("lora_sgmv could not allocate its scratch rows")
     return True
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    lengths: torch.Tensor,
+    block_size: int,
+) -> torch.Tensor | None:
+    """Each sequence's single query q (B, H, D) against its first `lengths[b]` cached keys, read
+    through `block_table` (B, max_blocks) from the flat caches (blocks * block_size, KV, D):
+    softmax(q k / sqrt(D)) v as `scaled_dot_product_attention` (with enable_gqa) computes it on
+    the gathered keys, without the gather. None when the kernel does not take these tensors."""
+    lib = _native(q, k_cache, v_cache)
+    if (
+        lib is None
+        or not (q.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous())
+        or block_table.dtype != torch.int64
+        or lengths.dtype != torch.int64
+        or block_table.device.type != "cpu"
+        or lengths.device.type != "cpu"
+        or not (block_table.is_contiguous() and lengths.is_contiguous())
+        or q.shape[1] % k_cache.shape[1]
+    ):
+        return None
+    B, H, D = q.shape
+    out = torch.empty_like(q)
+    status = lib.decode_attention(
+        q.data_ptr(),
+        k_cache.data_ptr(),
+        v_cache.data_ptr(),
+        out.data_ptr(),
+        q.dtype == torch.bfloat16,
+        block_table.data_ptr(),
+        block_table.shape[1],
+        lengths.data_ptr(),
+        B,
+        H,
+        k_cache.shape[1],
+        D,
+        block_size,
+        D**-0.5,
+        torch.get_num_threads(),
+    )
+    if status != 0:
+        raise MemoryError("decode_attention could not allocate its scratch rows")
+    return out

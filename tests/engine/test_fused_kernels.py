@@ -9,7 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from server.engine import attention as attention_module
 from server.engine import fused
+from server.engine.attention import build_attn_step
 from server.engine.lora import MultiLoraLinear, build_lora_step
 from server.engine.sampler import Sampler
 from server.engine.types import SamplingParams
@@ -109,24 +111,23 @@ def test_argmax_finite_flags_every_kind_of_bad_row(vocab):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_the_engine_with_kernels_generates_what_it_does_without(tiny_base_dir, tmp_path, dtype, eager):
+def test_the_engine_with_kernels_generates_what_it_does_without(tiny_base_dir, tmp_path, dtype):
     """Prefill and decodes, base and adapter rows in one batch: the same tokens either way."""
     if not fused.enabled():
         pytest.skip("native kernels unavailable")
     adapter = make_adapter(tmp_path / "all8", tiny_base_dir, 8, seed=5)
     mixed = [None, adapter, None, adapter]
 
-    def generate():
-        engine = tiny_engine(tiny_base_dir, dtype=dtype)
+    def generate(native_kernels: bool):
+        engine = tiny_engine(tiny_base_dir, dtype=dtype, native_kernels=native_kernels)
         try:
+            assert fused.enabled() == native_kernels
             return engine.generate(PROMPTS[: len(mixed)], mixed, GREEDY)
         finally:
             engine.close()
 
-    with_kernels = generate()
-    with eager:
-        assert not fused.enabled()
-        without = generate()
+    without = generate(False)
+    with_kernels = generate(True)
     assert with_kernels == without
 
 
@@ -170,3 +171,40 @@ def test_greedy_under_min_tokens_takes_the_runner_up_only_where_eos_led(eager):
     assert out[1] == 7
     with eager:
         assert [t.token_id for t in Sampler(seed=0).sample(logits, held)] == out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_attention_reads_the_block_table_as_sdpa_reads_the_gather(dtype, eager):
+    """Grouped-query heads, lengths that end mid-block, shared and scattered blocks."""
+    if not fused.enabled():
+        pytest.skip("native kernels unavailable")
+    torch.manual_seed(0)
+    H, KV, D, bs, blocks = 6, 2, 64, 4, 40
+    k_cache = torch.randn(blocks * bs, KV, D, dtype=dtype)
+    v_cache = torch.randn(blocks * bs, KV, D, dtype=dtype)
+    tables = [[5, 9, 1], [2], [7, 3, 30, 31, 11], [5, 9]]  # the first and last share two blocks
+    starts = [9, 0, 17, 6]  # each decode's position: it sees start + 1 keys
+    q = torch.randn(len(tables), H, D, dtype=dtype)
+    step = build_attn_step([(t, s, 1) for t, s in zip(tables, starts)], bs, len(tables), "cpu")
+    assert step.decode is not None and step.decode.lengths is not None
+    got = fused.decode_attention(q, k_cache, v_cache, step.decode.kv_index, step.decode.lengths, bs)
+    assert got is not None
+    with eager:
+        want = attention_module._attend(q, k_cache, v_cache, step.decode)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_mul_matches_silu_times_up(dtype):
+    if not fused.enabled():
+        pytest.skip("native kernels unavailable")
+    torch.manual_seed(0)
+    gate_up = torch.randn(9, 2 * 300, dtype=dtype) * 6  # far into both tails of the sigmoid
+    gate_up[0, :4] = torch.tensor([0.0, -100.0, 100.0, -0.0])
+    gate, up = gate_up.split(300, dim=-1)
+    got, want = fused.silu_mul(gate_up, 300), F.silu(gate) * up
+    if dtype == torch.bfloat16:
+        assert ulps_bf16(got, want) <= 1 and (got != want).float().mean() < 0.01
+    else:
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)

@@ -353,3 +353,122 @@ int lora_sgmv(void *y, int64_t y_stride, const void *x, int64_t x_stride, int is
     free(h);
     return failed ? -1 : 0;
 }
+
+/* ---- decode attention straight from the paged KV cache: each sequence's one query against its
+ * keys, read block by block through its block table (no gathered copy of the keys). */
+
+/* exp(x) for x <= 0 (softmax after subtracting the row max; the sigmoid's tail), as
+ * 2^n * 2^f with t = x log2 e = n + f, n the nearest integer, f in [-0.5, 0.5], 2^f by Cephes'
+ * exp2f polynomial (relative error ~1e-7). Plain arithmetic, so the loops that call it
+ * vectorize; inputs below about -87 give 0. */
+static inline float exp_nonpositive(float x) {
+    float t = x * 1.44269504088896341f;
+    t = t < -126.0f ? -127.0f : t;
+    float n = (float)(int)(t - 0.5f); /* toward zero, so this is round-half-down for t <= 0 */
+    n = t - n > 0.5f ? n + 1.0f : n;
+    float f = t - n;
+    float p = 1.535336188319500e-4f;
+    p = p * f + 1.339887440266574e-3f;
+    p = p * f + 9.618437357674640e-3f;
+    p = p * f + 5.550332471162809e-2f;
+    p = p * f + 2.402264791363012e-1f;
+    p = p * f + 6.931472028550421e-1f;
+    int32_t e = (int32_t)n + 127;
+    uint32_t bits = (uint32_t)(e > 0 ? e : 0) << 23;
+    float scale;
+    memcpy(&scale, &bits, 4);
+    return (1.0f + p * f) * scale;
+}
+
+/* q, out (B, H, D); caches (blocks * block_size, KV, D); block_table (B, max_blocks);
+ * lengths (B,) keys per sequence (>= 1). Scores and softmax in float32, out rounded once. */
+int decode_attention(const void *q, const void *k_cache, const void *v_cache, void *out, int is_bf16,
+                     const int64_t *block_table, int64_t max_blocks, const int64_t *lengths, int64_t B, int64_t H,
+                     int64_t KV, int64_t D, int64_t block_size, float scale, int threads) {
+    int64_t group = H / KV, max_len = 0;
+    for (int64_t b = 0; b < B; b++) max_len = lengths[b] > max_len ? lengths[b] : max_len;
+    size_t elem = is_bf16 ? sizeof(bf16) : sizeof(float);
+    int failed = 0;
+#pragma omp parallel num_threads(threads) if (B * KV > 1 && threads > 1)
+    {
+        float *qf = malloc(sizeof(float) * (size_t)(group * D));
+        float *row = malloc(sizeof(float) * (size_t)D);
+        float *acc = malloc(sizeof(float) * (size_t)(group * D));
+        float *scores = malloc(sizeof(float) * (size_t)(group * max_len));
+        if (!qf || !row || !acc || !scores) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp barrier
+        if (!failed) {
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t w = 0; w < B * KV; w++) {
+                int64_t b = w / KV, kvh = w % KV, len = lengths[b];
+                const int64_t *table = block_table + b * max_blocks;
+                for (int64_t g = 0; g < group; g++)
+                    load_row(qf + g * D, (const char *)q + (size_t)((b * H + kvh * group + g) * D) * elem, D, is_bf16);
+                for (int64_t l = 0; l < len; l++) {
+                    size_t at = (size_t)(((table[l / block_size] * block_size + l % block_size) * KV + kvh) * D);
+                    load_row(row, (const char *)k_cache + at * elem, D, is_bf16);
+                    for (int64_t g = 0; g < group; g++) scores[g * max_len + l] = dot_f32(qf + g * D, row, D) * scale;
+                }
+                for (int64_t g = 0; g < group; g++) {
+                    float *s = scores + g * max_len, m = -INFINITY, total = 0.0f;
+                    for (int64_t l = 0; l < len; l++) m = s[l] > m ? s[l] : m;
+                    for (int64_t l = 0; l < len; l++) {
+                        s[l] = exp_nonpositive(s[l] - m);
+                        total += s[l];
+                    }
+                    float inv = 1.0f / total;
+                    for (int64_t l = 0; l < len; l++) s[l] *= inv;
+                }
+                memset(acc, 0, sizeof(float) * (size_t)(group * D));
+                for (int64_t l = 0; l < len; l++) {
+                    size_t at = (size_t)(((table[l / block_size] * block_size + l % block_size) * KV + kvh) * D);
+                    load_row(row, (const char *)v_cache + at * elem, D, is_bf16);
+                    for (int64_t g = 0; g < group; g++) {
+                        float p = scores[g * max_len + l];
+                        float *a = acc + g * D;
+                        for (int64_t i = 0; i < D; i++) a[i] += p * row[i];
+                    }
+                }
+                for (int64_t g = 0; g < group; g++) {
+                    char *o = (char *)out + (size_t)((b * H + kvh * group + g) * D) * elem;
+                    if (is_bf16) {
+                        bf16 *ob = (bf16 *)o;
+                        for (int64_t i = 0; i < D; i++) ob[i] = f2bf(acc[g * D + i]);
+                    } else {
+                        memcpy(o, acc + g * D, sizeof(float) * (size_t)D);
+                    }
+                }
+            }
+        }
+        free(qf);
+        free(row);
+        free(acc);
+        free(scores);
+    }
+    return failed ? -1 : 0;
+}
+
+/* ---- the MLP's activation: out = silu(gate) * up for gate_up (rows, 2 * n) = [gate | up], as
+ * `F.silu(gate) * up` computes it: silu rounded to the dtype, then the product rounded. */
+static inline float silu_f32(float g) {
+    float e = exp_nonpositive(g < 0.0f ? g : -g); /* exp(-|g|), never overflows */
+    float inv = 1.0f / (1.0f + e);
+    return g * (g < 0.0f ? e * inv : inv);       /* g * sigmoid(g) */
+}
+
+void silu_mul(const void *gate_up, int64_t in_stride, void *out, int is_bf16, int64_t rows, int64_t n) {
+    for (int64_t r = 0; r < rows; r++) {
+        if (is_bf16) {
+            const bf16 *g = (const bf16 *)gate_up + r * in_stride, *u = g + n;
+            bf16 *o = (bf16 *)out + r * n;
+            for (int64_t i = 0; i < n; i++) o[i] = f2bf(bf2f(f2bf(silu_f32(bf2f(g[i])))) * bf2f(u[i]));
+        } else {
+            const float *g = (const float *)gate_up + r * in_stride, *u = g + n;
+            float *o = (float *)out + r * n;
+            for (int64_t i = 0; i < n; i++) o[i] = silu_f32(g[i]) * u[i];
+        }
+    }
+}
