@@ -213,30 +213,22 @@ static inline float dot_f32(const float *a, const float *b, int64_t n) {
     return s;
 }
 
-/* out[o] = sum over r < rank of h[r] * b[r * stride + o], for o < n: each block of 64 outputs is
- * summed in registers over every rank and stored once. */
-static void expand_f32(float *out, const float *h, const float *b, int64_t stride, int64_t rank, int64_t n) {
-    int64_t o = 0;
-    for (; o + 64 <= n; o += 64) {
-        v16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
-        for (int64_t r = 0; r < rank; r++) {
-            const float *br = b + r * stride + o;
-            float hr = h[r];
-            a0 += hr * load16(br);
-            a1 += hr * load16(br + 16);
-            a2 += hr * load16(br + 32);
-            a3 += hr * load16(br + 48);
-        }
-        memcpy(out + o, &a0, 64);
-        memcpy(out + o + 16, &a1, 64);
-        memcpy(out + o + 32, &a2, 64);
-        memcpy(out + o + 48, &a3, 64);
+/* out[0..64) = sum over r < rank of h[r] * b[r * stride + 0..64): summed in registers over
+ * every rank, stored once. */
+static inline void expand64(float *out, const float *h, const float *b, int64_t stride, int64_t rank) {
+    v16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+    for (int64_t r = 0; r < rank; r++) {
+        const float *br = b + r * stride;
+        float hr = h[r];
+        a0 += hr * load16(br);
+        a1 += hr * load16(br + 16);
+        a2 += hr * load16(br + 32);
+        a3 += hr * load16(br + 48);
     }
-    for (; o < n; o++) {
-        float acc = 0.0f;
-        for (int64_t r = 0; r < rank; r++) acc += h[r] * b[r * stride + o];
-        out[o] = acc;
-    }
+    memcpy(out, &a0, 64);
+    memcpy(out + 16, &a1, 64);
+    memcpy(out + 32, &a2, 64);
+    memcpy(out + 48, &a3, 64);
 }
 
 /* Row helpers for a y / x of either dtype (is_bf16 picks; the branch is per row, not per value). */
@@ -264,26 +256,42 @@ typedef struct {
     float *h;                         /* their shrunk rows: count x R */
 } lora_item;
 
-/* Phase 1 of a work item: h = A x for its tokens (x rows read once, converted to float). */
+/* Phase 1 of a work item: h = A x for its tokens (x rows read once, converted to float). Rank
+ * rows outer, tokens inner: each row of A is read from L1 for every token. */
 static void lora_shrink(const lora_item *it, const char *x, int64_t x_stride, size_t elem, int is_bf16,
                         const float *A, int64_t rank, const int64_t *rows, int64_t parts, int64_t R, int64_t in,
                         float *xf) {
     const float *a = A + (it->slot * parts + it->part) * R * in;
     for (int64_t m = 0; m < it->count; m++)
         load_row(xf + m * in, x + (size_t)(rows[it->first + m] * x_stride) * elem, in, is_bf16);
-    for (int64_t m = 0; m < it->count; m++)
-        for (int64_t r = 0; r < rank; r++) it->h[m * R + r] = dot_f32(a + r * in, xf + m * in, in);
+    for (int64_t r = 0; r < rank; r++)
+        for (int64_t m = 0; m < it->count; m++) it->h[m * R + r] = dot_f32(a + r * in, xf + m * in, in);
 }
 
-/* Phase 2, for output columns [c0, c1) of the item's part: y += B h, one rounding per value. */
+/* Phase 2, for output columns [c0, c1) of the item's part: y += B h, one rounding per value.
+ * Column blocks outer, tokens inner: a block of B (rank x 64 floats) stays in L1 for every token
+ * instead of all of B streaming from L2 once per token. */
 static void lora_expand(const lora_item *it, char *y, int64_t y_stride, size_t elem, int is_bf16, const float *Bt,
                         int64_t rank, const int64_t *rows, int64_t parts, int64_t R, int64_t out_part, int64_t c0,
-                        int64_t c1, float *acc) {
+                        int64_t c1) {
     const float *b = Bt + (it->slot * parts + it->part) * R * out_part;
-    for (int64_t m = 0; m < it->count; m++) {
-        expand_f32(acc, it->h + m * R, b + c0, out_part, rank, c1 - c0);
-        size_t at = (size_t)(rows[it->first + m] * y_stride + it->part * out_part + c0);
-        add_to_row(y + at * elem, acc, c1 - c0, is_bf16);
+    float acc[64];
+    for (int64_t o = c0; o < c1; o += 64) {
+        int64_t width = c1 - o < 64 ? c1 - o : 64;
+        for (int64_t m = 0; m < it->count; m++) {
+            const float *hm = it->h + m * R;
+            if (width == 64) {
+                expand64(acc, hm, b + o, out_part, rank);
+            } else {
+                for (int64_t j = 0; j < width; j++) {
+                    float sum = 0.0f;
+                    for (int64_t r = 0; r < rank; r++) sum += hm[r] * b[r * out_part + o + j];
+                    acc[j] = sum;
+                }
+            }
+            size_t at = (size_t)(rows[it->first + m] * y_stride + it->part * out_part + o);
+            add_to_row(y + at * elem, acc, width, is_bf16);
+        }
     }
 }
 
@@ -328,8 +336,7 @@ int lora_sgmv(void *y, int64_t y_stride, const void *x, int64_t x_stride, int is
 #pragma omp parallel num_threads(threads) if (n_items * blocks > 1 && threads > 1)
     {
         float *xf = malloc(sizeof(float) * (size_t)(LORA_CHUNK * in));
-        float *acc = malloc(sizeof(float) * EXPAND_COLUMNS);
-        if (!xf || !acc) {
+        if (!xf) {
 #pragma omp atomic write
             failed = 1;
         }
@@ -343,11 +350,10 @@ int lora_sgmv(void *y, int64_t y_stride, const void *x, int64_t x_stride, int is
                 const lora_item *it = &items[w / blocks];
                 int64_t c0 = (w % blocks) * EXPAND_COLUMNS, c1 = c0 + EXPAND_COLUMNS;
                 lora_expand(it, y, y_stride, elem, is_bf16, Bt, slot_rank[it->slot], rows, parts, R, out_part, c0,
-                            c1 < out_part ? c1 : out_part, acc);
+                            c1 < out_part ? c1 : out_part);
             }
         }
         free(xf);
-        free(acc);
     }
     free(items);
     free(h);
