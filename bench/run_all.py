@@ -23,9 +23,9 @@ def plan(extra: list[str]) -> list[list[str]]:
     """The child commands, in order."""
     commands = [[sys.executable, "-m", "bench.engine_bench", *flags, *extra] for flags in ENGINE_RUNS]
     commands.append([sys.executable, "-m", "bench.engine_bench", *BF16_RUN, "--skip-hf", *extra])
-    commands += [
-        [sys.executable, "-m", "bench.step_bench", *flags] for flags in (*ENGINE_RUNS, BF16_RUN)
-    ]  # issue 15: step vs adapters
+    commands += [  # issue 15: step vs adapters, with the native kernels (fused.py) and without
+        [sys.executable, "-m", "bench.step_bench", *flags, "--compare-kernels"] for flags in (*ENGINE_RUNS, BF16_RUN)
+    ]
     commands += [[sys.executable, "-m", "bench.http_sweep", *flags] for flags in (*ENGINE_RUNS, BF16_RUN)]  # issue 15
     commands.append([sys.executable, "-m", "bench.gemm_bench"])  # issue 15: the kernels behind packed.py
     commands.append([sys.executable, "-m", "bench.structured_bench", *extra])  # issue 10: constrained batch

@@ -4,7 +4,9 @@ Each layer's cache is a flat `(num_blocks * block_size, num_kv_heads, head_dim)`
 per step the runner builds an `AttnStep` (shared by every layer): where each new token's K/V
 goes, and for two groups of sequences (decodes, with one query each, and prefill chunks) the
 padded block tables (keys are gathered a whole block at a time) and masks that turn the cache into dense keys for
-`scaled_dot_product_attention`. Nothing here knows about adapters or sampling.
+`scaled_dot_product_attention`. On a CPU the decode group skips the gather: fused.py's
+`decode_attention` reads each sequence's keys through its block table. Nothing here knows about
+adapters or sampling.
 """
 
 from __future__ import annotations

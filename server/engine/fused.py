@@ -4,8 +4,8 @@ At decode sizes a step is mostly dispatch: an RMSNorm is 7 eager ops (81 us in b
 RoPE 3, the sampler's finiteness check and argmax two passes over the vocabulary. `native/fused.c`
 does each in one call: the residual add fused into the next RMSNorm, RoPE in place, and one pass
 over the logits for the argmax and the finiteness check. The C source is compiled once per
-machine with the system C compiler (`cc`, `-O3 -march=native`; about a second) into a cache
-directory, and loaded with ctypes: no PyTorch headers, no build step at install.
+machine with the system C compiler (`cc`, `-O3 -march=native -fopenmp`; about a second) into
+`<LORASWAP_CACHE>/kernels/`, and loaded with ctypes: no PyTorch headers, no build step at install.
 
 The kernels run only for contiguous CPU float32 / bfloat16 tensors and only while `enabled()`;
 everything else (CUDA, float16, no compiler) takes the eager path, which is also the reference
@@ -20,6 +20,7 @@ import functools
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -28,6 +29,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from adapters.base import cache_dir as base_cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +44,18 @@ _enabled = os.environ.get("LORASWAP_NATIVE_KERNELS", "1") != "0"
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(root) / "loraswap" / "kernels"
+    """Where built kernels live: beside the converted base (LORASWAP_CACHE overrides)."""
+    return base_cache_dir() / "kernels"
+
+
+def _cpu_signature() -> str:
+    """The CPU model and instruction-set flags (Linux), or the architecture elsewhere."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.machine()
+    wanted = [line for line in lines if line.startswith(("model name", "flags"))][:2]
+    return platform.machine() + "|" + "|".join(wanted)
 
 
 def _build() -> ctypes.PyDLL | None:
@@ -51,7 +64,10 @@ def _build() -> ctypes.PyDLL | None:
     if compiler is None:
         logger.warning("no C compiler found: the step's small ops run as eager PyTorch ops")
         return None
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *CFLAGS]).encode()).hexdigest()[:16]
+    # -march=native: a cache shared by machines (a volume, a network home) must not hand one
+    # CPU's build to another, so the CPU's identity is part of the key.
+    key = SOURCE.read_bytes() + " ".join([compiler, *CFLAGS, _cpu_signature()]).encode()
+    digest = hashlib.sha256(key).hexdigest()[:16]
     target = cache_dir() / f"fused-{digest}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)

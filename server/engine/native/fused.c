@@ -175,7 +175,7 @@ void argmax_finite_f32(const float *x, int64_t rows, int64_t n, int64_t stride, 
  * (y's dtype), as `y.add_(delta)` with a float32 delta does. */
 #include <stdlib.h>
 
-#define LORA_CHUNK 16
+#define LORA_CHUNK 8 /* tokens per work item: two items per part already at batch 16 */
 
 /* The LoRA update may use fused multiply-adds: the eager path it replaces is BLAS, which does. */
 #pragma GCC optimize("fp-contract=fast")
@@ -231,6 +231,64 @@ static inline void expand64(float *out, const float *h, const float *b, int64_t 
     memcpy(out + 48, &a3, 64);
 }
 
+/* expand64 for two tokens at once: eight independent accumulators keep both FMA ports busy
+ * (four chains wait on the FMA latency), and each B load serves two tokens. */
+static inline void expand64x2(float *out0, float *out1, const float *h0, const float *h1, const float *b,
+                              int64_t stride, int64_t rank) {
+    v16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, c0 = {0}, c1 = {0}, c2 = {0}, c3 = {0};
+    for (int64_t r = 0; r < rank; r++) {
+        const float *br = b + r * stride;
+        v16 b0 = load16(br), b1 = load16(br + 16), b2 = load16(br + 32), b3 = load16(br + 48);
+        float p = h0[r], q = h1[r];
+        a0 += p * b0;
+        a1 += p * b1;
+        a2 += p * b2;
+        a3 += p * b3;
+        c0 += q * b0;
+        c1 += q * b1;
+        c2 += q * b2;
+        c3 += q * b3;
+    }
+    memcpy(out0, &a0, 64);
+    memcpy(out0 + 16, &a1, 64);
+    memcpy(out0 + 32, &a2, 64);
+    memcpy(out0 + 48, &a3, 64);
+    memcpy(out1, &c0, 64);
+    memcpy(out1 + 16, &c1, 64);
+    memcpy(out1 + 32, &c2, 64);
+    memcpy(out1 + 48, &c3, 64);
+}
+
+/* dot_f32 of one row a against two rows x0, x1: each load of a serves both. */
+static inline void dot_f32x2(const float *a, const float *x0, const float *x1, int64_t n, float *s0, float *s1) {
+    v16 p0 = {0}, p1 = {0}, p2 = {0}, p3 = {0}, q0 = {0}, q1 = {0}, q2 = {0}, q3 = {0};
+    int64_t i = 0;
+    for (; i + 64 <= n; i += 64) {
+        v16 a0 = load16(a + i), a1 = load16(a + i + 16), a2 = load16(a + i + 32), a3 = load16(a + i + 48);
+        p0 += a0 * load16(x0 + i);
+        p1 += a1 * load16(x0 + i + 16);
+        p2 += a2 * load16(x0 + i + 32);
+        p3 += a3 * load16(x0 + i + 48);
+        q0 += a0 * load16(x1 + i);
+        q1 += a1 * load16(x1 + i + 16);
+        q2 += a2 * load16(x1 + i + 32);
+        q3 += a3 * load16(x1 + i + 48);
+    }
+    v16 p = (p0 + p1) + (p2 + p3), q = (q0 + q1) + (q2 + q3);
+    for (; i + 16 <= n; i += 16) {
+        v16 ai = load16(a + i);
+        p += ai * load16(x0 + i);
+        q += ai * load16(x1 + i);
+    }
+    float u = hsum16(p), v = hsum16(q);
+    for (; i < n; i++) {
+        u += a[i] * x0[i];
+        v += a[i] * x1[i];
+    }
+    *s0 = u;
+    *s1 = v;
+}
+
 /* Row helpers for a y / x of either dtype (is_bf16 picks; the branch is per row, not per value). */
 static void load_row(float *dst, const void *src, int64_t n, int is_bf16) {
     if (is_bf16) {
@@ -264,8 +322,12 @@ static void lora_shrink(const lora_item *it, const char *x, int64_t x_stride, si
     const float *a = A + (it->slot * parts + it->part) * R * in;
     for (int64_t m = 0; m < it->count; m++)
         load_row(xf + m * in, x + (size_t)(rows[it->first + m] * x_stride) * elem, in, is_bf16);
-    for (int64_t r = 0; r < rank; r++)
-        for (int64_t m = 0; m < it->count; m++) it->h[m * R + r] = dot_f32(a + r * in, xf + m * in, in);
+    for (int64_t r = 0; r < rank; r++) {
+        int64_t m = 0;
+        for (; m + 2 <= it->count; m += 2)
+            dot_f32x2(a + r * in, xf + m * in, xf + (m + 1) * in, in, &it->h[m * R + r], &it->h[(m + 1) * R + r]);
+        if (m < it->count) it->h[m * R + r] = dot_f32(a + r * in, xf + m * in, in);
+    }
 }
 
 /* Phase 2, for output columns [c0, c1) of the item's part: y += B h, one rounding per value.
@@ -275,10 +337,19 @@ static void lora_expand(const lora_item *it, char *y, int64_t y_stride, size_t e
                         int64_t rank, const int64_t *rows, int64_t parts, int64_t R, int64_t out_part, int64_t c0,
                         int64_t c1) {
     const float *b = Bt + (it->slot * parts + it->part) * R * out_part;
-    float acc[64];
+    float acc[64], acc1[64];
     for (int64_t o = c0; o < c1; o += 64) {
         int64_t width = c1 - o < 64 ? c1 - o : 64;
-        for (int64_t m = 0; m < it->count; m++) {
+        int64_t m = 0;
+        if (width == 64)
+            for (; m + 2 <= it->count; m += 2) { /* two tokens at a time, then the odd one below */
+                expand64x2(acc, acc1, it->h + m * R, it->h + (m + 1) * R, b + o, out_part, rank);
+                size_t at0 = (size_t)(rows[it->first + m] * y_stride + it->part * out_part + o);
+                size_t at1 = (size_t)(rows[it->first + m + 1] * y_stride + it->part * out_part + o);
+                add_to_row(y + at0 * elem, acc, 64, is_bf16);
+                add_to_row(y + at1 * elem, acc1, 64, is_bf16);
+            }
+        for (; m < it->count; m++) {
             const float *hm = it->h + m * R;
             if (width == 64) {
                 expand64(acc, hm, b + o, out_part, rank);
@@ -295,8 +366,8 @@ static void lora_expand(const lora_item *it, char *y, int64_t y_stride, size_t e
     }
 }
 
-/* Output columns per expand task: enough work per task, and tasks enough for every thread. */
-#define EXPAND_COLUMNS 512
+/* Below this many multiply-adds a call runs on one thread: waking a second one costs more. */
+#define LORA_PARALLEL_MACS (1 << 18)
 
 /* y (T, parts * out_part) and x (T, in) share one dtype (float32, or bf16 when is_bf16); the
  * step's LoRA tokens are rows[seg_start[g] : seg_start[g] + seg_count[g]] for slot seg_slot[g].
@@ -331,9 +402,14 @@ int lora_sgmv(void *y, int64_t y_stride, const void *x, int64_t x_stride, int is
             }
     }
     size_t elem = is_bf16 ? sizeof(bf16) : sizeof(float);
-    int64_t blocks = (out_part + EXPAND_COLUMNS - 1) / EXPAND_COLUMNS;
+    int64_t macs = n_tokens * parts * R * (in + out_part);
+    if (macs < LORA_PARALLEL_MACS) threads = 1;
+    /* expand tasks: each item's columns in about 2 * threads slices of whole 64-column blocks */
+    int64_t columns = (out_part + 2 * threads - 1) / (2 * threads);
+    columns = (columns + 63) / 64 * 64;
+    int64_t blocks = (out_part + columns - 1) / columns;
     int failed = 0;
-#pragma omp parallel num_threads(threads) if (n_items * blocks > 1 && threads > 1)
+#pragma omp parallel num_threads(threads) if (threads > 1)
     {
         float *xf = malloc(sizeof(float) * (size_t)(LORA_CHUNK * in));
         if (!xf) {
@@ -348,7 +424,7 @@ int lora_sgmv(void *y, int64_t y_stride, const void *x, int64_t x_stride, int is
 #pragma omp for schedule(dynamic, 1)
             for (int64_t w = 0; w < n_items * blocks; w++) {
                 const lora_item *it = &items[w / blocks];
-                int64_t c0 = (w % blocks) * EXPAND_COLUMNS, c1 = c0 + EXPAND_COLUMNS;
+                int64_t c0 = (w % blocks) * columns, c1 = c0 + columns;
                 lora_expand(it, y, y_stride, elem, is_bf16, Bt, slot_rank[it->slot], rows, parts, R, out_part, c0,
                             c1 < out_part ? c1 : out_part);
             }
