@@ -61,28 +61,34 @@ class Sampler:
         # The finiteness check of the model's own output and the greedy argmax in one pass
         # (fused.py); the argmax is redone below only for rows whose logits get processed.
         raw_argmax, finite = fused.argmax_finite(raw)  # (S,) each
-        processed = logits = logits_processors.process(logits, seqs)  # penalties, logit_bias, grammar, min_p
-        masked: dict[int, list[int]] = {}
+        processed = logits_processors.process(logits, seqs)  # penalties, logit_bias, grammar, min_p
+        masked: dict[int, list[int]] = {}  # rows below min_tokens: their stop tokens and EOS
         for i, s in enumerate(seqs):
             if s.below_min_tokens and (ids := sorted(t for t in s.min_tokens_mask_ids() if t < vocab)):
                 masked[i] = ids
-        if masked:
-            logits = logits.clone() if logits is raw else logits
-            for i, ids in masked.items():
-                logits[i, ids] = float("-inf")
         # greedy for everyone; sampled rows overwrite
         if processed is raw:
-            # Only min_tokens masks changed anything: a row's first maximum moves only if masked.
+            # Only min_tokens masks change anything, and a row's first maximum moves only if they
+            # hide it: that row alone is redone (no copy of the whole batch's logits).
             tokens = list(raw_argmax)
             for i, ids in masked.items():
                 if tokens[i] in ids:
-                    tokens[i] = int(logits[i].argmax())
+                    row = raw[i].clone()
+                    row[ids] = float("-inf")
+                    tokens[i] = int(row.argmax())
         else:
-            tokens = logits.argmax(dim=-1).tolist()
+            for i, ids in masked.items():  # processed is process()'s own copy
+                processed[i, ids] = float("-inf")
+            tokens = processed.argmax(dim=-1).tolist()
         failed: dict[int, tuple[str, int, str]] = {i: NON_FINITE for i, ok in enumerate(finite) if not ok}
         rows = [i for i, s in enumerate(seqs) if not s.sampling.greedy and i not in failed]
         if rows:
-            probs = self._filtered_probs(logits[rows], [seqs[i] for i in rows])
+            chosen = processed[rows]  # a copy
+            if processed is raw:
+                for j, i in enumerate(rows):
+                    if i in masked:
+                        chosen[j, masked[i]] = float("-inf")
+            probs = self._filtered_probs(chosen, [seqs[i] for i in rows])
             for j, i in enumerate(rows):
                 try:
                     tokens[i] = int(torch.multinomial(probs[j], 1, generator=self._generator(seqs[i]))[0])

@@ -122,3 +122,13 @@ def test_stop_token_ids_outside_the_vocabulary_are_harmless():
     logits = torch.zeros(1, 10)
     s = seq(SamplingParams(temperature=0, min_tokens=2, stop_token_ids=(10**6,), max_tokens=4))
     assert Sampler(seed=0).sample(logits, [s])[0].error_code is None
+
+
+def test_sampled_rows_below_min_tokens_never_draw_eos():
+    """The mask reaches temperature sampling too, with and without other processing in the batch."""
+    logits = torch.zeros(2, 10)
+    logits[:, 2] = 8.0  # EOS holds nearly all the mass
+    for other in (SamplingParams(temperature=0), SamplingParams(temperature=0, logit_bias=((5, 1.0),))):
+        rows = [seq(SamplingParams(temperature=1.0, seed=s, min_tokens=3, max_tokens=5)) for s in range(40)]
+        draws = [Sampler(seed=0).sample(logits, [r, seq(other)])[0].token_id for r in rows]
+        assert 2 not in draws and len(set(draws)) > 1
