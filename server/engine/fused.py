@@ -92,7 +92,6 @@ def _build() -> ctypes.PyDLL | None:
     lib.lora_sgmv.argtypes += [ptr, ptr, ptr, i64, ptr, ctypes.c_int]
     lib.decode_attention.argtypes = [ptr, ptr, ptr, ptr, ctypes.c_int, ptr, i64, ptr, i64, i64, i64, i64, i64, f32]
     lib.decode_attention.argtypes += [ctypes.c_int]
-    lib.silu_mul.argtypes = [ptr, i64, ptr, ctypes.c_int, i64, i64]
     return lib
 
 
@@ -171,18 +170,6 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x.data_ptr(), T, H, D, x.stride(0), x.stride(1), cos.data_ptr(), sin.data_ptr()
     )
     return x
-
-
-def silu_mul(gate_up: torch.Tensor, n: int) -> torch.Tensor:
-    """`F.silu(gate) * up` for gate_up (T, 2n) = [gate | up]: one pass instead of three ops."""
-    lib = _native(gate_up)
-    if lib is None or gate_up.dim() != 2 or gate_up.stride(1) != 1 or gate_up.shape[1] != 2 * n:
-        gate, up = gate_up.split(n, dim=-1)
-        return F.silu(gate) * up
-    rows = gate_up.shape[0]
-    out = torch.empty((rows, n), dtype=gate_up.dtype)
-    lib.silu_mul(gate_up.data_ptr(), gate_up.stride(0), out.data_ptr(), gate_up.dtype == torch.bfloat16, rows, n)
-    return out
 
 
 def argmax_finite(logits: torch.Tensor) -> tuple[list[int], list[bool]]:

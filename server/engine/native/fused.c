@@ -439,27 +439,43 @@ int lora_sgmv(void *y, int64_t y_stride, const void *x, int64_t x_stride, int is
 /* ---- decode attention straight from the paged KV cache: each sequence's one query against its
  * keys, read block by block through its block table (no gathered copy of the keys). */
 
-/* exp(x) for x <= 0 (softmax after subtracting the row max; the sigmoid's tail), as
- * 2^n * 2^f with t = x log2 e = n + f, n the nearest integer, f in [-0.5, 0.5], 2^f by Cephes'
- * exp2f polynomial (relative error ~1e-7). Plain arithmetic, so the loops that call it
- * vectorize; inputs below about -87 give 0. */
-static inline float exp_nonpositive(float x) {
-    float t = x * 1.44269504088896341f;
-    t = t < -126.0f ? -127.0f : t;
-    float n = (float)(int)(t - 0.5f); /* toward zero, so this is round-half-down for t <= 0 */
-    n = t - n > 0.5f ? n + 1.0f : n;
-    float f = t - n;
-    float p = 1.535336188319500e-4f;
-    p = p * f + 1.339887440266574e-3f;
+/* exp(x) for x <= 0 (softmax after subtracting the row max; the sigmoid's tail), 16 lanes at a
+ * time, as 2^n * 2^f with t = x log2 e = n + f, n = trunc(t - 0.5) (so f is in [-0.5, 0.5]
+ * for t <= 0), 2^f by Cephes' exp2f polynomial (relative error ~1e-7), 2^n built in the
+ * exponent bits. Written on vectors with masks rather than branches, so it always vectorizes;
+ * inputs below about -88 give 0. */
+typedef int32_t v16i __attribute__((vector_size(64)));
+
+static inline v16 exp_nonpositive16(v16 x) {
+    const v16 low = {-127.0f, -127.0f, -127.0f, -127.0f, -127.0f, -127.0f, -127.0f, -127.0f,
+                     -127.0f, -127.0f, -127.0f, -127.0f, -127.0f, -127.0f, -127.0f, -127.0f};
+    v16 t = x * 1.44269504088896341f;
+    v16i under = t < low;                                  /* -1 where t < -127 */
+    t = (v16)(((v16i)t & ~under) | ((v16i)low & under));  /* clamp: 2^-127 rounds to 0 below */
+    v16i n = __builtin_convertvector(t - 0.5f, v16i);      /* toward zero */
+    v16 f = t - __builtin_convertvector(n, v16);
+    v16 p = f * 1.535336188319500e-4f + 1.339887440266574e-3f;
     p = p * f + 9.618437357674640e-3f;
     p = p * f + 5.550332471162809e-2f;
     p = p * f + 2.402264791363012e-1f;
     p = p * f + 6.931472028550421e-1f;
-    int32_t e = (int32_t)n + 127;
-    uint32_t bits = (uint32_t)(e > 0 ? e : 0) << 23;
-    float scale;
-    memcpy(&scale, &bits, 4);
-    return (1.0f + p * f) * scale;
+    v16i bits = (n + 127) << 23; /* n >= -127: exponent field 0 .. 127 */
+    return (p * f + 1.0f) * (v16)bits;
+}
+
+/* exp_nonpositive16 over x[0..n) in place (the tail padded through a scratch vector). */
+static void exp_nonpositive_inplace(float *x, int64_t n) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        v16 v = exp_nonpositive16(load16(x + i));
+        memcpy(x + i, &v, sizeof v);
+    }
+    if (i < n) {
+        float tail[16] = {0};
+        memcpy(tail, x + i, sizeof(float) * (size_t)(n - i));
+        v16 v = exp_nonpositive16(load16(tail));
+        memcpy(x + i, &v, sizeof(float) * (size_t)(n - i));
+    }
 }
 
 /* q, out (B, H, D); caches (blocks * block_size, KV, D); block_table (B, max_blocks);
@@ -497,10 +513,9 @@ int decode_attention(const void *q, const void *k_cache, const void *v_cache, vo
                 for (int64_t g = 0; g < group; g++) {
                     float *s = scores + g * max_len, m = -INFINITY, total = 0.0f;
                     for (int64_t l = 0; l < len; l++) m = s[l] > m ? s[l] : m;
-                    for (int64_t l = 0; l < len; l++) {
-                        s[l] = exp_nonpositive(s[l] - m);
-                        total += s[l];
-                    }
+                    for (int64_t l = 0; l < len; l++) s[l] -= m;
+                    exp_nonpositive_inplace(s, len);
+                    for (int64_t l = 0; l < len; l++) total += s[l];
                     float inv = 1.0f / total;
                     for (int64_t l = 0; l < len; l++) s[l] *= inv;
                 }
@@ -531,26 +546,4 @@ int decode_attention(const void *q, const void *k_cache, const void *v_cache, vo
         free(scores);
     }
     return failed ? -1 : 0;
-}
-
-/* ---- the MLP's activation: out = silu(gate) * up for gate_up (rows, 2 * n) = [gate | up], as
- * `F.silu(gate) * up` computes it: silu rounded to the dtype, then the product rounded. */
-static inline float silu_f32(float g) {
-    float e = exp_nonpositive(g < 0.0f ? g : -g); /* exp(-|g|), never overflows */
-    float inv = 1.0f / (1.0f + e);
-    return g * (g < 0.0f ? e * inv : inv);       /* g * sigmoid(g) */
-}
-
-void silu_mul(const void *gate_up, int64_t in_stride, void *out, int is_bf16, int64_t rows, int64_t n) {
-    for (int64_t r = 0; r < rows; r++) {
-        if (is_bf16) {
-            const bf16 *g = (const bf16 *)gate_up + r * in_stride, *u = g + n;
-            bf16 *o = (bf16 *)out + r * n;
-            for (int64_t i = 0; i < n; i++) o[i] = f2bf(bf2f(f2bf(silu_f32(bf2f(g[i])))) * bf2f(u[i]));
-        } else {
-            const float *g = (const float *)gate_up + r * in_stride, *u = g + n;
-            float *o = (float *)out + r * n;
-            for (int64_t i = 0; i < n; i++) o[i] = silu_f32(g[i]) * u[i];
-        }
-    }
 }
