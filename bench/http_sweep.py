@@ -61,6 +61,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--base", default="default", help="'default' or a local HF model directory")
     p.add_argument("--quant", choices=("none", "nf4"), default="nf4")
     p.add_argument("--dtype", default="float32", help="compute dtype (the server's --dtype)")
+    p.add_argument(
+        "--lora-dtype", choices=("auto", "bfloat16"), default="auto", help="the server's --lora-dtype (adapter slots)"
+    )
     p.add_argument("--concurrency", default="1,4,16,64", help="comma-separated concurrency levels")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--adapters", type=int, default=8, help="distinct adapters in the mixed waves")
@@ -120,6 +123,7 @@ def serve_flags(args) -> dict[str, str]:
     return {
         "--quant": args.quant,
         "--dtype": args.dtype,
+        "--lora-dtype": args.lora_dtype,
         "--device": "cpu",
         "--max-loras": str(args.slots),
         "--max-cpu-loras": str(args.many_adapters),
@@ -250,7 +254,7 @@ def _base_id(url: str) -> str:
 def run(args) -> Report:
     base_dir = resolve_base(args.base)
     title = (
-        f"loraswap over HTTP: {base_dir.name}, quant={args.quant}, dtype={args.dtype}, "
+        f"loraswap over HTTP: {base_dir.name}, quant={args.quant}, dtype={args.dtype}, lora_dtype={args.lora_dtype}, "
         f"{args.new_tokens} tokens/request, concurrency {','.join(map(str, args.levels))}, streamed"
     )
     report = Report(title, targets=list(TARGETS))
@@ -283,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     report = run(args)
     print(report.table(), flush=True)
     suffix = "" if args.dtype == "float32" else f"_{args.dtype}"  # as engine_bench names its files
+    suffix += "" if args.lora_dtype == "auto" else "_lorabf16"
     json_path, png_path = report.write(f"http_{args.quant}{suffix}", args.out)
     print(f"wrote {json_path} and {png_path}")
     return 0

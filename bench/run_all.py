@@ -24,9 +24,11 @@ def plan(extra: list[str]) -> list[list[str]]:
     commands = [[sys.executable, "-m", "bench.engine_bench", *flags, *extra] for flags in ENGINE_RUNS]
     commands.append([sys.executable, "-m", "bench.engine_bench", *BF16_RUN, "--skip-hf", *extra])
     commands += [  # issue 15: step vs adapters, with the native kernels (fused.py) and without
-        [sys.executable, "-m", "bench.step_bench", *flags, "--compare-kernels"] for flags in (*ENGINE_RUNS, BF16_RUN)
-    ]
+        [sys.executable, "-m", "bench.step_bench", *flags, "--compare-kernels"] for flags in ENGINE_RUNS
+    ]  # bf16 also against bf16 adapter slots (--lora-dtype bfloat16)
+    commands.append([sys.executable, "-m", "bench.step_bench", *BF16_RUN, "--compare-kernels", "--compare-lora-dtype"])
     commands += [[sys.executable, "-m", "bench.http_sweep", *flags] for flags in (*ENGINE_RUNS, BF16_RUN)]  # issue 15
+    commands.append([sys.executable, "-m", "bench.http_sweep", *BF16_RUN, "--lora-dtype", "bfloat16"])
     commands.append([sys.executable, "-m", "bench.gemm_bench"])  # issue 15: the kernels behind packed.py
     commands.append([sys.executable, "-m", "bench.structured_bench", *extra])  # issue 10: constrained batch
     commands.append([sys.executable, "-m", "bench.prefix_bench", *extra])  # issue 13: prefix cache, n=4

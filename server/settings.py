@@ -35,7 +35,7 @@ from pydantic_settings import (
 )
 
 from jobs.config import JobsConfig
-from server.engine.config import DType, Device, EngineConfig, Fold, PrefixCacheScope, Quant
+from server.engine.config import DType, Device, EngineConfig, Fold, LoraDType, PrefixCacheScope, Quant
 from server.limits import Limits
 
 DEFAULT_TENANT = "default"
@@ -112,6 +112,9 @@ class ServerConfig(BaseSettings):
     native_kernels: bool = engine_knob(
         "native_kernels",
         "C kernels for the step's small ops, LoRA and decode attention on a CPU (server/engine/fused.py)",
+    )
+    lora_dtype: LoraDType = engine_knob(
+        "lora_dtype", "auto (float32 slots on a CPU, as PEFT) or bfloat16 (half the bytes per step; opt-in)"
     )
     kv_cache_mb: float = engine_knob("kv_cache_bytes", "memory for the paged KV cache in MiB", scale=MiB)
     api_keys_file: Path | None = Field(

@@ -17,11 +17,13 @@ DType = Literal["auto", "float32", "bfloat16", "float16"]
 Device = Literal["auto", "cpu", "cuda"]
 Fold = Literal["off", "auto", "pinned"]
 PrefixCacheScope = Literal["tenant", "global"]
+LoraDType = Literal["auto", "bfloat16"]
 QUANT_CHOICES = get_args(Quant)
 DTYPE_CHOICES = get_args(DType)
 DEVICE_CHOICES = get_args(Device)
 FOLD_CHOICES = get_args(Fold)
 PREFIX_CACHE_SCOPE_CHOICES = get_args(PrefixCacheScope)
+LORA_DTYPE_CHOICES = get_args(LoraDType)
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,11 @@ class EngineConfig:
     native_kernels: run the step's small ops, the LoRA update and decode attention through the
         C kernels of fused.py on a CPU (eager PyTorch ops when off or when no compiler is found).
         Process-wide: the last engine built sets it.
+    lora_dtype: what the adapter slots store. "auto": float32 on a CPU (PEFT keeps adapter
+        weights in float32 under a bf16 model), the compute dtype on CUDA. "bfloat16": bf16
+        slots (vLLM's default for a bf16 model), half the bytes each step streams with several
+        adapters in a batch; the LoRA math stays float32 on a CPU. An opt-in: rounding A and B
+        to bf16 moves near-tie greedy tokens away from PEFT's float32 adapters.
     """
 
     base: Path | str
@@ -81,6 +88,7 @@ class EngineConfig:
     prefix_cache_scope: PrefixCacheScope = "tenant"
     fold_slice_bytes: int = 64 * 2**20  # ~0.1 s of dense build per step on a 2-core CPU
     native_kernels: bool = True
+    lora_dtype: LoraDType = "auto"
 
     def __post_init__(self):
         if self.quant not in QUANT_CHOICES:
@@ -91,6 +99,8 @@ class EngineConfig:
             raise ValueError(f"device must be one of {DEVICE_CHOICES}, got {self.device!r}")
         if self.fold not in FOLD_CHOICES:
             raise ValueError(f"fold must be one of {FOLD_CHOICES}, got {self.fold!r}")
+        if self.lora_dtype not in LORA_DTYPE_CHOICES:
+            raise ValueError(f"lora_dtype must be one of {LORA_DTYPE_CHOICES}, got {self.lora_dtype!r}")
         if self.prefix_cache_scope not in PREFIX_CACHE_SCOPE_CHOICES:
             raise ValueError(
                 f"prefix_cache_scope must be one of {PREFIX_CACHE_SCOPE_CHOICES}, got {self.prefix_cache_scope!r}"

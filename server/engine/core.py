@@ -61,7 +61,9 @@ class EngineCore:
         self.tokenizer = AutoTokenizer.from_pretrained(str(base))
         self.eos_ids = read_generation_eos(base)
         fused.set_enabled(config.native_kernels)
-        self.model = load_model(base, config.quant, self.dtype, self.device, config.max_loras, config.max_rank)
+        self.model = load_model(
+            base, config.quant, self.dtype, self.device, config.max_loras, config.max_rank, config.lora_dtype
+        )
         self.max_model_len = min(config.max_model_len, self.model.spec.max_position_embeddings)
         num_blocks = config.num_kv_blocks or max(
             1, config.kv_cache_bytes // kv_bytes_per_block(self.model, config.block_size)

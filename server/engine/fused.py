@@ -88,8 +88,7 @@ def _build() -> ctypes.PyDLL | None:
         getattr(lib, f"add_rms_norm_{suffix}").argtypes = [ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, f32]
         getattr(lib, f"rope_{suffix}").argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ptr]
     lib.argmax_finite_f32.argtypes = [ptr, i64, i64, i64, ptr, ptr]
-    lib.lora_sgmv.argtypes = [ptr, i64, ptr, i64, ctypes.c_int, ptr, ptr, ptr, i64, i64, i64, i64]
-    lib.lora_sgmv.argtypes += [ptr, ptr, ptr, i64, ptr, ctypes.c_int]
+    lib.lora_sgmv.argtypes = [ptr, i64, ptr, i64, ctypes.c_int, ptr, ptr, ctypes.c_int]
     lib.decode_attention.argtypes = [ptr, ptr, ptr, ptr, ctypes.c_int, ptr, i64, ptr, i64, i64, i64, i64, i64, f32]
     lib.decode_attention.argtypes += [ctypes.c_int]
     return lib
@@ -186,6 +185,33 @@ def argmax_finite(logits: torch.Tensor) -> tuple[list[int], list[bool]]:
     return index.tolist(), [bool(f) for f in finite.tolist()]
 
 
+class _LoraSegmentsArgs(ctypes.Structure):
+    """fused.c's `lora_segments`."""
+
+    _fields_ = [
+        ("slot", ctypes.c_void_p),
+        ("start", ctypes.c_void_p),
+        ("count", ctypes.c_void_p),
+        ("segments", ctypes.c_int64),
+        ("rows", ctypes.c_void_p),
+    ]
+
+
+class _LoraWeightsArgs(ctypes.Structure):
+    """fused.c's `lora_weights`."""
+
+    _fields_ = [
+        ("A", ctypes.c_void_p),
+        ("Bt", ctypes.c_void_p),
+        ("w_bf16", ctypes.c_int64),
+        ("slot_rank", ctypes.c_void_p),
+        ("parts", ctypes.c_int64),
+        ("R", ctypes.c_int64),
+        ("in_features", ctypes.c_int64),
+        ("out_part", ctypes.c_int64),
+    ]
+
+
 @dataclass(frozen=True)
 class LoraSegments:
     """A step's adapter tokens grouped by slot, for `lora_sgmv` (built once per step, shared by
@@ -212,59 +238,74 @@ class LoraSegments:
         return cls(t(slots), t(starts), t(counts), t(rows))
 
     @functools.cached_property
-    def args(self) -> tuple[int, ...]:
-        """The kernel's arguments for these segments (pointers into the tensors above)."""
-        return (
-            self.slot.data_ptr(),
-            self.start.data_ptr(),
-            self.count.data_ptr(),
-            len(self.slot),
-            self.rows.data_ptr(),
+    def _struct(self) -> _LoraSegmentsArgs:
+        return _LoraSegmentsArgs(
+            self.slot.data_ptr(), self.start.data_ptr(), self.count.data_ptr(), len(self.slot), self.rows.data_ptr()
         )
 
-
-def lora_weight_args(A: torch.Tensor, Bt: torch.Tensor, slot_rank: torch.Tensor) -> tuple[int, ...] | None:
-    """One layer's slot tensors as `lora_sgmv` reads them (pointers and sizes; valid while these
-    tensors live unchanged in shape), or None when the kernel does not take them: A
-    (slots, P, R, in) and Bt (slots, P, R, out_part) contiguous float32 on the CPU, slot_rank
-    (slots,) int64."""
-    ok = (
-        A.dtype == Bt.dtype == torch.float32
-        and A.device.type == Bt.device.type == slot_rank.device.type == "cpu"
-        and A.is_contiguous()
-        and Bt.is_contiguous()
-        and slot_rank.dtype == torch.int64
-        and A.dim() == Bt.dim() == 4
-        and slot_rank.numel() == A.shape[0] == Bt.shape[0]
-    )
-    if not ok:
-        return None
-    _, parts, R, in_features = A.shape
-    return (A.data_ptr(), Bt.data_ptr(), slot_rank.data_ptr(), parts, R, in_features, Bt.shape[3])
+    @functools.cached_property
+    def address(self) -> int:
+        """Where the kernel reads these segments (valid while this object lives)."""
+        return ctypes.addressof(self._struct)
 
 
-def lora_sgmv(y: torch.Tensor, x: torch.Tensor, weights: tuple[int, ...], seg: LoraSegments) -> bool:
+class LoraWeights:
+    """One layer's slot tensors as `lora_sgmv` reads them: A (slots, P, R, in) and
+    Bt (slots, P, R, out_part), contiguous float32 or bfloat16 on the CPU, and slot_rank (slots,)
+    int64. Holds the tensors, so the addresses stay valid while this object lives."""
+
+    def __init__(self, A: torch.Tensor, Bt: torch.Tensor, slot_rank: torch.Tensor):
+        self._tensors = (A, Bt, slot_rank)
+        _, parts, R, in_features = A.shape
+        self._struct = _LoraWeightsArgs(
+            A.data_ptr(),
+            Bt.data_ptr(),
+            A.dtype == torch.bfloat16,
+            slot_rank.data_ptr(),
+            parts,
+            R,
+            in_features,
+            Bt.shape[3],
+        )
+        self.address = ctypes.addressof(self._struct)
+
+    @staticmethod
+    def of(A: torch.Tensor, Bt: torch.Tensor, slot_rank: torch.Tensor) -> LoraWeights | None:
+        """The kernel's view of these tensors, or None when it does not take them."""
+        ok = (
+            A.dtype == Bt.dtype
+            and A.dtype in _DTYPES
+            and A.device.type == Bt.device.type == slot_rank.device.type == "cpu"
+            and A.is_contiguous()
+            and Bt.is_contiguous()
+            and slot_rank.dtype == torch.int64
+            and A.dim() == Bt.dim() == 4
+            and slot_rank.numel() == A.shape[0] == Bt.shape[0]
+        )
+        return LoraWeights(A, Bt, slot_rank) if ok else None
+
+
+def lora_sgmv(y: torch.Tensor, x: torch.Tensor, weights: LoraWeights, seg: LoraSegments) -> bool:
     """y (T, P * out_part) += each adapter token's `B_s A_s x` in place, summed in float32: one
     call per projection instead of the ~7 eager ops of MultiLoraLinear's gather / bmm / gather
-    path. `weights` is `lora_weight_args(...)` of the layer. Returns False, touching nothing,
-    when y and x are not tensors the kernel takes."""
+    path. Returns False, touching nothing, when y and x are not tensors the kernel takes.
+    (Runs ~150 times a step: the checks are the cheap tensor properties.)"""
     lib = library()
     dtype = y.dtype
-    if (
-        lib is None
-        or dtype not in _DTYPES
-        or x.dtype != dtype
-        or y.device.type != "cpu"
-        or x.device.type != "cpu"
-        or x.stride(-1) != 1
-        or y.stride(-1) != 1
-        or x.dim() != 2
-        or y.dim() != 2
-    ):
+    if lib is None or dtype not in _DTYPES or x.dtype is not dtype or not (y.is_cpu and x.is_cpu):
         return False
-    bf16 = dtype == torch.bfloat16
+    y_strides, x_strides = y.stride(), x.stride()
+    if len(x_strides) != 2 or len(y_strides) != 2 or x_strides[1] != 1 or y_strides[1] != 1:
+        return False
     status = lib.lora_sgmv(
-        y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0), bf16, *weights, *seg.args, torch.get_num_threads()
+        y.data_ptr(),
+        y_strides[0],
+        x.data_ptr(),
+        x_strides[0],
+        dtype is torch.bfloat16,
+        weights.address,
+        seg.address,
+        torch.get_num_threads(),
     )
     if status != 0:
         raise MemoryError("lora_sgmv could not allocate its scratch rows")

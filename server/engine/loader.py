@@ -21,7 +21,7 @@ from torch import nn
 from adapters.quant import DTYPES, nf4_linear
 from server.engine import packed
 from server.engine.errors import UnsupportedModel
-from server.engine.lora import MultiLoraLinear
+from server.engine.lora import MultiLoraLinear, slot_dtype
 from server.engine.model import CausalLM, ModelSpec
 
 
@@ -65,18 +65,26 @@ def _make_base_linear(weight: torch.Tensor, bias: torch.Tensor | None, quant: st
 
 
 def load_model(
-    model_dir: Path, quant: str, dtype: torch.dtype, device: torch.device, num_slots: int, max_rank: int
+    model_dir: Path,
+    quant: str,
+    dtype: torch.dtype,
+    device: torch.device,
+    num_slots: int,
+    max_rank: int,
+    lora_dtype: str = "auto",
 ) -> CausalLM:
     """Args:
     model_dir: Hugging Face directory with config.json and *.safetensors.
     quant: "nf4" or "none".
     num_slots, max_rank: the adapter slot layout of every `MultiLoraLinear`.
+    lora_dtype: `EngineConfig.lora_dtype` (what the slots store).
     """
+    slots = slot_dtype(dtype, device, lora_dtype)
     model_dir = Path(model_dir)
     spec = ModelSpec.from_config(json.loads((model_dir / "config.json").read_text()))
 
     def make_linear(in_features: int, parts: list[tuple[str, int]], bias: bool) -> MultiLoraLinear:
-        layer = MultiLoraLinear(nn.Identity(), in_features, parts, num_slots, max_rank, dtype, device)
+        layer = MultiLoraLinear(nn.Identity(), in_features, parts, num_slots, max_rank, dtype, device, slots)
         layer.expects_bias = bias
         return layer
 

@@ -127,7 +127,9 @@ class MultiLoraLinear(nn.Module):
         max_rank: int,
         dtype: torch.dtype,
         device,
+        slot_dtype: torch.dtype | None = None,
     ):
+        """slot_dtype: what the slot tensors store (default: the LoRA math's dtype, `lora_dtype`)."""
         super().__init__()
         sizes = {size for _, size in parts}
         if len(sizes) != 1:
@@ -138,7 +140,8 @@ class MultiLoraLinear(nn.Module):
         self.in_features, self.out_features = in_features, self.part_out * self.num_parts
         self.num_slots, self.max_rank = num_slots, max_rank
         self.dtype, self.device = dtype, device
-        self.lora_dtype = lora_dtype(dtype, device)  # of the slot tensors and the LoRA matmuls
+        self.lora_dtype = lora_dtype(dtype, device)  # of the LoRA matmuls
+        self.slot_dtype = slot_dtype or self.lora_dtype  # of the slot tensors
         self.slot_rank = [0] * (num_slots + 1)  # widest part rank held by each slot
         self._slot_rank_t = torch.zeros(num_slots + 1, dtype=torch.int64, device="cpu")  # for fused.lora_sgmv
         # Empty until `_alloc` (just below) gives them the stacked slot layout.
@@ -157,15 +160,15 @@ class MultiLoraLinear(nn.Module):
     def _alloc(self, rank: int) -> None:
         # Slot tensors grow to the largest rank loaded so far, so memory follows real adapters.
         n, P = self.num_slots + 1, self.num_parts
-        A = torch.zeros(n, P, rank, self.in_features, dtype=self.lora_dtype, device=self.device)
-        Bt = torch.zeros(n, P, rank, self.part_out, dtype=self.lora_dtype, device=self.device)
+        A = torch.zeros(n, P, rank, self.in_features, dtype=self.slot_dtype, device=self.device)
+        Bt = torch.zeros(n, P, rank, self.part_out, dtype=self.slot_dtype, device=self.device)
         if self.A.dim() == 4 and self.A.shape[2]:
             old = self.A.shape[2]
             A[:, :, :old] = self.A
             Bt[:, :, :old] = self.Bt
         self.A, self.Bt = A, Bt
         self._cache_key = None
-        self._native_weights = fused.lora_weight_args(A, Bt, self._slot_rank_t)
+        self._native_weights = fused.LoraWeights.of(A, Bt, self._slot_rank_t)
 
     @property
     def allocated_rank(self) -> int:
@@ -189,7 +192,7 @@ class MultiLoraLinear(nn.Module):
         for name, (A, Bt, scaling) in modules.items():
             p, r = self.parts.index(name), A.shape[0]
             self.A[slot, p, :r].copy_(A)
-            self.Bt[slot, p, :r].copy_(Bt).mul_(scaling)  # B is stored pre-scaled
+            self.Bt[slot, p, :r].copy_(Bt * scaling)  # B is stored pre-scaled (scaled, then rounded once)
         self.slot_rank[slot] = rank
         self._slot_rank_t[slot] = rank
         self._cache_key = None
@@ -277,9 +280,11 @@ class MultiLoraLinear(nn.Module):
         return out
 
     def _active(self, lora: LoraStep):
-        """The active slots' A^T (S, in, P*r) and B^T (S*P, r, out_part), cached while the key holds.
+        """The active slots' A^T (S, in, P*r) and B^T (S*P, r, out_part) in the LoRA dtype, cached
+        while the key holds.
 
-        A^T is a transposed view of row-major A: BLAS reads it as is, no copy."""
+        A^T is a transposed view of row-major A: BLAS reads it as is, no copy (unless the slots are
+        stored narrower than the LoRA dtype: then this is one widened copy per change of key)."""
         if self._cache_key != lora.key:
             active = lora.key[0]
             rank = max(self.slot_rank[s] for s in active)  # this layer's own widest slot
@@ -298,6 +303,9 @@ class MultiLoraLinear(nn.Module):
                     A.reshape(S, P * rank, self.in_features).transpose(1, 2),
                     Bt.reshape(S * P, rank, self.part_out),
                 )
+            At, Bt = self._cache
+            if At is not None and Bt is not None and self.slot_dtype != self.lora_dtype:
+                self._cache = (At.to(self.lora_dtype), Bt.to(self.lora_dtype))
             self._cache_key = lora.key
         return self._cache
 
@@ -312,6 +320,20 @@ def lora_dtype(compute_dtype: torch.dtype, device) -> torch.dtype:
     if torch.device(device).type == "cpu":
         return torch.float32
     return compute_dtype
+
+
+def slot_dtype(compute_dtype: torch.dtype, device, setting: str = "auto") -> torch.dtype:
+    """What the slot tensors store for `EngineConfig.lora_dtype` = `setting`: "auto" is the
+    LoRA math's dtype (`lora_dtype`), "bfloat16" is bf16.
+
+    On a CPU the mixed-adapter step is bound by memory, not arithmetic: 8 rank-16 all-linear
+    adapters of the default base are 156 MB in float32 (more than half the base's 270 MB of bf16
+    weights) streamed every step, and bf16 slots halve that. The kernel widens them to float32
+    exactly, so only the rounding of A and B (B pre-scaled) to bf16 differs from float32 slots.
+    """
+    if setting == "bfloat16":
+        return torch.bfloat16
+    return lora_dtype(compute_dtype, device)
 
 
 def dequantized_weight(base: nn.Module) -> torch.Tensor:

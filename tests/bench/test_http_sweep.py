@@ -32,4 +32,9 @@ def test_make_bench_runs_the_sweep_in_every_dtype():
     from bench.run_all import plan
 
     sweeps = [" ".join(c[3:]) for c in plan(["--threads", "2"]) if c[2] == "bench.http_sweep"]
-    assert sweeps == ["--quant none --dtype float32", "--quant nf4", "--quant none --dtype bfloat16"]
+    assert sweeps == [
+        "--quant none --dtype float32",
+        "--quant nf4",
+        "--quant none --dtype bfloat16",
+        "--quant none --dtype bfloat16 --lora-dtype bfloat16",
+    ]

@@ -22,8 +22,10 @@ def make_adapter(
     seed: int = 0,
     std: float = 0.2,
     rank_pattern: dict | None = None,
+    bf16_exact: bool = False,
 ) -> AdapterRef:
-    """Write a PEFT adapter with random non-zero A and B for `targets` of every layer."""
+    """Write a PEFT adapter with random non-zero A and B for `targets` of every layer
+    (`bf16_exact`: float32 values that bf16 holds exactly)."""
     info = BaseInfo.from_dir(base_dir, with_fingerprint=False)
     config = peft_config(rank, alpha, list(targets), use_rslora=use_rslora, rank_pattern=rank_pattern)
     gen = torch.Generator().manual_seed(seed)
@@ -38,6 +40,8 @@ def make_adapter(
             fan_in, fan_out = info.linear_shapes[proj]
             A = torch.randn(r, fan_in, generator=gen) * std
             B = torch.randn(fan_out, r, generator=gen) * std
+            if bf16_exact:
+                A, B = A.bfloat16().float(), B.bfloat16().float()
             modules[path] = LoraModule(A, B, module_scaling(config, path, r))
     write_peft(LoraWeights(config, modules), directory)
     return AdapterRef(id=f"{directory.name}-{seed}", path=directory)

@@ -51,3 +51,22 @@ def test_bf16_mixed_batch_equals_peft_bf16(tiny_base_dir, tmp_path):
     for tokens, expected in zip(got[3:], ref):
         assert tokens[:4] == expected[:4], (tokens, expected)
         assert sum(a == b for a, b in zip(tokens, expected)) >= len(expected) - 2, (tokens, expected)
+
+
+def test_bf16_slots_equal_peft_on_weights_bf16_holds_exactly(tiny_base_dir, tmp_path):
+    """`lora_dtype="bfloat16"` rounds only the stored A and B: on an adapter whose float32 weights
+    bf16 holds exactly (and a power-of-two scaling, 16 / 8), it serves what PEFT's float32 adapter
+    does, under the same assertions as the float32 slots above."""
+    adapter = make_adapter(tmp_path / "exact", tiny_base_dir, 8, seed=2, bf16_exact=True)
+    engine = tiny_engine(tiny_base_dir, dtype="bfloat16", lora_dtype="bfloat16")
+    try:
+        layer = next(iter(engine.model.lora_layers().values()))
+        assert layer.A.dtype == layer.Bt.dtype == torch.bfloat16
+        got = engine.generate(PROMPTS[:3] * 2, [None] * 3 + [adapter] * 3, GREEDY)
+    finally:
+        engine.close()
+    peft = _hf_bf16(tiny_base_dir, adapter)
+    ref = [hf_greedy(peft, p, GREEDY.max_tokens) for p in PROMPTS[:3]]
+    for tokens, expected in zip(got[3:], ref):
+        assert tokens[:4] == expected[:4], (tokens, expected)
+        assert sum(a == b for a, b in zip(tokens, expected)) >= len(expected) - 2, (tokens, expected)

@@ -133,27 +133,37 @@ def test_the_engine_with_kernels_generates_what_it_does_without(tiny_base_dir, t
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("slots", [[1, 1, 1], [0, 1, 2, 1, 3, 0, 2, 2, 2], [2] * 40, [0, 0, 3]])
-def test_lora_sgmv_matches_the_eager_grouped_path(dtype, slots, eager):
-    """Fused k/v parts, slots of different ranks, base rows, a rank-0 slot, more tokens than a chunk."""
+# (80, 24): a 32-wide block of x and a tail, columns narrower than a 64-wide block;
+# (101, 130): three 32-wide blocks and a tail of 5, two 64-wide column blocks and a tail of 2
+@pytest.mark.parametrize("in_features,out_part", [(80, 24), (101, 130)])
+@pytest.mark.parametrize("slot_dtype", DTYPES)
+def test_lora_sgmv_matches_the_eager_grouped_path(dtype, slots, in_features, out_part, slot_dtype, eager):
+    """Fused k/v parts, slots of different ranks, base rows, a rank-0 slot, more tokens than a chunk;
+    float32 or bf16 slots (the kernel widens bf16 in registers, the eager path by `.to`)."""
     if not fused.enabled():
         pytest.skip("native kernels unavailable")
     torch.manual_seed(len(slots))
-    base = torch.nn.Linear(80, 2 * 24, bias=False).to(dtype)
-    layer = MultiLoraLinear(base, 80, [("k", 24), ("v", 24)], 4, 8, dtype, "cpu")
+    base = torch.nn.Linear(in_features, 2 * out_part, bias=False).to(dtype)
+    layer = MultiLoraLinear(base, in_features, [("k", out_part), ("v", out_part)], 4, 8, dtype, "cpu", slot_dtype)
+    assert layer.A.dtype == layer.Bt.dtype == slot_dtype
     for slot, rank in ((1, 4), (2, 8), (3, 0)):
         if rank:
-            k = (torch.randn(rank, 80), torch.randn(rank, 24), 0.5)
-            layer.load_slot(slot, {"k": k, "v": (torch.randn(rank, 80), torch.randn(rank, 24), 2.0)})
-    x = torch.randn(len(slots), 80, dtype=dtype)
+            k = (torch.randn(rank, in_features), torch.randn(rank, out_part), 0.5)
+            v = (torch.randn(rank, in_features), torch.randn(rank, out_part), 2.0)
+            layer.load_slot(slot, {"k": k, "v": v})
+    x = torch.randn(len(slots), in_features, dtype=dtype)
     step = build_lora_step(slots, 1, "cpu", dtype)
     with torch.inference_mode():
         got = layer(x, step)
         with eager:
             want = layer(x, step)
-    if dtype == torch.bfloat16:  # float32 sums in another order, then one bf16 rounding
-        assert ulps_bf16(got, want) <= 1
-    else:
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    scale = float(want.abs().max())
+    if dtype == torch.bfloat16:  # float32 sums in another order, then one bf16 rounding: 1 ulp
+        # (relative 2^-7), or, where base + update cancel towards zero, the sums' own error
+        torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=1e-5 * scale)
+        assert (got != want).float().mean() < 0.01
+    else:  # float32 sums in another order: errors scale with the largest sum, not each value
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * scale)
     base_rows = [i for i, s in enumerate(slots) if s in (0, 3)]
     with torch.inference_mode():
         assert torch.equal(got[base_rows], base(x)[base_rows])  # untouched by any adapter

@@ -170,7 +170,7 @@ void argmax_finite_f32(const float *x, int64_t rows, int64_t n, int64_t stride, 
  * the job of punica's / S-LoRA's SGMV kernels). Tokens arrive grouped by slot as segments of
  * `rows`; each (segment, part, chunk of LORA_CHUNK tokens) is one work item that reads its
  * slot's A and B once for all its tokens and writes only its own rows and part columns.
- * A (slots, parts, R, in) and Bt (slots, parts, R, out_part) are float32, ranks past
+ * A (slots, parts, R, in) and Bt (slots, parts, R, out_part) are float32 or bf16 (w_bf16), ranks past
  * slot_rank[s] are skipped. The update is summed in float32 and added to y with one rounding
  * (y's dtype), as `y.add_(delta)` with a float32 delta does. */
 #include <stdlib.h>
@@ -289,6 +289,93 @@ static inline void dot_f32x2(const float *a, const float *x0, const float *x1, i
     *s1 = v;
 }
 
+/* bf16 weights (the slots of a bf16 model) stream half the bytes of float32 ones. They are
+ * widened in registers, exactly (a bf16 is the top half of a float32), 32 at a time: one
+ * 64-byte load read as 16 uint32 lanes holds weights (2j, 2j+1) in lane j, so `lane << 16` is the
+ * even weights and `lane & 0xffff0000` the odd ones, as floats: two operations for 32 weights.
+ * The math then runs on even / odd halves: the shrink reads x split the same way
+ * (`split_row`), the expand re-interleaves its sums once per 64 columns. */
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+
+static inline void widen32(const bf16 *p, v16 *even, v16 *odd) {
+    u32x16 u;
+    memcpy(&u, p, sizeof u);
+    u32x16 e = u << 16, o = u & 0xffff0000u;
+    memcpy(even, &e, sizeof e);
+    memcpy(odd, &o, sizeof o);
+}
+
+/* dst = src (floats) with each whole block of 32 stored as its 16 even then its 16 odd values;
+ * the tail past the last whole block stays in order. */
+static void split_row(float *dst, const float *src, int64_t n) {
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32)
+        for (int j = 0; j < 16; j++) {
+            dst[i + j] = src[i + 2 * j];
+            dst[i + 16 + j] = src[i + 2 * j + 1];
+        }
+    for (; i < n; i++) dst[i] = src[i];
+}
+
+/* Dot products of one bf16 weight row a with x0 and, when x1 is not NULL, x1 (both split_row'd). */
+static inline void dot_bf16(const bf16 *a, const float *x0, const float *x1, int64_t n, float *s0, float *s1) {
+    v16 p0 = {0}, p1 = {0}, q0 = {0}, q1 = {0};
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        v16 e, o;
+        widen32(a + i, &e, &o);
+        p0 += e * load16(x0 + i);
+        p1 += o * load16(x0 + i + 16);
+        if (x1) {
+            q0 += e * load16(x1 + i);
+            q1 += o * load16(x1 + i + 16);
+        }
+    }
+    float u = hsum16(p0 + p1), v = hsum16(q0 + q1);
+    for (; i < n; i++) {
+        float ai = bf2f(a[i]);
+        u += ai * x0[i];
+        if (x1) v += ai * x1[i];
+    }
+    *s0 = u;
+    if (x1) *s1 = v;
+}
+
+/* expand64 / expand64x2 for bf16 weights (h1, out1 NULL for one token): sums kept as even / odd
+ * columns, interleaved back once at the end. */
+static inline void expand64_bf16(float *out0, float *out1, const float *h0, const float *h1, const bf16 *b,
+                                 int64_t stride, int64_t rank) {
+    v16 e0 = {0}, o0 = {0}, e1 = {0}, o1 = {0}, f0 = {0}, p0 = {0}, f1 = {0}, p1 = {0};
+    for (int64_t r = 0; r < rank; r++) {
+        v16 be0, bo0, be1, bo1;
+        widen32(b + r * stride, &be0, &bo0);
+        widen32(b + r * stride + 32, &be1, &bo1);
+        float p = h0[r];
+        e0 += p * be0;
+        o0 += p * bo0;
+        e1 += p * be1;
+        o1 += p * bo1;
+        if (h1) {
+            float q = h1[r];
+            f0 += q * be0;
+            p0 += q * bo0;
+            f1 += q * be1;
+            p1 += q * bo1;
+        }
+    }
+    const i32x16 lo = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23};
+    const i32x16 hi = {8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+    v16 out[4] = {__builtin_shuffle(e0, o0, lo), __builtin_shuffle(e0, o0, hi), __builtin_shuffle(e1, o1, lo),
+                  __builtin_shuffle(e1, o1, hi)};
+    memcpy(out0, out, sizeof out);
+    if (h1) {
+        v16 out_1[4] = {__builtin_shuffle(f0, p0, lo), __builtin_shuffle(f0, p0, hi), __builtin_shuffle(f1, p1, lo),
+                        __builtin_shuffle(f1, p1, hi)};
+        memcpy(out1, out_1, sizeof out_1);
+    }
+}
+
 /* Row helpers for a y / x of either dtype (is_bf16 picks; the branch is per row, not per value). */
 static void load_row(float *dst, const void *src, int64_t n, int is_bf16) {
     if (is_bf16) {
@@ -315,35 +402,55 @@ typedef struct {
 } lora_item;
 
 /* Phase 1 of a work item: h = A x for its tokens (x rows read once, converted to float). Rank
- * rows outer, tokens inner: each row of A is read from L1 for every token. */
+ * rows outer, tokens inner: each row of A is read from L1 for every token. `xf` is scratch for
+ * LORA_CHUNK + 1 rows of x. */
 static void lora_shrink(const lora_item *it, const char *x, int64_t x_stride, size_t elem, int is_bf16,
-                        const float *A, int64_t rank, const int64_t *rows, int64_t parts, int64_t R, int64_t in,
-                        float *xf) {
-    const float *a = A + (it->slot * parts + it->part) * R * in;
-    for (int64_t m = 0; m < it->count; m++)
-        load_row(xf + m * in, x + (size_t)(rows[it->first + m] * x_stride) * elem, in, is_bf16);
+                        const void *A, int w_bf16, int64_t rank, const int64_t *rows, int64_t parts, int64_t R,
+                        int64_t in, float *xf) {
+    int64_t first_row = (it->slot * parts + it->part) * R;
+    for (int64_t m = 0; m < it->count; m++) {
+        float *row = xf + m * in;
+        load_row(row, x + (size_t)(rows[it->first + m] * x_stride) * elem, in, is_bf16);
+        if (w_bf16) {
+            split_row(xf + LORA_CHUNK * in, row, in);
+            memcpy(row, xf + LORA_CHUNK * in, sizeof(float) * (size_t)in);
+        }
+    }
     for (int64_t r = 0; r < rank; r++) {
         int64_t m = 0;
-        for (; m + 2 <= it->count; m += 2)
-            dot_f32x2(a + r * in, xf + m * in, xf + (m + 1) * in, in, &it->h[m * R + r], &it->h[(m + 1) * R + r]);
-        if (m < it->count) it->h[m * R + r] = dot_f32(a + r * in, xf + m * in, in);
+        float *h = it->h + r;
+        if (w_bf16) {
+            const bf16 *a = (const bf16 *)A + (first_row + r) * in;
+            for (; m + 2 <= it->count; m += 2) dot_bf16(a, xf + m * in, xf + (m + 1) * in, in, &h[m * R], &h[(m + 1) * R]);
+            if (m < it->count) dot_bf16(a, xf + m * in, NULL, in, &h[m * R], NULL);
+        } else {
+            const float *a = (const float *)A + (first_row + r) * in;
+            for (; m + 2 <= it->count; m += 2) dot_f32x2(a, xf + m * in, xf + (m + 1) * in, in, &h[m * R], &h[(m + 1) * R]);
+            if (m < it->count) h[m * R] = dot_f32(a, xf + m * in, in);
+        }
     }
 }
 
 /* Phase 2, for output columns [c0, c1) of the item's part: y += B h, one rounding per value.
- * Column blocks outer, tokens inner: a block of B (rank x 64 floats) stays in L1 for every token
+ * Column blocks outer, tokens inner: a block of B (rank x 64 weights) stays in L1 for every token
  * instead of all of B streaming from L2 once per token. */
-static void lora_expand(const lora_item *it, char *y, int64_t y_stride, size_t elem, int is_bf16, const float *Bt,
-                        int64_t rank, const int64_t *rows, int64_t parts, int64_t R, int64_t out_part, int64_t c0,
-                        int64_t c1) {
-    const float *b = Bt + (it->slot * parts + it->part) * R * out_part;
+static void lora_expand(const lora_item *it, char *y, int64_t y_stride, size_t elem, int is_bf16, const void *Bt,
+                        int w_bf16, int64_t rank, const int64_t *rows, int64_t parts, int64_t R, int64_t out_part,
+                        int64_t c0, int64_t c1) {
+    int64_t first = (it->slot * parts + it->part) * R * out_part;
+    const float *bf = (const float *)Bt + first;
+    const bf16 *bh = (const bf16 *)Bt + first;
     float acc[64], acc1[64];
     for (int64_t o = c0; o < c1; o += 64) {
         int64_t width = c1 - o < 64 ? c1 - o : 64;
         int64_t m = 0;
         if (width == 64)
             for (; m + 2 <= it->count; m += 2) { /* two tokens at a time, then the odd one below */
-                expand64x2(acc, acc1, it->h + m * R, it->h + (m + 1) * R, b + o, out_part, rank);
+                const float *h0 = it->h + m * R, *h1 = h0 + R;
+                if (w_bf16)
+                    expand64_bf16(acc, acc1, h0, h1, bh + o, out_part, rank);
+                else
+                    expand64x2(acc, acc1, h0, h1, bf + o, out_part, rank);
                 size_t at0 = (size_t)(rows[it->first + m] * y_stride + it->part * out_part + o);
                 size_t at1 = (size_t)(rows[it->first + m + 1] * y_stride + it->part * out_part + o);
                 add_to_row(y + at0 * elem, acc, 64, is_bf16);
@@ -351,12 +458,15 @@ static void lora_expand(const lora_item *it, char *y, int64_t y_stride, size_t e
             }
         for (; m < it->count; m++) {
             const float *hm = it->h + m * R;
-            if (width == 64) {
-                expand64(acc, hm, b + o, out_part, rank);
+            if (width == 64 && w_bf16) {
+                expand64_bf16(acc, NULL, hm, NULL, bh + o, out_part, rank);
+            } else if (width == 64) {
+                expand64(acc, hm, bf + o, out_part, rank);
             } else {
                 for (int64_t j = 0; j < width; j++) {
                     float sum = 0.0f;
-                    for (int64_t r = 0; r < rank; r++) sum += hm[r] * b[r * out_part + o + j];
+                    for (int64_t r = 0; r < rank; r++)
+                        sum += hm[r] * (w_bf16 ? bf2f(bh[r * out_part + o + j]) : bf[r * out_part + o + j]);
                     acc[j] = sum;
                 }
             }
@@ -369,13 +479,33 @@ static void lora_expand(const lora_item *it, char *y, int64_t y_stride, size_t e
 /* Below this many multiply-adds a call runs on one thread: waking a second one costs more. */
 #define LORA_PARALLEL_MACS (1 << 18)
 
-/* y (T, parts * out_part) and x (T, in) share one dtype (float32, or bf16 when is_bf16); the
- * step's LoRA tokens are rows[seg_start[g] : seg_start[g] + seg_count[g]] for slot seg_slot[g].
- * Returns 0, or -1 when scratch memory could not be had (y is then untouched). */
-int lora_sgmv(void *y, int64_t y_stride, const void *x, int64_t x_stride, int is_bf16, const float *A,
-              const float *Bt, const int64_t *slot_rank, int64_t parts, int64_t R, int64_t in, int64_t out_part,
-              const int64_t *seg_slot, const int64_t *seg_start, const int64_t *seg_count, int64_t segments,
-              const int64_t *rows, int threads) {
+/* One layer's slot tensors (fused.LoraWeights builds it once per allocation). */
+typedef struct {
+    const void *A, *Bt;          /* (slots, parts, R, in) and (slots, parts, R, out_part) */
+    int64_t w_bf16;              /* 1: both bf16; 0: both float32 */
+    const int64_t *slot_rank;    /* (slots,): ranks past it are zero */
+    int64_t parts, R, in, out_part;
+} lora_weights;
+
+/* A step's adapter tokens grouped by slot (fused.LoraSegments builds it once per step): tokens
+ * rows[start[g] : start[g] + count[g]] use slot slot[g]. */
+typedef struct {
+    const int64_t *slot, *start, *count;
+    int64_t segments;
+    const int64_t *rows;
+} lora_segments;
+
+/* y (T, parts * out_part) and x (T, in) share one dtype (float32, or bf16 when is_bf16).
+ * Two structs rather than twenty arguments: ctypes converts every argument on every call, and
+ * this runs once per projection per step. Returns 0, or -1 when scratch memory could not be had
+ * (y is then untouched). */
+int lora_sgmv(void *y, int64_t y_stride, const void *x, int64_t x_stride, int is_bf16, const lora_weights *lw,
+              const lora_segments *ls, int threads) {
+    const void *A = lw->A, *Bt = lw->Bt;
+    const int w_bf16 = (int)lw->w_bf16;
+    const int64_t *slot_rank = lw->slot_rank, parts = lw->parts, R = lw->R, in = lw->in, out_part = lw->out_part;
+    const int64_t *seg_slot = ls->slot, *seg_start = ls->start, *seg_count = ls->count, *rows = ls->rows;
+    const int64_t segments = ls->segments;
     int64_t n_items = 0, n_tokens = 0;
     for (int64_t g = 0; g < segments; g++)
         if (slot_rank[seg_slot[g]] > 0) {
@@ -411,7 +541,7 @@ int lora_sgmv(void *y, int64_t y_stride, const void *x, int64_t x_stride, int is
     int failed = 0;
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
-        float *xf = malloc(sizeof(float) * (size_t)(LORA_CHUNK * in));
+        float *xf = malloc(sizeof(float) * (size_t)((LORA_CHUNK + 1) * in));
         if (!xf) {
 #pragma omp atomic write
             failed = 1;
@@ -420,13 +550,14 @@ int lora_sgmv(void *y, int64_t y_stride, const void *x, int64_t x_stride, int is
         if (!failed) {
 #pragma omp for schedule(dynamic, 1)
             for (int64_t w = 0; w < n_items; w++)
-                lora_shrink(&items[w], x, x_stride, elem, is_bf16, A, slot_rank[items[w].slot], rows, parts, R, in, xf);
+                lora_shrink(&items[w], x, x_stride, elem, is_bf16, A, w_bf16, slot_rank[items[w].slot], rows, parts, R,
+                            in, xf);
 #pragma omp for schedule(dynamic, 1)
             for (int64_t w = 0; w < n_items * blocks; w++) {
                 const lora_item *it = &items[w / blocks];
                 int64_t c0 = (w % blocks) * columns, c1 = c0 + columns;
-                lora_expand(it, y, y_stride, elem, is_bf16, Bt, slot_rank[it->slot], rows, parts, R, out_part, c0,
-                            c1 < out_part ? c1 : out_part);
+                lora_expand(it, y, y_stride, elem, is_bf16, Bt, w_bf16, slot_rank[it->slot], rows, parts, R, out_part,
+                            c0, c1 < out_part ? c1 : out_part);
             }
         }
         free(xf);
