@@ -184,12 +184,13 @@ def test_greedy_under_min_tokens_takes_the_runner_up_only_where_eos_led(eager):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_decode_attention_reads_the_block_table_as_sdpa_reads_the_gather(dtype, eager):
-    """Grouped-query heads, lengths that end mid-block, shared and scattered blocks."""
+@pytest.mark.parametrize("D", [64, 24])  # 16 keys and columns at a time; a head size that is not
+def test_decode_attention_reads_the_block_table_as_sdpa_reads_the_gather(dtype, D, eager):
+    """Grouped-query heads, lengths that end mid-block and mid-16 keys, shared and scattered blocks."""
     if not fused.enabled():
         pytest.skip("native kernels unavailable")
     torch.manual_seed(0)
-    H, KV, D, bs, blocks = 6, 2, 64, 4, 40
+    H, KV, bs, blocks = 6, 2, 4, 40
     k_cache = torch.randn(blocks * bs, KV, D, dtype=dtype)
     v_cache = torch.randn(blocks * bs, KV, D, dtype=dtype)
     tables = [[5, 9, 1], [2], [7, 3, 30, 31, 11], [5, 9]]  # the first and last share two blocks

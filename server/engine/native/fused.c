@@ -609,6 +609,134 @@ static void exp_nonpositive_inplace(float *x, int64_t n) {
     }
 }
 
+/* softmax of s[0..n) in place, in float32: max, exp(s - max), sum, scale. The max and the sum
+ * run on 16 lanes (a scalar max or sum is a chain of dependent operations, one per key). */
+static void softmax_inplace(float *s, int64_t n) {
+    v16 m16 = load16(s);
+    int64_t i = 16;
+    if (n < 16) {
+        m16 = (v16){0} - INFINITY;
+        i = 0;
+    }
+    for (; i + 16 <= n; i += 16) {
+        v16 x = load16(s + i);
+        v16i more = x > m16;
+        m16 = (v16)(((v16i)x & more) | ((v16i)m16 & ~more));
+    }
+    float m16s[16], m = -INFINITY;
+    memcpy(m16s, &m16, sizeof m16s);
+    for (int j = 0; j < 16; j++) m = m16s[j] > m ? m16s[j] : m;
+    for (; i < n; i++) m = s[i] > m ? s[i] : m;
+    for (i = 0; i < n; i++) s[i] -= m;
+    exp_nonpositive_inplace(s, n);
+    v16 t16 = {0};
+    for (i = 0; i + 16 <= n; i += 16) t16 += load16(s + i);
+    float total = hsum16(t16);
+    for (; i < n; i++) total += s[i];
+    float inv = 1.0f / total;
+    for (i = 0; i < n; i++) s[i] *= inv;
+}
+
+/* 16 float32 values from a row of either dtype (a bf16 value is the top half of a float32). */
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
+
+static inline v16 load16_any(const char *row, int64_t i, int is_bf16) {
+    if (!is_bf16) return load16((const float *)row + i);
+    u16x16 h;
+    memcpy(&h, (const bf16 *)row + i, sizeof h);
+    u32x16 u = __builtin_convertvector(h, u32x16) << 16;
+    v16 f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* Sixteen horizontal sums at once: lane j of the result is the sum of the lanes of p[rev4(j)]
+ * (rev4 reverses 4 bits), so a caller that stores key k's partial products in p[rev4(k)] gets
+ * key k's dot product in lane k. Four halving steps of two shuffles and an add each, instead of
+ * sixteen separate horizontal sums. Overwrites p. */
+static const int REV4[16] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
+
+static inline v16 sum16x16(v16 *p) {
+    const v16i u8 = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
+    const v16i v8 = {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31};
+    const v16i u4 = {0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27};
+    const v16i v4 = {4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31};
+    const v16i u2 = {0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29};
+    const v16i v2 = {2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31};
+    const v16i u1 = {0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30};
+    const v16i v1 = {1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31};
+    for (int i = 0; i < 8; i++) p[i] = __builtin_shuffle(p[2 * i], p[2 * i + 1], u8) + __builtin_shuffle(p[2 * i], p[2 * i + 1], v8);
+    for (int i = 0; i < 4; i++) p[i] = __builtin_shuffle(p[2 * i], p[2 * i + 1], u4) + __builtin_shuffle(p[2 * i], p[2 * i + 1], v4);
+    for (int i = 0; i < 2; i++) p[i] = __builtin_shuffle(p[2 * i], p[2 * i + 1], u2) + __builtin_shuffle(p[2 * i], p[2 * i + 1], v2);
+    return __builtin_shuffle(p[0], p[1], u1) + __builtin_shuffle(p[0], p[1], v1);
+}
+
+/* One (sequence, kv head) of decode attention when D is a multiple of 16 (all real models):
+ * scores for 16 keys at a time (each key row read once for the whole query group, summed by
+ * sum16x16), then the V rows weighted 16 columns at a time with the group's sums in registers.
+ * qf: the group's queries (group x D floats); scores: group x padded_len; part: group x 16
+ * vectors of scratch. */
+static void attend_one(const float *qf, const char *k_cache, const char *v_cache, const int64_t *table,
+                       int64_t len, int64_t block_size, int64_t KV, int64_t kvh, int64_t D, int64_t group,
+                       int is_bf16, size_t elem, float scale, float *scores, int64_t padded_len, v16 *part,
+                       float *acc, size_t *row_at) {
+    /* each key's row offset in bytes, walked block by block: no division per key (an integer
+     * division costs more than the key's arithmetic) */
+    for (int64_t l = 0, blk = 0; l < len; blk++)
+        for (int64_t i = 0; i < block_size && l < len; i++, l++)
+            row_at[l] = (size_t)(((table[blk] * block_size + i) * KV + kvh) * D) * elem;
+    for (int64_t l0 = 0; l0 < len; l0 += 16) {
+        int64_t n = len - l0 < 16 ? len - l0 : 16;
+        for (int64_t k = 0; k < 16; k++) {
+            v16 *slot = part + REV4[k];
+            if (k >= n) {
+                for (int64_t g = 0; g < group; g++) slot[g * 16] = (v16){0};
+                continue;
+            }
+            const char *row = k_cache + row_at[l0 + k];
+            /* four query heads at a time, their sums in registers (not a chain through memory) */
+            for (int64_t g0 = 0; g0 < group; g0 += 4) {
+                int64_t count = group - g0 < 4 ? group - g0 : 4;
+                const float *q0 = qf + g0 * D;
+                v16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+                for (int64_t c = 0; c < D; c += 16) {
+                    v16 kc = load16_any(row, c, is_bf16);
+                    a0 += load16(q0 + c) * kc;
+                    if (count > 1) a1 += load16(q0 + D + c) * kc;
+                    if (count > 2) a2 += load16(q0 + 2 * D + c) * kc;
+                    if (count > 3) a3 += load16(q0 + 3 * D + c) * kc;
+                }
+                slot[g0 * 16] = a0;
+                if (count > 1) slot[(g0 + 1) * 16] = a1;
+                if (count > 2) slot[(g0 + 2) * 16] = a2;
+                if (count > 3) slot[(g0 + 3) * 16] = a3;
+            }
+        }
+        for (int64_t g = 0; g < group; g++) {
+            v16 sums = sum16x16(part + g * 16) * scale;
+            memcpy(scores + g * padded_len + l0, &sums, sizeof sums);
+        }
+    }
+    for (int64_t g = 0; g < group; g++) softmax_inplace(scores + g * padded_len, len);
+    for (int64_t c = 0; c < D; c += 16)
+        for (int64_t g0 = 0; g0 < group; g0 += 4) { /* four heads' sums in registers */
+            int64_t count = group - g0 < 4 ? group - g0 : 4;
+            const float *s0 = scores + g0 * padded_len;
+            v16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+            for (int64_t l = 0; l < len; l++) {
+                v16 vc = load16_any(v_cache + row_at[l], c, is_bf16);
+                a0 += s0[l] * vc;
+                if (count > 1) a1 += s0[padded_len + l] * vc;
+                if (count > 2) a2 += s0[2 * padded_len + l] * vc;
+                if (count > 3) a3 += s0[3 * padded_len + l] * vc;
+            }
+            memcpy(acc + g0 * D + c, &a0, sizeof a0);
+            if (count > 1) memcpy(acc + (g0 + 1) * D + c, &a1, sizeof a1);
+            if (count > 2) memcpy(acc + (g0 + 2) * D + c, &a2, sizeof a2);
+            if (count > 3) memcpy(acc + (g0 + 3) * D + c, &a3, sizeof a3);
+        }
+}
+
 /* q, out (B, H, D); caches (blocks * block_size, KV, D); block_table (B, max_blocks);
  * lengths (B,) keys per sequence (>= 1). Scores and softmax in float32, out rounded once. */
 int decode_attention(const void *q, const void *k_cache, const void *v_cache, void *out, int is_bf16,
@@ -623,8 +751,11 @@ int decode_attention(const void *q, const void *k_cache, const void *v_cache, vo
         float *qf = malloc(sizeof(float) * (size_t)(group * D));
         float *row = malloc(sizeof(float) * (size_t)D);
         float *acc = malloc(sizeof(float) * (size_t)(group * D));
-        float *scores = malloc(sizeof(float) * (size_t)(group * max_len));
-        if (!qf || !row || !acc || !scores) {
+        int64_t padded_len = (max_len + 15) / 16 * 16;
+        float *scores = malloc(sizeof(float) * (size_t)(group * padded_len));
+        v16 *part = aligned_alloc(64, sizeof(v16) * (size_t)(group * 16));
+        size_t *row_at = malloc(sizeof(size_t) * (size_t)padded_len);
+        if (!qf || !row || !acc || !scores || !part || !row_at) {
 #pragma omp atomic write
             failed = 1;
         }
@@ -636,30 +767,28 @@ int decode_attention(const void *q, const void *k_cache, const void *v_cache, vo
                 const int64_t *table = block_table + b * max_blocks;
                 for (int64_t g = 0; g < group; g++)
                     load_row(qf + g * D, (const char *)q + (size_t)((b * H + kvh * group + g) * D) * elem, D, is_bf16);
+                if (D % 16 == 0) {
+                    attend_one(qf, k_cache, v_cache, table, len, block_size, KV, kvh, D, group, is_bf16, elem, scale,
+                               scores, padded_len, part, acc, row_at);
+                    goto store;
+                }
                 for (int64_t l = 0; l < len; l++) {
                     size_t at = (size_t)(((table[l / block_size] * block_size + l % block_size) * KV + kvh) * D);
                     load_row(row, (const char *)k_cache + at * elem, D, is_bf16);
-                    for (int64_t g = 0; g < group; g++) scores[g * max_len + l] = dot_f32(qf + g * D, row, D) * scale;
+                    for (int64_t g = 0; g < group; g++) scores[g * padded_len + l] = dot_f32(qf + g * D, row, D) * scale;
                 }
-                for (int64_t g = 0; g < group; g++) {
-                    float *s = scores + g * max_len, m = -INFINITY, total = 0.0f;
-                    for (int64_t l = 0; l < len; l++) m = s[l] > m ? s[l] : m;
-                    for (int64_t l = 0; l < len; l++) s[l] -= m;
-                    exp_nonpositive_inplace(s, len);
-                    for (int64_t l = 0; l < len; l++) total += s[l];
-                    float inv = 1.0f / total;
-                    for (int64_t l = 0; l < len; l++) s[l] *= inv;
-                }
+                for (int64_t g = 0; g < group; g++) softmax_inplace(scores + g * padded_len, len);
                 memset(acc, 0, sizeof(float) * (size_t)(group * D));
                 for (int64_t l = 0; l < len; l++) {
                     size_t at = (size_t)(((table[l / block_size] * block_size + l % block_size) * KV + kvh) * D);
                     load_row(row, (const char *)v_cache + at * elem, D, is_bf16);
                     for (int64_t g = 0; g < group; g++) {
-                        float p = scores[g * max_len + l];
+                        float p = scores[g * padded_len + l];
                         float *a = acc + g * D;
                         for (int64_t i = 0; i < D; i++) a[i] += p * row[i];
                     }
                 }
+            store:
                 for (int64_t g = 0; g < group; g++) {
                     char *o = (char *)out + (size_t)((b * H + kvh * group + g) * D) * elem;
                     if (is_bf16) {
@@ -675,6 +804,8 @@ int decode_attention(const void *q, const void *k_cache, const void *v_cache, vo
         free(row);
         free(acc);
         free(scores);
+        free(part);
+        free(row_at);
     }
     return failed ? -1 : 0;
 }
