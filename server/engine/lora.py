@@ -222,9 +222,14 @@ class MultiLoraLinear(nn.Module):
     @staticmethod
     def group_input(x: torch.Tensor, lora: LoraStep | None) -> torch.Tensor | None:
         """x (T, in) gathered into the grouped `(S, M, in)` layout, or None if the step is not
-        grouped; layers reading the same x (q and k/v) share it through `forward`'s `xs`."""
-        if lora is None or lora.mode != "grouped":
+        grouped or the native kernel serves it (it reads x in place); layers reading the same x
+        (q and k/v) share it through `forward`'s `xs`."""
+        if lora is None or lora.mode != "grouped" or (lora.segments is not None and fused.library() is not None):
             return None
+        return MultiLoraLinear._gather(x, lora)
+
+    @staticmethod
+    def _gather(x: torch.Tensor, lora: LoraStep) -> torch.Tensor:
         assert lora.gather is not None
         xs = x.index_select(0, lora.gather).view(-1, lora.max_tokens, x.shape[1])
         return xs.to(lora_dtype(x.dtype, x.device))
@@ -255,7 +260,7 @@ class MultiLoraLinear(nn.Module):
             y.view(T, P, self.part_out).add_(delta.transpose(0, 1))
             return y
         if xs is None:
-            xs = self.group_input(x, lora)  # (S, M, in)
+            xs = self._gather(x, lora)  # (S, M, in)
         h = torch.bmm(xs, At)  # (S, M, P*r)
         rows = h.shape[0] * P * lora.max_tokens
         out = None
