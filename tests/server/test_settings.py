@@ -100,3 +100,11 @@ def test_invalid_config_names_the_setting(overrides, name):
 def test_invalid_flag_values_are_refused():
     with pytest.raises(ValueError):
         parse_args(["--quant", "int3"])
+
+
+def test_lora_dtype_reaches_the_engine_and_bad_values_are_refused(tmp_path):
+    """`--lora-dtype bfloat16` (bf16 adapter slots) is an opt-in; the default keeps float32 slots."""
+    assert parse_args([]).to_engine_config(tmp_path).lora_dtype == "auto"
+    assert parse_args(["--lora-dtype", "bfloat16"]).to_engine_config(tmp_path).lora_dtype == "bfloat16"
+    with pytest.raises(ValueError):
+        parse_args(["--lora-dtype", "int8"])
