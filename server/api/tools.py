@@ -18,6 +18,7 @@ by `GrammarSpec`, so nothing a tenant sends here is unbounded. Replies carry Ope
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import uuid
@@ -48,8 +49,13 @@ class ToolPlan:
     functions: frozenset[str] = frozenset()
 
 
+@functools.lru_cache(maxsize=16)
 def template_supports_tools(source: str) -> bool:
-    """Whether the chat template reads a `tools` variable (the convention of HF's tool templates)."""
+    """Whether the chat template reads a `tools` variable (the convention of HF's tool templates).
+
+    Cached by source: it parses the whole template (~10 ms of the event loop's time), and every chat
+    request asks about the one base template (a profile of 16 streamed requests: 0.46 of the event
+    loop's 1.43 CPU seconds went to this parse)."""
     return reads_tools(source)
 
 
