@@ -122,8 +122,8 @@ def _native(*tensors: torch.Tensor) -> ctypes.PyDLL | None:
     dtype = tensors[0].dtype
     if dtype not in _DTYPES:
         return None
-    for t in tensors:  # a loop, not any(): this runs ~400 times a step
-        if t.dtype != dtype or t.is_cuda or t.device.type != "cpu":
+    for t in tensors:  # a loop, not any(), and `is_cpu`, not `device.type` (5x dearer): ~400 calls a step
+        if t.dtype is not dtype or not t.is_cpu:
             return None
     return _lib if _enabled and _tried else library()
 
