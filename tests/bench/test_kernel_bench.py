@@ -1,0 +1,39 @@
+"""bench.kernel_bench: the native kernels against the eager ops, a step's worth (issue 15)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from server.engine import fused
+
+
+def test_kernel_bench_on_tiny_base_writes_every_row(tiny_base_dir, tmp_path, capsys):
+    if not fused.enabled():
+        pytest.skip("native kernels unavailable")
+    from bench import kernel_bench
+
+    code = kernel_bench.main(
+        ["--base", str(tiny_base_dir), "--batch", "4", "--keys", "20", "--adapters", "2", "--rank", "4"]
+        + ["--rounds", "1", "--out", str(tmp_path)]
+    )
+    assert code == 0
+    measures = {m["key"]: m["value"] for m in json.loads((tmp_path / "kernels.json").read_text())["measures"]}
+    assert set(measures) == {
+        "attention_bf16",
+        "attention_bf16_eager",
+        "attention_fp32",
+        "attention_fp32_eager",
+        "lora_fp32_slots",
+        "lora_bf16_slots",
+        "lora_fp32_slots_eager",
+    }
+    assert all(value > 0 for value in measures.values())
+    assert fused.enabled()  # the benchmark leaves the kernels on
+
+
+def test_make_bench_runs_the_kernel_bench():
+    from bench.run_all import plan
+
+    assert any(command[2] == "bench.kernel_bench" for command in plan([]))
