@@ -1,9 +1,18 @@
 """What a tenant does over HTTP, and what the suite checks about every answer.
 
-- `greedy_tokens` runs one greedy chat (streamed or not) and returns the generated token ids,
-  read from the logprobs (`return_tokens_as_token_ids`), so comparisons are exact, not textual.
+- `greedy_run` runs one greedy chat and returns the generated token ids with their logprobs and
+  runner-ups, read from the logprobs (`return_tokens_as_token_ids`), so comparisons are of ids,
+  not text.
 - `Victims` runs another tenant's greedy streams in threads while a test attacks; `.check()`
-  asserts each finished with exactly the tokens of a solo run on the same server.
+  asserts each finished with the tokens of a solo run on the same server (`assert_same_as_solo`).
+- Why "the same" allows one thing: float32 GEMMs on a CPU round differently at different batch
+  sizes (MKL takes other kernels for a few rows), so a request decoded beside others sees logits
+  that differ from its solo run's by about 1e-6. That is noise, not interference; it changes a
+  greedy token only where the solo run's two best tokens were within a hair of each other. The
+  comparison therefore accepts a branch to the solo run's runner-up at such a near-tie (and stops
+  comparing there: the contexts differ from then on), and holds every earlier token's logprob to
+  the solo run's within `LOGPROB_NOISE`, which catches small contamination that exact token
+  equality would miss.
 - `assert_envelope` checks OpenAI's error envelope (status, code, param) and that no body names a
   filesystem path or an exception repr.
 """
@@ -22,6 +31,12 @@ from tests.adversarial.server_process import ADMIN_KEY, TENANT_KEYS
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 VICTIM_TOKENS = 160  # long enough (about a second alone) that the attack lands mid-stream
+# The solo run's lead of its best token over the second, in nats, under which a concurrent run may
+# take the second: batch-size rounding moved logprobs by at most 1.7e-6 in 12 rounds of 2-5
+# concurrent streams, and the victims' references have leads as small as 6.6e-5 (carol-0, token
+# 103), which CI once saw flip.
+NEAR_TIE = 1e-2
+LOGPROB_NOISE = 1e-3  # the most a compared token's logprob may move from the solo run's
 # Things an error body must never carry: absolute paths under usual roots, and Python reprs.
 _LEAK = re.compile(
     r"(/tmp/|/home/|/root/|/work/|/var/|/usr/|site-packages|\.venv|Traceback|File \"|"
@@ -45,6 +60,7 @@ def chat_body(model: str, max_tokens: int = VICTIM_TOKENS, stream: bool = True, 
         "temperature": 0,
         "ignore_eos": True,
         "logprobs": True,
+        "top_logprobs": 2,  # the runner-up and its gap, for `assert_same_as_solo`
         "return_tokens_as_token_ids": True,
         "stream": stream,
     }
@@ -56,14 +72,28 @@ def chat_body(model: str, max_tokens: int = VICTIM_TOKENS, stream: bool = True, 
 class StreamResult:
     status: int
     tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)  # each generated token's
+    runner_ups: list[int | None] = field(default_factory=list)  # the second-best token at each position
+    leads: list[float] = field(default_factory=list)  # best minus second-best logprob, in nats
     error: dict | None = None  # the SSE error event, or the plain error envelope
     finish_reason: str | None = None
     done: bool = False  # saw `data: [DONE]`
     raw: str = ""
 
 
-def _ids(logprobs: dict | None) -> list[int]:
-    return [int(entry["token"].removeprefix("token_id:")) for entry in (logprobs or {}).get("content") or []]
+def _token_id(entry: dict) -> int:
+    return int(entry["token"].removeprefix("token_id:"))
+
+
+def _read_logprobs(result: StreamResult, logprobs: dict | None) -> None:
+    """Append one choice's logprobs content (tokens, their logprobs, runner-ups, leads) to result."""
+    for entry in (logprobs or {}).get("content") or []:
+        result.tokens.append(_token_id(entry))
+        result.logprobs.append(float(entry["logprob"]))
+        top = entry.get("top_logprobs") or []
+        second = top[1] if len(top) > 1 else None
+        result.runner_ups.append(_token_id(second) if second else None)
+        result.leads.append(float(top[0]["logprob"]) - float(second["logprob"]) if second else float("inf"))
 
 
 def stream_chat(
@@ -89,7 +119,7 @@ def stream_chat(
                 result.error = event
                 continue
             for choice in event.get("choices") or []:
-                result.tokens += _ids(choice.get("logprobs"))
+                _read_logprobs(result, choice.get("logprobs"))
                 result.finish_reason = choice.get("finish_reason") or result.finish_reason
             if started is not None and result.tokens:
                 started.set()
@@ -105,17 +135,33 @@ def plain_chat(url: str, tenant: str, body: dict, timeout: float = 300) -> Strea
         result.error = payload
         return result
     choice = payload["choices"][0]
-    result.tokens = _ids(choice.get("logprobs"))
+    _read_logprobs(result, choice.get("logprobs"))
     result.finish_reason, result.done = choice["finish_reason"], True
     return result
 
 
-def greedy_tokens(url: str, tenant: str, model: str, max_tokens: int = VICTIM_TOKENS) -> list[int]:
-    """A solo greedy run's tokens (the reference a concurrent run must equal)."""
+def greedy_run(url: str, tenant: str, model: str, max_tokens: int = VICTIM_TOKENS) -> StreamResult:
+    """A solo greedy run (the reference a concurrent run must match, see `assert_same_as_solo`)."""
     result = stream_chat(url, tenant, chat_body(model, max_tokens))
     assert result.status == 200 and result.error is None and result.done, result.raw[-2000:]
     assert len(result.tokens) == max_tokens
-    return result.tokens
+    return result
+
+
+def assert_same_as_solo(result: StreamResult, solo: StreamResult, label: str) -> None:
+    """`result` decoded what its solo run did: the same tokens with the same logprobs (within
+    LOGPROB_NOISE), except that at a near-tie of the solo run (lead < NEAR_TIE) it may take the
+    runner-up, past which the runs are not compared (see the module docstring)."""
+    assert len(result.tokens) == len(solo.tokens), f"{label}: {len(result.tokens)} tokens, solo {len(solo.tokens)}"
+    for i, (want, got) in enumerate(zip(solo.tokens, result.tokens)):
+        if got != want:
+            assert solo.leads[i] < NEAR_TIE and got == solo.runner_ups[i], (
+                f"{label}: token {i} is {got} where the solo run chose {want} by {solo.leads[i]:.3g} nats "
+                f"(runner-up {solo.runner_ups[i]}): tokens differ from the solo run"
+            )
+            return
+        moved = abs(result.logprobs[i] - solo.logprobs[i])
+        assert moved <= LOGPROB_NOISE, f"{label}: token {i}'s logprob moved {moved:.3g} from the solo run's"
 
 
 def _json_or_none(text: str):
@@ -171,23 +217,22 @@ class Victims:
             assert result.status == 200 and result.error is None and result.done, (
                 f"{tenant}/{model}: the victim's stream was hurt: {result.status} {result.raw[-600:]}"
             )
-            expected = self.references.get(tenant, model, self.max_tokens)
-            assert result.tokens == expected, f"{tenant}/{model}: tokens differ from the solo run"
+            assert_same_as_solo(result, self.references.get(tenant, model, self.max_tokens), f"{tenant}/{model}")
 
 
 class References:
-    """Solo greedy tokens per (tenant, model, max_tokens), computed once on the live server."""
+    """Solo greedy runs per (tenant, model, max_tokens), computed once on the live server."""
 
     def __init__(self, url: str):
         self.url = url
-        self._cache: dict[tuple, list[int]] = {}
+        self._cache: dict[tuple, StreamResult] = {}
         self._lock = threading.Lock()
 
-    def get(self, tenant: str, model: str, max_tokens: int = VICTIM_TOKENS) -> list[int]:
+    def get(self, tenant: str, model: str, max_tokens: int = VICTIM_TOKENS) -> StreamResult:
         key = (tenant, model, max_tokens)
         with self._lock:
             if key not in self._cache:
-                self._cache[key] = greedy_tokens(self.url, tenant, model, max_tokens)
+                self._cache[key] = greedy_run(self.url, tenant, model, max_tokens)
             return self._cache[key]
 
 

@@ -25,7 +25,15 @@ from pathlib import Path
 
 import httpx
 
-from tests.adversarial.clients import assert_clean, chat_body, client, read_metrics, stream_chat, upload
+from tests.adversarial.clients import (
+    assert_clean,
+    assert_same_as_solo,
+    chat_body,
+    client,
+    read_metrics,
+    stream_chat,
+    upload,
+)
 from tests.adversarial.server_process import ServerProcess
 
 TENANTS = ("alice", "bob", "carol")
@@ -68,7 +76,7 @@ class Soak:
             for model in (f"{tenant}-steady", f"{tenant}-churn", self.base_id):
                 result = stream_chat(self.url, tenant, chat_body(model, MAX_TOKENS))
                 assert result.status == 200 and result.done, result.raw[-500:]
-                self.expected[(tenant, model)] = result.tokens
+                self.expected[(tenant, model)] = result
 
     # -- one action of one worker --------------------------------------------------------------
     def act(self, tenant: str, rng: random.Random) -> None:
@@ -91,10 +99,13 @@ class Soak:
             return
         if result.status != 200 or result.error is not None or not result.done:
             self.fail(f"{tenant}/{model}: {result.status} {result.raw[-300:]}")
-        elif result.tokens != self.expected[(tenant, model)]:
-            self.fail(f"{tenant}/{model}: tokens differ from the solo run")
         else:
-            self.count("correct")
+            try:
+                assert_same_as_solo(result, self.expected[(tenant, model)], f"{tenant}/{model}")
+            except AssertionError as error:
+                self.fail(str(error))
+            else:
+                self.count("correct")
 
     def disconnect(self, tenant: str, model: str, rng: random.Random) -> None:
         keep = rng.randint(1, MAX_TOKENS - 2)

@@ -15,7 +15,8 @@ from tests.adversarial.clients import (
     StreamResult,
     chat_body,
     client,
-    greedy_tokens,
+    assert_same_as_solo,
+    greedy_run,
     read_metrics,
     stream_chat,
     upload,
@@ -44,9 +45,9 @@ def test_delete_after_reupload_keeps_the_queued_old_version_alive(alive):
     v1 = valid_adapter(adv.base_info, seed=301)
     v2 = valid_adapter(adv.base_info, seed=302)
     assert upload(adv.url, "carol", "ref-v1", v1).status_code == 201
-    expected = greedy_tokens(adv.url, "carol", "ref-v1", 32)  # v1's solo tokens, on another name
+    expected = greedy_run(adv.url, "carol", "ref-v1", 32)  # v1's solo tokens, on another name
     assert upload(adv.url, "carol", "ref-v2", v2).status_code == 201
-    newer = greedy_tokens(adv.url, "carol", "ref-v2", 32)
+    newer = greedy_run(adv.url, "carol", "ref-v2", 32)
     with client(adv.url, "carol") as http:
         http.delete("/v1/adapters/ref-v1")
         http.delete("/v1/adapters/ref-v2")
@@ -81,9 +82,8 @@ def test_delete_after_reupload_keeps_the_queued_old_version_alive(alive):
     assert old.status == 200 and old.error is None and old.done, (
         f"the request queued on the old version was broken by the delete: {old.status} {old.raw[-500:]}"
     )
-    assert old.tokens == expected, "the queued request did not run the version it asked for" + (
-        " (it ran the re-uploaded version)" if old.tokens == newer else ""
-    )
+    assert old.tokens != newer.tokens, "the queued request ran the re-uploaded version, not the one it asked for"
+    assert_same_as_solo(old, expected, "the queued request on the old version")
     with client(adv.url, "alice") as http:
         assert http.get("/v1/adapters/doomed").status_code == 404
 

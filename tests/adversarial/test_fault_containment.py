@@ -11,7 +11,15 @@ from __future__ import annotations
 
 import pytest
 
-from tests.adversarial.clients import Victims, assert_clean, assert_envelope, chat_body, plain_chat, stream_chat
+from tests.adversarial.clients import (
+    Victims,
+    assert_clean,
+    assert_envelope,
+    assert_same_as_solo,
+    chat_body,
+    plain_chat,
+    stream_chat,
+)
 
 
 def _victims(adv):
@@ -25,7 +33,7 @@ def test_tiny_temperature_is_greedy_and_hurts_nobody(alive):
         result = plain_chat(adv.url, "alice", chat_body("alice-a", temperature=1e-300))
     victims.check()
     assert result.status == 200, f"temperature 1e-300 must be served as greedy: {result.raw[:600]}"
-    assert result.tokens == expected
+    assert_same_as_solo(result, expected, "alice/alice-a at temperature 1e-300")
 
 
 @pytest.mark.parametrize(
