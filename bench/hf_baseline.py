@@ -6,27 +6,33 @@
   model in order (each layer's q, k, v, o, gate, up, down, then lm_head) as plain
   `F.linear` calls, once per decode step: the ceiling any decode step with these weights can
   reach. In bf16 the weights are prepacked for oneDNN (server/engine/packed.py), the fastest
-  bf16 kernel here and the one the engine runs. Under NF4 the layers' own `Linear4bit.forward`
-  (dequantise + matmul) stands in for `F.linear`, since that is the work an NF4 decode step
-  cannot avoid.
+  bf16 kernel here and the one the engine runs. Under NF4 the same reasoning picks the engine's
+  NF4 kernel over the layers' bitsandbytes storage (server/engine/nf4.py), about twice as fast
+  as bitsandbytes' CPU kernel at batch 16; where it does not run (no AVX-512, no compiler) the
+  layers' own `Linear4bit.forward` stands in, the work an NF4 decode step cannot avoid.
 - (e) `peft_load_times`: `PeftModel.load_adapter` wall time for one adapter, repeated.
 
-Nothing here knows our engine (packed.py is a kernel helper); `engine_bench.py` puts the figures
-side by side.
+Nothing here knows our engine (packed.py and nf4.py are kernel helpers); `engine_bench.py` puts
+the figures side by side.
 """
 
 from __future__ import annotations
 
 import time
+import weakref
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from adapters.base import LINEAR_MODULES
-from server.engine import packed
+from server.engine import fused, packed
+from server.engine.nf4 import NF4Linear
 
 BASE_NAME = "__base__"  # PEFT's adapter_names value for "no adapter" in a mixed batch
+# The NF4 kernel over each bitsandbytes layer of a loaded model, for the matmul bound: made at
+# load, because bitsandbytes' first CPU forward repacks the storage the kernel reads.
+_NF4_KERNELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def load_hf_model(base_dir: Path, quant: str, dtype: torch.dtype):
@@ -38,8 +44,12 @@ def load_hf_model(base_dir: Path, quant: str, dtype: torch.dtype):
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
         )
-    model = AutoModelForCausalLM.from_pretrained(str(base_dir), **kwargs)
-    return model.eval()
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), **kwargs).eval()
+    if quant == "nf4":
+        for module in model.modules():
+            if type(module).__name__ == "Linear4bit" and module.weight.device.type == "cpu":
+                _NF4_KERNELS[module] = NF4Linear(module)
+    return model
 
 
 def adapter_name(index: int) -> str:
@@ -118,7 +128,7 @@ def matmul_bound(model, batch: int, steps: int, quant: str) -> float:
     layers = linear_layers(model)
     dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
     if quant == "nf4":
-        calls = [(layer.forward if layer is not layers[-1] else _plain(layer)) for layer in layers]
+        calls = [(_nf4(layer) if layer is not layers[-1] else _plain(layer)) for layer in layers]
     else:
         calls = [_plain(layer) for layer in layers]
     inputs = [torch.randn(batch, layer.in_features, dtype=dtype) for layer in layers]  # (batch, in)
@@ -129,6 +139,20 @@ def matmul_bound(model, batch: int, steps: int, quant: str) -> float:
         for call, x in zip(calls, inputs):
             call(x)
     return time.perf_counter() - start
+
+
+def bound_kind(quant: str) -> str:
+    """How `matmul_bound` runs the projections, for the reports."""
+    if quant != "nf4":
+        return "F.linear"
+    return "the engine's NF4 kernel" if fused.enabled() else "Linear4bit.forward"
+
+
+def _nf4(layer):
+    """The engine's NF4 kernel for a bitsandbytes layer (or a PEFT layer around one) loaded by
+    `load_hf_model`, else the layer's own forward."""
+    kernel = _NF4_KERNELS.get(getattr(layer, "base_layer", layer))
+    return kernel.forward if kernel is not None else layer.forward
 
 
 def _plain(layer):

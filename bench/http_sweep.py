@@ -37,7 +37,7 @@ import torch
 
 from adapters.base import resolve_base
 from bench.engine_bench import adapters_dir
-from bench.hf_baseline import load_hf_model, matmul_bound
+from bench.hf_baseline import bound_kind, load_hf_model, matmul_bound
 from bench.http_load import WaveResult, chat_body, engine_counters, run_wave, upload_adapter
 from bench.report import RESULTS_DIR, Measure, Report, Target
 from bench.serve_process import ServeProcess
@@ -110,7 +110,7 @@ def ceilings(args, model, prompt: list[int]) -> tuple[float, float]:
 def add_ceilings(args, report: Report, measured: list[tuple[float, float]]) -> None:
     """The fastest of the timings before and after the server ran: a ceiling is what the machine
     can do, and other jobs on a shared machine only ever slow it."""
-    kind = "Linear4bit.forward" if args.quant == "nf4" else "F.linear"
+    kind = bound_kind(args.quant)
     best = f"fastest of {len(measured)}, before/after the waves"  # the bound: its fastest pass
     bound, alone = max(m[0] for m in measured), max(m[1] for m in measured)
     report.add(Measure("d@16", "matmul bound, batch 16", bound, "tok/s", f"{kind}, {best}"))

@@ -10,7 +10,10 @@ and best of `--rounds`:
   `--adapters` adapters of rank `--rank`, with float32 slots and with bf16 slots
   (`EngineConfig.lora_dtype="bfloat16"`), each layer its own tensors so the slots stream from
   memory as they do in a step, against the eager grouped path (`MultiLoraLinear` with the
-  kernels off, float32 slots).
+  kernels off, float32 slots);
+- every projection as NF4 (random weights quantized by bitsandbytes, `adapters.quant.nf4_linear`)
+  at batch `--batch` and batch 1: the engine's NF4 kernel (`nf4.NF4Linear`, `fused.nf4_linear`)
+  against bitsandbytes' own `Linear4bit` forward on the same storage. No LM head (it is not NF4).
 
 Writes `bench/results/kernels.json` (+ `.png`). These are the figures behind the engine README's
 "Native kernels" section; step-level effects are `bench.step_bench`'s.
@@ -28,11 +31,13 @@ from pathlib import Path
 import torch
 
 from adapters.base import resolve_base
+from adapters.quant import nf4_linear
 from bench.report import RESULTS_DIR, Measure, Report
 from server.engine import attention, fused
 from server.engine.attention import build_attn_step
 from server.engine.lora import MultiLoraLinear, build_lora_step
 from server.engine.model import ModelSpec
+from server.engine.nf4 import NF4Linear
 
 
 def attention_calls(spec: ModelSpec, batch: int, keys: int, dtype: torch.dtype) -> list[Callable[[], object]]:
@@ -84,6 +89,19 @@ def lora_layers(spec: ModelSpec, adapters: int, rank: int, slot_dtype: torch.dty
                 layer.load_slot(slot, modules)
             layers.append(layer)
     return layers
+
+
+def nf4_layers(spec: ModelSpec) -> list[NF4Linear]:
+    """Every projection of the base (fused as the engine fuses them) quantized to NF4 from random
+    weights; each serves through the kernel, and its `.layer` is bitsandbytes' own."""
+    h, i = spec.hidden_size, spec.intermediate_size
+    q, kv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+    shapes = [(h, q), (h, 2 * kv), (q, h), (h, 2 * i), (i, h)]  # (in, out): q, k+v, o, gate+up, down
+    return [
+        NF4Linear(nf4_linear(torch.randn(out, in_features) * 0.05, None, torch.float32, "cpu").eval())
+        for _ in range(spec.num_layers)
+        for in_features, out in shapes
+    ]
 
 
 def best_of(rounds: int, runs: dict[str, Callable[[], None]]) -> dict[str, float]:
@@ -145,6 +163,11 @@ def main(argv: list[str] | None = None) -> int:
                 eager.append(lambda x=x, layer=layer: layer(x, lora))
         runs[f"lora_{name}"] = step(native, True)
     runs["lora_fp32_slots_eager"] = step(eager, False)
+    projections = nf4_layers(spec)
+    for rows in (args.batch, 1):
+        inputs = [torch.randn(rows, layer.in_features) for layer in projections]
+        runs[f"nf4_{rows}"] = step([lambda m=m, x=x: m(x) for m, x in zip(projections, inputs)], True)
+        runs[f"nf4_{rows}_bnb"] = step([lambda m=m, x=x: m.layer(x) for m, x in zip(projections, inputs)], False)
     with torch.inference_mode():
         best = best_of(args.rounds, runs)
     report = Report(
@@ -160,6 +183,10 @@ def main(argv: list[str] | None = None) -> int:
         "lora_fp32_slots": "LoRA update, float32 slots, native",
         "lora_bf16_slots": "LoRA update, bf16 slots, native",
         "lora_fp32_slots_eager": "LoRA update, float32 slots, eager grouped path",
+        f"nf4_{args.batch}": f"NF4 projections, batch {args.batch}, native",
+        f"nf4_{args.batch}_bnb": f"NF4 projections, batch {args.batch}, bitsandbytes",
+        "nf4_1": "NF4 projections, batch 1, native",
+        "nf4_1_bnb": "NF4 projections, batch 1, bitsandbytes",
     }
     for key, label in labels.items():
         report.add(Measure(key, label, 1000 * best[key], "ms", "a step's worth"))

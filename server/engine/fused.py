@@ -91,6 +91,7 @@ def _build() -> ctypes.PyDLL | None:
     lib.lora_sgmv.argtypes = [ptr, i64, ptr, i64, ctypes.c_int, ptr, ptr, ctypes.c_int]
     lib.decode_attention.argtypes = [ptr, ptr, ptr, ptr, ctypes.c_int, ptr, i64, ptr, i64, i64, i64, i64, i64, f32]
     lib.decode_attention.argtypes += [ctypes.c_int]
+    lib.nf4_linear.argtypes = [ptr, i64, ptr, i64, i64, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
     return lib
 
 
@@ -358,3 +359,44 @@ def decode_attention(
     if status != 0:
         raise MemoryError("decode_attention could not allocate its scratch rows")
     return out
+
+
+# Token rows per nf4_linear call: x's rows are read once per four output rows, so they should
+# stay in L2 (128 x 1536 float32 is 768 KiB); a longer prefill runs in chunks.
+NF4_ROWS_PER_CALL = 128
+
+
+def nf4_linear(
+    x: torch.Tensor, data: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, out_features: int, blocksize: int
+) -> torch.Tensor | None:
+    """x (T, in) float32 @ W^T for an NF4 weight in bitsandbytes' storage (`data` the packed
+    nibbles, `absmax` float32 per block, `code` the 16 NF4 values), computed exactly in float32
+    (each weight code * absmax, as bitsandbytes' dequantize). None when the kernel does not take
+    these tensors (then the caller runs bitsandbytes)."""
+    lib = _native(x, absmax, code) if x.dtype is torch.float32 else None
+    if lib is None or x.dim() != 2 or x.stride(1) != 1 or data.dtype != torch.uint8 or code.numel() != 16:
+        return None
+    rows, in_features = x.shape
+    y = torch.empty(rows, out_features, dtype=torch.float32)
+    threads = torch.get_num_threads()
+    for first in range(0, rows, NF4_ROWS_PER_CALL):
+        count = min(NF4_ROWS_PER_CALL, rows - first)
+        status = lib.nf4_linear(
+            y[first].data_ptr(),
+            out_features,
+            x[first].data_ptr(),
+            x.stride(0),
+            count,
+            data.data_ptr(),
+            absmax.data_ptr(),
+            code.data_ptr(),
+            out_features,
+            in_features,
+            blocksize,
+            threads,
+        )
+        if status == -2:
+            return None  # a layout the kernel does not cover (checked before any row is written)
+        if status != 0:
+            raise MemoryError("nf4_linear could not allocate its scratch rows")
+    return y

@@ -10,7 +10,6 @@ safetensors are read; nothing is unpickled.
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from server.engine import packed
 from server.engine.errors import UnsupportedModel
 from server.engine.lora import MultiLoraLinear, slot_dtype
 from server.engine.model import CausalLM, ModelSpec
+from server.engine.nf4 import NF4Linear
 
 
 def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
@@ -56,12 +56,12 @@ def _make_base_linear(weight: torch.Tensor, bias: torch.Tensor | None, quant: st
         if bias is not None:
             layer.bias = nn.Parameter(bias.to(device=device, dtype=dtype), requires_grad=False)
         return layer
-    layer = nf4_linear(weight, None if bias is None else bias.to(dtype), dtype, device)
+    layer = nf4_linear(weight, None if bias is None else bias.to(dtype), dtype, device).eval()
     if device.type == "cpu":
-        # The first CPU forward repacks weight and quant state in place (AVX512-BF16 kernels);
-        # fold needs the original NF4 blocks to dequantize, so keep a private copy.
-        layer.nf4_source = (layer.weight.data.clone(), copy.deepcopy(layer.weight.quant_state))
-    return layer.eval()
+        # Our NF4 kernel, bitsandbytes' storage (nf4.py); it keeps the original NF4 blocks, which
+        # bitsandbytes' first CPU forward repacks in place and fold needs to dequantize.
+        return NF4Linear(layer)
+    return layer
 
 
 def load_model(

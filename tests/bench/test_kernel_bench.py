@@ -28,6 +28,10 @@ def test_kernel_bench_on_tiny_base_writes_every_row(tiny_base_dir, tmp_path, cap
         "lora_fp32_slots",
         "lora_bf16_slots",
         "lora_fp32_slots_eager",
+        "nf4_4",
+        "nf4_4_bnb",
+        "nf4_1",
+        "nf4_1_bnb",
     }
     assert all(value > 0 for value in measures.values())
     assert fused.enabled()  # the benchmark leaves the kernels on

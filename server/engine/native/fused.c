@@ -823,3 +823,122 @@ int decode_attention(const void *q, const void *k_cache, const void *v_cache, vo
     }
     return failed ? -1 : 0;
 }
+
+/* ---- NF4 projections (bitsandbytes' storage: element 2j of the flattened (out, in) weight in
+ * the high nibble of byte j, 2j + 1 in the low one; one float32 absmax per `blocksize` elements;
+ * a weight is code[nibble] * absmax). At decode sizes bitsandbytes' CPU kernel (bf16 inputs, a
+ * bf16 output) spends most of its time decoding. Here four output rows at a time are decoded
+ * once into an L1 buffer, in float32 (exactly code * absmax, as bitsandbytes' dequantize), 32
+ * weights per 16 bytes: the high nibbles are the even weights, the low ones the odd, one shift
+ * or mask and one 16-entry table permute each. Every token row then runs against the four rows,
+ * sixteen dot products summed by one sum16x16; x is read in split_row's even / odd order to
+ * match. AVX-512 only (the byte widening and the permute are single instructions there), and
+ * blocks must not cross a row (in % blocksize == 0, blocksize % 32 == 0): otherwise -2, and the
+ * caller keeps bitsandbytes. */
+#ifdef __AVX512F__
+#include <immintrin.h>
+
+static void nf4_decode_row(float *dst, const uint8_t *w, const float *absmax, int64_t in, int64_t blocksize,
+                           __m512 code) {
+    const __m512i low = _mm512_set1_epi32(15);
+    for (int64_t b = 0; b < in; b += blocksize) {
+        __m512 scale = _mm512_set1_ps(absmax[b / blocksize]);
+        for (int64_t c = b; c < b + blocksize; c += 32) {
+            __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w + c / 2)));
+            __m512 even = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), code);
+            __m512 odd = _mm512_permutexvar_ps(_mm512_and_si512(v, low), code);
+            _mm512_storeu_ps(dst + c, _mm512_mul_ps(even, scale));
+            _mm512_storeu_ps(dst + c + 16, _mm512_mul_ps(odd, scale));
+        }
+    }
+}
+
+/* Four decoded rows (b, stride in) against four token rows x[0..3] (split order): s[4m + r]. */
+static void nf4_tile4(const float *b, int64_t in, const float *const *x, float *s, v16 *part) {
+    const float *b0 = b, *b1 = b + in, *b2 = b + 2 * in, *b3 = b + 3 * in;
+    const float *x0 = x[0], *x1 = x[1], *x2 = x[2], *x3 = x[3];
+    v16 a00 = {0}, a01 = {0}, a02 = {0}, a03 = {0}, a10 = {0}, a11 = {0}, a12 = {0}, a13 = {0};
+    v16 a20 = {0}, a21 = {0}, a22 = {0}, a23 = {0}, a30 = {0}, a31 = {0}, a32 = {0}, a33 = {0};
+    for (int64_t k = 0; k < in; k += 16) {
+        v16 w0 = load16(b0 + k), w1 = load16(b1 + k), w2 = load16(b2 + k), w3 = load16(b3 + k);
+        v16 y0 = load16(x0 + k), y1 = load16(x1 + k), y2 = load16(x2 + k), y3 = load16(x3 + k);
+        a00 += w0 * y0, a01 += w0 * y1, a02 += w0 * y2, a03 += w0 * y3;
+        a10 += w1 * y0, a11 += w1 * y1, a12 += w1 * y2, a13 += w1 * y3;
+        a20 += w2 * y0, a21 += w2 * y1, a22 += w2 * y2, a23 += w2 * y3;
+        a30 += w3 * y0, a31 += w3 * y1, a32 += w3 * y2, a33 += w3 * y3;
+    }
+    part[REV4[0]] = a00, part[REV4[1]] = a10, part[REV4[2]] = a20, part[REV4[3]] = a30;
+    part[REV4[4]] = a01, part[REV4[5]] = a11, part[REV4[6]] = a21, part[REV4[7]] = a31;
+    part[REV4[8]] = a02, part[REV4[9]] = a12, part[REV4[10]] = a22, part[REV4[11]] = a32;
+    part[REV4[12]] = a03, part[REV4[13]] = a13, part[REV4[14]] = a23, part[REV4[15]] = a33;
+    v16 sums = sum16x16(part);
+    memcpy(s, &sums, sizeof sums);
+}
+
+/* The same for one token row: s[r]. */
+static void nf4_tile1(const float *b, int64_t in, const float *x0, float *s) {
+    const float *b0 = b, *b1 = b + in, *b2 = b + 2 * in, *b3 = b + 3 * in;
+    v16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+    for (int64_t k = 0; k < in; k += 16) {
+        v16 y0 = load16(x0 + k);
+        a0 += load16(b0 + k) * y0, a1 += load16(b1 + k) * y0, a2 += load16(b2 + k) * y0, a3 += load16(b3 + k) * y0;
+    }
+    s[0] = hsum16(a0), s[1] = hsum16(a1), s[2] = hsum16(a2), s[3] = hsum16(a3);
+}
+#endif
+
+/* y (M, out) = x (M, in) W^T, both float32 with row strides; y is overwritten (no bias). */
+int nf4_linear(float *y, int64_t y_stride, const float *x, int64_t x_stride, int64_t M, const uint8_t *w,
+               const float *absmax, const float *code16, int64_t out, int64_t in, int64_t blocksize, int threads) {
+#ifndef __AVX512F__
+    return -2;
+#else
+    if (in % 32 || blocksize % 32 || in % blocksize) return -2;
+    float *xs = aligned_alloc(64, sizeof(float) * (size_t)(M * in));
+    if (!xs) return -1;
+    for (int64_t m = 0; m < M; m++) split_row(xs + m * in, x + m * x_stride, in);
+    __m512 code = _mm512_loadu_ps(code16);
+    int64_t groups = (out + 3) / 4;
+    int failed = 0;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        float *buf = aligned_alloc(64, sizeof(float) * (size_t)(4 * in));
+        v16 *part = aligned_alloc(64, sizeof(v16) * 16);
+        if (!buf || !part) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp barrier
+        if (!failed) {
+#pragma omp for schedule(static)
+            for (int64_t g = 0; g < groups; g++) {
+                int64_t o0 = 4 * g, rows = out - o0 < 4 ? out - o0 : 4;
+                for (int64_t r = 0; r < 4; r++) {
+                    if (r < rows)
+                        nf4_decode_row(buf + r * in, w + (o0 + r) * in / 2, absmax + (o0 + r) * in / blocksize, in,
+                                       blocksize, code);
+                    else
+                        memset(buf + r * in, 0, sizeof(float) * (size_t)in);
+                }
+                for (int64_t m0 = 0; m0 < M; m0 += 4) {
+                    int64_t ms = M - m0 < 4 ? M - m0 : 4;
+                    float s[16];
+                    if (ms == 1) {
+                        nf4_tile1(buf, in, xs + m0 * in, s);
+                    } else {
+                        const float *xr[4];
+                        for (int64_t m = 0; m < 4; m++) xr[m] = xs + (m0 + (m < ms ? m : 0)) * in;
+                        nf4_tile4(buf, in, xr, s, part);
+                    }
+                    for (int64_t m = 0; m < ms; m++)
+                        for (int64_t r = 0; r < rows; r++) y[(m0 + m) * y_stride + o0 + r] = s[4 * m + r];
+                }
+            }
+        }
+        free(buf);
+        free(part);
+    }
+    free(xs);
+    return failed ? -1 : 0;
+#endif
+}
