@@ -875,6 +875,35 @@ static void nf4_tile4(const float *b, int64_t in, const float *const *x, float *
     memcpy(s, &sums, sizeof sums);
 }
 
+/* One token row against four rows decoded on the fly (nothing stored: at batch 1 the buffer's
+ * store and reload cost more than the arithmetic): s[r]. */
+static void nf4_direct1(const uint8_t *w, const float *absmax, int64_t rows, int64_t in, int64_t blocksize,
+                        __m512 code, const float *x0, float *s) {
+    const __m512i low = _mm512_set1_epi32(15);
+    const uint8_t *wr[4];
+    const float *ar[4];
+    for (int r = 0; r < 4; r++) { /* rows past the last repeat row 0 (computed, not stored) */
+        wr[r] = w + (r < rows ? r : 0) * in / 2;
+        ar[r] = absmax + (r < rows ? r : 0) * in / blocksize;
+    }
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int64_t b = 0; b < in; b += blocksize) {
+        __m512 even[4], odd[4];
+        for (int r = 0; r < 4; r++) even[r] = odd[r] = _mm512_setzero_ps();
+        for (int64_t c = b; c < b + blocksize; c += 32) {
+            __m512 xe = _mm512_loadu_ps(x0 + c), xo = _mm512_loadu_ps(x0 + c + 16);
+            for (int r = 0; r < 4; r++) { /* four rows: eight independent sums in flight */
+                __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(wr[r] + c / 2)));
+                even[r] = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), code), xe, even[r]);
+                odd[r] = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_and_si512(v, low), code), xo, odd[r]);
+            }
+        }
+        for (int r = 0; r < 4; r++)
+            acc[r] = _mm512_fmadd_ps(_mm512_add_ps(even[r], odd[r]), _mm512_set1_ps(ar[r][b / blocksize]), acc[r]);
+    }
+    for (int r = 0; r < 4; r++) s[r] = _mm512_reduce_add_ps(acc[r]);
+}
+
 /* The same for one token row: s[r]. */
 static void nf4_tile1(const float *b, int64_t in, const float *x0, float *s) {
     const float *b0 = b, *b1 = b + in, *b2 = b + 2 * in, *b3 = b + 3 * in;
@@ -913,6 +942,12 @@ int nf4_linear(float *y, int64_t y_stride, const float *x, int64_t x_stride, int
 #pragma omp for schedule(static)
             for (int64_t g = 0; g < groups; g++) {
                 int64_t o0 = 4 * g, rows = out - o0 < 4 ? out - o0 : 4;
+                if (M == 1) {
+                    float s[4];
+                    nf4_direct1(w + o0 * in / 2, absmax + o0 * in / blocksize, rows, in, blocksize, code, xs, s);
+                    for (int64_t r = 0; r < rows; r++) y[o0 + r] = s[r];
+                    continue;
+                }
                 for (int64_t r = 0; r < 4; r++) {
                     if (r < rows)
                         nf4_decode_row(buf + r * in, w + (o0 + r) * in / 2, absmax + (o0 + r) * in / blocksize, in,
