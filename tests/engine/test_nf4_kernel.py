@@ -126,3 +126,19 @@ def eager_nf4():
 
     yield Switch()
     fused.set_enabled(True)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 16])
+def test_a_poisoned_token_row_stays_in_its_row(rows):
+    """Tenants share a batch: a NaN or inf in one token's activations (a hostile adapter's
+    output) must reach only that token's outputs."""
+    layer = NF4Linear(_layer(96, 128, seed=6))
+    x = torch.randn(rows, 128)
+    clean = _kernel_served(layer, x)
+    poisoned = x.clone()
+    poisoned[rows // 2, 3] = float("nan")
+    poisoned[rows // 2, 70] = float("inf")
+    got = _kernel_served(layer, poisoned)
+    others = [r for r in range(rows) if r != rows // 2]
+    torch.testing.assert_close(got[others], clean[others], rtol=0, atol=0)
+    assert not torch.isfinite(got[rows // 2]).any()
