@@ -25,7 +25,7 @@ from server.engine.containment import run_isolated
 from server.engine.detokenizer import IncrementalText
 from server.engine.errors import AdapterLoadError, DuplicateRequest, PromptTooLong
 from server.engine import fused
-from server.engine.fold import FoldManager, fold_dtype, remaining_steps
+from server.engine.fold import FoldManager, fold_dtype, fold_min_rows, remaining_steps
 from server.engine.lora import lora_dtype
 from server.engine.prefix_cache import FOLDED, LORA, cache_key
 from server.engine.loader import (
@@ -77,6 +77,7 @@ class EngineCore:
             config.fold_budget,
             fold_dtype(config.quant, self.device, self.dtype),
             slice_bytes=config.fold_slice_bytes or None,
+            min_rows=fold_min_rows(config.quant, self.device, self.dtype),
         )
         self.slots = AdapterSlots(
             self.model.lora_targets(),
@@ -374,7 +375,9 @@ class EngineCore:
     def _fold_for(self, batch) -> int | None:
         """The folded slot for this batch; a fold that fails (e.g. out of memory) runs unfolded."""
         try:
-            return self.fold.update({e.seq.adapter_id: e.seq.slot for e in batch.entries}, remaining_steps(batch))
+            return self.fold.update(
+                {e.seq.adapter_id: e.seq.slot for e in batch.entries}, remaining_steps(batch), batch.num_tokens
+            )
         except Exception:  # noqa: BLE001 - folding is an optimisation, never a reason to fail
             logger.exception("fold failed; running unfolded")
             self.fold.unfold()

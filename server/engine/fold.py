@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from server.engine import fused
 from server.engine.lora import MultiLoraLinear
 
 
@@ -43,12 +44,29 @@ class _Build:
     todo: list[MultiLoraLinear] = field(default_factory=list)
 
 
+# Fewest tokens in a step for which a dense bf16 fold beats NF4 projections through the engine's
+# kernel plus the LoRA update it saves (default base, every projection, prepacked bf16 against
+# fused.nf4_linear: 24.5 vs 11.0 ms at 1 row, 24.1 vs 21.9 at 8, 26.4 vs 26.3 at 12, 26.0 vs 31.3
+# at 16; an engine serving one adapter ran 0.66x folded at batch 1 and 1.15-1.39x at batch 16).
+NF4_FOLD_MIN_ROWS = 12
+
+
+def fold_min_rows(quant: str, device: torch.device, compute_dtype: torch.dtype) -> int:
+    """The fewest tokens a step needs to run folded: 1, except for NF4 on a CPU where the
+    engine's NF4 kernel runs (server/engine/nf4.py: float32 activations), which at small
+    batches is faster than any dense copy (it reads a quarter of bf16's bytes)."""
+    if quant == "nf4" and device.type == "cpu" and compute_dtype == torch.float32 and fused.nf4_available():
+        return NF4_FOLD_MIN_ROWS
+    return 1
+
+
 def fold_dtype(quant: str, device: torch.device, compute_dtype: torch.dtype) -> torch.dtype:
     """The dtype of folded dense copies.
 
-    The compute dtype, except for NF4 on a CPU with fast bf16 GEMMs: bitsandbytes' CPU 4-bit
-    kernel already computes in bf16 there and beats a dense fp32 GEMM, so an fp32 fold would run
-    slower than the base it replaces (measured 0.57x); a bf16 copy is about twice as fast as fp32.
+    The compute dtype, except for NF4 on a CPU with fast bf16 GEMMs: NF4 projections there (the
+    engine's kernel, or bitsandbytes' bf16 one) beat a dense fp32 GEMM, so an fp32 fold would run
+    slower than the base it replaces (measured 0.57x against bitsandbytes); a prepacked bf16 copy
+    is about twice as fast as fp32, and beats the NF4 kernel from `NF4_FOLD_MIN_ROWS` rows.
     """
     if quant == "nf4" and device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return torch.bfloat16
@@ -64,14 +82,17 @@ class FoldManager:
         budget: int,
         dtype: torch.dtype = torch.float32,
         slice_bytes: int | None = None,
+        min_rows: int = 1,
     ):
         """Args:
         slice_bytes: dense bytes built per step while folding; None builds the whole fold at once.
+        min_rows: a step with fewer tokens runs unfolded (see `fold_min_rows`).
         """
         self.layers = layers
         self.dtype = dtype
         self.mode, self.window, self.budget = mode, window, budget
         self.slice_bytes = slice_bytes
+        self.min_rows = min_rows
         self.pinned: set[str] = set()
         self.folded_id: str | None = None
         self.folded_slot: int | None = None
@@ -80,11 +101,15 @@ class FoldManager:
         self._streak: tuple[str | None, int] = (None, 0)
         self.stats = FoldStats()
 
-    def update(self, adapter_slots: dict[str | None, int], remaining_steps: int | None = None) -> int | None:
+    def update(
+        self, adapter_slots: dict[str | None, int], remaining_steps: int | None = None, rows: int | None = None
+    ) -> int | None:
         """Args:
         adapter_slots: adapter id -> slot of every sequence in this step's batch (None = base).
         remaining_steps: the most steps any sequence of the batch may still run (None = unknown:
             treated as enough).
+        rows: the step's tokens (None = unknown: treated as enough). Under `min_rows` the step
+            runs unfolded and no build advances; a built fold is kept for when the batch grows.
         Returns the folded slot to run this step with, or None.
         """
         sole = next(iter(adapter_slots)) if len(adapter_slots) == 1 else None
@@ -95,6 +120,8 @@ class FoldManager:
                 self._abandon()
             if self.folded_id is not None and self.folded_id not in self.pinned and adapter_slots:
                 self.unfold()
+            return None
+        if rows is not None and rows < self.min_rows:
             return None
         slot = adapter_slots[sole]
         if self.folded_id == sole and self.folded_slot == slot:

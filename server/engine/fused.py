@@ -92,6 +92,7 @@ def _build() -> ctypes.PyDLL | None:
     lib.decode_attention.argtypes = [ptr, ptr, ptr, ptr, ctypes.c_int, ptr, i64, ptr, i64, i64, i64, i64, i64, f32]
     lib.decode_attention.argtypes += [ctypes.c_int]
     lib.nf4_linear.argtypes = [ptr, i64, ptr, i64, i64, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
+    lib.nf4_available.argtypes = []
     return lib
 
 
@@ -364,6 +365,12 @@ def decode_attention(
 # Token rows per nf4_linear call: x's rows are read once per four output rows, so they should
 # stay in L2 (128 x 1536 float32 is 768 KiB); a longer prefill runs in chunks.
 NF4_ROWS_PER_CALL = 128
+
+
+def nf4_available() -> bool:
+    """Whether `nf4_linear` runs here (native kernels on, built for a CPU with AVX-512)."""
+    lib = library()
+    return lib is not None and bool(lib.nf4_available())
 
 
 def nf4_linear(

@@ -132,3 +132,30 @@ def test_grouped_lora_gathers_each_token_back_from_its_own_group(slots):
     for i, s in enumerate(slots):
         if not s:
             assert torch.equal(got[i], layer.base(x)[i])  # base rows: exactly the base
+
+
+def test_a_step_with_too_few_rows_runs_unfolded_and_keeps_the_fold():
+    """min_rows (NF4 on a CPU: the NF4 kernel beats the dense copy on small batches): a smaller
+    step neither starts nor advances a build and runs unfolded; a built fold waits for a bigger
+    batch instead of being dropped."""
+    ls = layers(2)
+    fm = FoldManager(ls, "pinned", window=4, budget=1 << 20, slice_bytes=LAYER_BYTES, min_rows=4)
+    fm.pin("a")
+    assert fm.update({"a": 1}, remaining_steps=10, rows=3) is None
+    assert fm.building is None and fm.stats.folds == 0  # not started
+    assert [fm.update({"a": 1}, remaining_steps=10, rows=4) for _ in range(2)] == [None, 1]
+    assert fm.update({"a": 1}, remaining_steps=10, rows=1) is None  # too small: unfolded
+    assert fm.folded_id == "a" and fm.stats.unfolds == 0  # ... but still folded
+    assert fm.update({"a": 1}, remaining_steps=10, rows=16) == 1
+
+
+def test_nf4_on_a_cpu_folds_only_from_the_measured_rows():
+    from server.engine import fused
+    from server.engine.fold import NF4_FOLD_MIN_ROWS, fold_min_rows
+
+    cpu = torch.device("cpu")
+    assert fold_min_rows("none", cpu, torch.float32) == 1
+    assert fold_min_rows("nf4", cpu, torch.bfloat16) == 1  # bf16 activations take bitsandbytes
+    assert fold_min_rows("nf4", torch.device("cuda"), torch.float32) == 1
+    expected = NF4_FOLD_MIN_ROWS if fused.nf4_available() else 1
+    assert fold_min_rows("nf4", cpu, torch.float32) == expected

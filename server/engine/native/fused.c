@@ -916,6 +916,15 @@ static void nf4_tile1(const float *b, int64_t in, const float *x0, float *s) {
 }
 #endif
 
+/* 1 when nf4_linear runs on this build (AVX-512), 0 when it always answers -2. */
+int nf4_available(void) {
+#ifdef __AVX512F__
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 /* y (M, out) = x (M, in) W^T, both float32 with row strides; y is overwritten (no bias). */
 int nf4_linear(float *y, int64_t y_stride, const float *x, int64_t x_stride, int64_t M, const uint8_t *w,
                const float *absmax, const float *code16, int64_t out, int64_t in, int64_t blocksize, int threads) {
