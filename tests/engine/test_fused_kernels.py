@@ -22,22 +22,6 @@ from tests.engine.test_sampling_params import seq
 DTYPES = [torch.float32, torch.bfloat16]
 
 
-@pytest.fixture
-def eager():
-    """Run a block with the kernels off, restoring them after."""
-    was = fused.enabled()
-
-    class Switch:
-        def __enter__(self):
-            fused.set_enabled(False)
-
-        def __exit__(self, *exc):
-            fused.set_enabled(was)
-
-    yield Switch()
-    fused.set_enabled(was)
-
-
 def ulps_bf16(a: torch.Tensor, b: torch.Tensor) -> int:
     """Largest distance in bf16 units in the last place (both tensors bf16, same signs)."""
     ai, bi = a.view(torch.int16).to(torch.int32), b.view(torch.int16).to(torch.int32)

@@ -65,13 +65,13 @@ def test_layer_uses_the_kernel_and_adds_the_bias():
     assert not getattr(layer.layer.weight.quant_state, "packing_format_for_cpu", False)  # bitsandbytes never ran
 
 
-def test_layer_falls_back_to_bitsandbytes_exactly(eager_nf4):
+def test_layer_falls_back_to_bitsandbytes_exactly(eager):
     torch.manual_seed(1)
     x = torch.randn(4, 64)
     reference = _layer(96, 64, seed=3)
     with torch.inference_mode():
         expected = reference(x)  # bitsandbytes alone
-        with eager_nf4:
+        with eager:
             got = NF4Linear(_layer(96, 64, seed=3))(x)
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
@@ -111,21 +111,6 @@ def test_a_repacked_layer_is_refused():
         pytest.skip("bitsandbytes did not repack on this CPU")
     with pytest.raises(ValueError, match="repacked"):
         NF4Linear(layer)
-
-
-@pytest.fixture
-def eager_nf4():
-    """A block with the native kernels off (bitsandbytes serves), restored after."""
-
-    class Switch:
-        def __enter__(self):
-            fused.set_enabled(False)
-
-        def __exit__(self, *exc):
-            fused.set_enabled(True)
-
-    yield Switch()
-    fused.set_enabled(True)
 
 
 @pytest.mark.parametrize("rows", [1, 2, 5, 16])
