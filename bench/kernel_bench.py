@@ -12,8 +12,10 @@ and best of `--rounds`:
   memory as they do in a step, against the eager grouped path (`MultiLoraLinear` with the
   kernels off, float32 slots);
 - every projection as NF4 (random weights quantized by bitsandbytes, `adapters.quant.nf4_linear`)
-  at batch `--batch` and batch 1: the engine's NF4 kernel (`nf4.NF4Linear`, `fused.nf4_linear`)
-  against bitsandbytes' own `Linear4bit` forward on the same storage. No LM head (it is not NF4).
+  at batch `--batch`, at `fold.NF4_FOLD_MIN_ROWS` and at batch 1: the engine's NF4 kernel
+  (`nf4.NF4Linear`, `fused.nf4_linear`) against bitsandbytes' own `Linear4bit` forward on the
+  same storage, and against the prepacked bf16 dense copy a fold would run (the rows behind
+  `NF4_FOLD_MIN_ROWS`: a fold pays only where `nf4_N_fold` is under `nf4_N`). No LM head.
 
 Writes `bench/results/kernels.json` (+ `.png`). These are the figures behind the engine README's
 "Native kernels" section; step-level effects are `bench.step_bench`'s.
@@ -33,9 +35,10 @@ import torch
 from adapters.base import resolve_base
 from adapters.quant import nf4_linear
 from bench.report import RESULTS_DIR, Measure, Report
-from server.engine import attention, fused
+from server.engine import attention, fused, packed
 from server.engine.attention import build_attn_step
-from server.engine.lora import MultiLoraLinear, build_lora_step
+from server.engine.fold import NF4_FOLD_MIN_ROWS
+from server.engine.lora import MultiLoraLinear, build_lora_step, dequantized_weight
 from server.engine.model import ModelSpec
 from server.engine.nf4 import NF4Linear
 
@@ -164,10 +167,16 @@ def main(argv: list[str] | None = None) -> int:
         runs[f"lora_{name}"] = step(native, True)
     runs["lora_fp32_slots_eager"] = step(eager, False)
     projections = nf4_layers(spec)
-    for rows in (args.batch, 1):
+    can_fold = packed.supported(torch.device("cpu"), torch.bfloat16)  # fold_dtype's bf16 copy
+    folds = [packed.pack(dequantized_weight(m).to(torch.bfloat16)) for m in projections] if can_fold else []
+    nf4_rows = sorted({args.batch, NF4_FOLD_MIN_ROWS, 1}, reverse=True)
+    for rows in nf4_rows:
         inputs = [torch.randn(rows, layer.in_features) for layer in projections]
         runs[f"nf4_{rows}"] = step([lambda m=m, x=x: m(x) for m, x in zip(projections, inputs)], True)
         runs[f"nf4_{rows}_bnb"] = step([lambda m=m, x=x: m.layer(x) for m, x in zip(projections, inputs)], False)
+        if can_fold:
+            folded = [lambda w=w, x=x.bfloat16(): packed.linear(x, w).float() for w, x in zip(folds, inputs)]
+            runs[f"nf4_{rows}_fold"] = step(folded, True)
     with torch.inference_mode():
         best = best_of(args.rounds, runs)
     report = Report(
@@ -183,11 +192,12 @@ def main(argv: list[str] | None = None) -> int:
         "lora_fp32_slots": "LoRA update, float32 slots, native",
         "lora_bf16_slots": "LoRA update, bf16 slots, native",
         "lora_fp32_slots_eager": "LoRA update, float32 slots, eager grouped path",
-        f"nf4_{args.batch}": f"NF4 projections, batch {args.batch}, native",
-        f"nf4_{args.batch}_bnb": f"NF4 projections, batch {args.batch}, bitsandbytes",
-        "nf4_1": "NF4 projections, batch 1, native",
-        "nf4_1_bnb": "NF4 projections, batch 1, bitsandbytes",
     }
+    for rows in nf4_rows:
+        labels[f"nf4_{rows}"] = f"NF4 projections, batch {rows}, native"
+        labels[f"nf4_{rows}_bnb"] = f"NF4 projections, batch {rows}, bitsandbytes"
+        if can_fold:
+            labels[f"nf4_{rows}_fold"] = f"NF4 projections, batch {rows}, bf16 fold copy (prepacked)"
     for key, label in labels.items():
         report.add(Measure(key, label, 1000 * best[key], "ms", "a step's worth"))
     print(report.table())

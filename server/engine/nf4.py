@@ -1,10 +1,11 @@
 """The engine's NF4 projection on a CPU: bitsandbytes' `Linear4bit` storage, our kernel.
 
 bitsandbytes' CPU kernel (on CPUs with AVX512-BF16) rounds the input, the block scales and the
-output to bf16, and spends most of its time decoding nibbles: 79 ms for the default base's 150
-projections at batch 16, 26 ms at batch 1. `fused.nf4_linear` reads the same packed nibbles and
-float32 scales, decodes four output rows at a time into L1 and computes in float32 (each weight
-exactly code * absmax, as bitsandbytes' own dequantize): 42 and 14 ms. `NF4Linear` wraps the
+output to bf16, and spends most of its time decoding nibbles: 60.5 ms for the default base's 150
+projections at batch 16, 20.9 ms at batch 1 (`python -m bench.kernel_bench`). `fused.nf4_linear`
+reads the same packed nibbles and float32 scales, decodes four output rows at a time into L1
+(straight into the sums at batch 1) and computes in float32 (each weight exactly code * absmax,
+as bitsandbytes' own dequantize): 33.9 and 12.1 ms. `NF4Linear` wraps the
 bitsandbytes layer and runs the kernel when it can (float32 activations on an AVX-512 CPU with
 the native kernels on), bitsandbytes otherwise; the quantization itself is bitsandbytes'
 (`adapters.quant.nf4_linear`) either way.

@@ -6,7 +6,10 @@ import json
 
 import pytest
 
-from server.engine import fused
+import torch
+
+from server.engine import fused, packed
+from server.engine.fold import NF4_FOLD_MIN_ROWS
 
 
 def test_kernel_bench_on_tiny_base_writes_every_row(tiny_base_dir, tmp_path, capsys):
@@ -19,6 +22,7 @@ def test_kernel_bench_on_tiny_base_writes_every_row(tiny_base_dir, tmp_path, cap
         + ["--rounds", "1", "--out", str(tmp_path)]
     )
     assert code == 0
+    nf4_kinds = ("", "_bnb") + (("_fold",) if packed.supported(torch.device("cpu"), torch.bfloat16) else ())
     measures = {m["key"]: m["value"] for m in json.loads((tmp_path / "kernels.json").read_text())["measures"]}
     assert set(measures) == {
         "attention_bf16",
@@ -28,11 +32,7 @@ def test_kernel_bench_on_tiny_base_writes_every_row(tiny_base_dir, tmp_path, cap
         "lora_fp32_slots",
         "lora_bf16_slots",
         "lora_fp32_slots_eager",
-        "nf4_4",
-        "nf4_4_bnb",
-        "nf4_1",
-        "nf4_1_bnb",
-    }
+    } | {f"nf4_{rows}{kind}" for rows in (4, NF4_FOLD_MIN_ROWS, 1) for kind in nf4_kinds}
     assert all(value > 0 for value in measures.values())
     assert fused.enabled()  # the benchmark leaves the kernels on
 
