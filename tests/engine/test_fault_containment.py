@@ -33,10 +33,11 @@ def collect(engine, requests):
     return {rid: ([e.token_id for e in evs if e.token_id is not None], evs[-1]) for rid, evs in got.items()}
 
 
-def test_poisoned_adapter_ends_its_own_sequence_only(tiny_base_dir, refs):
+@pytest.mark.parametrize("quant", ["none", "nf4"])  # nf4: the batch shares the NF4 kernel's tiles
+def test_poisoned_adapter_ends_its_own_sequence_only(tiny_base_dir, refs, quant):
     good, poison = refs
-    solo = tiny_engine(tiny_base_dir).generate(PROMPTS[:3], [None, good, good], GREEDY)
-    engine = tiny_engine(tiny_base_dir)
+    solo = tiny_engine(tiny_base_dir, quant=quant).generate(PROMPTS[:3], [None, good, good], GREEDY)
+    engine = tiny_engine(tiny_base_dir, quant=quant)
     out = collect(
         engine,
         [
