@@ -114,7 +114,7 @@ def measure_baselines(args, report: Report, base_dir: Path, dirs: list[Path], pr
     report.add(Measure("c0", "transformers base only", len(rows) * args.hf_new_tokens / seconds, "tok/s", hf_note))
     log("(d) matmul bound")
     seconds = min(hf_baseline.matmul_bound(peft, len(rows), args.new_tokens, args.quant) for _ in range(args.repeats))
-    what = f"{hf_baseline.bound_kind(args.quant)} per layer"
+    what = f"{hf_baseline.bound_kind(args.quant, args.dtype)} per layer"
     report.add(Measure("d", "matmul bound (linear weights only)", len(rows) * args.new_tokens / seconds, "tok/s", what))
     if args.load_repeats:
         log("(e) PEFT load_adapter")

@@ -2,10 +2,12 @@
 
 `python -m bench.gemm_bench` times the base's projections (each layer's q, k, v, o, gate, up,
 down, then the LM head; random weights of the base's shapes, each its own tensor so nothing
-stays in cache) for batch 1, 4, 16 and 64 with three kernels, interleaved and best of
-`--rounds`: fp32 `F.linear`, bf16 `F.linear`, and bf16 against oneDNN-prepacked weights
-(server/engine/packed.py, what the engine runs for `--quant none --dtype bfloat16`). It is the
-measurement behind packed.py's choice (pack bf16, not fp32); writes `bench/results/gemm.json`.
+stays in cache) for batch 1 to 64 with four kernels, interleaved and best of `--rounds`: fp32
+`F.linear`, our fp32 tile kernel (`fused.dense_linear`, what the engine runs for float32 decode
+batches), bf16 `F.linear`, and bf16 against oneDNN-prepacked weights (server/engine/packed.py,
+what the engine runs for `--quant none --dtype bfloat16`). It is the measurement behind
+packed.py's choices (pack bf16, not fp32; the tile kernel up to `DENSE_KERNEL_MAX_ROWS` rows);
+writes `bench/results/gemm.json`.
 """
 
 from __future__ import annotations
@@ -22,10 +24,10 @@ import torch.nn.functional as F
 
 from adapters.base import resolve_base
 from bench.report import RESULTS_DIR, Measure, Report
-from server.engine import packed
+from server.engine import fused, packed
 from server.engine.model import ModelSpec
 
-BATCHES = (1, 4, 16, 64)
+BATCHES = (1, 2, 4, 8, 16, 32, 64)
 
 
 def shapes(spec: ModelSpec) -> list[tuple[int, int]]:
@@ -42,6 +44,8 @@ def shapes(spec: ModelSpec) -> list[tuple[int, int]]:
 
 def kernels() -> dict[str, tuple[torch.dtype, Callable[..., torch.Tensor]]]:
     found = {"fp32 F.linear": (torch.float32, F.linear), "bf16 F.linear": (torch.bfloat16, F.linear)}
+    if fused.tile_kernels_available():
+        found["fp32 tile kernel"] = (torch.float32, fused.dense_linear)
     if packed.supported(torch.device("cpu"), torch.bfloat16):
         found["bf16 prepacked"] = (torch.bfloat16, packed.linear)
     return found

@@ -3,10 +3,10 @@
 - (c) `peft_generate`: one PeftModel holding every adapter, one left-padded batch, greedy,
   `adapter_names=[...]` per row (PEFT's mixed-batch forward), `min_new_tokens = max_new_tokens`.
 - (d) `matmul_bound`: a (batch, hidden) activation pushed through every linear weight of the
-  model in order (each layer's q, k, v, o, gate, up, down, then lm_head) as plain
-  `F.linear` calls, once per decode step: the ceiling any decode step with these weights can
-  reach. In bf16 the weights are prepacked for oneDNN (server/engine/packed.py), the fastest
-  bf16 kernel here and the one the engine runs. Under NF4 the same reasoning picks the engine's
+  model in order (each layer's q, k, v, o, gate, up, down, then lm_head), once per decode
+  step: the ceiling any decode step with these weights can reach. Each runs on the fastest
+  kernel here, the one the engine runs (server/engine/packed.py): bf16 weights prepacked for
+  oneDNN, float32 through our tile kernel (1.8x MKL's `F.linear` at batch 16), else `F.linear`. Under NF4 the same reasoning picks the engine's
   NF4 kernel over the layers' bitsandbytes storage (server/engine/nf4.py), about twice as fast
   as bitsandbytes' CPU kernel at batch 16; where it does not run (no AVX-512, no compiler) the
   layers' own `Linear4bit.forward` stands in, the work an NF4 decode step cannot avoid.
@@ -23,7 +23,6 @@ import weakref
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from adapters.base import LINEAR_MODULES
 from server.engine import fused, packed
@@ -141,11 +140,13 @@ def matmul_bound(model, batch: int, steps: int, quant: str) -> float:
     return time.perf_counter() - start
 
 
-def bound_kind(quant: str) -> str:
+def bound_kind(quant: str, dtype: str) -> str:
     """How `matmul_bound` runs the projections, for the reports."""
-    if quant != "nf4":
-        return "F.linear"
-    return "the engine's NF4 kernel" if fused.enabled() else "Linear4bit.forward"
+    if quant == "nf4":
+        return "the engine's NF4 kernel" if fused.enabled() else "Linear4bit.forward"
+    if dtype == "bfloat16" and packed.supported(torch.device("cpu"), torch.bfloat16):
+        return "oneDNN prepacked"
+    return "the engine's float32 tile kernel" if fused.tile_kernels_available() else "F.linear"
 
 
 def _nf4(layer):
@@ -156,13 +157,13 @@ def _nf4(layer):
 
 
 def _plain(layer):
-    """The fastest dense kernel this machine has for the weight's dtype: oneDNN's prepacked layout
-    for bf16 on a CPU that supports it (what the engine runs, server/engine/packed.py), else F.linear."""
-    weight, bias = layer.weight, layer.bias
+    """The fastest dense kernel this machine has for the weight's dtype, as the engine runs it
+    (server/engine/packed.py): oneDNN's prepacked layout for bf16 on a CPU that supports it, our
+    tile kernel for float32 decode batches, else F.linear."""
+    weight, bias = layer.weight.detach(), layer.bias
     if packed.supported(weight.device, weight.dtype):
-        weight = packed.pack(weight.detach())
-        return lambda x: packed.linear(x, weight, bias)
-    return lambda x: F.linear(x, weight, bias)
+        weight = packed.pack(weight)
+    return lambda x: packed.linear(x, weight, bias)
 
 
 def peft_load_times(model, adapter_dir: Path, repeats: int) -> list[float]:

@@ -110,7 +110,7 @@ def ceilings(args, model, prompt: list[int]) -> tuple[float, float]:
 def add_ceilings(args, report: Report, measured: list[tuple[float, float]]) -> None:
     """The fastest of the timings before and after the server ran: a ceiling is what the machine
     can do, and other jobs on a shared machine only ever slow it."""
-    kind = bound_kind(args.quant)
+    kind = bound_kind(args.quant, args.dtype)
     best = f"fastest of {len(measured)}, before/after the waves"  # the bound: its fastest pass
     bound, alone = max(m[0] for m in measured), max(m[1] for m in measured)
     report.add(Measure("d@16", "matmul bound, batch 16", bound, "tok/s", f"{kind}, {best}"))

@@ -55,7 +55,7 @@ def fold_min_rows(quant: str, device: torch.device, compute_dtype: torch.dtype) 
     """The fewest tokens a step needs to run folded: 1, except for NF4 on a CPU where the
     engine's NF4 kernel runs (server/engine/nf4.py: float32 activations), which at small
     batches is faster than any dense copy (it reads a quarter of bf16's bytes)."""
-    if quant == "nf4" and device.type == "cpu" and compute_dtype == torch.float32 and fused.nf4_available():
+    if quant == "nf4" and device.type == "cpu" and compute_dtype == torch.float32 and fused.tile_kernels_available():
         return NF4_FOLD_MIN_ROWS
     return 1
 

@@ -92,7 +92,8 @@ def _build() -> ctypes.PyDLL | None:
     lib.decode_attention.argtypes = [ptr, ptr, ptr, ptr, ctypes.c_int, ptr, i64, ptr, i64, i64, i64, i64, i64, f32]
     lib.decode_attention.argtypes += [ctypes.c_int]
     lib.nf4_linear.argtypes = [ptr, i64, ptr, i64, i64, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
-    lib.nf4_available.argtypes = []
+    lib.tile_kernels_available.argtypes = []
+    lib.dense_linear.argtypes = [ptr, i64, ptr, i64, i64, ptr, ptr, i64, i64, ctypes.c_int]
     return lib
 
 
@@ -367,10 +368,10 @@ def decode_attention(
 NF4_ROWS_PER_CALL = 128
 
 
-def nf4_available() -> bool:
-    """Whether `nf4_linear` runs here (native kernels on, built for a CPU with AVX-512)."""
+def tile_kernels_available() -> bool:
+    """Whether `nf4_linear` and `dense_linear` run here (native kernels on, an AVX-512 CPU)."""
     lib = library()
-    return lib is not None and bool(lib.nf4_available())
+    return lib is not None and bool(lib.tile_kernels_available())
 
 
 def nf4_linear(
@@ -407,3 +408,32 @@ def nf4_linear(
         if status != 0:
             raise MemoryError("nf4_linear could not allocate its scratch rows")
     return y
+
+
+def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """`F.linear(x, weight, bias)` for float32 x (T, in) and a contiguous float32 weight (out, in)
+    by `native/fused.c`'s tile kernel; None when the kernel does not take these tensors (then the
+    caller runs F.linear). A row's result does not depend on T or on the other rows."""
+    if x.dtype is not torch.float32 or x.dim() != 2 or x.stride(1) != 1 or not weight.is_contiguous():
+        return None
+    if weight.requires_grad and torch.is_grad_enabled():
+        return None  # no backward here: a trainable layer keeps F.linear
+    lib = _native(x, weight) if bias is None else _native(x, weight, bias)
+    if lib is None or (bias is not None and not bias.is_contiguous()):
+        return None
+    rows = x.shape[0]
+    out_features, in_features = weight.shape
+    y = torch.empty(rows, out_features, dtype=torch.float32)
+    status = lib.dense_linear(
+        y.data_ptr(),
+        out_features,
+        x.data_ptr(),
+        x.stride(0),
+        rows,
+        weight.data_ptr(),
+        None if bias is None else bias.data_ptr(),
+        out_features,
+        in_features,
+        torch.get_num_threads(),
+    )
+    return y if status == 0 else None

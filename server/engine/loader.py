@@ -51,7 +51,7 @@ def _make_base_linear(weight: torch.Tensor, bias: torch.Tensor | None, quant: st
     if quant == "none" and packed.supported(device, dtype):  # bf16 on a CPU: oneDNN's prepacked layout
         return packed.PackedLinear(weight.to(dtype), None if bias is None else bias.to(dtype))
     if quant == "none":
-        layer = nn.Linear(in_features, out_features, bias=bias is not None, device="meta")
+        layer = packed.DenseLinear(in_features, out_features, bias=bias is not None, device="meta")
         layer.weight = nn.Parameter(weight.to(device=device, dtype=dtype), requires_grad=False)
         if bias is not None:
             layer.bias = nn.Parameter(bias.to(device=device, dtype=dtype), requires_grad=False)

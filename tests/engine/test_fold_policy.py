@@ -157,5 +157,5 @@ def test_nf4_on_a_cpu_folds_only_from_the_measured_rows():
     assert fold_min_rows("none", cpu, torch.float32) == 1
     assert fold_min_rows("nf4", cpu, torch.bfloat16) == 1  # bf16 activations take bitsandbytes
     assert fold_min_rows("nf4", torch.device("cuda"), torch.float32) == 1
-    expected = NF4_FOLD_MIN_ROWS if fused.nf4_available() else 1
+    expected = NF4_FOLD_MIN_ROWS if fused.tile_kernels_available() else 1
     assert fold_min_rows("nf4", cpu, torch.float32) == expected

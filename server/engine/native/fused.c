@@ -853,13 +853,23 @@ static void nf4_decode_row(float *dst, const uint8_t *w, const float *absmax, in
     }
 }
 
-/* Four decoded rows (b, stride in) against four token rows x[0..3] (split order): s[4m + r]. */
-static void nf4_tile4(const float *b, int64_t in, const float *const *x, float *s, v16 *part) {
-    const float *b0 = b, *b1 = b + in, *b2 = b + 2 * in, *b3 = b + 3 * in;
+/* Ask for the cache line at k of rows[0..n) (weights the next tile reads, while this one computes). */
+static inline void prefetch_rows(const float *const *rows, int n, int64_t k) {
+    for (int r = 0; r < n; r++) __builtin_prefetch(rows[r] + k, 0, 3);
+}
+
+/* Four weight rows w[0..3] against four token rows x[0..3], each `in` floats: s[4m + r] is row r
+ * against token m. Every sum runs over k in the same 16 lanes and is reduced by the same tree
+ * (sum16x16 here, hsum16 in tile4x1: the same pairing), so a result does not depend on which
+ * tile, or which batch, computed it. */
+static void tile4x4(const float *const *w, int64_t in, const float *const *x, float *s, v16 *part,
+                    const float *const *next, int n_next) {
+    const float *b0 = w[0], *b1 = w[1], *b2 = w[2], *b3 = w[3];
     const float *x0 = x[0], *x1 = x[1], *x2 = x[2], *x3 = x[3];
     v16 a00 = {0}, a01 = {0}, a02 = {0}, a03 = {0}, a10 = {0}, a11 = {0}, a12 = {0}, a13 = {0};
     v16 a20 = {0}, a21 = {0}, a22 = {0}, a23 = {0}, a30 = {0}, a31 = {0}, a32 = {0}, a33 = {0};
     for (int64_t k = 0; k < in; k += 16) {
+        prefetch_rows(next, n_next, k);
         v16 w0 = load16(b0 + k), w1 = load16(b1 + k), w2 = load16(b2 + k), w3 = load16(b3 + k);
         v16 y0 = load16(x0 + k), y1 = load16(x1 + k), y2 = load16(x2 + k), y3 = load16(x3 + k);
         a00 += w0 * y0, a01 += w0 * y1, a02 += w0 * y2, a03 += w0 * y3;
@@ -904,11 +914,13 @@ static void nf4_direct1(const uint8_t *w, const float *absmax, int64_t rows, int
     for (int r = 0; r < 4; r++) s[r] = _mm512_reduce_add_ps(acc[r]);
 }
 
-/* The same for one token row: s[r]. */
-static void nf4_tile1(const float *b, int64_t in, const float *x0, float *s) {
-    const float *b0 = b, *b1 = b + in, *b2 = b + 2 * in, *b3 = b + 3 * in;
+/* tile4x4 for one token row: s[r]. */
+static void tile4x1(const float *const *w, int64_t in, const float *x0, float *s, const float *const *next,
+                    int n_next) {
+    const float *b0 = w[0], *b1 = w[1], *b2 = w[2], *b3 = w[3];
     v16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
     for (int64_t k = 0; k < in; k += 16) {
+        prefetch_rows(next, n_next, k);
         v16 y0 = load16(x0 + k);
         a0 += load16(b0 + k) * y0, a1 += load16(b1 + k) * y0, a2 += load16(b2 + k) * y0, a3 += load16(b3 + k) * y0;
     }
@@ -916,8 +928,8 @@ static void nf4_tile1(const float *b, int64_t in, const float *x0, float *s) {
 }
 #endif
 
-/* 1 when nf4_linear runs on this build (AVX-512), 0 when it always answers -2. */
-int nf4_available(void) {
+/* 1 when nf4_linear and dense_linear run on this build (AVX-512), 0 when they always answer -2. */
+int tile_kernels_available(void) {
 #ifdef __AVX512F__
     return 1;
 #else
@@ -967,12 +979,13 @@ int nf4_linear(float *y, int64_t y_stride, const float *x, int64_t x_stride, int
                 for (int64_t m0 = 0; m0 < M; m0 += 4) {
                     int64_t ms = M - m0 < 4 ? M - m0 : 4;
                     float s[16];
+                    const float *br[4] = {buf, buf + in, buf + 2 * in, buf + 3 * in};
                     if (ms == 1) {
-                        nf4_tile1(buf, in, xs + m0 * in, s);
+                        tile4x1(br, in, xs + m0 * in, s, NULL, 0);
                     } else {
                         const float *xr[4];
                         for (int64_t m = 0; m < 4; m++) xr[m] = xs + (m0 + (m < ms ? m : 0)) * in;
-                        nf4_tile4(buf, in, xr, s, part);
+                        tile4x4(br, in, xr, s, part, NULL, 0);
                     }
                     for (int64_t m = 0; m < ms; m++)
                         for (int64_t r = 0; r < rows; r++) y[(m0 + m) * y_stride + o0 + r] = s[4 * m + r];
@@ -984,5 +997,55 @@ int nf4_linear(float *y, int64_t y_stride, const float *x, int64_t x_stride, int
     }
     free(xs);
     return failed ? -1 : 0;
+#endif
+}
+
+/* Multiply-adds under which dense_linear runs on one thread: the fork costs more than it saves. */
+#define DENSE_PARALLEL_MACS (1 << 16)
+
+/* y (M, out) = x (M, in) W^T (+ bias) for a dense float32 W (out, in) with row stride in, x and y
+ * with row strides. Four weight rows at a time (read from memory once, then from L1 for every
+ * four token rows), tile4x4: a row's result is the same bits whatever M is and wherever the row
+ * sits in the batch, which BLAS, picking other kernels for other M, does not give. AVX-512 and
+ * in % 16 == 0 only: otherwise -2, and the caller keeps F.linear. */
+int dense_linear(float *y, int64_t y_stride, const float *x, int64_t x_stride, int64_t M, const float *w,
+                 const float *bias, int64_t out, int64_t in, int threads) {
+#ifndef __AVX512F__
+    return -2;
+#else
+    if (in % 16) return -2;
+    int64_t groups = (out + 3) / 4;
+#pragma omp parallel num_threads(threads) if (threads > 1 && out * M * in > DENSE_PARALLEL_MACS)
+    {
+        v16 part[16];
+#pragma omp for schedule(static)
+        for (int64_t g = 0; g < groups; g++) {
+            int64_t o0 = 4 * g, rows = out - o0 < 4 ? out - o0 : 4;
+            const float *wr[4], *next[4];
+            for (int64_t r = 0; r < 4; r++) {
+                wr[r] = w + (o0 + (r < rows ? r : 0)) * in; /* extra rows: computed, not stored */
+                next[r] = w + (o0 + 4 + r < out ? o0 + 4 + r : 0) * in;
+            }
+            /* The next group's four rows are fetched while this group computes, spread over its tiles. */
+            int64_t tiles = (M + 3) / 4, per = (4 + tiles - 1) / tiles;
+            for (int64_t m0 = 0; m0 < M; m0 += 4) {
+                int64_t ms = M - m0 < 4 ? M - m0 : 4, first = (m0 / 4) * per;
+                const float *const *pf = next + (first < 4 ? first : 0);
+                int n_pf = first >= 4 ? 0 : (int)(4 - first < per ? 4 - first : per);
+                float s[16];
+                if (ms == 1) {
+                    tile4x1(wr, in, x + m0 * x_stride, s, pf, n_pf);
+                } else {
+                    const float *xr[4];
+                    for (int64_t m = 0; m < 4; m++) xr[m] = x + (m0 + (m < ms ? m : 0)) * x_stride;
+                    tile4x4(wr, in, xr, s, part, pf, n_pf);
+                }
+                for (int64_t m = 0; m < ms; m++)
+                    for (int64_t r = 0; r < rows; r++)
+                        y[(m0 + m) * y_stride + o0 + r] = bias ? s[4 * m + r] + bias[o0 + r] : s[4 * m + r];
+            }
+        }
+    }
+    return 0;
 #endif
 }
