@@ -928,6 +928,15 @@ static void tile4x1(const float *const *w, int64_t in, const float *x0, float *s
 }
 #endif
 
+/* Groups of four rows per work item for nf4_linear and dense_linear: about eight items per
+ * thread, handed out as threads come free. A static split stalls the whole call whenever the
+ * scheduler takes a core from one of its threads (the event loop, a load generator, any other
+ * process on a 2-core machine): the other thread finishes its half and waits. */
+static inline int64_t tile_chunk(int64_t groups, int threads) {
+    int64_t chunk = groups / (8 * (int64_t)threads);
+    return chunk > 0 ? chunk : 1;
+}
+
 /* 1 when nf4_linear and dense_linear run on this build (AVX-512), 0 when they always answer -2. */
 int tile_kernels_available(void) {
 #ifdef __AVX512F__
@@ -948,7 +957,7 @@ int nf4_linear(float *y, int64_t y_stride, const float *x, int64_t x_stride, int
     if (!xs) return -1;
     for (int64_t m = 0; m < M; m++) split_row(xs + m * in, x + m * x_stride, in);
     __m512 code = _mm512_loadu_ps(code16);
-    int64_t groups = (out + 3) / 4;
+    int64_t groups = (out + 3) / 4, chunk = tile_chunk(groups, threads);
     int failed = 0;
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
@@ -960,7 +969,7 @@ int nf4_linear(float *y, int64_t y_stride, const float *x, int64_t x_stride, int
         }
 #pragma omp barrier
         if (!failed) {
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, chunk)
             for (int64_t g = 0; g < groups; g++) {
                 int64_t o0 = 4 * g, rows = out - o0 < 4 ? out - o0 : 4;
                 if (M == 1) {
@@ -1014,11 +1023,11 @@ int dense_linear(float *y, int64_t y_stride, const float *x, int64_t x_stride, i
     return -2;
 #else
     if (in % 16) return -2;
-    int64_t groups = (out + 3) / 4;
+    int64_t groups = (out + 3) / 4, chunk = tile_chunk(groups, threads);
 #pragma omp parallel num_threads(threads) if (threads > 1 && out * M * in > DENSE_PARALLEL_MACS)
     {
         v16 part[16];
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, chunk)
         for (int64_t g = 0; g < groups; g++) {
             int64_t o0 = 4 * g, rows = out - o0 < 4 ? out - o0 : 4;
             const float *wr[4], *next[4];
