@@ -30,6 +30,7 @@ def plan(extra: list[str]) -> list[list[str]]:
     commands += [[sys.executable, "-m", "bench.http_sweep", *flags] for flags in (*ENGINE_RUNS, BF16_RUN)]  # issue 15
     commands.append([sys.executable, "-m", "bench.http_sweep", *BF16_RUN, "--lora-dtype", "bfloat16"])
     commands.append([sys.executable, "-m", "bench.gemm_bench"])  # issue 15: the kernels behind packed.py
+    commands.append([sys.executable, "-m", "bench.fma_peak"])  # issue 15: the compute ceiling of batch-16 steps
     commands.append([sys.executable, "-m", "bench.kernel_bench"])  # issue 15: fused.py's kernels vs eager ops
     commands.append([sys.executable, "-m", "bench.structured_bench", *extra])  # issue 10: constrained batch
     commands.append([sys.executable, "-m", "bench.prefix_bench", *extra])  # issue 13: prefix cache, n=4
