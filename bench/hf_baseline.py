@@ -6,10 +6,11 @@
   model in order (each layer's q, k, v, o, gate, up, down, then lm_head), once per decode
   step: the ceiling any decode step with these weights can reach. Each runs on the fastest
   kernel here, the one the engine runs (server/engine/packed.py): bf16 weights prepacked for
-  oneDNN, float32 through our tile kernel (1.8x MKL's `F.linear` at batch 16), else `F.linear`. Under NF4 the same reasoning picks the engine's
-  NF4 kernel over the layers' bitsandbytes storage (server/engine/nf4.py), about twice as fast
-  as bitsandbytes' CPU kernel at batch 16; where it does not run (no AVX-512, no compiler) the
-  layers' own `Linear4bit.forward` stands in, the work an NF4 decode step cannot avoid.
+  oneDNN, float32 through our tile kernel (1.8x MKL's `F.linear` at batch 16), else
+  `F.linear`. Under NF4 the same reasoning picks the engine's NF4 kernel over the layers'
+  bitsandbytes storage (server/engine/nf4.py), about twice as fast as bitsandbytes' CPU kernel
+  at batch 16; where it does not run (no AVX-512, no compiler) the layers' own
+  `Linear4bit.forward` stands in, the work an NF4 decode step cannot avoid.
 - (e) `peft_load_times`: `PeftModel.load_adapter` wall time for one adapter, repeated.
 
 Nothing here knows our engine (packed.py and nf4.py are kernel helpers); `engine_bench.py` puts
