@@ -143,6 +143,8 @@ def matmul_bound(model, batch: int, steps: int, quant: str) -> float:
 
 def bound_kind(quant: str, dtype: str) -> str:
     """How `matmul_bound` runs the projections, for the reports."""
+    if quant == "nf4" and dtype == "bfloat16":
+        return "the engine's NF4 kernel on AMX" if fused.amx_available() else "Linear4bit.forward"
     if quant == "nf4":
         return "the engine's NF4 kernel" if fused.enabled() else "Linear4bit.forward"
     if dtype == "bfloat16" and packed.supported(torch.device("cpu"), torch.bfloat16):

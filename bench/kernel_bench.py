@@ -15,7 +15,8 @@ and best of `--rounds`:
   at batch `--batch`, at `fold.NF4_FOLD_MIN_ROWS` and at batch 1: the engine's NF4 kernel
   (`nf4.NF4Linear`, `fused.nf4_linear`) against bitsandbytes' own `Linear4bit` forward on the
   same storage, and against the prepacked bf16 dense copy a fold would run (the rows behind
-  `NF4_FOLD_MIN_ROWS`: a fold pays only where `nf4_N_fold` is under `nf4_N`). No LM head.
+  `NF4_FOLD_MIN_ROWS`: a fold pays only where `nf4_N_fold` is under `nf4_N`), and, on a CPU with
+  AMX, the same projections with bf16 activations (`fused.nf4_amx_linear`). No LM head.
 
 Writes `bench/results/kernels.json` (+ `.png`). These are the figures behind the engine README's
 "Native kernels" section; step-level effects are `bench.step_bench`'s.
@@ -170,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     can_fold = packed.supported(torch.device("cpu"), torch.bfloat16)  # fold_dtype's bf16 copy
     folds = [packed.pack(dequantized_weight(m).to(torch.bfloat16)) for m in projections] if can_fold else []
     nf4_rows = sorted({args.batch, NF4_FOLD_MIN_ROWS, 1}, reverse=True)
+    amx = fused.amx_available()  # bf16 activations: nf4_amx.c (the panels are built on first use)
     for rows in nf4_rows:
         inputs = [torch.randn(rows, layer.in_features) for layer in projections]
         runs[f"nf4_{rows}"] = step([lambda m=m, x=x: m(x) for m, x in zip(projections, inputs)], True)
@@ -177,6 +179,10 @@ def main(argv: list[str] | None = None) -> int:
         if can_fold:
             folded = [lambda w=w, x=x.bfloat16(): packed.linear(x, w).float() for w, x in zip(folds, inputs)]
             runs[f"nf4_{rows}_fold"] = step(folded, True)
+        if amx:
+            runs[f"nf4_{rows}_amx"] = step(
+                [lambda m=m, x=x.bfloat16(): m(x) for m, x in zip(projections, inputs)], True
+            )
     with torch.inference_mode():
         best = best_of(args.rounds, runs)
     report = Report(
@@ -198,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
         labels[f"nf4_{rows}_bnb"] = f"NF4 projections, batch {rows}, bitsandbytes"
         if can_fold:
             labels[f"nf4_{rows}_fold"] = f"NF4 projections, batch {rows}, bf16 fold copy (prepacked)"
+        if amx:
+            labels[f"nf4_{rows}_amx"] = f"NF4 projections, batch {rows}, bf16 activations on AMX"
     for key, label in labels.items():
         report.add(Measure(key, label, 1000 * best[key], "ms", "a step's worth"))
     print(report.table())

@@ -34,7 +34,8 @@ from adapters.base import cache_dir as base_cache_dir
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("native") / "fused.c"
+# fused.c: the step's small ops and the float32 tile kernels; nf4_amx.c: NF4 x bf16 on AMX.
+SOURCES = [Path(__file__).with_name("native") / name for name in ("fused.c", "nf4_amx.c")]
 CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
 _DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
@@ -66,7 +67,7 @@ def _build() -> ctypes.PyDLL | None:
         return None
     # -march=native: a cache shared by machines (a volume, a network home) must not hand one
     # CPU's build to another, so the CPU's identity is part of the key.
-    key = SOURCE.read_bytes() + " ".join([compiler, *CFLAGS, _cpu_signature()]).encode()
+    key = b"".join(source.read_bytes() for source in SOURCES) + " ".join([compiler, *CFLAGS, _cpu_signature()]).encode()
     digest = hashlib.sha256(key).hexdigest()[:16]
     target = cache_dir() / f"fused-{digest}.so"
     if not target.exists():
@@ -74,10 +75,10 @@ def _build() -> ctypes.PyDLL | None:
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             built = Path(tmp) / target.name
             result = subprocess.run(
-                [compiler, *CFLAGS, "-o", str(built), str(SOURCE), "-lm"], capture_output=True, text=True
+                [compiler, *CFLAGS, "-o", str(built), *map(str, SOURCES), "-lm"], capture_output=True, text=True
             )
             if result.returncode != 0:
-                logger.warning("building %s failed, eager ops instead:\n%s", SOURCE.name, result.stderr[-2000:])
+                logger.warning("building the kernels failed, eager ops instead:\n%s", result.stderr[-2000:])
                 return None
             os.replace(built, target)  # atomic: a concurrent builder's copy is identical
     # PyDLL keeps the GIL: the kernels take microseconds, and releasing and retaking it on every
@@ -94,6 +95,8 @@ def _build() -> ctypes.PyDLL | None:
     lib.nf4_linear.argtypes = [ptr, i64, ptr, i64, i64, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
     lib.tile_kernels_available.argtypes = []
     lib.dense_linear.argtypes = [ptr, i64, ptr, i64, i64, ptr, ptr, i64, i64, ctypes.c_int]
+    lib.nf4_amx_ready.argtypes = []
+    lib.nf4_amx_linear.argtypes = [ptr, i64, ptr, i64, i64, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
     return lib
 
 
@@ -436,4 +439,62 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         in_features,
         torch.get_num_threads(),
     )
+    return y if status == 0 else None
+
+
+@dataclass(frozen=True)
+class NF4Panels:
+    """An NF4 weight laid out for `nf4_amx_linear` (native/nf4_amx.c): 16 output rows at a time,
+    each input-column pair's 16 packed bytes side by side, and the 64-weight blocks' scales in the
+    same order. The same 4 bits a weight, rearranged once per layer."""
+
+    data: torch.Tensor  # (out / 16, in / 2, 16) uint8
+    scales: torch.Tensor  # (out / 16, in / blocksize, 16) float32
+    out_features: int
+    in_features: int
+    blocksize: int
+
+    @classmethod
+    def of(cls, data: torch.Tensor, absmax: torch.Tensor, out_features: int, in_features: int, blocksize: int):
+        """From bitsandbytes' row-major storage (`data`: out * in / 2 bytes, the high nibble the
+        even column; `absmax`: one float32 per block); None when the shape does not panel."""
+        if out_features % 16 or in_features % 32 or blocksize % 32 or in_features % blocksize:
+            return None
+        panels = data.reshape(out_features // 16, 16, in_features // 2).transpose(1, 2).contiguous()
+        scales = absmax.reshape(out_features // 16, 16, in_features // blocksize).transpose(1, 2).contiguous()
+        return cls(panels, scales.to(torch.float32), out_features, in_features, blocksize)
+
+
+def amx_available() -> bool:
+    """Whether `nf4_amx_linear` runs here: native kernels on, and AMX-BF16 in the build, the CPU
+    and the operating system."""
+    lib = library()
+    return lib is not None and bool(lib.nf4_amx_ready())
+
+
+def nf4_amx_linear(x: torch.Tensor, weight: NF4Panels, code: torch.Tensor) -> torch.Tensor | None:
+    """bf16 x (T, in) @ W^T -> bf16 (T, out) for a paneled NF4 weight, on AMX: each weight
+    decoded as bitsandbytes' dequantize gives it in bf16, float32 sums, one bf16 rounding per
+    output. None when the kernel does not run here (then the caller keeps bitsandbytes)."""
+    lib = _native(x)
+    if lib is None or x.dtype is not torch.bfloat16 or x.dim() != 2 or x.stride(1) != 1 or code.numel() != 16:
+        return None
+    rows = x.shape[0]
+    y = torch.empty(rows, weight.out_features, dtype=torch.bfloat16)
+    status = lib.nf4_amx_linear(
+        y.data_ptr(),
+        weight.out_features,
+        x.data_ptr(),
+        x.stride(0),
+        rows,
+        weight.data.data_ptr(),
+        weight.scales.data_ptr(),
+        code.data_ptr(),
+        weight.out_features,
+        weight.in_features,
+        weight.blocksize,
+        torch.get_num_threads(),
+    )
+    if status == -1:
+        raise MemoryError("nf4_amx_linear could not allocate its scratch tiles")
     return y if status == 0 else None

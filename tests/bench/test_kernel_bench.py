@@ -23,6 +23,7 @@ def test_kernel_bench_on_tiny_base_writes_every_row(tiny_base_dir, tmp_path, cap
     )
     assert code == 0
     nf4_kinds = ("", "_bnb") + (("_fold",) if packed.supported(torch.device("cpu"), torch.bfloat16) else ())
+    nf4_kinds += ("_amx",) if fused.amx_available() else ()
     measures = {m["key"]: m["value"] for m in json.loads((tmp_path / "kernels.json").read_text())["measures"]}
     assert set(measures) == {
         "attention_bf16",
