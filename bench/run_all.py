@@ -1,4 +1,4 @@
-"""`make bench`: the engine benchmark and the HTTP sweep in fp32 and NF4, structured outputs, the trainer.
+"""`make bench`: the engine benchmark and the HTTP sweep in fp32, NF4 and bf16, structured outputs, the trainer.
 
 Each benchmark runs in its own child process (`python -m bench.<name> ...`), so one's memory and
 thread state never colours the next one's figures, and one failing does not hide the others.
@@ -17,17 +17,21 @@ BENCH_DIR = Path(__file__).resolve().parent
 ENGINE_RUNS = (["--quant", "none", "--dtype", "float32"], ["--quant", "nf4"])
 # issue 15: the dense bf16 path (AMX/AVX512-BF16 GEMMs); engine figures only, the HF baselines are fp32
 BF16_RUN = ["--quant", "none", "--dtype", "bfloat16"]
+# NF4 with bf16 activations: the projections on AMX where the CPU has it (server/engine/native/nf4_amx.c)
+NF4_BF16_RUN = ["--quant", "nf4", "--dtype", "bfloat16"]
 
 
 def plan(extra: list[str]) -> list[list[str]]:
     """The child commands, in order."""
     commands = [[sys.executable, "-m", "bench.engine_bench", *flags, *extra] for flags in ENGINE_RUNS]
-    commands.append([sys.executable, "-m", "bench.engine_bench", *BF16_RUN, "--skip-hf", *extra])
+    commands += [
+        [sys.executable, "-m", "bench.engine_bench", *flags, "--skip-hf", *extra] for flags in (BF16_RUN, NF4_BF16_RUN)
+    ]
     commands += [  # issue 15: step vs adapters, with the native kernels (fused.py) and without
         [sys.executable, "-m", "bench.step_bench", *flags, "--compare-kernels"] for flags in ENGINE_RUNS
     ]  # bf16 also against bf16 adapter slots (--lora-dtype bfloat16)
     commands.append([sys.executable, "-m", "bench.step_bench", *BF16_RUN, "--compare-kernels", "--compare-lora-dtype"])
-    commands += [[sys.executable, "-m", "bench.http_sweep", *flags] for flags in (*ENGINE_RUNS, BF16_RUN)]  # issue 15
+    commands += [[sys.executable, "-m", "bench.http_sweep", *flags] for flags in (*ENGINE_RUNS, BF16_RUN, NF4_BF16_RUN)]
     commands.append([sys.executable, "-m", "bench.http_sweep", *BF16_RUN, "--lora-dtype", "bfloat16"])
     commands.append([sys.executable, "-m", "bench.gemm_bench"])  # issue 15: the kernels behind packed.py
     commands.append([sys.executable, "-m", "bench.fma_peak"])  # issue 15: the compute ceiling of batch-16 steps

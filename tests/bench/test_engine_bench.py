@@ -68,4 +68,7 @@ def test_run_all_plans_both_quantizations():
     flags = [" ".join(c[3:]) for c in commands[:2]]
     assert flags == ["--quant none --dtype float32 --threads 2", "--quant nf4 --threads 2"]
     bf16 = [" ".join(c[3:]) for c in commands if c[2] == "bench.engine_bench" and "bfloat16" in c]
-    assert bf16 == ["--quant none --dtype bfloat16 --skip-hf --threads 2"]
+    assert bf16 == [
+        "--quant none --dtype bfloat16 --skip-hf --threads 2",
+        "--quant nf4 --dtype bfloat16 --skip-hf --threads 2",
+    ]

@@ -36,5 +36,6 @@ def test_make_bench_runs_the_sweep_in_every_dtype():
         "--quant none --dtype float32",
         "--quant nf4",
         "--quant none --dtype bfloat16",
+        "--quant nf4 --dtype bfloat16",
         "--quant none --dtype bfloat16 --lora-dtype bfloat16",
     ]
