@@ -49,14 +49,22 @@ class _Build:
 # fused.nf4_linear: 24.5 vs 11.0 ms at 1 row, 24.1 vs 21.9 at 8, 26.4 vs 26.3 at 12, 26.0 vs 31.3
 # at 16; an engine serving one adapter ran 0.66x folded at batch 1 and 1.15-1.39x at batch 16).
 NF4_FOLD_MIN_ROWS = 12
+# The same with bf16 activations on AMX (fused.nf4_amx_linear): the NF4 projections beat the
+# dense bf16 copy up to about 64 rows (kernel_bench: 18.4 vs 24.8 ms at 16, 19.4 vs 36.5 at 32,
+# 26.8 vs 24.9 at 64), so a fold waits for that many.
+NF4_AMX_FOLD_MIN_ROWS = 64
 
 
 def fold_min_rows(quant: str, device: torch.device, compute_dtype: torch.dtype) -> int:
-    """The fewest tokens a step needs to run folded: 1, except for NF4 on a CPU where the
-    engine's NF4 kernel runs (server/engine/nf4.py: float32 activations), which at small
-    batches is faster than any dense copy (it reads a quarter of bf16's bytes)."""
-    if quant == "nf4" and device.type == "cpu" and compute_dtype == torch.float32 and fused.tile_kernels_available():
+    """The fewest tokens a step needs to run folded: 1, except for NF4 on a CPU where one of the
+    engine's NF4 kernels runs (server/engine/nf4.py: float32 activations, or bf16 on AMX), which
+    at small batches is faster than any dense copy (it reads a quarter of bf16's bytes)."""
+    if quant != "nf4" or device.type != "cpu":
+        return 1
+    if compute_dtype == torch.float32 and fused.tile_kernels_available():
         return NF4_FOLD_MIN_ROWS
+    if compute_dtype == torch.bfloat16 and fused.amx_available():
+        return NF4_AMX_FOLD_MIN_ROWS
     return 1
 
 

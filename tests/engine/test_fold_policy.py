@@ -151,11 +151,12 @@ def test_a_step_with_too_few_rows_runs_unfolded_and_keeps_the_fold():
 
 def test_nf4_on_a_cpu_folds_only_from_the_measured_rows():
     from server.engine import fused
-    from server.engine.fold import NF4_FOLD_MIN_ROWS, fold_min_rows
+    from server.engine.fold import NF4_AMX_FOLD_MIN_ROWS, NF4_FOLD_MIN_ROWS, fold_min_rows
 
     cpu = torch.device("cpu")
     assert fold_min_rows("none", cpu, torch.float32) == 1
-    assert fold_min_rows("nf4", cpu, torch.bfloat16) == 1  # bf16 activations take bitsandbytes
+    # bf16 activations: the AMX kernel where it runs, else bitsandbytes (which any fold beats)
+    assert fold_min_rows("nf4", cpu, torch.bfloat16) == (NF4_AMX_FOLD_MIN_ROWS if fused.amx_available() else 1)
     assert fold_min_rows("nf4", torch.device("cuda"), torch.float32) == 1
     expected = NF4_FOLD_MIN_ROWS if fused.tile_kernels_available() else 1
     assert fold_min_rows("nf4", cpu, torch.float32) == expected
