@@ -73,3 +73,17 @@ def peft_greedy(base_dir: Path, adapter: AdapterRef, prompts: list[list[int]], m
 
     model = PeftModel.from_pretrained(hf_model(base_dir), str(adapter.path)).eval()
     return [hf_greedy(model, p, max_new_tokens) for p in prompts]
+
+
+def assert_poison_stays_in_its_row(kernel, x: torch.Tensor) -> None:
+    """Tenants share a batch: a NaN and an inf in one token's activations (a hostile adapter's
+    output) must reach only that token's outputs of `kernel(x)`; every other row keeps its bits."""
+    row = x.shape[0] // 2
+    clean = kernel(x)
+    poisoned = x.clone()
+    poisoned[row, 3] = float("nan")
+    poisoned[row, 70] = float("inf")
+    got = kernel(poisoned)
+    others = [r for r in range(x.shape[0]) if r != row]
+    assert torch.equal(got[others], clean[others])
+    assert not torch.isfinite(got[row].float()).any()

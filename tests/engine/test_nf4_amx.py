@@ -10,6 +10,7 @@ import torch
 from adapters.quant import nf4_linear
 from server.engine import fused
 from server.engine.nf4 import NF4Linear
+from tests.engine.helpers import assert_poison_stays_in_its_row
 
 pytestmark = pytest.mark.skipif(not fused.amx_available(), reason="no AMX-BF16 here (or native kernels off)")
 
@@ -76,17 +77,8 @@ def test_kernel_reads_strided_rows():
 
 @pytest.mark.parametrize("rows", [1, 5, 17])
 def test_a_poisoned_token_row_stays_in_its_row(rows):
-    """Tenants share a batch: a NaN or inf in one token's activations reaches only its outputs."""
     layer = _layer(96, 128, seed=6)
-    x = torch.randn(rows, 128).to(torch.bfloat16)
-    clean = _served(layer, x)
-    poisoned = x.clone()
-    poisoned[rows // 2, 3] = float("nan")
-    poisoned[rows // 2, 70] = float("inf")
-    got = _served(layer, poisoned)
-    others = [r for r in range(rows) if r != rows // 2]
-    assert torch.equal(got[others], clean[others])
-    assert not torch.isfinite(got[rows // 2].float()).any()
+    assert_poison_stays_in_its_row(lambda x: _served(layer, x), torch.randn(rows, 128).to(torch.bfloat16))
 
 
 def test_the_layer_serves_bf16_through_the_kernel_and_adds_the_bias():

@@ -10,6 +10,7 @@ import torch
 from adapters.quant import nf4_linear
 from server.engine import fused
 from server.engine.nf4 import NF4Linear
+from tests.engine.helpers import assert_poison_stays_in_its_row
 
 pytestmark = pytest.mark.skipif(not fused.enabled(), reason="native kernels unavailable")
 
@@ -115,15 +116,5 @@ def test_a_repacked_layer_is_refused():
 
 @pytest.mark.parametrize("rows", [1, 2, 5, 16])
 def test_a_poisoned_token_row_stays_in_its_row(rows):
-    """Tenants share a batch: a NaN or inf in one token's activations (a hostile adapter's
-    output) must reach only that token's outputs."""
     layer = NF4Linear(_layer(96, 128, seed=6))
-    x = torch.randn(rows, 128)
-    clean = _kernel_served(layer, x)
-    poisoned = x.clone()
-    poisoned[rows // 2, 3] = float("nan")
-    poisoned[rows // 2, 70] = float("inf")
-    got = _kernel_served(layer, poisoned)
-    others = [r for r in range(rows) if r != rows // 2]
-    torch.testing.assert_close(got[others], clean[others], rtol=0, atol=0)
-    assert not torch.isfinite(got[rows // 2]).any()
+    assert_poison_stays_in_its_row(lambda x: _kernel_served(layer, x), torch.randn(rows, 128))
