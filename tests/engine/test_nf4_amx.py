@@ -45,7 +45,7 @@ def _exact(layer: NF4Linear, x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("out_features,in_features", [(16, 64), (48, 64), (96, 128), (384, 576), (64, 1536)])
-@pytest.mark.parametrize("rows", [1, 3, 16, 17, 40])  # a partial, a whole, and several token blocks
+@pytest.mark.parametrize("rows", [1, 3, 16, 17, 40, 70])  # partial, whole, several blocks; >32: decoded once
 def test_kernel_equals_the_exact_product_rounded_once(out_features, in_features, rows):
     """48 outputs: an odd number of 16-row panels (the last pair has one)."""
     layer = _layer(out_features, in_features)

@@ -27,6 +27,7 @@ typedef uint16_t bf16;
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__linux__)
 #include <immintrin.h>
+#include <omp.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -49,13 +50,15 @@ typedef struct {
     uint8_t rows[16];
 } tile_config;
 
-/* Tiles 0-3: C (16 tokens x 16 outputs, float32) for two token blocks x two panels; 4: A (16
- * tokens x 32 bf16); 5-6: B (16 input pairs x 16 outputs x 2 bf16) for the two panels. */
+/* Tiles 0-3: C (16 tokens x 16 outputs, float32) for two token blocks x two panels; 4 and 7: A
+ * (16 tokens x 32 bf16) for the two token blocks (one register each: reloading one A tile would
+ * wait for the multiplies still reading it); 5-6: B (16 input pairs x 16 outputs x 2 bf16) for
+ * the two panels. */
 static void configure_tiles(void) {
     tile_config c;
     memset(&c, 0, sizeof c);
     c.palette = 1;
-    for (int t = 0; t < 7; t++) {
+    for (int t = 0; t < 8; t++) {
         c.rows[t] = 16;
         c.colsb[t] = 64;
     }
@@ -107,16 +110,19 @@ static void store_rows(const float *c, bf16 *y, int64_t y_stride, int64_t rows, 
  * paneled NF4 weight (out, in) transposed. out % 16, in % 32, blocksize % 32 and in % blocksize
  * must be 0 (else -2). Returns 0, -1 when scratch memory could not be had, -2 when not covered.
  *
- * A work item is two panels (32 outputs) against up to 32 token rows: for each 32 input columns
- * the two B tiles are decoded into L1 and multiplied into the four C tiles at once, so each
- * weight is decoded once per 32 token rows (once per call in decode steps). */
+ * A work item is two panels (32 outputs), run against 32 token rows at a time (four C tiles).
+ * Up to 32 rows (decode steps), each 32-column slice of the two panels is decoded into L1 just
+ * before its multiplies; past 32 (prefill), the item's slices are all decoded once into a
+ * per-thread buffer (2 KiB a slice: 36-96 KiB, L2) and every 32 rows read them from there, so
+ * each weight is decoded once per call either way. */
 int nf4_amx_linear(bf16 *y, int64_t y_stride, const bf16 *x, int64_t x_stride, int64_t M, const uint8_t *panels,
                    const float *scales, const float *code16, int64_t out, int64_t in, int64_t blocksize, int threads) {
     if (out % PANEL || in % KSTEP || blocksize % KSTEP || in % blocksize || M < 1) return -2;
     if (!nf4_amx_ready()) return -2;
     const int64_t n_panels = out / PANEL, pairs = (n_panels + 1) / 2, chunks = (M + 2 * TOKENS - 1) / (2 * TOKENS);
-    const int64_t blocks_per_row = in / blocksize, items = pairs * chunks;
-    bf16 *pad = NULL;
+    const int64_t blocks_per_row = in / blocksize, slices = in / KSTEP;
+    if (threads < 1 || pairs < 2) threads = 1;
+    bf16 *pad = NULL, *decoded = NULL;
     if (M % TOKENS) {
         pad = aligned_alloc(64, (size_t)TOKENS * in * sizeof(bf16));
         if (!pad) return -1;
@@ -124,21 +130,32 @@ int nf4_amx_linear(bf16 *y, int64_t y_stride, const bf16 *x, int64_t x_stride, i
         memset(pad, 0, (size_t)TOKENS * in * sizeof(bf16));
         for (int64_t r = first; r < M; r++) memcpy(pad + (r - first) * in, x + r * x_stride, in * sizeof(bf16));
     }
-#pragma omp parallel num_threads(threads) if (threads > 1 && items > 1)
+    if (chunks > 1) {
+        decoded = aligned_alloc(64, (size_t)threads * slices * 2 * 1024);
+        if (!decoded) {
+            free(pad);
+            return -1;
+        }
+    }
+#pragma omp parallel num_threads(threads) if (threads > 1)
     {
-        {
-            bf16 b[2][16 * 32] __attribute__((aligned(64)));
-            float c[TOKENS * 2 * PANEL] __attribute__((aligned(64)));
-            configure_tiles();
-            __m512 code = _mm512_loadu_ps(code16);
+        bf16 b[2][16 * 32] __attribute__((aligned(64)));
+        float c[TOKENS * 2 * PANEL] __attribute__((aligned(64)));
+        bf16 *mine = decoded ? decoded + (size_t)omp_get_thread_num() * slices * 1024 : NULL;
+        configure_tiles();
+        __m512 code = _mm512_loadu_ps(code16);
 #pragma omp for schedule(dynamic, 1)
-            for (int64_t item = 0; item < items; item++) {
-                int64_t p0 = 2 * (item % pairs), m0 = (item / pairs) * 2 * TOKENS;
-                int64_t np = n_panels - p0 < 2 ? n_panels - p0 : 2, p1 = p0 + np - 1; /* one panel: twice */
+        for (int64_t pair = 0; pair < pairs; pair++) {
+            int64_t p0 = 2 * pair, np = n_panels - p0 < 2 ? n_panels - p0 : 2, p1 = p0 + np - 1; /* one panel: twice */
+            const uint8_t *w0 = panels + p0 * (in / 2) * PANEL, *w1 = panels + p1 * (in / 2) * PANEL;
+            const float *s0 = scales + p0 * blocks_per_row * PANEL, *s1 = scales + p1 * blocks_per_row * PANEL;
+            for (int64_t k = 0; mine && k < slices; k++) {
+                decode_b_tile(mine + (2 * k) * 512, w0, s0 + (k * KSTEP / blocksize) * PANEL, k * KSTEP, code);
+                decode_b_tile(mine + (2 * k + 1) * 512, w1, s1 + (k * KSTEP / blocksize) * PANEL, k * KSTEP, code);
+            }
+            for (int64_t m0 = 0; m0 < M; m0 += 2 * TOKENS) {
                 int64_t rows0 = M - m0 < TOKENS ? M - m0 : TOKENS, rows1 = M - m0 - rows0;
                 rows1 = rows1 < TOKENS ? rows1 : TOKENS;
-                const uint8_t *w0 = panels + p0 * (in / 2) * PANEL, *w1 = panels + p1 * (in / 2) * PANEL;
-                const float *s0 = scales + p0 * blocks_per_row * PANEL, *s1 = scales + p1 * blocks_per_row * PANEL;
                 int64_t st0, st1 = 0;
                 const bf16 *a0 = a_rows(x, x_stride, m0, M, in, pad, &st0);
                 const bf16 *a1 = rows1 > 0 ? a_rows(x, x_stride, m0 + TOKENS, M, in, pad, &st1) : NULL;
@@ -146,18 +163,21 @@ int nf4_amx_linear(bf16 *y, int64_t y_stride, const bf16 *x, int64_t x_stride, i
                 _tile_zero(1);
                 _tile_zero(2);
                 _tile_zero(3);
-                for (int64_t k0 = 0; k0 < in; k0 += KSTEP) {
-                    decode_b_tile(b[0], w0, s0 + (k0 / blocksize) * PANEL, k0, code);
-                    decode_b_tile(b[1], w1, s1 + (k0 / blocksize) * PANEL, k0, code);
-                    _tile_loadd(5, b[0], 64);
-                    _tile_loadd(6, b[1], 64);
-                    _tile_loadd(4, a0 + k0, st0 * sizeof(bf16));
+                for (int64_t k = 0; k < slices; k++) {
+                    const bf16 *t0 = mine ? mine + (2 * k) * 512 : b[0], *t1 = mine ? t0 + 512 : b[1];
+                    if (!mine) {
+                        decode_b_tile(b[0], w0, s0 + (k * KSTEP / blocksize) * PANEL, k * KSTEP, code);
+                        decode_b_tile(b[1], w1, s1 + (k * KSTEP / blocksize) * PANEL, k * KSTEP, code);
+                    }
+                    _tile_loadd(5, t0, 64);
+                    _tile_loadd(6, t1, 64);
+                    _tile_loadd(4, a0 + k * KSTEP, st0 * sizeof(bf16));
                     _tile_dpbf16ps(0, 4, 5);
                     _tile_dpbf16ps(1, 4, 6);
                     if (a1) {
-                        _tile_loadd(4, a1 + k0, st1 * sizeof(bf16));
-                        _tile_dpbf16ps(2, 4, 5);
-                        _tile_dpbf16ps(3, 4, 6);
+                        _tile_loadd(7, a1 + k * KSTEP, st1 * sizeof(bf16));
+                        _tile_dpbf16ps(2, 7, 5);
+                        _tile_dpbf16ps(3, 7, 6);
                     }
                 }
                 _tile_stored(0, c, 2 * PANEL * sizeof(float));
@@ -169,10 +189,11 @@ int nf4_amx_linear(bf16 *y, int64_t y_stride, const bf16 *x, int64_t x_stride, i
                     store_rows(c, y + (m0 + TOKENS) * y_stride + p0 * PANEL, y_stride, rows1, np);
                 }
             }
-            _tile_release();
         }
+        _tile_release();
     }
     free(pad);
+    free(decoded);
     return 0;
 }
 
