@@ -91,7 +91,9 @@ class ServerConfig(BaseSettings):
     base: str = Field("default", description="'default' (embedded SmolLM2-135M-Instruct) or a local HF model directory")
     served_model_name: str | None = Field(None, description="the base's id in /v1/models (default: its directory name)")
     quant: Quant = engine_knob("quant", "nf4 (bitsandbytes) or none")
-    dtype: DType = engine_knob("dtype", "compute dtype; auto = bfloat16 on CUDA, float32 on CPU")
+    dtype: DType = engine_knob(
+        "dtype", "compute dtype; auto = bfloat16 on CUDA and for NF4 on an AMX CPU, else float32"
+    )
     device: Device = engine_knob("device", "auto, cpu or cuda")
     store: Path | None = Field(None, description="adapter store directory (default: under the user's data directory)")
     max_loras: int = engine_knob("max_loras", "adapter slots on the device (0 serves the base only)")

@@ -31,7 +31,8 @@ class EngineConfig:
     """Args:
     base: a local Hugging Face directory of a Llama-family decoder (see `adapters.base.resolve_base`).
     quant: "nf4" (bitsandbytes Linear4bit) or "none" (plain nn.Linear).
-    dtype: compute dtype; "auto" = bfloat16 on CUDA, float32 on CPU.
+    dtype: compute dtype; "auto" = bfloat16 on CUDA, and on a CPU bfloat16 for an NF4 base
+        where its projections run on AMX, float32 otherwise (loader.resolve_device_dtype).
     device: "cpu", "cuda" or "auto".
     max_loras: device slots for adapters (slot 0, the base, is extra).
     max_cpu_loras: adapters kept in the host cache (LRU).

@@ -57,10 +57,10 @@ class EngineCore:
 
         self.config = config
         base = Path(config.base)
-        self.device, self.dtype = resolve_device_dtype(config.device, config.dtype)
+        fused.set_enabled(config.native_kernels)  # before the dtype: "auto" asks whether AMX runs
+        self.device, self.dtype = resolve_device_dtype(config.device, config.dtype, config.quant)
         self.tokenizer = AutoTokenizer.from_pretrained(str(base))
         self.eos_ids = read_generation_eos(base)
-        fused.set_enabled(config.native_kernels)
         self.model = load_model(
             base, config.quant, self.dtype, self.device, config.max_loras, config.max_rank, config.lora_dtype
         )

@@ -18,18 +18,22 @@ from safetensors import safe_open
 from torch import nn
 
 from adapters.quant import DTYPES, nf4_linear
-from server.engine import packed
+from server.engine import fused, packed
 from server.engine.errors import UnsupportedModel
 from server.engine.lora import MultiLoraLinear, slot_dtype
 from server.engine.model import CausalLM, ModelSpec
 from server.engine.nf4 import NF4Linear
 
 
-def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
+def resolve_device_dtype(device: str, dtype: str, quant: str = "none") -> tuple[torch.device, torch.dtype]:
+    """ "auto" dtype: bf16 on CUDA; on a CPU, bf16 for an NF4 base where its projections run on
+    AMX (fused.nf4_amx_linear: 1.5x float32 activations' throughput at 16 concurrent), float32
+    elsewhere (a CPU's bf16 without AMX is slower than float32 here)."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if dtype == "auto":
-        dtype = "bfloat16" if device == "cuda" else "float32"
+        amx = device == "cpu" and quant == "nf4" and fused.amx_available()
+        dtype = "bfloat16" if device == "cuda" or amx else "float32"
     return torch.device(device), DTYPES[dtype]
 
 

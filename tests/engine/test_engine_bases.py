@@ -79,8 +79,14 @@ def test_nf4_tiny_equals_transformers_bitsandbytes(tiny_base_dir):
 
 def test_nf4_default_base_equals_transformers_bitsandbytes(default_base_dir):
     engine = Engine(
-        EngineConfig(
-            base=default_base_dir, quant="nf4", device="cpu", max_model_len=512, kv_cache_bytes=64 * 2**20, fold="off"
+        EngineConfig(  # float32 activations, as the reference computes ("auto" is bf16 on AMX CPUs)
+            base=default_base_dir,
+            quant="nf4",
+            dtype="float32",
+            device="cpu",
+            max_model_len=512,
+            kv_cache_bytes=64 * 2**20,
+            fold="off",
         )
     )
     prompts = chat_prompts(engine.tokenizer)
@@ -129,3 +135,14 @@ def test_fold_dtype_is_bf16_only_for_nf4_on_a_bf16_capable_cpu():
     assert fold_dtype("nf4", cuda, torch.bfloat16) == torch.bfloat16
     expected = torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
     assert fold_dtype("nf4", cpu, torch.float32) == expected
+
+
+def test_auto_dtype_is_bf16_only_for_nf4_where_amx_runs():
+    from server.engine import fused
+    from server.engine.loader import resolve_device_dtype
+
+    amx = fused.amx_available()
+    assert resolve_device_dtype("cpu", "auto", "nf4") == (torch.device("cpu"), torch.bfloat16 if amx else torch.float32)
+    assert resolve_device_dtype("cpu", "auto", "none") == (torch.device("cpu"), torch.float32)
+    assert resolve_device_dtype("cpu", "float32", "nf4") == (torch.device("cpu"), torch.float32)
+    assert resolve_device_dtype("cuda", "auto", "none")[1] == torch.bfloat16
