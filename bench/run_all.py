@@ -17,7 +17,8 @@ BENCH_DIR = Path(__file__).resolve().parent
 ENGINE_RUNS = (["--quant", "none", "--dtype", "float32"], ["--quant", "nf4"])
 # issue 15: the dense bf16 path (AMX/AVX512-BF16 GEMMs); engine figures only, the HF baselines are fp32
 BF16_RUN = ["--quant", "none", "--dtype", "bfloat16"]
-# NF4 with bf16 activations: the projections on AMX where the CPU has it (server/engine/native/nf4_amx.c)
+# NF4 with bf16 activations: the projections on AMX where the CPU has it (server/engine/native/nf4_amx.c);
+# what `--dtype auto` (the default) serves an NF4 base with on such a CPU
 NF4_BF16_RUN = ["--quant", "nf4", "--dtype", "bfloat16"]
 
 
