@@ -33,20 +33,36 @@ def collect(engine, requests):
     return {rid: ([e.token_id for e in evs if e.token_id is not None], evs[-1]) for rid, evs in got.items()}
 
 
-@pytest.mark.parametrize("quant", ["none", "nf4"])  # nf4: the batch shares the NF4 kernel's tiles
-def test_poisoned_adapter_ends_its_own_sequence_only(tiny_base_dir, refs, quant):
+# nf4: the batch shares the NF4 kernel's tiles; nf4 + bf16: the AMX kernel's (where AMX runs)
+@pytest.mark.parametrize("quant,dtype", [("none", "float32"), ("nf4", "float32"), ("nf4", "bfloat16")])
+def test_poisoned_adapter_ends_its_own_sequence_only(tiny_base_dir, refs, quant, dtype):
     good, poison = refs
-    solo = tiny_engine(tiny_base_dir, quant=quant).generate(PROMPTS[:3], [None, good, good], GREEDY)
-    engine = tiny_engine(tiny_base_dir, quant=quant)
-    out = collect(
-        engine,
-        [
+
+    def batch(third, sampling):
+        return [
             ("base", PROMPTS[0], None, GREEDY),
             ("good", PROMPTS[1], good, GREEDY),
-            ("bad", PROMPTS[3], poison, GREEDY),
+            ("bad", PROMPTS[3], third, sampling),
             ("good2", PROMPTS[2], good, GREEDY),
-        ],
-    )
+        ]
+
+    one = SamplingParams(max_tokens=1, temperature=0)
+
+    def engine_for_the_batch():
+        engine = tiny_engine(tiny_base_dir, quant=quant, dtype=dtype)
+        if dtype != "float32":  # both adapters resident first: a load finishing mid-batch would
+            engine.generate([PROMPTS[0]] * 2, [good, poison], one)  # change which steps a request joins
+        return engine
+
+    if dtype == "float32":  # the victims' tokens equal their run without the hostile request
+        solo = tiny_engine(tiny_base_dir, quant=quant, dtype=dtype).generate(PROMPTS[:3], [None, good, good], GREEDY)
+    else:  # bf16 rounds differently with the batch's shape (prefill padding, the LM head's GEMM),
+        # so the reference is the same batch with a benign request that, like the hostile one,
+        # leaves after its prefill
+        benign = collect(engine_for_the_batch(), batch(None, one))
+        solo = [benign[r][0] for r in ("base", "good", "good2")]
+    engine = engine_for_the_batch()
+    out = collect(engine, batch(poison, GREEDY))
     tokens, last = out["bad"]
     assert tokens == [] and last.finish_reason == "abort"
     assert (last.error_code, last.error_status) == ("non_finite_output", 422)
